@@ -1,0 +1,179 @@
+//! DAN: backbone feature map F, K cross-attention heads, attention fusion (log-softmax over the
+//! head axis, then sum), FC and BatchNorm1d on the logits; plus the EAC class activation map.
+//! Spec sections 1.2-1.4; parameter names are the official DAN state-dict keys.
+
+use anyhow::ensure;
+use candle_core::{Result, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::backbone::{ResNet, ResNetConfig, TrunkNames};
+use crate::layers::{join, BatchNorm, Conv2d, Linear};
+use crate::ops::ConvGeometry;
+use crate::store::{Init, ParamStore};
+
+/// The architecture of one model: everything needed to rebuild it from a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DanConfig {
+    pub backbone: ResNetConfig,
+    pub heads: usize,
+    pub classes: usize,
+}
+
+impl DanConfig {
+    /// The thesis model: ResNet-18 trunk, 4 heads, 7 classes.
+    pub fn thesis() -> Self {
+        Self { backbone: ResNetConfig::resnet18(), heads: 4, classes: 7 }
+    }
+
+    /// Feature channels C of the backbone map; the heads follow it.
+    pub fn feat_channels(&self) -> usize {
+        self.backbone.out_channels()
+    }
+}
+
+/// Spatial attention unit: 1x1 C->C/2 (+BN); 3x3, 1x3, 3x1 C/2->C (+BN each) summed, one
+/// ReLU; channel sum to a [B,1,h,w] map multiplied into F.
+struct SpatialAttention {
+    conv1x1: (Conv2d, BatchNorm),
+    branches: [(Conv2d, BatchNorm); 3],
+}
+
+/// Channel attention unit: GAP -> Linear(C->C/16) -> BN1d -> ReLU -> Linear(C/16->C) -> sigmoid,
+/// output GAP * gate.
+struct ChannelAttention {
+    fc1: Linear,
+    bn: BatchNorm,
+    fc2: Linear,
+}
+
+struct CrossAttentionHead {
+    sa: SpatialAttention,
+    ca: ChannelAttention,
+}
+
+fn conv_bn(
+    store: &mut ParamStore,
+    name: &str,
+    cin: usize,
+    cout: usize,
+    kernel: (usize, usize),
+    padding: (usize, usize),
+) -> anyhow::Result<(Conv2d, BatchNorm)> {
+    let g = ConvGeometry::new(kernel, (1, 1), padding);
+    let conv = Conv2d::new(store, &join(name, "0"), cin, cout, g, true, Conv2d::kaiming(cout, kernel))?;
+    let bn = BatchNorm::new(store, &join(name, "1"), cout)?;
+    Ok((conv, bn))
+}
+
+impl CrossAttentionHead {
+    fn new(store: &mut ParamStore, name: &str, c: usize) -> anyhow::Result<Self> {
+        let (r, b) = (c / 2, c / 16);
+        let sa_name = join(name, "sa");
+        let sa = SpatialAttention {
+            conv1x1: conv_bn(store, &join(&sa_name, "conv1x1"), c, r, (1, 1), (0, 0))?,
+            branches: [
+                conv_bn(store, &join(&sa_name, "conv_3x3"), r, c, (3, 3), (1, 1))?,
+                conv_bn(store, &join(&sa_name, "conv_1x3"), r, c, (1, 3), (0, 1))?,
+                conv_bn(store, &join(&sa_name, "conv_3x1"), r, c, (3, 1), (1, 0))?,
+            ],
+        };
+        let ca_name = join(name, "ca.attention");
+        let small = Init::Normal { std: 0.001 };
+        let ca = ChannelAttention {
+            fc1: Linear::new(store, &join(&ca_name, "0"), c, b, small, Init::Const(0.0))?,
+            bn: BatchNorm::new(store, &join(&ca_name, "1"), b)?,
+            fc2: Linear::new(store, &join(&ca_name, "3"), b, c, small, Init::Const(0.0))?,
+        };
+        Ok(Self { sa, ca })
+    }
+
+    /// Spatial attention map `a` [B,1,h,w] (before it is multiplied into F).
+    fn spatial_map(&self, feat: &Tensor, train: bool) -> Result<Tensor> {
+        let (conv, bn) = &self.sa.conv1x1;
+        let y = bn.forward(&conv.forward(feat)?, train)?;
+        let mut sum: Option<Tensor> = None;
+        for (conv, bn) in &self.sa.branches {
+            let z = bn.forward(&conv.forward(&y)?, train)?;
+            sum = Some(match sum {
+                None => z,
+                Some(s) => (s + z)?,
+            });
+        }
+        sum.expect("three branches").relu()?.sum_keepdim(1)
+    }
+
+    /// Head output [B, C] and its spatial map [B, h, w].
+    fn forward(&self, feat: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
+        let amap = self.spatial_map(feat, train)?;
+        let sa = feat.broadcast_mul(&amap)?;
+        let g = sa.mean((2, 3))?;
+        let z = self.ca.fc1.forward(&g)?;
+        let z = self.ca.bn.forward(&z, train)?.relu()?;
+        let gate = candle_nn::ops::sigmoid(&self.ca.fc2.forward(&z)?)?;
+        Ok(((g * gate)?, amap.squeeze(1)?))
+    }
+}
+
+/// What one forward pass returns.
+pub struct DanOutput {
+    /// BN'd logits [B, classes].
+    pub logits: Tensor,
+    /// Backbone map F [B, C, h, w].
+    pub feat: Tensor,
+    /// Head outputs [B, K, C], after log-softmax over K when K > 1.
+    pub heads: Tensor,
+    /// Each head's spatial attention map [B, K, h, w] (for visualisation).
+    pub spatial_maps: Tensor,
+}
+
+pub struct Dan {
+    pub config: DanConfig,
+    backbone: ResNet,
+    heads: Vec<CrossAttentionHead>,
+    pub fc: Linear,
+    bn: BatchNorm,
+}
+
+impl Dan {
+    /// Registers, in DAN's order: features, cat_head0..K-1, fc, bn.
+    pub fn new(store: &mut ParamStore, config: &DanConfig) -> anyhow::Result<Self> {
+        ensure!(config.heads >= 1, "model.heads must be at least 1, got {}", config.heads);
+        ensure!(config.classes >= 2, "model.classes must be at least 2, got {}", config.classes);
+        let c = config.feat_channels();
+        ensure!(c >= 16 && c % 16 == 0, "backbone feature channels must be a multiple of 16 (heads use C/2 and C/16), got {c}");
+        let backbone = ResNet::new(store, "", TrunkNames::DanFeatures, &config.backbone)?;
+        let heads = (0..config.heads)
+            .map(|i| CrossAttentionHead::new(store, &format!("cat_head{i}"), c))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let fc = Linear::default_init(store, "fc", c, config.classes)?;
+        let bn = BatchNorm::new(store, "bn", config.classes)?;
+        Ok(Self { config: config.clone(), backbone, heads, fc, bn })
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<DanOutput> {
+        let feat = self.backbone.forward(x, train)?;
+        let mut outs = Vec::with_capacity(self.heads.len());
+        let mut maps = Vec::with_capacity(self.heads.len());
+        for head in &self.heads {
+            let (out, map) = head.forward(&feat, train)?;
+            outs.push(out);
+            maps.push(map);
+        }
+        let mut heads = Tensor::stack(&outs, 1)?; // [B, K, C]
+        if self.heads.len() > 1 {
+            heads = candle_nn::ops::log_softmax(&heads, 1)?; // over the head axis
+        }
+        let logits = self.bn.forward(&self.fc.forward(&heads.sum(1)?)?, train)?;
+        Ok(DanOutput { logits, feat, heads, spatial_maps: Tensor::stack(&maps, 1)? })
+    }
+
+    /// Class activation map M[b,k,y,x] = sum_c W_fc[k,c] F[b,c,y,x], with W detached and no
+    /// bias (spec 1.4): the consistency loss never updates the classifier.
+    pub fn cam(&self, feat: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = feat.dims4()?;
+        let weight = self.fc.weight.as_tensor().detach(); // [K, C]
+        let k = weight.dim(0)?;
+        let f = feat.transpose(0, 1)?.reshape((c, b * h * w))?; // [C, B*h*w]
+        weight.matmul(&f)?.reshape((k, b, h, w))?.transpose(0, 1)?.contiguous()
+    }
+}

@@ -1,0 +1,148 @@
+//! The layers the network is built from: Conv2d, BatchNorm (1d and 2d) and Linear, each
+//! registering its tensors in a `ParamStore` under PyTorch's names.
+
+use candle_core::{DType, Result, Tensor, Var, D};
+
+use crate::ops::{conv2d, ConvGeometry};
+use crate::store::{Init, ParamStore};
+
+pub const BN_EPS: f64 = 1e-5;
+pub const BN_MOMENTUM: f64 = 0.1;
+
+/// `name.suffix`, or `suffix` alone for the root.
+pub fn join(prefix: &str, suffix: &str) -> String {
+    if prefix.is_empty() {
+        suffix.to_string()
+    } else {
+        format!("{prefix}.{suffix}")
+    }
+}
+
+pub struct Conv2d {
+    pub weight: Var,
+    pub bias: Option<Var>,
+    pub geometry: ConvGeometry,
+}
+
+impl Conv2d {
+    /// `nn.Conv2d(cin, cout, kernel, stride, padding, bias)` with `weight` drawn by `init`
+    /// (bias, when present, starts at 0 as in DAN's and torchvision's init).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: &mut ParamStore,
+        name: &str,
+        cin: usize,
+        cout: usize,
+        geometry: ConvGeometry,
+        bias: bool,
+        init: Init,
+    ) -> anyhow::Result<Self> {
+        let (kh, kw) = geometry.kernel;
+        let weight = store.param(join(name, "weight"), &[cout, cin, kh, kw], init)?;
+        let bias = if bias { Some(store.param(join(name, "bias"), &[cout], Init::Const(0.0))?) } else { None };
+        Ok(Self { weight, bias, geometry })
+    }
+
+    /// kaiming_normal_(mode='fan_out') for a conv of this shape.
+    pub fn kaiming(cout: usize, kernel: (usize, usize)) -> Init {
+        Init::KaimingFanOut { fan_out: cout * kernel.0 * kernel.1 }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        conv2d(x, self.weight.as_tensor(), self.bias.as_ref().map(|b| b.as_tensor()), self.geometry)
+    }
+}
+
+/// BatchNorm over channel axis 1, for [B, C] (BatchNorm1d) and [B, C, H, W] (BatchNorm2d).
+/// Train mode normalises with the biased batch variance and updates the running statistics
+/// with the unbiased one (momentum 0.1), exactly as PyTorch; eval mode uses the running stats.
+pub struct BatchNorm {
+    pub weight: Var,
+    pub bias: Var,
+    pub running_mean: Var,
+    pub running_var: Var,
+    pub num_batches_tracked: Var,
+}
+
+impl BatchNorm {
+    pub fn new(store: &mut ParamStore, name: &str, channels: usize) -> anyhow::Result<Self> {
+        Ok(Self {
+            weight: store.param(join(name, "weight"), &[channels], Init::Const(1.0))?,
+            bias: store.param(join(name, "bias"), &[channels], Init::Const(0.0))?,
+            running_mean: store.buffer(join(name, "running_mean"), &[channels], 0.0)?,
+            running_var: store.buffer(join(name, "running_var"), &[channels], 1.0)?,
+            num_batches_tracked: store.counter(join(name, "num_batches_tracked"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let c = self.weight.dim(0)?;
+        // Shape that broadcasts a per-channel vector against x.
+        let mut bshape = vec![1usize; x.rank()];
+        bshape[1] = c;
+        let (mean, var) = if train {
+            // Reduce over every axis but the channel one: move C first, flatten the rest.
+            let xt = x.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
+            let n = xt.dim(1)?;
+            if n < 2 {
+                candle_core::bail!("BatchNorm in train mode needs more than 1 value per channel, got input {:?}", x.dims());
+            }
+            let mean = xt.mean(D::Minus1)?;
+            let centered = xt.broadcast_sub(&mean.unsqueeze(1)?)?;
+            let var = centered.sqr()?.mean(D::Minus1)?; // biased, used to normalise
+            self.update_running(&mean, &var, n)?;
+            (mean, var)
+        } else {
+            (self.running_mean.as_tensor().clone(), self.running_var.as_tensor().clone())
+        };
+        let inv_std = (var + BN_EPS)?.sqrt()?.recip()?;
+        let scale = (inv_std * self.weight.as_tensor())?;
+        x.broadcast_sub(&mean.reshape(bshape.as_slice())?)?
+            .broadcast_mul(&scale.reshape(bshape.as_slice())?)?
+            .broadcast_add(&self.bias.as_tensor().reshape(bshape.as_slice())?)
+    }
+
+    fn update_running(&self, mean: &Tensor, biased_var: &Tensor, n: usize) -> Result<()> {
+        let m = BN_MOMENTUM;
+        let mean = mean.detach();
+        let unbiased = (biased_var.detach() * (n as f64 / (n as f64 - 1.0)))?;
+        let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?;
+        let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?;
+        self.running_mean.set(&rm.to_dtype(self.running_mean.dtype())?)?;
+        self.running_var.set(&rv.to_dtype(self.running_var.dtype())?)?;
+        let count = self.num_batches_tracked.as_tensor().to_dtype(DType::I64)?.to_scalar::<i64>()?;
+        self.num_batches_tracked.set(&Tensor::new(count + 1, self.num_batches_tracked.device())?)?;
+        Ok(())
+    }
+}
+
+pub struct Linear {
+    pub weight: Var,
+    pub bias: Var,
+}
+
+impl Linear {
+    /// PyTorch's default Linear init: weight and bias ~ U(-1/sqrt(in), 1/sqrt(in)).
+    pub fn default_init(store: &mut ParamStore, name: &str, fan_in: usize, fan_out: usize) -> anyhow::Result<Self> {
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        Self::new(store, name, fan_in, fan_out, Init::Uniform { bound }, Init::Uniform { bound })
+    }
+
+    pub fn new(
+        store: &mut ParamStore,
+        name: &str,
+        fan_in: usize,
+        fan_out: usize,
+        weight: Init,
+        bias: Init,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            weight: store.param(join(name, "weight"), &[fan_out, fan_in], weight)?,
+            bias: store.param(join(name, "bias"), &[fan_out], bias)?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&self.weight.as_tensor().t()?)?.broadcast_add(self.bias.as_tensor())
+    }
+}

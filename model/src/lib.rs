@@ -1,0 +1,21 @@
+//! DAN (multi-head cross attention) + EAC (flip attention consistency) in Candle.
+//!
+//! Normative description: the project's `spec/model.md`. Parameter names equal the official
+//! DAN state-dict keys, so PyTorch weights load one to one.
+
+pub mod backbone;
+pub mod checkpoint;
+pub mod dan;
+pub mod device;
+pub mod layers;
+pub mod loss;
+pub mod network;
+pub mod ops;
+pub mod optim;
+pub mod store;
+pub mod train;
+
+pub use dan::{Dan, DanConfig, DanOutput};
+pub use network::DanEac;
+pub use optim::{Optimizer, OptimizerConfig, Schedule};
+pub use train::{evaluate, train_step, EvalReport, LossWeights, StepLosses};

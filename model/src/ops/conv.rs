@@ -1,0 +1,209 @@
+//! 2-D convolution as im2col + one GEMM, with a col2im backward.
+//!
+//! Candle's stock `conv2d` backward fails for stride-2 convs on inputs whose height and width
+//! differ in parity (4x5 -> 2x3 in the fixtures), and computes input gradients with a slow direct
+//! loop. Here `Im2Col` is a custom op whose backward is `Col2Im` (and vice versa), and the
+//! multiply is Candle's matmul, so every gradient (input, weight, bias) comes from ops with a
+//! correct backward. Padding is per axis, so 1x3 and 3x1 kernels need no manual padding.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+/// Geometry of one convolution: kernel, stride and zero padding per axis (height, width).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub kernel: (usize, usize),
+    pub stride: (usize, usize),
+    pub padding: (usize, usize),
+}
+
+impl ConvGeometry {
+    pub fn new(kernel: (usize, usize), stride: (usize, usize), padding: (usize, usize)) -> Self {
+        Self { kernel, stride, padding }
+    }
+
+    /// Output spatial size, floor((n + 2p - k) / s) + 1, or an error when the kernel does not fit.
+    pub fn output_size(&self, h: usize, w: usize) -> Result<(usize, usize)> {
+        let (kh, kw) = self.kernel;
+        let (ph, pw) = self.padding;
+        if h + 2 * ph < kh || w + 2 * pw < kw {
+            candle_core::bail!(
+                "conv2d: input {h}x{w} with padding {ph}x{pw} is smaller than the {kh}x{kw} kernel"
+            );
+        }
+        Ok(((h + 2 * ph - kh) / self.stride.0 + 1, (w + 2 * pw - kw) / self.stride.1 + 1))
+    }
+}
+
+/// Shape bookkeeping shared by im2col and col2im.
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    g: ConvGeometry,
+}
+
+impl Dims {
+    /// Rows of the column matrix: one per (channel, kernel tap).
+    fn rows(&self) -> usize {
+        self.c * self.g.kernel.0 * self.g.kernel.1
+    }
+    /// Columns of the column matrix: one per (sample, output pixel).
+    fn cols(&self) -> usize {
+        self.b * self.oh * self.ow
+    }
+    /// Input index of output row `o` at tap `i` along an axis, or None when it falls in the padding.
+    #[inline]
+    fn src(o: usize, stride: usize, tap: usize, pad: usize, len: usize) -> Option<usize> {
+        let pos = (o * stride + tap) as isize - pad as isize;
+        (pos >= 0 && (pos as usize) < len).then_some(pos as usize)
+    }
+}
+
+/// `[B, C, H, W]` -> `[C*kh*kw, B*OH*OW]`, row `(c*kh + i)*kw + j`, column `(b*OH + oy)*OW + ox`.
+struct Im2Col(Dims);
+/// The adjoint of `Im2Col`: scatter-add `[C*kh*kw, B*OH*OW]` back into `[B, C, H, W]`.
+struct Col2Im(Dims);
+
+fn im2col_slice<T: Copy + Default + Send + Sync>(x: &[T], d: &Dims) -> Vec<T> {
+    let (kh, kw) = d.g.kernel;
+    let (sh, sw) = d.g.stride;
+    let (ph, pw) = d.g.padding;
+    let n = d.cols();
+    let mut out = vec![T::default(); d.rows() * n];
+    out.par_chunks_mut(n).enumerate().for_each(|(row, dst)| {
+        let (c, i, j) = (row / (kh * kw), (row / kw) % kh, row % kw);
+        for b in 0..d.b {
+            let plane = &x[(b * d.c + c) * d.h * d.w..][..d.h * d.w];
+            for oy in 0..d.oh {
+                let dst = &mut dst[(b * d.oh + oy) * d.ow..][..d.ow];
+                let Some(iy) = Dims::src(oy, sh, i, ph, d.h) else { continue };
+                let src_row = &plane[iy * d.w..][..d.w];
+                for (ox, v) in dst.iter_mut().enumerate() {
+                    if let Some(ix) = Dims::src(ox, sw, j, pw, d.w) {
+                        *v = src_row[ix];
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+fn col2im_slice<T>(cols: &[T], d: &Dims) -> Vec<T>
+where
+    T: Copy + Default + Send + Sync + std::ops::AddAssign,
+{
+    let (kh, kw) = d.g.kernel;
+    let (sh, sw) = d.g.stride;
+    let (ph, pw) = d.g.padding;
+    let n = d.cols();
+    let mut out = vec![T::default(); d.b * d.c * d.h * d.w];
+    out.par_chunks_mut(d.h * d.w).enumerate().for_each(|(plane_idx, plane)| {
+        let (b, c) = (plane_idx / d.c, plane_idx % d.c);
+        for i in 0..kh {
+            for j in 0..kw {
+                let row = &cols[((c * kh + i) * kw + j) * n..][..n];
+                for oy in 0..d.oh {
+                    let Some(iy) = Dims::src(oy, sh, i, ph, d.h) else { continue };
+                    let src = &row[(b * d.oh + oy) * d.ow..][..d.ow];
+                    let dst_row = &mut plane[iy * d.w..][..d.w];
+                    for (ox, v) in src.iter().enumerate() {
+                        if let Some(ix) = Dims::src(ox, sw, j, pw, d.w) {
+                            dst_row[ix] += *v;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+fn contiguous_slice<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "im2col"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = &self.0;
+        let shape = Shape::from((d.rows(), d.cols()));
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(im2col_slice(contiguous_slice(v, l, "im2col")?, d)),
+            CpuStorage::F64(v) => CpuStorage::F64(im2col_slice(contiguous_slice(v, l, "im2col")?, d)),
+            other => candle_core::bail!("im2col: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(Col2Im(self.0))?))
+    }
+}
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "col2im"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = &self.0;
+        let shape = Shape::from((d.b, d.c, d.h, d.w));
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(col2im_slice(contiguous_slice(v, l, "col2im")?, d)),
+            CpuStorage::F64(v) => CpuStorage::F64(col2im_slice(contiguous_slice(v, l, "col2im")?, d)),
+            other => candle_core::bail!("col2im: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(Im2Col(self.0))?))
+    }
+}
+
+/// Cross-correlation of `x` [B, C, H, W] with `weight` [O, C, kh, kw] (PyTorch's Conv2d),
+/// plus an optional `bias` [O]. Differentiable in all three.
+pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, g: ConvGeometry) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (o, wc, kh, kw) = weight.dims4()?;
+    if wc != c || (kh, kw) != g.kernel {
+        candle_core::bail!(
+            "conv2d: weight {:?} does not fit input channels {c} and kernel {:?}",
+            weight.dims(),
+            g.kernel
+        );
+    }
+    let (oh, ow) = g.output_size(h, w)?;
+    let y = if x.device().is_cpu() {
+        let d = Dims { b, c, h, w, oh, ow, g };
+        let cols = x.contiguous()?.apply_op1(Im2Col(d))?; // [C*kh*kw, B*OH*OW]
+        let y = weight.reshape((o, c * kh * kw))?.matmul(&cols)?; // [O, B*OH*OW]
+        y.reshape((o, b, oh, ow))?.transpose(0, 1)?.contiguous()?
+    } else {
+        // Accelerators use Candle's native convolution (cuDNN where enabled). Its backward
+        // shares the stock parity limitation, documented in ARCHITECTURE.md.
+        let x = x.pad_with_zeros(2, g.padding.0, g.padding.0)?;
+        let x = x.pad_with_zeros(3, g.padding.1, g.padding.1)?;
+        if g.stride.0 != g.stride.1 {
+            candle_core::bail!("conv2d: unequal strides are only supported on the CPU");
+        }
+        x.conv2d(weight, 0, g.stride.0, 1, 1)?
+    };
+    match bias {
+        Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1))?),
+        None => Ok(y),
+    }
+}

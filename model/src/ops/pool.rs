@@ -1,0 +1,164 @@
+//! Max pooling with padding and a correct gradient.
+//!
+//! Candle's `max_pool2d` backward scales the gradient by 1/k^2 and refuses kernel != stride, and
+//! it has no padding. This op follows PyTorch: padded cells never win, ties go to the first
+//! maximum in row-major window order, and the backward routes each output gradient to that
+//! single winner.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+#[derive(Debug, Clone, Copy)]
+struct PoolDims {
+    planes: usize,
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    k: usize,
+    s: usize,
+    p: usize,
+}
+
+impl PoolDims {
+    /// Index (within its plane) of the first maximum of output cell (oy, ox).
+    #[inline]
+    fn argmax<T: Copy + PartialOrd>(&self, plane: &[T], oy: usize, ox: usize) -> usize {
+        let y0 = (oy * self.s) as isize - self.p as isize;
+        let x0 = (ox * self.s) as isize - self.p as isize;
+        let mut best: Option<(usize, T)> = None;
+        for iy in y0.max(0)..(y0 + self.k as isize).min(self.h as isize) {
+            for ix in x0.max(0)..(x0 + self.k as isize).min(self.w as isize) {
+                let idx = iy as usize * self.w + ix as usize;
+                let v = plane[idx];
+                // NaN propagates like PyTorch (a NaN is taken as the maximum).
+                let better = match best {
+                    None => true,
+                    Some((_, b)) => v > b || v.partial_cmp(&v).is_none(),
+                };
+                if better {
+                    best = Some((idx, v));
+                }
+            }
+        }
+        best.map(|(i, _)| i).unwrap_or(0)
+    }
+}
+
+struct MaxPool(PoolDims);
+struct MaxPoolBackward(PoolDims);
+
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => candle_core::bail!("max_pool2d: input must be contiguous"),
+    }
+}
+
+fn pool_fwd<T: Copy + PartialOrd + Default + Send + Sync>(x: &[T], d: &PoolDims) -> Vec<T> {
+    let mut out = vec![T::default(); d.planes * d.oh * d.ow];
+    out.par_chunks_mut(d.oh * d.ow).enumerate().for_each(|(p, dst)| {
+        let plane = &x[p * d.h * d.w..][..d.h * d.w];
+        for oy in 0..d.oh {
+            for ox in 0..d.ow {
+                dst[oy * d.ow + ox] = plane[d.argmax(plane, oy, ox)];
+            }
+        }
+    });
+    out
+}
+
+fn pool_bwd<T>(x: &[T], grad: &[T], d: &PoolDims) -> Vec<T>
+where
+    T: Copy + PartialOrd + Default + Send + Sync + std::ops::AddAssign,
+{
+    let mut out = vec![T::default(); d.planes * d.h * d.w];
+    out.par_chunks_mut(d.h * d.w).enumerate().for_each(|(p, dst)| {
+        let plane = &x[p * d.h * d.w..][..d.h * d.w];
+        let g = &grad[p * d.oh * d.ow..][..d.oh * d.ow];
+        for oy in 0..d.oh {
+            for ox in 0..d.ow {
+                dst[d.argmax(plane, oy, ox)] += g[oy * d.ow + ox];
+            }
+        }
+    });
+    out
+}
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "max_pool2d_padded"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = &self.0;
+        let dims = l.dims();
+        let shape = Shape::from((dims[0], dims[1], d.oh, d.ow));
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(pool_fwd(contiguous(v, l)?, d)),
+            CpuStorage::F64(v) => CpuStorage::F64(pool_fwd(contiguous(v, l)?, d)),
+            other => candle_core::bail!("max_pool2d: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &MaxPoolBackward(self.0))?))
+    }
+}
+
+impl CustomOp2 for MaxPoolBackward {
+    fn name(&self) -> &'static str {
+        "max_pool2d_padded_backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = &self.0;
+        let out = match (s1, s2) {
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
+                CpuStorage::F32(pool_bwd(contiguous(x, l1)?, contiguous(g, l2)?, d))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
+                CpuStorage::F64(pool_bwd(contiguous(x, l1)?, contiguous(g, l2)?, d))
+            }
+            _ => candle_core::bail!("max_pool2d backward: unsupported dtypes"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// PyTorch's `max_pool2d(x, kernel, stride, padding)` (floor mode) on [B, C, H, W].
+pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    if 2 * padding > kernel {
+        candle_core::bail!("max_pool2d: padding {padding} must be at most half the kernel {kernel}");
+    }
+    if h + 2 * padding < kernel || w + 2 * padding < kernel {
+        candle_core::bail!("max_pool2d: input {h}x{w} is smaller than the {kernel}x{kernel} window");
+    }
+    let d = PoolDims {
+        planes: b * c,
+        h,
+        w,
+        oh: (h + 2 * padding - kernel) / stride + 1,
+        ow: (w + 2 * padding - kernel) / stride + 1,
+        k: kernel,
+        s: stride,
+        p: padding,
+    };
+    if x.device().is_cpu() {
+        x.contiguous()?.apply_op1(MaxPool(d))
+    } else {
+        // Accelerators: pool on the CPU copy and bring the result back; `to_device` is
+        // differentiable, so the gradient is the same exact one.
+        let cpu = x.to_device(&candle_core::Device::Cpu)?;
+        cpu.contiguous()?.apply_op1(MaxPool(d))?.to_device(x.device())
+    }
+}

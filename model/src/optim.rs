@@ -1,0 +1,216 @@
+//! Optimizers with PyTorch's exact update rules, and the per-epoch learning-rate schedules.
+//!
+//! Candle's AdamW defaults to weight decay 0.01 and has no coupled-L2 Adam or momentum SGD, so
+//! all three live here. Parameters without a gradient are skipped entirely (weight decay too),
+//! as `torch.optim` does for `grad is None`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::Context;
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+/// Which rule and its hyper-parameters. `lr` is the base rate; schedules scale it per epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum OptimizerConfig {
+    /// torch.optim.Adam: weight decay is coupled L2 (added to the gradient).
+    Adam {
+        lr: f64,
+        #[serde(default)]
+        weight_decay: f64,
+        #[serde(default = "default_betas")]
+        betas: (f64, f64),
+        #[serde(default = "default_eps")]
+        eps: f64,
+    },
+    /// torch.optim.AdamW: decoupled weight decay (theta *= 1 - lr*wd before the Adam update).
+    AdamW {
+        lr: f64,
+        weight_decay: f64,
+        #[serde(default = "default_betas")]
+        betas: (f64, f64),
+        #[serde(default = "default_eps")]
+        eps: f64,
+    },
+    /// torch.optim.SGD with momentum (dampening 0, no Nesterov) and coupled weight decay.
+    Sgd {
+        lr: f64,
+        #[serde(default)]
+        momentum: f64,
+        #[serde(default)]
+        weight_decay: f64,
+    },
+}
+
+fn default_betas() -> (f64, f64) {
+    (0.9, 0.999)
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+
+impl OptimizerConfig {
+    /// The thesis optimiser: Adam, lr 1e-4, no weight decay (spec 7 item 9).
+    pub fn thesis() -> Self {
+        OptimizerConfig::Adam { lr: 1e-4, weight_decay: 0.0, betas: default_betas(), eps: default_eps() }
+    }
+
+    pub fn base_lr(&self) -> f64 {
+        match self {
+            OptimizerConfig::Adam { lr, .. } | OptimizerConfig::AdamW { lr, .. } | OptimizerConfig::Sgd { lr, .. } => *lr,
+        }
+    }
+}
+
+/// Learning rate as a function of the number of completed epochs (stepped once per epoch).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Schedule {
+    Constant,
+    /// lr * gamma^epoch (DAN affectnet.py: gamma 0.6).
+    Exponential { gamma: f64 },
+    /// lr * gamma^(epoch / step_size).
+    Step { step_size: usize, gamma: f64 },
+}
+
+impl Schedule {
+    pub fn lr_at(&self, base: f64, epoch: usize) -> f64 {
+        match self {
+            Schedule::Constant => base,
+            Schedule::Exponential { gamma } => base * gamma.powi(epoch as i32),
+            Schedule::Step { step_size, gamma } => base * gamma.powi((epoch / (*step_size).max(1)) as i32),
+        }
+    }
+}
+
+/// An optimizer over named parameters. Its state (moments, step count) is saved by name so a
+/// checkpoint resumes exactly.
+pub struct Optimizer {
+    pub config: OptimizerConfig,
+    params: Vec<(String, Var)>,
+    /// Current learning rate (set by the schedule each epoch).
+    pub lr: f64,
+    /// Per-parameter state tensors: "exp_avg" / "exp_avg_sq" (Adam) or "momentum_buffer" (SGD).
+    state: HashMap<String, BTreeMap<&'static str, Tensor>>,
+    /// Per-parameter step counts (PyTorch keeps one per parameter: a parameter without a
+    /// gradient in some step does not advance).
+    steps: HashMap<String, u64>,
+}
+
+impl Optimizer {
+    pub fn new(config: OptimizerConfig, params: Vec<(String, Var)>) -> Self {
+        let lr = config.base_lr();
+        Self { config, params, lr, state: HashMap::new(), steps: HashMap::new() }
+    }
+
+    /// One update of every parameter that has a gradient in `grads`.
+    pub fn step(&mut self, grads: &GradStore) -> anyhow::Result<()> {
+        for (name, var) in &self.params {
+            let Some(grad) = grads.get(var) else { continue };
+            let theta = var.as_tensor();
+            let t = self.steps.entry(name.clone()).or_insert(0);
+            *t += 1;
+            let state = self.state.entry(name.clone()).or_default();
+            let lr = self.lr;
+            let new_theta = match &self.config {
+                OptimizerConfig::Adam { weight_decay, betas, eps, .. } => {
+                    let g = if *weight_decay != 0.0 { (grad + (theta * *weight_decay)?)? } else { grad.clone() };
+                    adam_update(theta, &g, state, *t, lr, *betas, *eps)?
+                }
+                OptimizerConfig::AdamW { weight_decay, betas, eps, .. } => {
+                    let decayed = (theta * (1.0 - lr * weight_decay))?;
+                    adam_update(&decayed, grad, state, *t, lr, *betas, *eps)?
+                }
+                OptimizerConfig::Sgd { momentum, weight_decay, .. } => {
+                    let mut g = if *weight_decay != 0.0 { (grad + (theta * *weight_decay)?)? } else { grad.clone() };
+                    if *momentum != 0.0 {
+                        let buf = match state.get("momentum_buffer") {
+                            Some(b) => ((b * *momentum)? + &g)?,
+                            None => g.clone(),
+                        };
+                        state.insert("momentum_buffer", buf.clone());
+                        g = buf;
+                    }
+                    (theta - (g * lr)?)?
+                }
+            };
+            var.set(&new_theta).with_context(|| format!("optimizer update of {name}"))?;
+        }
+        Ok(())
+    }
+
+    /// The state as named tensors: `optim.<param>.<slot>` plus `optim.<param>.step`.
+    pub fn state_tensors(&self) -> anyhow::Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for (name, slots) in &self.state {
+            for (slot, t) in slots {
+                out.push((format!("optim.{name}.{slot}"), t.clone()));
+            }
+        }
+        for (name, step) in &self.steps {
+            out.push((format!("optim.{name}.step"), Tensor::new(*step as i64, &candle_core::Device::Cpu)?));
+        }
+        Ok(out)
+    }
+
+    /// Restore the state written by `state_tensors`; tensors of unknown parameters are an error.
+    pub fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()> {
+        let device = self.params.first().map(|(_, v)| v.device().clone());
+        for (key, t) in tensors {
+            let Some(rest) = key.strip_prefix("optim.") else { continue };
+            let (name, slot) = rest.rsplit_once('.').with_context(|| format!("malformed optimizer key {key}"))?;
+            let var = self
+                .params
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v)
+                .with_context(|| format!("optimizer state for unknown parameter {name}"))?;
+            match slot {
+                "step" => {
+                    self.steps.insert(name.to_string(), t.to_dtype(candle_core::DType::I64)?.to_scalar::<i64>()? as u64);
+                }
+                "exp_avg" | "exp_avg_sq" | "momentum_buffer" => {
+                    anyhow::ensure!(t.dims() == var.dims(), "optimizer {key}: shape {:?}, parameter has {:?}", t.dims(), var.dims());
+                    let slot: &'static str = match slot {
+                        "exp_avg" => "exp_avg",
+                        "exp_avg_sq" => "exp_avg_sq",
+                        _ => "momentum_buffer",
+                    };
+                    let t = t.to_dtype(var.dtype())?.to_device(device.as_ref().unwrap_or(&candle_core::Device::Cpu))?;
+                    self.state.entry(name.to_string()).or_default().insert(slot, t);
+                }
+                other => anyhow::bail!("optimizer {key}: unknown state slot {other}"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// PyTorch's Adam: m, v moments; theta -= lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
+fn adam_update(
+    theta: &Tensor,
+    g: &Tensor,
+    state: &mut BTreeMap<&'static str, Tensor>,
+    t: u64,
+    lr: f64,
+    (b1, b2): (f64, f64),
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let m = match state.get("exp_avg") {
+        Some(m) => ((m * b1)? + (g * (1.0 - b1))?)?,
+        None => (g * (1.0 - b1))?,
+    };
+    let v = match state.get("exp_avg_sq") {
+        Some(v) => ((v * b2)? + (g.sqr()? * (1.0 - b2))?)?,
+        None => (g.sqr()? * (1.0 - b2))?,
+    };
+    let bc1 = 1.0 - b1.powi(t as i32);
+    let bc2 = 1.0 - b2.powi(t as i32);
+    let denom = ((v.sqrt()? / bc2.sqrt())? + eps)?;
+    let update = ((&m / &denom)? * (lr / bc1))?;
+    state.insert("exp_avg", m);
+    state.insert("exp_avg_sq", v);
+    theta - update
+}
