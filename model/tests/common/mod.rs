@@ -128,3 +128,55 @@ pub fn compare(
     }
     fails
 }
+
+/// A deterministic pseudo-random f64 tensor in [-1, 1).
+pub fn rand_tensor(shape: &[usize], seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap()
+}
+
+/// Check the gradient of `f` w.r.t. each input against central finite differences (f64).
+/// `f` returns a scalar. Checks up to `samples` elements per input; returns the worst relative
+/// error max|analytic - numeric| / max(max|numeric|, 1e-6) over all inputs.
+pub fn gradcheck(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor, samples: usize) -> f64 {
+    use candle_core::Var;
+    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let grads = f(&ts).backward().unwrap();
+    let eps = 1e-6;
+    let mut worst: f64 = 0.0;
+    for (i, v) in vars.iter().enumerate() {
+        let analytic = grads
+            .get(v)
+            .map(|g| g.flatten_all().unwrap().to_vec1::<f64>().unwrap())
+            .unwrap_or_else(|| panic!("input {i} received no gradient"));
+        let base = inputs[i].flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let n = base.len();
+        let step = (n / samples.max(1)).max(1);
+        let mut num_max: f64 = 0.0;
+        let mut diff_max: f64 = 0.0;
+        for j in (0..n).step_by(step) {
+            let eval = |delta: f64| {
+                let mut b = base.clone();
+                b[j] += delta;
+                let mut args: Vec<Tensor> = inputs.to_vec();
+                args[i] = Tensor::from_vec(b, inputs[i].dims(), &candle_core::Device::Cpu).unwrap();
+                f(&args).to_scalar::<f64>().unwrap()
+            };
+            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
+            num_max = num_max.max(numeric.abs());
+            diff_max = diff_max.max((numeric - analytic[j]).abs());
+        }
+        worst = worst.max(diff_max / num_max.max(1e-6));
+    }
+    worst
+}
+
+/// sum(t * R) for a fixed random R: a scalar whose gradient w.r.t. t is R.
+pub fn project(t: &Tensor, seed: u64) -> Tensor {
+    let r = rand_tensor(t.dims(), seed);
+    (t * r).unwrap().sum_all().unwrap()
+}
