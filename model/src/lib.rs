@@ -6,6 +6,7 @@
 pub mod backbone;
 pub mod checkpoint;
 pub mod dan;
+pub mod data;
 pub mod device;
 pub mod layers;
 pub mod loss;
