@@ -1,1 +1,57 @@
-fn main() {}
+//! `fer`: the command-line front end of the workspace.
+
+mod train_cmd;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "fer", version, about = "DAN + EAC facial-expression ablations in Rust")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train one model end to end (built-in blob images), checkpointing every epoch.
+    Train(train_cmd::TrainArgs),
+    /// Print what a checkpoint holds: our safetensors file or an official DAN `.pth`.
+    Inspect {
+        /// Checkpoint file.
+        path: PathBuf,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(args) => train_cmd::run(args),
+        Command::Inspect { path } => inspect(&path),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn inspect(path: &std::path::Path) -> anyhow::Result<()> {
+    use fer_model::checkpoint;
+    let is_pth = path.extension().is_some_and(|e| e == "pth" || e == "pt");
+    let tensors = if is_pth {
+        checkpoint::read_pth_state_dict(path)?
+    } else {
+        let meta = checkpoint::read_meta(path)?;
+        println!("{}", serde_json::to_string_pretty(&meta)?);
+        checkpoint::read_safetensors(path)?
+    };
+    let mut names: Vec<_> = tensors.iter().map(|(k, t)| (k.clone(), t.dims().to_vec(), t.dtype())).collect();
+    names.sort_by(|a, b| a.0.cmp(&b.0));
+    let params: usize = tensors.iter().filter(|(k, _)| !k.starts_with("optim.")).map(|(_, t)| t.elem_count()).sum();
+    for (k, dims, dtype) in &names {
+        println!("{k}\t{dims:?}\t{dtype:?}");
+    }
+    println!("{} tensors, {params} values (optimizer state excluded)", names.len());
+    Ok(())
+}
