@@ -29,7 +29,13 @@ pub struct CheckpointMeta {
 
 /// Write model state, centers, optimizer state and metadata atomically (temp file + rename), so
 /// a crash mid-write never leaves a truncated checkpoint behind.
-pub fn save(path: &Path, net: &DanEac, optimizer: Option<&Optimizer>, epoch: usize, extra: serde_json::Value) -> anyhow::Result<()> {
+pub fn save(
+    path: &Path,
+    net: &DanEac,
+    optimizer: Option<&Optimizer>,
+    epoch: usize,
+    extra: serde_json::Value,
+) -> anyhow::Result<()> {
     let mut tensors: Vec<(String, Tensor)> = net
         .store
         .state()?
@@ -41,40 +47,72 @@ pub fn save(path: &Path, net: &DanEac, optimizer: Option<&Optimizer>, epoch: usi
             tensors.push((k, t.to_device(&Device::Cpu)?));
         }
     }
-    let meta = CheckpointMeta { format: FORMAT.into(), model: net.dan.config.clone(), num_centers: net.num_centers(), epoch, extra };
-    let metadata: HashMap<String, String> = [("fer".to_string(), serde_json::to_string(&meta)?)].into();
+    let meta = CheckpointMeta {
+        format: FORMAT.into(),
+        model: net.dan.config.clone(),
+        num_centers: net.num_centers(),
+        epoch,
+        extra,
+    };
+    let metadata: HashMap<String, String> =
+        [("fer".to_string(), serde_json::to_string(&meta)?)].into();
     let tmp = path.with_extension("safetensors.tmp");
-    let views: Vec<(String, Tensor)> = tensors.into_iter().map(|(k, t)| Ok((k, t.contiguous()?))).collect::<anyhow::Result<_>>()?;
-    safetensors::serialize_to_file(views.iter().map(|(k, t)| (k.as_str(), t)), Some(metadata), &tmp)
-        .with_context(|| format!("writing checkpoint {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("moving checkpoint into place at {}", path.display()))?;
+    let views: Vec<(String, Tensor)> = tensors
+        .into_iter()
+        .map(|(k, t)| Ok((k, t.contiguous()?)))
+        .collect::<anyhow::Result<_>>()?;
+    safetensors::serialize_to_file(
+        views.iter().map(|(k, t)| (k.as_str(), t)),
+        Some(metadata),
+        &tmp,
+    )
+    .with_context(|| format!("writing checkpoint {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("moving checkpoint into place at {}", path.display()))?;
     Ok(())
 }
 
 /// Read the metadata of one of our checkpoints without loading its tensors.
 pub fn read_meta(path: &Path) -> anyhow::Result<CheckpointMeta> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    let bytes =
+        std::fs::read(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
     let json = header
         .metadata()
         .as_ref()
         .and_then(|m| m.get("fer"))
-        .with_context(|| format!("{} has no fer metadata: not a checkpoint written by this project", path.display()))?;
-    let meta: CheckpointMeta = serde_json::from_str(json).with_context(|| format!("{}: bad checkpoint metadata", path.display()))?;
+        .with_context(|| {
+            format!(
+                "{} has no fer metadata: not a checkpoint written by this project",
+                path.display()
+            )
+        })?;
+    let meta: CheckpointMeta = serde_json::from_str(json)
+        .with_context(|| format!("{}: bad checkpoint metadata", path.display()))?;
     if meta.format != FORMAT {
-        bail!("{}: checkpoint format {} (this build reads {FORMAT})", path.display(), meta.format);
+        bail!(
+            "{}: checkpoint format {} (this build reads {FORMAT})",
+            path.display(),
+            meta.format
+        );
     }
     Ok(meta)
 }
 
 /// Every tensor of a safetensors file, on the CPU.
 pub fn read_safetensors(path: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
-    let map = candle_core::safetensors::load(path, &Device::Cpu).with_context(|| format!("reading safetensors {}", path.display()))?;
+    let map = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("reading safetensors {}", path.display()))?;
     Ok(map.into_iter().collect())
 }
 
 /// Restore a network (and optionally its optimizer) from our checkpoint; returns the epoch.
-pub fn restore(path: &Path, net: &DanEac, optimizer: Option<&mut Optimizer>) -> anyhow::Result<CheckpointMeta> {
+pub fn restore(
+    path: &Path,
+    net: &DanEac,
+    optimizer: Option<&mut Optimizer>,
+) -> anyhow::Result<CheckpointMeta> {
     let meta = read_meta(path)?;
     if meta.model != net.dan.config || meta.num_centers != net.num_centers() {
         bail!(
@@ -88,9 +126,11 @@ pub fn restore(path: &Path, net: &DanEac, optimizer: Option<&mut Optimizer>) -> 
     }
     let tensors = read_safetensors(path)?;
     let source = path.display().to_string();
-    net.store.load_state(&tensors, &source, &|k| k.starts_with("optim."))?;
+    net.store
+        .load_state(&tensors, &source, &|k| k.starts_with("optim."))?;
     if let Some(opt) = optimizer {
-        opt.load_state_tensors(&tensors).with_context(|| format!("{source}: optimizer state"))?;
+        opt.load_state_tensors(&tensors)
+            .with_context(|| format!("{source}: optimizer state"))?;
     }
     Ok(meta)
 }
@@ -104,15 +144,22 @@ pub fn read_pth_state_dict(path: &Path) -> anyhow::Result<HashMap<String, Tensor
     let open = |key: Option<&str>| candle_core::pickle::PthTensors::new(path, key);
     let pth = match open(Some("model_state_dict")) {
         Ok(p) if !p.tensor_infos().is_empty() => p,
-        _ => open(None).with_context(|| format!("{}: not a PyTorch checkpoint (zip pickle)", path.display()))?,
+        _ => open(None).with_context(|| {
+            format!("{}: not a PyTorch checkpoint (zip pickle)", path.display())
+        })?,
     };
     let mut out = HashMap::new();
     for name in pth.tensor_infos().keys() {
-        let t = pth.get(name)?.with_context(|| format!("{}: tensor {name} could not be read", path.display()))?;
+        let t = pth
+            .get(name)?
+            .with_context(|| format!("{}: tensor {name} could not be read", path.display()))?;
         out.insert(name.clone(), t);
     }
     if out.is_empty() {
-        bail!("{}: no tensors found (expected a dict with model_state_dict)", path.display());
+        bail!(
+            "{}: no tensors found (expected a dict with model_state_dict)",
+            path.display()
+        );
     }
     Ok(out)
 }
@@ -122,7 +169,15 @@ pub fn read_pth_state_dict(path: &Path) -> anyhow::Result<HashMap<String, Tensor
 pub fn load_dan_pth(path: &Path, net: &DanEac) -> anyhow::Result<()> {
     let mut state = read_pth_state_dict(path)?;
     if !state.contains_key("affinity.centers") {
-        state.insert("affinity.centers".into(), net.centers.centers.as_tensor().to_device(&Device::Cpu)?.copy()?);
+        state.insert(
+            "affinity.centers".into(),
+            net.centers
+                .centers
+                .as_tensor()
+                .to_device(&Device::Cpu)?
+                .copy()?,
+        );
     }
-    net.store.load_state(&state, &path.display().to_string(), &|_| false)
+    net.store
+        .load_state(&state, &path.display().to_string(), &|_| false)
 }

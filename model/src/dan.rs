@@ -22,7 +22,11 @@ pub struct DanConfig {
 impl DanConfig {
     /// The thesis model: ResNet-18 trunk, 4 heads, 7 classes.
     pub fn thesis() -> Self {
-        Self { backbone: ResNetConfig::resnet18(), heads: 4, classes: 7 }
+        Self {
+            backbone: ResNetConfig::resnet18(),
+            heads: 4,
+            classes: 7,
+        }
     }
 
     /// Feature channels C of the backbone map; the heads follow it.
@@ -60,7 +64,15 @@ fn conv_bn(
     padding: (usize, usize),
 ) -> anyhow::Result<(Conv2d, BatchNorm)> {
     let g = ConvGeometry::new(kernel, (1, 1), padding);
-    let conv = Conv2d::new(store, &join(name, "0"), cin, cout, g, true, Conv2d::kaiming(cout, kernel))?;
+    let conv = Conv2d::new(
+        store,
+        &join(name, "0"),
+        cin,
+        cout,
+        g,
+        true,
+        Conv2d::kaiming(cout, kernel),
+    )?;
     let bn = BatchNorm::new(store, &join(name, "1"), cout)?;
     Ok((conv, bn))
 }
@@ -137,17 +149,34 @@ pub struct Dan {
 impl Dan {
     /// Registers, in DAN's order: features, cat_head0..K-1, fc, bn.
     pub fn new(store: &mut ParamStore, config: &DanConfig) -> anyhow::Result<Self> {
-        ensure!(config.heads >= 1, "model.heads must be at least 1, got {}", config.heads);
-        ensure!(config.classes >= 2, "model.classes must be at least 2, got {}", config.classes);
+        ensure!(
+            config.heads >= 1,
+            "model.heads must be at least 1, got {}",
+            config.heads
+        );
+        ensure!(
+            config.classes >= 2,
+            "model.classes must be at least 2, got {}",
+            config.classes
+        );
         let c = config.feat_channels();
-        ensure!(c >= 16 && c % 16 == 0, "backbone feature channels must be a multiple of 16 (heads use C/2 and C/16), got {c}");
+        ensure!(
+            c >= 16 && c % 16 == 0,
+            "backbone feature channels must be a multiple of 16 (heads use C/2 and C/16), got {c}"
+        );
         let backbone = ResNet::new(store, "", TrunkNames::DanFeatures, &config.backbone)?;
         let heads = (0..config.heads)
             .map(|i| CrossAttentionHead::new(store, &format!("cat_head{i}"), c))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let fc = Linear::default_init(store, "fc", c, config.classes)?;
         let bn = BatchNorm::new(store, "bn", config.classes)?;
-        Ok(Self { config: config.clone(), backbone, heads, fc, bn })
+        Ok(Self {
+            config: config.clone(),
+            backbone,
+            heads,
+            fc,
+            bn,
+        })
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<DanOutput> {
@@ -164,7 +193,12 @@ impl Dan {
             heads = candle_nn::ops::log_softmax(&heads, 1)?; // over the head axis
         }
         let logits = self.bn.forward(&self.fc.forward(&heads.sum(1)?)?, train)?;
-        Ok(DanOutput { logits, feat, heads, spatial_maps: Tensor::stack(&maps, 1)? })
+        Ok(DanOutput {
+            logits,
+            feat,
+            heads,
+            spatial_maps: Tensor::stack(&maps, 1)?,
+        })
     }
 
     /// Class activation map M[b,k,y,x] = sum_c W_fc[k,c] F[b,c,y,x], with W detached and no
@@ -174,6 +208,10 @@ impl Dan {
         let weight = self.fc.weight.as_tensor().detach(); // [K, C]
         let k = weight.dim(0)?;
         let f = feat.transpose(0, 1)?.reshape((c, b * h * w))?; // [C, B*h*w]
-        weight.matmul(&f)?.reshape((k, b, h, w))?.transpose(0, 1)?.contiguous()
+        weight
+            .matmul(&f)?
+            .reshape((k, b, h, w))?
+            .transpose(0, 1)?
+            .contiguous()
     }
 }

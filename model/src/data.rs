@@ -13,8 +13,17 @@ pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
 
 /// `n` normalised images [n, 3, size, size] with labels cycling through `classes`,
 /// deterministic in `seed`.
-pub fn blobs(n: usize, classes: usize, size: usize, seed: u64, device: &Device) -> anyhow::Result<(Tensor, Vec<u32>)> {
-    anyhow::ensure!(classes >= 1 && size >= 8, "blobs: need at least 1 class and 8 px");
+pub fn blobs(
+    n: usize,
+    classes: usize,
+    size: usize,
+    seed: u64,
+    device: &Device,
+) -> anyhow::Result<(Tensor, Vec<u32>)> {
+    anyhow::ensure!(
+        classes >= 1 && size >= 8,
+        "blobs: need at least 1 class and 8 px"
+    );
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut pixels = Vec::with_capacity(n * 3 * size * size);
     let mut labels = Vec::with_capacity(n);
@@ -26,7 +35,11 @@ pub fn blobs(n: usize, classes: usize, size: usize, seed: u64, device: &Device) 
         let dx = size as f32 * (0.12 + 0.2 * (1.0 - t));
         let radius = size as f32 * (0.06 + 0.06 * ((class % 3) as f32));
         let cx = size as f32 / 2.0 + rng.random_range(-1.0..1.0);
-        let tint: [f32; 3] = [rng.random_range(0.6..1.0), rng.random_range(0.6..1.0), rng.random_range(0.6..1.0)];
+        let tint: [f32; 3] = [
+            rng.random_range(0.6..1.0),
+            rng.random_range(0.6..1.0),
+            rng.random_range(0.6..1.0),
+        ];
         let mut img = vec![0f32; 3 * size * size];
         for y in 0..size {
             for x in 0..size {
@@ -43,5 +56,8 @@ pub fn blobs(n: usize, classes: usize, size: usize, seed: u64, device: &Device) 
         }
         pixels.extend(img);
     }
-    Ok((Tensor::from_vec(pixels, (n, 3, size, size), device)?, labels))
+    Ok((
+        Tensor::from_vec(pixels, (n, 3, size, size), device)?,
+        labels,
+    ))
 }

@@ -9,7 +9,9 @@ pub fn select(name: &str) -> anyhow::Result<Device> {
         "cpu" => Ok(Device::Cpu),
         cuda if cuda == "cuda" || cuda.starts_with("cuda:") => {
             let ordinal = match cuda.strip_prefix("cuda:") {
-                Some(n) => n.parse::<usize>().map_err(|_| anyhow::anyhow!("device {name:?}: expected cuda:<index>"))?,
+                Some(n) => n
+                    .parse::<usize>()
+                    .map_err(|_| anyhow::anyhow!("device {name:?}: expected cuda:<index>"))?,
                 None => 0,
             };
             cuda_device(ordinal)
@@ -25,5 +27,7 @@ fn cuda_device(ordinal: usize) -> anyhow::Result<Device> {
 
 #[cfg(not(feature = "cuda"))]
 fn cuda_device(_ordinal: usize) -> anyhow::Result<Device> {
-    anyhow::bail!("this build has no CUDA support: rebuild with `--features cuda` (see README, GPU)")
+    anyhow::bail!(
+        "this build has no CUDA support: rebuild with `--features cuda` (see README, GPU)"
+    )
 }

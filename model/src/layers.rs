@@ -39,17 +39,32 @@ impl Conv2d {
     ) -> anyhow::Result<Self> {
         let (kh, kw) = geometry.kernel;
         let weight = store.param(join(name, "weight"), &[cout, cin, kh, kw], init)?;
-        let bias = if bias { Some(store.param(join(name, "bias"), &[cout], Init::Const(0.0))?) } else { None };
-        Ok(Self { weight, bias, geometry })
+        let bias = if bias {
+            Some(store.param(join(name, "bias"), &[cout], Init::Const(0.0))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            weight,
+            bias,
+            geometry,
+        })
     }
 
     /// kaiming_normal_(mode='fan_out') for a conv of this shape.
     pub fn kaiming(cout: usize, kernel: (usize, usize)) -> Init {
-        Init::KaimingFanOut { fan_out: cout * kernel.0 * kernel.1 }
+        Init::KaimingFanOut {
+            fan_out: cout * kernel.0 * kernel.1,
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        conv2d(x, self.weight.as_tensor(), self.bias.as_ref().map(|b| b.as_tensor()), self.geometry)
+        conv2d(
+            x,
+            self.weight.as_tensor(),
+            self.bias.as_ref().map(|b| b.as_tensor()),
+            self.geometry,
+        )
     }
 }
 
@@ -85,7 +100,10 @@ impl BatchNorm {
             let xt = x.transpose(0, 1)?.contiguous()?.reshape((c, ()))?;
             let n = xt.dim(1)?;
             if n < 2 {
-                candle_core::bail!("BatchNorm in train mode needs more than 1 value per channel, got input {:?}", x.dims());
+                candle_core::bail!(
+                    "BatchNorm in train mode needs more than 1 value per channel, got input {:?}",
+                    x.dims()
+                );
             }
             let mean = xt.mean(D::Minus1)?;
             let centered = xt.broadcast_sub(&mean.unsqueeze(1)?)?;
@@ -93,7 +111,10 @@ impl BatchNorm {
             self.update_running(&mean, &var, n)?;
             (mean, var)
         } else {
-            (self.running_mean.as_tensor().clone(), self.running_var.as_tensor().clone())
+            (
+                self.running_mean.as_tensor().clone(),
+                self.running_var.as_tensor().clone(),
+            )
         };
         let inv_std = (var + BN_EPS)?.sqrt()?.recip()?;
         let scale = (inv_std * self.weight.as_tensor())?;
@@ -108,10 +129,17 @@ impl BatchNorm {
         let unbiased = (biased_var.detach() * (n as f64 / (n as f64 - 1.0)))?;
         let rm = ((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?;
         let rv = ((self.running_var.as_tensor() * (1.0 - m))? + (unbiased * m)?)?;
-        self.running_mean.set(&rm.to_dtype(self.running_mean.dtype())?)?;
-        self.running_var.set(&rv.to_dtype(self.running_var.dtype())?)?;
-        let count = self.num_batches_tracked.as_tensor().to_dtype(DType::I64)?.to_scalar::<i64>()?;
-        self.num_batches_tracked.set(&Tensor::new(count + 1, self.num_batches_tracked.device())?)?;
+        self.running_mean
+            .set(&rm.to_dtype(self.running_mean.dtype())?)?;
+        self.running_var
+            .set(&rv.to_dtype(self.running_var.dtype())?)?;
+        let count = self
+            .num_batches_tracked
+            .as_tensor()
+            .to_dtype(DType::I64)?
+            .to_scalar::<i64>()?;
+        self.num_batches_tracked
+            .set(&Tensor::new(count + 1, self.num_batches_tracked.device())?)?;
         Ok(())
     }
 }
@@ -123,9 +151,21 @@ pub struct Linear {
 
 impl Linear {
     /// PyTorch's default Linear init: weight and bias ~ U(-1/sqrt(in), 1/sqrt(in)).
-    pub fn default_init(store: &mut ParamStore, name: &str, fan_in: usize, fan_out: usize) -> anyhow::Result<Self> {
+    pub fn default_init(
+        store: &mut ParamStore,
+        name: &str,
+        fan_in: usize,
+        fan_out: usize,
+    ) -> anyhow::Result<Self> {
         let bound = 1.0 / (fan_in as f64).sqrt();
-        Self::new(store, name, fan_in, fan_out, Init::Uniform { bound }, Init::Uniform { bound })
+        Self::new(
+            store,
+            name,
+            fan_in,
+            fan_out,
+            Init::Uniform { bound },
+            Init::Uniform { bound },
+        )
     }
 
     pub fn new(
@@ -143,6 +183,7 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.weight.as_tensor().t()?)?.broadcast_add(self.bias.as_tensor())
+        x.matmul(&self.weight.as_tensor().t()?)?
+            .broadcast_add(self.bias.as_tensor())
     }
 }

@@ -20,8 +20,16 @@ pub struct AffinityCenters {
 }
 
 impl AffinityCenters {
-    pub fn new(store: &mut ParamStore, num_centers: usize, feat_channels: usize) -> anyhow::Result<Self> {
-        let centers = store.param("affinity.centers", &[num_centers, feat_channels], Init::Normal { std: 1.0 })?;
+    pub fn new(
+        store: &mut ParamStore,
+        num_centers: usize,
+        feat_channels: usize,
+    ) -> anyhow::Result<Self> {
+        let centers = store.param(
+            "affinity.centers",
+            &[num_centers, feat_channels],
+            Init::Normal { std: 1.0 },
+        )?;
         Ok(Self { centers })
     }
 
@@ -61,7 +69,9 @@ pub fn partition_loss(heads: &Tensor) -> Result<Tensor> {
         return Tensor::zeros((), heads.dtype(), heads.device());
     }
     let v = heads.var(1)?.mean_all()?;
-    ((v + PARTITION_EPS)?.recip()? * k as f64)?.affine(1.0, 1.0)?.log()
+    ((v + PARTITION_EPS)?.recip()? * k as f64)?
+        .affine(1.0, 1.0)?
+        .log()
 }
 
 /// Exact mirror along the width (last) axis.

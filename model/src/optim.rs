@@ -54,12 +54,19 @@ fn default_eps() -> f64 {
 impl OptimizerConfig {
     /// The thesis optimiser: Adam, lr 1e-4, no weight decay (spec 7 item 9).
     pub fn thesis() -> Self {
-        OptimizerConfig::Adam { lr: 1e-4, weight_decay: 0.0, betas: default_betas(), eps: default_eps() }
+        OptimizerConfig::Adam {
+            lr: 1e-4,
+            weight_decay: 0.0,
+            betas: default_betas(),
+            eps: default_eps(),
+        }
     }
 
     pub fn base_lr(&self) -> f64 {
         match self {
-            OptimizerConfig::Adam { lr, .. } | OptimizerConfig::AdamW { lr, .. } | OptimizerConfig::Sgd { lr, .. } => *lr,
+            OptimizerConfig::Adam { lr, .. }
+            | OptimizerConfig::AdamW { lr, .. }
+            | OptimizerConfig::Sgd { lr, .. } => *lr,
         }
     }
 }
@@ -70,9 +77,14 @@ impl OptimizerConfig {
 pub enum Schedule {
     Constant,
     /// lr * gamma^epoch (DAN affectnet.py: gamma 0.6).
-    Exponential { gamma: f64 },
+    Exponential {
+        gamma: f64,
+    },
     /// lr * gamma^(epoch / step_size).
-    Step { step_size: usize, gamma: f64 },
+    Step {
+        step_size: usize,
+        gamma: f64,
+    },
 }
 
 impl Schedule {
@@ -80,7 +92,9 @@ impl Schedule {
         match self {
             Schedule::Constant => base,
             Schedule::Exponential { gamma } => base * gamma.powi(epoch as i32),
-            Schedule::Step { step_size, gamma } => base * gamma.powi((epoch / (*step_size).max(1)) as i32),
+            Schedule::Step { step_size, gamma } => {
+                base * gamma.powi((epoch / (*step_size).max(1)) as i32)
+            }
         }
     }
 }
@@ -102,7 +116,13 @@ pub struct Optimizer {
 impl Optimizer {
     pub fn new(config: OptimizerConfig, params: Vec<(String, Var)>) -> Self {
         let lr = config.base_lr();
-        Self { config, params, lr, state: HashMap::new(), steps: HashMap::new() }
+        Self {
+            config,
+            params,
+            lr,
+            state: HashMap::new(),
+            steps: HashMap::new(),
+        }
     }
 
     /// One update of every parameter that has a gradient in `grads`.
@@ -115,16 +135,38 @@ impl Optimizer {
             let state = self.state.entry(name.clone()).or_default();
             let lr = self.lr;
             let new_theta = match &self.config {
-                OptimizerConfig::Adam { weight_decay, betas, eps, .. } => {
-                    let g = if *weight_decay != 0.0 { (grad + (theta * *weight_decay)?)? } else { grad.clone() };
+                OptimizerConfig::Adam {
+                    weight_decay,
+                    betas,
+                    eps,
+                    ..
+                } => {
+                    let g = if *weight_decay != 0.0 {
+                        (grad + (theta * *weight_decay)?)?
+                    } else {
+                        grad.clone()
+                    };
                     adam_update(theta, &g, state, *t, lr, *betas, *eps)?
                 }
-                OptimizerConfig::AdamW { weight_decay, betas, eps, .. } => {
+                OptimizerConfig::AdamW {
+                    weight_decay,
+                    betas,
+                    eps,
+                    ..
+                } => {
                     let decayed = (theta * (1.0 - lr * weight_decay))?;
                     adam_update(&decayed, grad, state, *t, lr, *betas, *eps)?
                 }
-                OptimizerConfig::Sgd { momentum, weight_decay, .. } => {
-                    let mut g = if *weight_decay != 0.0 { (grad + (theta * *weight_decay)?)? } else { grad.clone() };
+                OptimizerConfig::Sgd {
+                    momentum,
+                    weight_decay,
+                    ..
+                } => {
+                    let mut g = if *weight_decay != 0.0 {
+                        (grad + (theta * *weight_decay)?)?
+                    } else {
+                        grad.clone()
+                    };
                     if *momentum != 0.0 {
                         let buf = match state.get("momentum_buffer") {
                             Some(b) => ((b * *momentum)? + &g)?,
@@ -136,7 +178,8 @@ impl Optimizer {
                     (theta - (g * lr)?)?
                 }
             };
-            var.set(&new_theta).with_context(|| format!("optimizer update of {name}"))?;
+            var.set(&new_theta)
+                .with_context(|| format!("optimizer update of {name}"))?;
         }
         Ok(())
     }
@@ -150,7 +193,10 @@ impl Optimizer {
             }
         }
         for (name, step) in &self.steps {
-            out.push((format!("optim.{name}.step"), Tensor::new(*step as i64, &candle_core::Device::Cpu)?));
+            out.push((
+                format!("optim.{name}.step"),
+                Tensor::new(*step as i64, &candle_core::Device::Cpu)?,
+            ));
         }
         Ok(out)
     }
@@ -159,8 +205,12 @@ impl Optimizer {
     pub fn load_state_tensors(&mut self, tensors: &HashMap<String, Tensor>) -> anyhow::Result<()> {
         let device = self.params.first().map(|(_, v)| v.device().clone());
         for (key, t) in tensors {
-            let Some(rest) = key.strip_prefix("optim.") else { continue };
-            let (name, slot) = rest.rsplit_once('.').with_context(|| format!("malformed optimizer key {key}"))?;
+            let Some(rest) = key.strip_prefix("optim.") else {
+                continue;
+            };
+            let (name, slot) = rest
+                .rsplit_once('.')
+                .with_context(|| format!("malformed optimizer key {key}"))?;
             let var = self
                 .params
                 .iter()
@@ -169,17 +219,30 @@ impl Optimizer {
                 .with_context(|| format!("optimizer state for unknown parameter {name}"))?;
             match slot {
                 "step" => {
-                    self.steps.insert(name.to_string(), t.to_dtype(candle_core::DType::I64)?.to_scalar::<i64>()? as u64);
+                    self.steps.insert(
+                        name.to_string(),
+                        t.to_dtype(candle_core::DType::I64)?.to_scalar::<i64>()? as u64,
+                    );
                 }
                 "exp_avg" | "exp_avg_sq" | "momentum_buffer" => {
-                    anyhow::ensure!(t.dims() == var.dims(), "optimizer {key}: shape {:?}, parameter has {:?}", t.dims(), var.dims());
+                    anyhow::ensure!(
+                        t.dims() == var.dims(),
+                        "optimizer {key}: shape {:?}, parameter has {:?}",
+                        t.dims(),
+                        var.dims()
+                    );
                     let slot: &'static str = match slot {
                         "exp_avg" => "exp_avg",
                         "exp_avg_sq" => "exp_avg_sq",
                         _ => "momentum_buffer",
                     };
-                    let t = t.to_dtype(var.dtype())?.to_device(device.as_ref().unwrap_or(&candle_core::Device::Cpu))?;
-                    self.state.entry(name.to_string()).or_default().insert(slot, t);
+                    let t = t
+                        .to_dtype(var.dtype())?
+                        .to_device(device.as_ref().unwrap_or(&candle_core::Device::Cpu))?;
+                    self.state
+                        .entry(name.to_string())
+                        .or_default()
+                        .insert(slot, t);
                 }
                 other => anyhow::bail!("optimizer {key}: unknown state slot {other}"),
             }

@@ -62,16 +62,27 @@ impl ParamStore {
         }
         let var = Var::from_tensor(&t)?;
         self.index.insert(name.clone(), self.entries.len());
-        self.entries.push(Entry { name, var: var.clone(), kind });
+        self.entries.push(Entry {
+            name,
+            var: var.clone(),
+            kind,
+        });
         Ok(var)
     }
 
     fn float_tensor(&self, data: Vec<f64>, shape: &[usize]) -> anyhow::Result<Tensor> {
-        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?.to_dtype(self.dtype)?.to_device(&self.device)?)
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?
+            .to_dtype(self.dtype)?
+            .to_device(&self.device)?)
     }
 
     /// A trainable parameter initialised by `init`.
-    pub fn param(&mut self, name: impl Into<String>, shape: &[usize], init: Init) -> anyhow::Result<Var> {
+    pub fn param(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[usize],
+        init: Init,
+    ) -> anyhow::Result<Var> {
         let n: usize = shape.iter().product();
         let data = init.sample(n, &mut self.rng);
         let t = self.float_tensor(data, shape)?;
@@ -79,7 +90,12 @@ impl ParamStore {
     }
 
     /// A float buffer filled with `value` (BN running mean 0 / running var 1).
-    pub fn buffer(&mut self, name: impl Into<String>, shape: &[usize], value: f64) -> anyhow::Result<Var> {
+    pub fn buffer(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[usize],
+        value: f64,
+    ) -> anyhow::Result<Var> {
         let n: usize = shape.iter().product();
         let t = self.float_tensor(vec![value; n], shape)?;
         self.register(name.into(), t, EntryKind::Buffer)
@@ -130,7 +146,9 @@ impl ParamStore {
             let t = &state[&e.name];
             let target = e.var.dtype();
             let t = t.to_dtype(target)?.to_device(&self.device)?;
-            e.var.set(&t).with_context(|| format!("{source}: setting {}", e.name))?;
+            e.var
+                .set(&t)
+                .with_context(|| format!("{source}: setting {}", e.name))?;
         }
         Ok(())
     }
@@ -146,7 +164,11 @@ fn check_keys(
     let mut problems = Vec::new();
     for e in &store.entries {
         match state.get(&e.name) {
-            None => problems.push(format!("missing key {} (expected shape {:?})", e.name, e.var.dims())),
+            None => problems.push(format!(
+                "missing key {} (expected shape {:?})",
+                e.name,
+                e.var.dims()
+            )),
             Some(t) if t.dims() != e.var.dims() => problems.push(format!(
                 "key {}: checkpoint shape {:?}, model expects {:?}",
                 e.name,
@@ -169,7 +191,11 @@ fn check_keys(
             "{source}: state does not fit the model ({} problem(s)):\n  {}{}",
             problems.len(),
             problems[..shown].join("\n  "),
-            if problems.len() > shown { "\n  ..." } else { "" }
+            if problems.len() > shown {
+                "\n  ..."
+            } else {
+                ""
+            }
         );
     }
     Ok(())
@@ -179,10 +205,16 @@ fn check_keys(
 #[derive(Debug, Clone, Copy)]
 pub enum Init {
     Const(f64),
-    Normal { std: f64 },
-    Uniform { bound: f64 },
+    Normal {
+        std: f64,
+    },
+    Uniform {
+        bound: f64,
+    },
     /// `kaiming_normal_(mode='fan_out', nonlinearity='relu')`: std = sqrt(2 / fan_out).
-    KaimingFanOut { fan_out: usize },
+    KaimingFanOut {
+        fan_out: usize,
+    },
 }
 
 impl Init {
@@ -197,9 +229,10 @@ impl Init {
                 let d = Uniform::new_inclusive(-bound, bound).expect("finite bound");
                 (0..n).map(|_| d.sample(rng)).collect()
             }
-            Init::KaimingFanOut { fan_out } => {
-                Init::Normal { std: (2.0 / fan_out as f64).sqrt() }.sample(n, rng)
+            Init::KaimingFanOut { fan_out } => Init::Normal {
+                std: (2.0 / fan_out as f64).sqrt(),
             }
+            .sample(n, rng),
         }
     }
 }

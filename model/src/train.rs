@@ -24,7 +24,11 @@ pub struct LossWeights {
 
 impl Default for LossWeights {
     fn default() -> Self {
-        Self { affinity: 1.0, partition: 1.0, consistency: 4.0 }
+        Self {
+            affinity: 1.0,
+            partition: 1.0,
+            consistency: 4.0,
+        }
     }
 }
 
@@ -63,9 +67,18 @@ pub struct StepLosses {
 
 /// Forward #1 on `x`, then (if lambda3 != 0) forward #2 on its mirror, and the losses, all on
 /// forward #1 except L_c. `x` is the already-erased batch; `labels` are u32 [B].
-pub fn step_graph(model: &Dan, centers: &AffinityCenters, x: &Tensor, labels: &Tensor, w: LossWeights) -> anyhow::Result<StepGraph> {
+pub fn step_graph(
+    model: &Dan,
+    centers: &AffinityCenters,
+    x: &Tensor,
+    labels: &Tensor,
+    w: LossWeights,
+) -> anyhow::Result<StepGraph> {
     let (b, ..) = x.dims4()?;
-    anyhow::ensure!(b >= 2, "a training batch needs at least 2 samples (BatchNorm1d), got {b}");
+    anyhow::ensure!(
+        b >= 2,
+        "a training batch needs at least 2 samples (BatchNorm1d), got {b}"
+    );
     let original = model.forward(x, true)?;
     let ce = loss::cross_entropy(&original.logits, labels)?;
     let mut total = ce.clone();
@@ -89,11 +102,26 @@ pub fn step_graph(model: &Dan, centers: &AffinityCenters, x: &Tensor, labels: &T
         let cam_flip = model.cam(&output.feat)?;
         let lc = loss::flip_consistency_loss(&cam, &cam_flip)?;
         total = (total + (&lc * w.consistency)?)?;
-        (Some(lc), Some(FlippedPass { output, cam, cam_flip }))
+        (
+            Some(lc),
+            Some(FlippedPass {
+                output,
+                cam,
+                cam_flip,
+            }),
+        )
     } else {
         (None, None)
     };
-    Ok(StepGraph { total, ce, affinity, partition, consistency, original, flipped })
+    Ok(StepGraph {
+        total,
+        ce,
+        affinity,
+        partition,
+        consistency,
+        original,
+        flipped,
+    })
 }
 
 fn scalar(t: &Tensor) -> anyhow::Result<f64> {
@@ -103,7 +131,11 @@ fn scalar(t: &Tensor) -> anyhow::Result<f64> {
 impl StepGraph {
     pub fn losses(&self, labels: &Tensor) -> anyhow::Result<StepLosses> {
         let pred = loss::predictions(&self.original.logits)?;
-        let correct = pred.eq(labels)?.to_dtype(DType::U32)?.sum_all()?.to_scalar::<u32>()? as usize;
+        let correct = pred
+            .eq(labels)?
+            .to_dtype(DType::U32)?
+            .sum_all()?
+            .to_scalar::<u32>()? as usize;
         Ok(StepLosses {
             total: scalar(&self.total)?,
             ce: scalar(&self.ce)?,
@@ -127,7 +159,11 @@ pub fn train_step(
 ) -> anyhow::Result<StepLosses> {
     let graph = step_graph(model, centers, x, labels, w)?;
     let losses = graph.losses(labels)?;
-    anyhow::ensure!(losses.total.is_finite(), "the training loss is not finite ({}): diverged", losses.total);
+    anyhow::ensure!(
+        losses.total.is_finite(),
+        "the training loss is not finite ({}): diverged",
+        losses.total
+    );
     let grads: GradStore = graph.total.backward().context("backward pass")?;
     optimizer.step(&grads)?;
     Ok(losses)
@@ -151,13 +187,18 @@ pub struct Confusion {
 
 impl Confusion {
     pub fn new(classes: usize) -> Self {
-        Self { counts: vec![vec![0; classes]; classes] }
+        Self {
+            counts: vec![vec![0; classes]; classes],
+        }
     }
 
     pub fn add(&mut self, truth: &[u32], predicted: &[u32]) -> anyhow::Result<()> {
         let n = self.counts.len();
         for (&t, &p) in truth.iter().zip(predicted) {
-            anyhow::ensure!((t as usize) < n && (p as usize) < n, "label {t} or prediction {p} outside 0..{n}");
+            anyhow::ensure!(
+                (t as usize) < n && (p as usize) < n,
+                "label {t} or prediction {p} outside 0..{n}"
+            );
             self.counts[t as usize][p as usize] += 1;
         }
         Ok(())
@@ -177,8 +218,16 @@ impl Confusion {
             })
             .collect();
         EvalReport {
-            accuracy: if samples > 0 { correct as f64 / samples as f64 } else { 0.0 },
-            balanced_accuracy: if recalls.is_empty() { 0.0 } else { recalls.iter().sum::<f64>() / recalls.len() as f64 },
+            accuracy: if samples > 0 {
+                correct as f64 / samples as f64
+            } else {
+                0.0
+            },
+            balanced_accuracy: if recalls.is_empty() {
+                0.0
+            } else {
+                recalls.iter().sum::<f64>() / recalls.len() as f64
+            },
             confusion: self.counts.clone(),
             samples,
         }

@@ -20,9 +20,9 @@ fn conv2d_gradients_for_every_geometry_dan_uses() {
     // (input h, w, kernel, stride, padding)
     let cases = [
         (9, 11, (7, 7), (2, 2), (3, 3)), // stem
-        (7, 8, (3, 3), (2, 2), (1, 1)),  // stride 2, mixed parity: Candle's stock backward errors here
-        (4, 5, (3, 3), (2, 2), (1, 1)),  // the fixtures' layer4 input
-        (4, 5, (1, 1), (2, 2), (0, 0)),  // downsample
+        (7, 8, (3, 3), (2, 2), (1, 1)), // stride 2, mixed parity: Candle's stock backward errors here
+        (4, 5, (3, 3), (2, 2), (1, 1)), // the fixtures' layer4 input
+        (4, 5, (1, 1), (2, 2), (0, 0)), // downsample
         (5, 6, (3, 3), (1, 1), (1, 1)),
         (2, 3, (1, 3), (1, 1), (0, 1)), // DAN conv_1x3
         (2, 3, (3, 1), (1, 1), (1, 0)), // DAN conv_3x1
@@ -35,7 +35,10 @@ fn conv2d_gradients_for_every_geometry_dan_uses() {
         let g = ConvGeometry::new(k, s, p);
         let f = |t: &[Tensor]| project(&conv2d(&t[0], &t[1], Some(&t[2]), g).unwrap(), 7);
         let err = gradcheck(&[x, wt, b], &f, 60);
-        assert!(err < TOL, "conv2d case {i} ({h}x{w}, k{k:?} s{s:?} p{p:?}): relative error {err:e}");
+        assert!(
+            err < TOL,
+            "conv2d case {i} ({h}x{w}, k{k:?} s{s:?} p{p:?}): relative error {err:e}"
+        );
     }
 }
 
@@ -46,9 +49,15 @@ fn conv2d_forward_matches_a_direct_loop() {
     let g = ConvGeometry::new((3, 1), (2, 1), (1, 0));
     let y = conv2d(&x, &w, None, g).unwrap();
     assert_eq!(y.dims(), &[2, 3, 3, 6]);
-    let x4: Vec<Vec<Vec<Vec<f64>>>> = (0..2).map(|b| x.get(b).unwrap().to_vec3().unwrap()).collect();
-    let w4: Vec<Vec<Vec<Vec<f64>>>> = (0..3).map(|o| w.get(o).unwrap().to_vec3().unwrap()).collect();
-    let y4: Vec<Vec<Vec<Vec<f64>>>> = (0..2).map(|b| y.get(b).unwrap().to_vec3().unwrap()).collect();
+    let x4: Vec<Vec<Vec<Vec<f64>>>> = (0..2)
+        .map(|b| x.get(b).unwrap().to_vec3().unwrap())
+        .collect();
+    let w4: Vec<Vec<Vec<Vec<f64>>>> = (0..3)
+        .map(|o| w.get(o).unwrap().to_vec3().unwrap())
+        .collect();
+    let y4: Vec<Vec<Vec<Vec<f64>>>> = (0..2)
+        .map(|b| y.get(b).unwrap().to_vec3().unwrap())
+        .collect();
     for b in 0..2 {
         for o in 0..3 {
             for oy in 0..3 {
@@ -73,16 +82,32 @@ fn conv2d_forward_matches_a_direct_loop() {
 fn max_pool_matches_pytorch_semantics_and_routes_gradient_to_one_winner() {
     // 1x1x4x4 with ties (post-ReLU zeros): window 3x3/2/1 -> 2x2.
     let x = Tensor::from_vec(
-        vec![0f64, 0., 0., 0., 0., 0., 0., 5., 1., 0., 0., 0., 0., 0., 3., 3.],
+        vec![
+            0f64, 0., 0., 0., 0., 0., 0., 5., 1., 0., 0., 0., 0., 0., 3., 3.,
+        ],
         (1, 1, 4, 4),
         &Device::Cpu,
     )
     .unwrap();
     let y = max_pool2d(&x, 3, 2, 1).unwrap();
-    assert_eq!(y.flatten_all().unwrap().to_vec1::<f64>().unwrap(), vec![0., 5., 1., 5.]);
+    assert_eq!(
+        y.flatten_all().unwrap().to_vec1::<f64>().unwrap(),
+        vec![0., 5., 1., 5.]
+    );
     let var = candle_core::Var::from_tensor(&x).unwrap();
-    let g = max_pool2d(var.as_tensor(), 3, 2, 1).unwrap().sum_all().unwrap().backward().unwrap();
-    let g = g.get(&var).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let g = max_pool2d(var.as_tensor(), 3, 2, 1)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g = g
+        .get(&var)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     // The all-zero window gives its gradient to its first cell only (PyTorch), not 1/9 to each.
     let mut expected = vec![0f64; 16];
     expected[0] = 1.0;
@@ -119,7 +144,13 @@ fn batch_norm_train_mode_gradients_and_running_stats() {
         let mut store = ParamStore::new(&Device::Cpu, DType::F64, 0);
         let bn = BatchNorm::new(&mut store, "bn", 3).unwrap();
         bn.forward(&x, true).unwrap();
-        let xt = x.transpose(0, 1).unwrap().contiguous().unwrap().reshape((3, ())).unwrap();
+        let xt = x
+            .transpose(0, 1)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((3, ()))
+            .unwrap();
         let mean = xt.mean(1).unwrap().to_vec1::<f64>().unwrap();
         let var = xt.var(1).unwrap().to_vec1::<f64>().unwrap();
         let rm = bn.running_mean.as_tensor().to_vec1::<f64>().unwrap();
@@ -128,34 +159,73 @@ fn batch_norm_train_mode_gradients_and_running_stats() {
             assert!((rm[c] - 0.1 * mean[c]).abs() < 1e-12);
             assert!((rv[c] - (0.9 + 0.1 * var[c])).abs() < 1e-12);
         }
-        assert_eq!(bn.num_batches_tracked.as_tensor().to_scalar::<i64>().unwrap(), 1);
+        assert_eq!(
+            bn.num_batches_tracked
+                .as_tensor()
+                .to_scalar::<i64>()
+                .unwrap(),
+            1
+        );
         // Eval mode leaves the stats alone.
         bn.forward(&x, false).unwrap();
-        assert_eq!(bn.num_batches_tracked.as_tensor().to_scalar::<i64>().unwrap(), 1);
+        assert_eq!(
+            bn.num_batches_tracked
+                .as_tensor()
+                .to_scalar::<i64>()
+                .unwrap(),
+            1
+        );
     }
 }
 
 #[test]
 fn loss_functions_match_the_spec_hand_vectors() {
     // Spec 2.6, partition: x = arange(24).reshape(2,4,3)/10, log_softmax over axis 1.
-    let x = (Tensor::arange(0f64, 24., &Device::Cpu).unwrap().reshape((2, 4, 3)).unwrap() / 10.0).unwrap();
+    let x = (Tensor::arange(0f64, 24., &Device::Cpu)
+        .unwrap()
+        .reshape((2, 4, 3))
+        .unwrap()
+        / 10.0)
+        .unwrap();
     let h = candle_nn::ops::log_softmax(&x, 1).unwrap();
-    let h00: Vec<f64> = h.get(0).unwrap().to_vec2::<f64>().unwrap().iter().map(|r| r[0]).collect();
-    for (a, e) in h00.iter().zip([-1.89184319, -1.59184319, -1.29184319, -0.99184319]) {
+    let h00: Vec<f64> = h
+        .get(0)
+        .unwrap()
+        .to_vec2::<f64>()
+        .unwrap()
+        .iter()
+        .map(|r| r[0])
+        .collect();
+    for (a, e) in h00
+        .iter()
+        .zip([-1.89184319, -1.59184319, -1.29184319, -0.99184319])
+    {
         assert!((a - e).abs() < 1e-8);
     }
-    let lpt = loss::partition_loss(&h).unwrap().to_scalar::<f64>().unwrap();
+    let lpt = loss::partition_loss(&h)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     assert!((lpt - 3.3202283191284865).abs() < 1e-12, "L_pt = {lpt}");
     let fused = h.sum(1).unwrap().get(0).unwrap().to_vec1::<f64>().unwrap();
     assert!(fused.iter().all(|v| (v + 5.76737278).abs() < 1e-8));
     // K = 1: the partition loss is 0.
-    assert_eq!(loss::partition_loss(&x.narrow(1, 0, 1).unwrap()).unwrap().to_scalar::<f64>().unwrap(), 0.0);
+    assert_eq!(
+        loss::partition_loss(&x.narrow(1, 0, 1).unwrap())
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap(),
+        0.0
+    );
 
     // Spec 2.6, affinity.
     let f = Tensor::from_vec(vec![1f64, 2., 0.5, -1., 3., 0.], (3, 2), &Device::Cpu).unwrap();
     let c = Tensor::from_vec(vec![0f64, 1., 1., -1., 2., 2.], (3, 2), &Device::Cpu).unwrap();
     let y = Tensor::new(&[0u32, 2, 1], &Device::Cpu).unwrap();
-    let laf = loss::affinity_loss(&f, &c, &y).unwrap().to_scalar::<f64>().unwrap();
+    let laf = loss::affinity_loss(&f, &c, &y)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
     assert!((laf - 1.8250000000020004).abs() < 1e-15, "L_af = {laf}");
 }
 
@@ -164,15 +234,28 @@ fn loss_gradients_match_finite_differences() {
     let y = Tensor::new(&[0u32, 2, 1, 2], &Device::Cpu).unwrap();
     // Affinity: gradient into both the features and the centers (through sigma^2 too).
     let f = |t: &[Tensor]| loss::affinity_loss(&t[0], &t[1], &y).unwrap();
-    let err = gradcheck(&[rand_tensor(&[4, 5], 70), rand_tensor(&[3, 5], 71)], &f, 40);
+    let err = gradcheck(
+        &[rand_tensor(&[4, 5], 70), rand_tensor(&[3, 5], 71)],
+        &f,
+        40,
+    );
     assert!(err < TOL, "affinity: {err:e}");
     // Partition through log-softmax over the head axis.
-    let f = |t: &[Tensor]| loss::partition_loss(&candle_nn::ops::log_softmax(&t[0], 1).unwrap()).unwrap();
+    let f = |t: &[Tensor]| {
+        loss::partition_loss(&candle_nn::ops::log_softmax(&t[0], 1).unwrap()).unwrap()
+    };
     let err = gradcheck(&[rand_tensor(&[3, 4, 5], 72)], &f, 40);
     assert!(err < TOL, "partition: {err:e}");
     // Flip consistency w.r.t. both maps.
     let f = |t: &[Tensor]| loss::flip_consistency_loss(&t[0], &t[1]).unwrap();
-    let err = gradcheck(&[rand_tensor(&[2, 3, 2, 3], 73), rand_tensor(&[2, 3, 2, 3], 74)], &f, 40);
+    let err = gradcheck(
+        &[
+            rand_tensor(&[2, 3, 2, 3], 73),
+            rand_tensor(&[2, 3, 2, 3], 74),
+        ],
+        &f,
+        40,
+    );
     assert!(err < TOL, "consistency: {err:e}");
     // Cross entropy and sigmoid (Candle ops we rely on).
     let f = |t: &[Tensor]| {
@@ -187,7 +270,14 @@ fn loss_gradients_match_finite_differences() {
 fn whole_network_gradient_matches_finite_differences() {
     // A tiny network in float64; every loss term on, both forwards. Train-mode BN running
     // stats change between evaluations but do not enter the train-mode output.
-    let config = DanConfig { backbone: ResNetConfig { widths: [4, 4, 8, 16], blocks: [1, 1, 1, 1] }, heads: 2, classes: 3 };
+    let config = DanConfig {
+        backbone: ResNetConfig {
+            widths: [4, 4, 8, 16],
+            blocks: [1, 1, 1, 1],
+        },
+        heads: 2,
+        classes: 3,
+    };
     let net = DanEac::new(&config, 3, &Device::Cpu, DType::F64, 5).unwrap();
     let x = rand_tensor(&[3, 3, 32, 40], 80);
     let y = Tensor::new(&[0u32, 2, 1], &Device::Cpu).unwrap();
@@ -195,7 +285,10 @@ fn whole_network_gradient_matches_finite_differences() {
     let mut worst: f64 = 0.0;
     // The CAM detaches fc.weight, so finite differences of fc.weight only agree with the
     // analytic gradient when the consistency term is off.
-    let no_cam = LossWeights { consistency: 0.0, ..LossWeights::default() };
+    let no_cam = LossWeights {
+        consistency: 0.0,
+        ..LossWeights::default()
+    };
     for (name, w) in [
         ("features.0.weight", LossWeights::default()),
         ("features.7.0.conv1.weight", LossWeights::default()),
@@ -205,23 +298,40 @@ fn whole_network_gradient_matches_finite_differences() {
         ("features.1.weight", LossWeights::default()), // BN2d gamma
         ("features.5.0.downsample.1.bias", LossWeights::default()), // BN2d beta
         ("cat_head0.ca.attention.1.weight", LossWeights::default()), // BN1d gamma
-        ("bn.weight", no_cam), // BN1d on the logits
+        ("bn.weight", no_cam),                         // BN1d on the logits
         ("fc.weight", no_cam),
     ] {
         let graph = train::step_graph(&net.dan, &net.centers, &x, &y, w).unwrap();
         let grads = graph.total.backward().unwrap();
         let var = net.store.get(name).unwrap().clone();
-        let analytic = grads.get(&var).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let analytic = grads
+            .get(&var)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let base = var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let mut num_max: f64 = 0.0;
         let mut diff_max: f64 = 0.0;
         for j in (0..base.len()).step_by((base.len() / 6).max(1)) {
             let eval = |d: f64| {
                 let mut b = base.clone();
                 b[j] += d;
-                var.set(&Tensor::from_vec(b, var.dims(), &Device::Cpu).unwrap()).unwrap();
-                let v = train::step_graph(&net.dan, &net.centers, &x, &y, w).unwrap().total.to_scalar::<f64>().unwrap();
-                var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(b, var.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
+                let v = train::step_graph(&net.dan, &net.centers, &x, &y, w)
+                    .unwrap()
+                    .total
+                    .to_scalar::<f64>()
+                    .unwrap();
+                var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
                 v
             };
             let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
@@ -237,22 +347,59 @@ fn whole_network_gradient_matches_finite_differences() {
 
 #[test]
 fn switched_off_terms_leave_no_gradient() {
-    let config = DanConfig { backbone: ResNetConfig { widths: [4, 4, 8, 16], blocks: [1, 1, 1, 1] }, heads: 2, classes: 3 };
+    let config = DanConfig {
+        backbone: ResNetConfig {
+            widths: [4, 4, 8, 16],
+            blocks: [1, 1, 1, 1],
+        },
+        heads: 2,
+        classes: 3,
+    };
     let net = DanEac::new(&config, 3, &Device::Cpu, DType::F32, 5).unwrap();
-    let x = rand_tensor(&[3, 3, 32, 32], 81).to_dtype(DType::F32).unwrap();
+    let x = rand_tensor(&[3, 3, 32, 32], 81)
+        .to_dtype(DType::F32)
+        .unwrap();
     let y = Tensor::new(&[0u32, 2, 1], &Device::Cpu).unwrap();
-    let w = LossWeights { affinity: 0.0, partition: 0.0, consistency: 0.0 };
-    let before = net.store.get("bn.num_batches_tracked").unwrap().as_tensor().to_scalar::<i64>().unwrap();
+    let w = LossWeights {
+        affinity: 0.0,
+        partition: 0.0,
+        consistency: 0.0,
+    };
+    let before = net
+        .store
+        .get("bn.num_batches_tracked")
+        .unwrap()
+        .as_tensor()
+        .to_scalar::<i64>()
+        .unwrap();
     let graph = train::step_graph(&net.dan, &net.centers, &x, &y, w).unwrap();
     assert!(graph.flipped.is_none() && graph.consistency.is_none());
-    let after = net.store.get("bn.num_batches_tracked").unwrap().as_tensor().to_scalar::<i64>().unwrap();
+    let after = net
+        .store
+        .get("bn.num_batches_tracked")
+        .unwrap()
+        .as_tensor()
+        .to_scalar::<i64>()
+        .unwrap();
     assert_eq!(after, before + 1, "no second forward when lambda3 = 0");
     let grads = graph.total.backward().unwrap();
-    assert!(grads.get(&net.centers.centers).is_none(), "centers must get no gradient when lambda1 = 0");
+    assert!(
+        grads.get(&net.centers.centers).is_none(),
+        "centers must get no gradient when lambda1 = 0"
+    );
     // With the consistency term on, the classifier still gets no gradient from it alone.
-    let w = LossWeights { affinity: 0.0, partition: 0.0, consistency: 4.0 };
+    let w = LossWeights {
+        affinity: 0.0,
+        partition: 0.0,
+        consistency: 4.0,
+    };
     let graph = train::step_graph(&net.dan, &net.centers, &x, &y, w).unwrap();
     let lc_grads = graph.consistency.unwrap().backward().unwrap();
-    assert!(lc_grads.get(&net.dan.fc.weight).is_none(), "L_c must not reach fc.weight (detached CAM weights)");
-    assert!(lc_grads.get(net.store.get("features.0.weight").unwrap()).is_some());
+    assert!(
+        lc_grads.get(&net.dan.fc.weight).is_none(),
+        "L_c must not reach fc.weight (detached CAM weights)"
+    );
+    assert!(lc_grads
+        .get(net.store.get("features.0.weight").unwrap())
+        .is_some());
 }

@@ -37,18 +37,24 @@ struct Opt {
 
 fn build(case: &Case, weights: &HashMap<String, Tensor>) -> DanEac {
     let config = DanConfig {
-        backbone: ResNetConfig { widths: case.widths, blocks: case.blocks },
+        backbone: ResNetConfig {
+            widths: case.widths,
+            blocks: case.blocks,
+        },
         heads: case.num_heads,
         classes: case.num_classes,
     };
     let net = DanEac::new(&config, case.num_centers, &Device::Cpu, DType::F32, 0).unwrap();
-    net.store.load_state(weights, "weights.safetensors", &|_| false).unwrap();
+    net.store
+        .load_state(weights, "weights.safetensors", &|_| false)
+        .unwrap();
     net
 }
 
 /// Run the reference procedure (fixtures README section 3) and name the outputs as it does.
 fn run_case(dir: &Path) -> (HashMap<String, Tensor>, Case) {
-    let case: Case = serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+    let case: Case =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
     let weights = common::load(&dir.join("weights.safetensors"));
     let inputs = common::load(&dir.join("inputs.safetensors"));
     let net = build(&case, &weights);
@@ -84,12 +90,20 @@ fn run_case(dir: &Path) -> (HashMap<String, Tensor>, Case) {
     let grads = g.total.backward().unwrap();
     for (name, var) in net.trainable() {
         if let Some(gr) = grads.get(&var) {
-            out.insert(format!("gradnorm.{name}"), gr.sqr().unwrap().sum_all().unwrap().sqrt().unwrap());
+            out.insert(
+                format!("gradnorm.{name}"),
+                gr.sqr().unwrap().sum_all().unwrap().sqrt().unwrap(),
+            );
             out.insert(format!("grad.{name}"), gr.clone());
         }
     }
     let o = &case.optimizer;
-    let mut opt = net.optimizer(OptimizerConfig::Adam { lr: o.lr, weight_decay: o.weight_decay, betas: o.betas, eps: o.eps });
+    let mut opt = net.optimizer(OptimizerConfig::Adam {
+        lr: o.lr,
+        weight_decay: o.weight_decay,
+        betas: o.betas,
+        eps: o.eps,
+    });
     opt.step(&grads).unwrap();
     for (name, t) in net.store.state().unwrap() {
         out.insert(format!("after.{name}"), t);
@@ -100,7 +114,10 @@ fn run_case(dir: &Path) -> (HashMap<String, Tensor>, Case) {
 #[test]
 fn every_fixture_case_matches_the_pytorch_reference() {
     let cases = common::model_cases();
-    assert!(cases.len() >= 3, "expected the vendored fixture cases, found {cases:?}");
+    assert!(
+        cases.len() >= 3,
+        "expected the vendored fixture cases, found {cases:?}"
+    );
     let mut report = Vec::new();
     for dir in &cases {
         let (actual, case) = run_case(dir);
@@ -108,15 +125,25 @@ fn every_fixture_case_matches_the_pytorch_reference() {
         let before = common::load(&dir.join("weights.safetensors"));
         let mut noisy = case.zero_grad_params.clone();
         noisy.extend(case.ill_conditioned_params.iter().cloned());
-        let rules = common::CaseRules { lr: case.optimizer.lr, noisy };
+        let rules = common::CaseRules {
+            lr: case.optimizer.lr,
+            noisy,
+        };
         let fails = common::compare(&actual, &expected, &before, &rules);
         // Nothing we produce may be absent from the reference either (e.g. a gradient for a
         // term that should be switched off).
         // (`grad.*` is stored only for a sample of parameters; `gradnorm.*` for all of them.)
-        let extra: Vec<_> =
-            actual.keys().filter(|k| !k.starts_with("grad.") && !expected.contains_key(*k)).cloned().collect();
+        let extra: Vec<_> = actual
+            .keys()
+            .filter(|k| !k.starts_with("grad.") && !expected.contains_key(*k))
+            .cloned()
+            .collect();
         let name = dir.file_name().unwrap().to_string_lossy().to_string();
-        println!("{name}: {}/{} tensors within tolerance", expected.len() - fails.len(), expected.len());
+        println!(
+            "{name}: {}/{} tensors within tolerance",
+            expected.len() - fails.len(),
+            expected.len()
+        );
         for (k, m) in &fails {
             report.push(format!("{name}: {k}: {m}"));
         }
@@ -135,20 +162,45 @@ fn official_pth_checkpoint_gives_the_same_logits_as_safetensors() {
         if !pth.is_file() {
             continue;
         }
-        let case: Case = serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
+        let case: Case =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).unwrap()).unwrap();
         let weights = common::load(&dir.join("weights.safetensors"));
         let inputs = common::load(&dir.join("inputs.safetensors"));
         let reference = build(&case, &weights);
         let config = reference.dan.config.clone();
-        let from_pth = DanEac::new(&config, case.num_centers, &Device::Cpu, DType::F32, 99).unwrap();
+        let from_pth =
+            DanEac::new(&config, case.num_centers, &Device::Cpu, DType::F32, 99).unwrap();
         fer_model::checkpoint::load_dan_pth(&pth, &from_pth).unwrap();
         let a = reference.dan.forward(&inputs["x"], false).unwrap().logits;
         let b = from_pth.dan.forward(&inputs["x"], false).unwrap().logits;
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert_eq!(diff, 0.0, "{}: .pth and safetensors logits differ by {diff}", dir.display());
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(
+            diff,
+            0.0,
+            "{}: .pth and safetensors logits differ by {diff}",
+            dir.display()
+        );
         // The counters come through as int64 too.
-        let nbt = from_pth.store.get("bn.num_batches_tracked").unwrap().as_tensor().to_scalar::<i64>().unwrap();
-        assert_eq!(nbt, weights["bn.num_batches_tracked"].to_scalar::<i64>().unwrap());
+        let nbt = from_pth
+            .store
+            .get("bn.num_batches_tracked")
+            .unwrap()
+            .as_tensor()
+            .to_scalar::<i64>()
+            .unwrap();
+        assert_eq!(
+            nbt,
+            weights["bn.num_batches_tracked"]
+                .to_scalar::<i64>()
+                .unwrap()
+        );
         checked += 1;
     }
     assert!(checked >= 1, "no fixture case has a checkpoint.pth");
@@ -156,8 +208,27 @@ fn official_pth_checkpoint_gives_the_same_logits_as_safetensors() {
 
 #[test]
 fn flip_is_an_exact_width_reversal() {
-    let t = Tensor::arange(0f32, 24., &Device::Cpu).unwrap().reshape((1, 2, 3, 4)).unwrap();
+    let t = Tensor::arange(0f32, 24., &Device::Cpu)
+        .unwrap()
+        .reshape((1, 2, 3, 4))
+        .unwrap();
     let f = loss::flip_w(&t).unwrap();
-    assert_eq!(f.get(0).unwrap().get(1).unwrap().get(2).unwrap().to_vec1::<f32>().unwrap(), vec![23., 22., 21., 20.]);
-    assert_eq!(loss::flip_consistency_loss(&t, &f).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    assert_eq!(
+        f.get(0)
+            .unwrap()
+            .get(1)
+            .unwrap()
+            .get(2)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        vec![23., 22., 21., 20.]
+    );
+    assert_eq!(
+        loss::flip_consistency_loss(&t, &f)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
 }

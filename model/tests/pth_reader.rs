@@ -90,7 +90,8 @@ fn reads_binint_sizes_and_ignores_the_optimizer_state() {
 
     let path = std::env::temp_dir().join(format!("fer-binint-{}.pth", std::process::id()));
     let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
-    let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    let opts =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
     zip.start_file("release/data.pkl", opts).unwrap();
     zip.write_all(&p.0).unwrap();
     zip.start_file("release/data/0", opts).unwrap();
@@ -103,7 +104,12 @@ fn reads_binint_sizes_and_ignores_the_optimizer_state() {
     zip.finish().unwrap();
 
     let state = read_pth_state_dict(&path).unwrap();
-    assert_eq!(state.len(), 1, "only the model_state_dict tensors: {:?}", state.keys().collect::<Vec<_>>());
+    assert_eq!(
+        state.len(),
+        1,
+        "only the model_state_dict tensors: {:?}",
+        state.keys().collect::<Vec<_>>()
+    );
     let t = &state["fc.weight"];
     assert_eq!(t.dims(), &[300, 256]);
     let got = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();

@@ -5,14 +5,28 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use fer_model::backbone::ResNetConfig;
-use fer_model::{checkpoint, data, train, DanConfig, DanEac, LossWeights, OptimizerConfig, Schedule};
+use fer_model::{
+    checkpoint, data, train, DanConfig, DanEac, LossWeights, OptimizerConfig, Schedule,
+};
 
 fn tiny() -> DanConfig {
-    DanConfig { backbone: ResNetConfig { widths: [8, 16, 32, 64], blocks: [1, 1, 1, 1] }, heads: 4, classes: 7 }
+    DanConfig {
+        backbone: ResNetConfig {
+            widths: [8, 16, 32, 64],
+            blocks: [1, 1, 1, 1],
+        },
+        heads: 4,
+        classes: 7,
+    }
 }
 
 fn adam(lr: f64) -> OptimizerConfig {
-    OptimizerConfig::Adam { lr, weight_decay: 0.0, betas: (0.9, 0.999), eps: 1e-8 }
+    OptimizerConfig::Adam {
+        lr,
+        weight_decay: 0.0,
+        betas: (0.9, 0.999),
+        eps: 1e-8,
+    }
 }
 
 #[test]
@@ -25,7 +39,15 @@ fn full_loss_falls_and_training_accuracy_exceeds_95_percent() {
     let mut reached = None;
     let mut last = None;
     for step in 0..60 {
-        let l = train::train_step(&net.dan, &net.centers, &mut opt, &x, &y, LossWeights::default()).unwrap();
+        let l = train::train_step(
+            &net.dan,
+            &net.centers,
+            &mut opt,
+            &x,
+            &y,
+            LossWeights::default(),
+        )
+        .unwrap();
         let first_total = *first.get_or_insert(l.total);
         let acc = l.correct as f64 / l.batch as f64;
         if reached.is_none() && acc > 0.95 && l.total < 0.5 * first_total {
@@ -33,13 +55,28 @@ fn full_loss_falls_and_training_accuracy_exceeds_95_percent() {
         }
         last = Some(l);
     }
-    let step = reached.expect("no step reached >95% training accuracy with the loss halved in 60 steps");
+    let step =
+        reached.expect("no step reached >95% training accuracy with the loss halved in 60 steps");
     let last = last.unwrap();
-    assert!(last.total < 0.5 * first.unwrap(), "loss did not stay down: {} -> {}", first.unwrap(), last.total);
+    assert!(
+        last.total < 0.5 * first.unwrap(),
+        "loss did not stay down: {} -> {}",
+        first.unwrap(),
+        last.total
+    );
     // Evaluation mode (running statistics, which lag the weights) on the same images agrees.
     let eval = train::evaluate(&net.dan, [Ok((x.clone(), labels.clone()))]).unwrap();
-    println!("criterion reached at step {step}; loss {:.3} -> {:.3}; eval accuracy {:.3}", first.unwrap(), last.total, eval.accuracy);
-    assert!(eval.accuracy > 0.95, "eval-mode accuracy {:.3}", eval.accuracy);
+    println!(
+        "criterion reached at step {step}; loss {:.3} -> {:.3}; eval accuracy {:.3}",
+        first.unwrap(),
+        last.total,
+        eval.accuracy
+    );
+    assert!(
+        eval.accuracy > 0.95,
+        "eval-mode accuracy {:.3}",
+        eval.accuracy
+    );
 }
 
 #[test]
@@ -55,7 +92,14 @@ fn checkpoint_resume_is_exact() {
         train::train_step(&a.dan, &a.centers, &mut opt_a, &x, &y, w).unwrap();
     }
     let path = dir.join("ckpt.safetensors");
-    checkpoint::save(&path, &a, Some(&opt_a), 2, serde_json::json!({"dataset": "blobs"})).unwrap();
+    checkpoint::save(
+        &path,
+        &a,
+        Some(&opt_a),
+        2,
+        serde_json::json!({"dataset": "blobs"}),
+    )
+    .unwrap();
     for _ in 0..2 {
         train::train_step(&a.dan, &a.centers, &mut opt_a, &x, &y, w).unwrap();
     }
@@ -70,8 +114,20 @@ fn checkpoint_resume_is_exact() {
     }
     let (sa, sb) = (a.store.state().unwrap(), b.store.state().unwrap());
     for (k, ta) in &sa {
-        let d = ta.to_dtype(DType::F64).unwrap().sub(&sb[k].to_dtype(DType::F64).unwrap()).unwrap().abs().unwrap().max_all().unwrap();
-        assert_eq!(d.to_scalar::<f64>().unwrap(), 0.0, "{k} differs after resuming");
+        let d = ta
+            .to_dtype(DType::F64)
+            .unwrap()
+            .sub(&sb[k].to_dtype(DType::F64).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert_eq!(
+            d.to_scalar::<f64>().unwrap(),
+            0.0,
+            "{k} differs after resuming"
+        );
     }
 }
 
@@ -85,24 +141,53 @@ fn mismatched_checkpoints_name_the_key_and_both_shapes() {
     let mut other = tiny();
     other.classes = 8;
     let b = DanEac::new(&other, 8, &Device::Cpu, DType::F32, 1).unwrap();
-    let err = checkpoint::restore(&path, &b, None).unwrap_err().to_string();
-    assert!(err.contains("classes: 8") && err.contains("a.safetensors"), "{err}");
+    let err = checkpoint::restore(&path, &b, None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("classes: 8") && err.contains("a.safetensors"),
+        "{err}"
+    );
     // Strict state loading: missing, unexpected and mis-shaped keys are each named.
-    let mut state: std::collections::HashMap<String, Tensor> = a.store.state().unwrap().into_iter().collect();
+    let mut state: std::collections::HashMap<String, Tensor> =
+        a.store.state().unwrap().into_iter().collect();
     state.remove("cat_head1.sa.conv_3x1.0.weight");
-    state.insert("features.9.weight".into(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap());
-    state.insert("fc.weight".into(), Tensor::zeros((8, 64), DType::F32, &Device::Cpu).unwrap());
-    let err = a.store.load_state(&state, "test.pth", &|_| false).unwrap_err().to_string();
+    state.insert(
+        "features.9.weight".into(),
+        Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+    );
+    state.insert(
+        "fc.weight".into(),
+        Tensor::zeros((8, 64), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let err = a
+        .store
+        .load_state(&state, "test.pth", &|_| false)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("test.pth"), "{err}");
-    assert!(err.contains("missing key cat_head1.sa.conv_3x1.0.weight (expected shape [64, 32, 3, 1])"), "{err}");
+    assert!(
+        err.contains("missing key cat_head1.sa.conv_3x1.0.weight (expected shape [64, 32, 3, 1])"),
+        "{err}"
+    );
     assert!(err.contains("unexpected key features.9.weight"), "{err}");
-    assert!(err.contains("key fc.weight: checkpoint shape [8, 64], model expects [7, 64]"), "{err}");
+    assert!(
+        err.contains("key fc.weight: checkpoint shape [8, 64], model expects [7, 64]"),
+        "{err}"
+    );
     // A file that is not a checkpoint.
     std::fs::write(dir.join("junk.pth"), b"not a zip").unwrap();
-    let err = checkpoint::load_dan_pth(&dir.join("junk.pth"), &a).unwrap_err().to_string();
+    let err = checkpoint::load_dan_pth(&dir.join("junk.pth"), &a)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("junk.pth"), "{err}");
-    let err = checkpoint::load_dan_pth(&dir.join("absent.pth"), &a).unwrap_err().to_string();
-    assert!(err.contains("absent.pth") && err.contains("no such"), "{err}");
+    let err = checkpoint::load_dan_pth(&dir.join("absent.pth"), &a)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("absent.pth") && err.contains("no such"),
+        "{err}"
+    );
 }
 
 /// Two params updated by hand-computed PyTorch formulas over three steps.
@@ -116,7 +201,10 @@ fn optimizers_follow_pytorch_update_rules() {
         let mut opt = fer_model::Optimizer::new(config, vec![("p".into(), var.clone())]);
         for g in grads_seq {
             // loss = sum(theta * g) has gradient g.
-            let loss = (var.as_tensor() * Tensor::new(&g, &Device::Cpu).unwrap()).unwrap().sum_all().unwrap();
+            let loss = (var.as_tensor() * Tensor::new(&g, &Device::Cpu).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
             opt.step(&loss.backward().unwrap()).unwrap();
         }
         var.as_tensor().to_vec1::<f64>().unwrap()
@@ -155,9 +243,32 @@ fn optimizers_follow_pytorch_update_rules() {
             .collect()
     };
     let cases = [
-        ("adam", OptimizerConfig::Adam { lr, weight_decay: wd, betas: (b1, b2), eps }),
-        ("adamw", OptimizerConfig::AdamW { lr, weight_decay: wd, betas: (b1, b2), eps }),
-        ("sgd", OptimizerConfig::Sgd { lr, momentum: 0.9, weight_decay: wd }),
+        (
+            "adam",
+            OptimizerConfig::Adam {
+                lr,
+                weight_decay: wd,
+                betas: (b1, b2),
+                eps,
+            },
+        ),
+        (
+            "adamw",
+            OptimizerConfig::AdamW {
+                lr,
+                weight_decay: wd,
+                betas: (b1, b2),
+                eps,
+            },
+        ),
+        (
+            "sgd",
+            OptimizerConfig::Sgd {
+                lr,
+                momentum: 0.9,
+                weight_decay: wd,
+            },
+        ),
     ];
     for (kind, config) in cases {
         let got = run(config);
@@ -168,23 +279,58 @@ fn optimizers_follow_pytorch_update_rules() {
     }
     // Schedules are stepped per epoch.
     assert!((Schedule::Exponential { gamma: 0.6 }.lr_at(1e-4, 2) - 0.36e-4).abs() < 1e-18);
-    assert_eq!(Schedule::Step { step_size: 10, gamma: 0.1 }.lr_at(1.0, 9), 1.0);
-    assert!((Schedule::Step { step_size: 10, gamma: 0.1 }.lr_at(1.0, 25) - 0.01).abs() < 1e-15);
+    assert_eq!(
+        Schedule::Step {
+            step_size: 10,
+            gamma: 0.1
+        }
+        .lr_at(1.0, 9),
+        1.0
+    );
+    assert!(
+        (Schedule::Step {
+            step_size: 10,
+            gamma: 0.1
+        }
+        .lr_at(1.0, 25)
+            - 0.01)
+            .abs()
+            < 1e-15
+    );
 }
 
 #[test]
 fn official_layout_has_the_spec_parameter_counts() {
     // Spec 1.2 / 1.3: 2,135,904 per head; 19,723,733 trainable for C = 7 (centers excluded).
     let net = DanEac::new(&DanConfig::thesis(), 7, &Device::Cpu, DType::F32, 0).unwrap();
-    let head0: usize = net.store.params().filter(|e| e.name.starts_with("cat_head0.")).map(|e| e.var.elem_count()).sum();
+    let head0: usize = net
+        .store
+        .params()
+        .filter(|e| e.name.starts_with("cat_head0."))
+        .map(|e| e.var.elem_count())
+        .sum();
     assert_eq!(head0, 2_135_904);
-    let trunk: usize = net.store.params().filter(|e| e.name.starts_with("features.")).map(|e| e.var.elem_count()).sum();
+    let trunk: usize = net
+        .store
+        .params()
+        .filter(|e| e.name.starts_with("features."))
+        .map(|e| e.var.elem_count())
+        .sum();
     assert_eq!(trunk, 11_176_512);
     assert_eq!(net.store.num_trainable() - 7 * 512, 19_723_733);
     // Registration order: features, heads, fc, bn, then the centers.
     let names: Vec<&str> = net.store.params().map(|e| e.name.as_str()).collect();
     assert_eq!(names[0], "features.0.weight");
-    assert_eq!(&names[names.len() - 5..], &["fc.weight", "fc.bias", "bn.weight", "bn.bias", "affinity.centers"]);
+    assert_eq!(
+        &names[names.len() - 5..],
+        &[
+            "fc.weight",
+            "fc.bias",
+            "bn.weight",
+            "bn.bias",
+            "affinity.centers"
+        ]
+    );
 }
 
 #[test]
@@ -203,7 +349,8 @@ fn feature_map_sizes_at_112_and_224() {
 }
 
 fn tempdir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("fer-test-{}-{}", std::process::id(), rand_suffix()));
+    let dir =
+        std::env::temp_dir().join(format!("fer-test-{}-{}", std::process::id(), rand_suffix()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }

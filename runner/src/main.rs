@@ -7,7 +7,11 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "fer", version, about = "DAN + EAC facial-expression ablations in Rust")]
+#[command(
+    name = "fer",
+    version,
+    about = "DAN + EAC facial-expression ablations in Rust"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -46,12 +50,22 @@ fn inspect(path: &std::path::Path) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&meta)?);
         checkpoint::read_safetensors(path)?
     };
-    let mut names: Vec<_> = tensors.iter().map(|(k, t)| (k.clone(), t.dims().to_vec(), t.dtype())).collect();
+    let mut names: Vec<_> = tensors
+        .iter()
+        .map(|(k, t)| (k.clone(), t.dims().to_vec(), t.dtype()))
+        .collect();
     names.sort_by(|a, b| a.0.cmp(&b.0));
-    let params: usize = tensors.iter().filter(|(k, _)| !k.starts_with("optim.")).map(|(_, t)| t.elem_count()).sum();
+    let params: usize = tensors
+        .iter()
+        .filter(|(k, _)| !k.starts_with("optim."))
+        .map(|(_, t)| t.elem_count())
+        .sum();
     for (k, dims, dtype) in &names {
         println!("{k}\t{dims:?}\t{dtype:?}");
     }
-    println!("{} tensors, {params} values (optimizer state excluded)", names.len());
+    println!(
+        "{} tensors, {params} values (optimizer state excluded)",
+        names.len()
+    );
     Ok(())
 }

@@ -8,7 +8,9 @@ use anyhow::Context;
 use candle_core::{DType, Tensor};
 use clap::Args;
 use fer_model::backbone::ResNetConfig;
-use fer_model::{checkpoint, data, device, train, DanConfig, DanEac, LossWeights, OptimizerConfig, Schedule};
+use fer_model::{
+    checkpoint, data, device, train, DanConfig, DanEac, LossWeights, OptimizerConfig, Schedule,
+};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde::Serialize;
@@ -78,24 +80,46 @@ struct EpochRecord {
 }
 
 fn arr4(v: &[usize], what: &str) -> anyhow::Result<[usize; 4]> {
-    v.try_into().map_err(|_| anyhow::anyhow!("--{what} needs exactly 4 comma-separated values, got {v:?}"))
+    v.try_into()
+        .map_err(|_| anyhow::anyhow!("--{what} needs exactly 4 comma-separated values, got {v:?}"))
 }
 
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.batch >= 2, "--batch must be at least 2 (BatchNorm1d cannot train on 1 sample)");
-    anyhow::ensure!(args.train_size >= args.batch, "--train-size {} is smaller than one batch of {}", args.train_size, args.batch);
+    anyhow::ensure!(
+        args.batch >= 2,
+        "--batch must be at least 2 (BatchNorm1d cannot train on 1 sample)"
+    );
+    anyhow::ensure!(
+        args.train_size >= args.batch,
+        "--train-size {} is smaller than one batch of {}",
+        args.train_size,
+        args.batch
+    );
     let dev = device::select(&args.device)?;
     let config = DanConfig {
-        backbone: ResNetConfig { widths: arr4(&args.widths, "widths")?, blocks: arr4(&args.blocks, "blocks")? },
+        backbone: ResNetConfig {
+            widths: arr4(&args.widths, "widths")?,
+            blocks: arr4(&args.blocks, "blocks")?,
+        },
         heads: args.heads,
         classes: args.classes,
     };
-    let weights = LossWeights { affinity: args.lambda_affinity, partition: args.lambda_partition, consistency: args.lambda_consistency };
+    let weights = LossWeights {
+        affinity: args.lambda_affinity,
+        partition: args.lambda_partition,
+        consistency: args.lambda_consistency,
+    };
     let net = DanEac::new(&config, args.classes, &dev, DType::F32, args.seed)?;
-    let mut opt = net.optimizer(OptimizerConfig::Adam { lr: args.lr, weight_decay: 0.0, betas: (0.9, 0.999), eps: 1e-8 });
+    let mut opt = net.optimizer(OptimizerConfig::Adam {
+        lr: args.lr,
+        weight_decay: 0.0,
+        betas: (0.9, 0.999),
+        eps: 1e-8,
+    });
     let schedule = Schedule::Exponential { gamma: args.gamma };
 
-    std::fs::create_dir_all(&args.out).with_context(|| format!("creating run directory {}", args.out.display()))?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating run directory {}", args.out.display()))?;
     let ckpt = args.out.join("checkpoint.safetensors");
     let mut start_epoch = 0;
     if ckpt.is_file() && !args.fresh {
@@ -103,15 +127,32 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         eprintln!("resumed from {} at epoch {start_epoch}", ckpt.display());
     }
 
-    let (train_x, train_y) = data::blobs(args.train_size, args.classes, args.image_size, args.seed.wrapping_mul(2) + 1, &dev)?;
-    let (test_x, test_y) = data::blobs(args.test_size, args.classes, args.image_size, args.seed.wrapping_mul(2) + 2, &dev)?;
-    let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(args.out.join("metrics.jsonl"))?;
+    let (train_x, train_y) = data::blobs(
+        args.train_size,
+        args.classes,
+        args.image_size,
+        args.seed.wrapping_mul(2) + 1,
+        &dev,
+    )?;
+    let (test_x, test_y) = data::blobs(
+        args.test_size,
+        args.classes,
+        args.image_size,
+        args.seed.wrapping_mul(2) + 2,
+        &dev,
+    )?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(args.out.join("metrics.jsonl"))?;
 
     for epoch in start_epoch..args.epochs {
         opt.lr = schedule.lr_at(args.lr, epoch);
         let started = std::time::Instant::now();
         let mut order: Vec<usize> = (0..args.train_size).collect();
-        order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(args.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9)));
+        order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(
+            args.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9),
+        ));
         let mut sums = fer_model::StepLosses::default();
         let mut steps = 0usize;
         // The last short batch is dropped (BatchNorm1d cannot train on a batch of 1).
@@ -154,7 +195,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         println!("{line}");
         // The checkpoint first, then the metric line: a crash in between re-runs the epoch
         // rather than recording an epoch whose weights were lost.
-        checkpoint::save(&ckpt, &net, Some(&opt), epoch + 1, serde_json::json!({"dataset": "blobs", "classes": args.classes}))?;
+        checkpoint::save(
+            &ckpt,
+            &net,
+            Some(&opt),
+            epoch + 1,
+            serde_json::json!({"dataset": "blobs", "classes": args.classes}),
+        )?;
         writeln!(metrics, "{line}")?;
         std::io::stdout().flush()?;
     }

@@ -47,7 +47,10 @@ pub struct ResNetConfig {
 
 impl ResNetConfig {
     pub fn resnet18() -> Self {
-        Self { widths: [64, 128, 256, 512], blocks: [2, 2, 2, 2] }
+        Self {
+            widths: [64, 128, 256, 512],
+            blocks: [2, 2, 2, 2],
+        }
     }
 
     /// Channels of the last feature map.
@@ -66,21 +69,60 @@ struct BasicBlock {
 }
 
 impl BasicBlock {
-    fn new(store: &mut ParamStore, name: &str, cin: usize, cout: usize, stride: usize) -> anyhow::Result<Self> {
+    fn new(
+        store: &mut ParamStore,
+        name: &str,
+        cin: usize,
+        cout: usize,
+        stride: usize,
+    ) -> anyhow::Result<Self> {
         let k3 = ConvGeometry::new((3, 3), (stride, stride), (1, 1));
         let k3s1 = ConvGeometry::new((3, 3), (1, 1), (1, 1));
-        let conv1 = Conv2d::new(store, &join(name, "conv1"), cin, cout, k3, false, Conv2d::kaiming(cout, (3, 3)))?;
+        let conv1 = Conv2d::new(
+            store,
+            &join(name, "conv1"),
+            cin,
+            cout,
+            k3,
+            false,
+            Conv2d::kaiming(cout, (3, 3)),
+        )?;
         let bn1 = BatchNorm::new(store, &join(name, "bn1"), cout)?;
-        let conv2 = Conv2d::new(store, &join(name, "conv2"), cout, cout, k3s1, false, Conv2d::kaiming(cout, (3, 3)))?;
+        let conv2 = Conv2d::new(
+            store,
+            &join(name, "conv2"),
+            cout,
+            cout,
+            k3s1,
+            false,
+            Conv2d::kaiming(cout, (3, 3)),
+        )?;
         let bn2 = BatchNorm::new(store, &join(name, "bn2"), cout)?;
         let downsample = if stride != 1 || cin != cout {
             let g = ConvGeometry::new((1, 1), (stride, stride), (0, 0));
-            let conv = Conv2d::new(store, &join(name, "downsample.0"), cin, cout, g, false, Conv2d::kaiming(cout, (1, 1)))?;
-            Some((conv, BatchNorm::new(store, &join(name, "downsample.1"), cout)?))
+            let conv = Conv2d::new(
+                store,
+                &join(name, "downsample.0"),
+                cin,
+                cout,
+                g,
+                false,
+                Conv2d::kaiming(cout, (1, 1)),
+            )?;
+            Some((
+                conv,
+                BatchNorm::new(store, &join(name, "downsample.1"), cout)?,
+            ))
         } else {
             None
         };
-        Ok(Self { conv1, bn1, conv2, bn2, downsample })
+        Ok(Self {
+            conv1,
+            bn1,
+            conv2,
+            bn2,
+            downsample,
+        })
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -102,13 +144,34 @@ pub struct ResNet {
 }
 
 impl ResNet {
-    pub fn new(store: &mut ParamStore, prefix: &str, names: TrunkNames, config: &ResNetConfig) -> anyhow::Result<Self> {
-        ensure!(config.widths.iter().all(|&w| w > 0), "resnet: every stage width must be positive, got {:?}", config.widths);
-        ensure!(config.blocks.iter().all(|&b| b > 0), "resnet: every stage needs at least one block, got {:?}", config.blocks);
+    pub fn new(
+        store: &mut ParamStore,
+        prefix: &str,
+        names: TrunkNames,
+        config: &ResNetConfig,
+    ) -> anyhow::Result<Self> {
+        ensure!(
+            config.widths.iter().all(|&w| w > 0),
+            "resnet: every stage width must be positive, got {:?}",
+            config.widths
+        );
+        ensure!(
+            config.blocks.iter().all(|&b| b > 0),
+            "resnet: every stage needs at least one block, got {:?}",
+            config.blocks
+        );
         let at = |m: &str| join(prefix, &names.module(m));
         let w0 = config.widths[0];
         let stem = ConvGeometry::new((7, 7), (2, 2), (3, 3));
-        let conv1 = Conv2d::new(store, &at("conv1"), 3, w0, stem, false, Conv2d::kaiming(w0, (7, 7)))?;
+        let conv1 = Conv2d::new(
+            store,
+            &at("conv1"),
+            3,
+            w0,
+            stem,
+            false,
+            Conv2d::kaiming(w0, (7, 7)),
+        )?;
         let bn1 = BatchNorm::new(store, &at("bn1"), w0)?;
         let mut layers = Vec::new();
         let mut cin = w0;
@@ -117,12 +180,23 @@ impl ResNet {
             let mut blocks = Vec::new();
             for j in 0..count {
                 let stride = if stage > 0 && j == 0 { 2 } else { 1 };
-                blocks.push(BasicBlock::new(store, &join(&layer_name, &j.to_string()), cin, width, stride)?);
+                blocks.push(BasicBlock::new(
+                    store,
+                    &join(&layer_name, &j.to_string()),
+                    cin,
+                    width,
+                    stride,
+                )?);
                 cin = width;
             }
             layers.push(blocks);
         }
-        Ok(Self { conv1, bn1, layers, config: config.clone() })
+        Ok(Self {
+            conv1,
+            bn1,
+            layers,
+            config: config.clone(),
+        })
     }
 
     /// The last feature map F: [B, widths[3], h, w].

@@ -20,7 +20,11 @@ pub struct ConvGeometry {
 
 impl ConvGeometry {
     pub fn new(kernel: (usize, usize), stride: (usize, usize), padding: (usize, usize)) -> Self {
-        Self { kernel, stride, padding }
+        Self {
+            kernel,
+            stride,
+            padding,
+        }
     }
 
     /// Output spatial size, floor((n + 2p - k) / s) + 1, or an error when the kernel does not fit.
@@ -32,7 +36,10 @@ impl ConvGeometry {
                 "conv2d: input {h}x{w} with padding {ph}x{pw} is smaller than the {kh}x{kw} kernel"
             );
         }
-        Ok(((h + 2 * ph - kh) / self.stride.0 + 1, (w + 2 * pw - kw) / self.stride.1 + 1))
+        Ok((
+            (h + 2 * ph - kh) / self.stride.0 + 1,
+            (w + 2 * pw - kw) / self.stride.1 + 1,
+        ))
     }
 }
 
@@ -82,7 +89,9 @@ fn im2col_slice<T: Copy + Default + Send + Sync>(x: &[T], d: &Dims) -> Vec<T> {
             let plane = &x[(b * d.c + c) * d.h * d.w..][..d.h * d.w];
             for oy in 0..d.oh {
                 let dst = &mut dst[(b * d.oh + oy) * d.ow..][..d.ow];
-                let Some(iy) = Dims::src(oy, sh, i, ph, d.h) else { continue };
+                let Some(iy) = Dims::src(oy, sh, i, ph, d.h) else {
+                    continue;
+                };
                 let src_row = &plane[iy * d.w..][..d.w];
                 for (ox, v) in dst.iter_mut().enumerate() {
                     if let Some(ix) = Dims::src(ox, sw, j, pw, d.w) {
@@ -104,24 +113,28 @@ where
     let (ph, pw) = d.g.padding;
     let n = d.cols();
     let mut out = vec![T::default(); d.b * d.c * d.h * d.w];
-    out.par_chunks_mut(d.h * d.w).enumerate().for_each(|(plane_idx, plane)| {
-        let (b, c) = (plane_idx / d.c, plane_idx % d.c);
-        for i in 0..kh {
-            for j in 0..kw {
-                let row = &cols[((c * kh + i) * kw + j) * n..][..n];
-                for oy in 0..d.oh {
-                    let Some(iy) = Dims::src(oy, sh, i, ph, d.h) else { continue };
-                    let src = &row[(b * d.oh + oy) * d.ow..][..d.ow];
-                    let dst_row = &mut plane[iy * d.w..][..d.w];
-                    for (ox, v) in src.iter().enumerate() {
-                        if let Some(ix) = Dims::src(ox, sw, j, pw, d.w) {
-                            dst_row[ix] += *v;
+    out.par_chunks_mut(d.h * d.w)
+        .enumerate()
+        .for_each(|(plane_idx, plane)| {
+            let (b, c) = (plane_idx / d.c, plane_idx % d.c);
+            for i in 0..kh {
+                for j in 0..kw {
+                    let row = &cols[((c * kh + i) * kw + j) * n..][..n];
+                    for oy in 0..d.oh {
+                        let Some(iy) = Dims::src(oy, sh, i, ph, d.h) else {
+                            continue;
+                        };
+                        let src = &row[(b * d.oh + oy) * d.ow..][..d.ow];
+                        let dst_row = &mut plane[iy * d.w..][..d.w];
+                        for (ox, v) in src.iter().enumerate() {
+                            if let Some(ix) = Dims::src(ox, sw, j, pw, d.w) {
+                                dst_row[ix] += *v;
+                            }
                         }
                     }
                 }
             }
-        }
-    });
+        });
     out
 }
 
@@ -141,8 +154,12 @@ impl CustomOp1 for Im2Col {
         let d = &self.0;
         let shape = Shape::from((d.rows(), d.cols()));
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(im2col_slice(contiguous_slice(v, l, "im2col")?, d)),
-            CpuStorage::F64(v) => CpuStorage::F64(im2col_slice(contiguous_slice(v, l, "im2col")?, d)),
+            CpuStorage::F32(v) => {
+                CpuStorage::F32(im2col_slice(contiguous_slice(v, l, "im2col")?, d))
+            }
+            CpuStorage::F64(v) => {
+                CpuStorage::F64(im2col_slice(contiguous_slice(v, l, "im2col")?, d))
+            }
             other => candle_core::bail!("im2col: unsupported dtype {:?}", other.dtype()),
         };
         Ok((out, shape))
@@ -162,8 +179,12 @@ impl CustomOp1 for Col2Im {
         let d = &self.0;
         let shape = Shape::from((d.b, d.c, d.h, d.w));
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(col2im_slice(contiguous_slice(v, l, "col2im")?, d)),
-            CpuStorage::F64(v) => CpuStorage::F64(col2im_slice(contiguous_slice(v, l, "col2im")?, d)),
+            CpuStorage::F32(v) => {
+                CpuStorage::F32(col2im_slice(contiguous_slice(v, l, "col2im")?, d))
+            }
+            CpuStorage::F64(v) => {
+                CpuStorage::F64(col2im_slice(contiguous_slice(v, l, "col2im")?, d))
+            }
             other => candle_core::bail!("col2im: unsupported dtype {:?}", other.dtype()),
         };
         Ok((out, shape))
@@ -176,7 +197,12 @@ impl CustomOp1 for Col2Im {
 
 /// Cross-correlation of `x` [B, C, H, W] with `weight` [O, C, kh, kw] (PyTorch's Conv2d),
 /// plus an optional `bias` [O]. Differentiable in all three.
-pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, g: ConvGeometry) -> Result<Tensor> {
+pub fn conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    g: ConvGeometry,
+) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (o, wc, kh, kw) = weight.dims4()?;
     if wc != c || (kh, kw) != g.kernel {
@@ -188,7 +214,15 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, g: ConvGeometr
     }
     let (oh, ow) = g.output_size(h, w)?;
     let y = if x.device().is_cpu() {
-        let d = Dims { b, c, h, w, oh, ow, g };
+        let d = Dims {
+            b,
+            c,
+            h,
+            w,
+            oh,
+            ow,
+            g,
+        };
         let cols = x.contiguous()?.apply_op1(Im2Col(d))?; // [C*kh*kw, B*OH*OW]
         let y = weight.reshape((o, c * kh * kw))?.matmul(&cols)?; // [O, B*OH*OW]
         y.reshape((o, b, oh, ow))?.transpose(0, 1)?.contiguous()?

@@ -58,14 +58,16 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
 
 fn pool_fwd<T: Copy + PartialOrd + Default + Send + Sync>(x: &[T], d: &PoolDims) -> Vec<T> {
     let mut out = vec![T::default(); d.planes * d.oh * d.ow];
-    out.par_chunks_mut(d.oh * d.ow).enumerate().for_each(|(p, dst)| {
-        let plane = &x[p * d.h * d.w..][..d.h * d.w];
-        for oy in 0..d.oh {
-            for ox in 0..d.ow {
-                dst[oy * d.ow + ox] = plane[d.argmax(plane, oy, ox)];
+    out.par_chunks_mut(d.oh * d.ow)
+        .enumerate()
+        .for_each(|(p, dst)| {
+            let plane = &x[p * d.h * d.w..][..d.h * d.w];
+            for oy in 0..d.oh {
+                for ox in 0..d.ow {
+                    dst[oy * d.ow + ox] = plane[d.argmax(plane, oy, ox)];
+                }
             }
-        }
-    });
+        });
     out
 }
 
@@ -74,15 +76,17 @@ where
     T: Copy + PartialOrd + Default + Send + Sync + std::ops::AddAssign,
 {
     let mut out = vec![T::default(); d.planes * d.h * d.w];
-    out.par_chunks_mut(d.h * d.w).enumerate().for_each(|(p, dst)| {
-        let plane = &x[p * d.h * d.w..][..d.h * d.w];
-        let g = &grad[p * d.oh * d.ow..][..d.oh * d.ow];
-        for oy in 0..d.oh {
-            for ox in 0..d.ow {
-                dst[d.argmax(plane, oy, ox)] += g[oy * d.ow + ox];
+    out.par_chunks_mut(d.h * d.w)
+        .enumerate()
+        .for_each(|(p, dst)| {
+            let plane = &x[p * d.h * d.w..][..d.h * d.w];
+            let g = &grad[p * d.oh * d.ow..][..d.oh * d.ow];
+            for oy in 0..d.oh {
+                for ox in 0..d.ow {
+                    dst[d.argmax(plane, oy, ox)] += g[oy * d.ow + ox];
+                }
             }
-        }
-    });
+        });
     out
 }
 
@@ -104,7 +108,10 @@ impl CustomOp1 for MaxPool {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(arg.apply_op2_no_bwd(&grad.contiguous()?, &MaxPoolBackward(self.0))?))
+        Ok(Some(arg.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &MaxPoolBackward(self.0),
+        )?))
     }
 }
 
@@ -138,10 +145,14 @@ impl CustomOp2 for MaxPoolBackward {
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     if 2 * padding > kernel {
-        candle_core::bail!("max_pool2d: padding {padding} must be at most half the kernel {kernel}");
+        candle_core::bail!(
+            "max_pool2d: padding {padding} must be at most half the kernel {kernel}"
+        );
     }
     if h + 2 * padding < kernel || w + 2 * padding < kernel {
-        candle_core::bail!("max_pool2d: input {h}x{w} is smaller than the {kernel}x{kernel} window");
+        candle_core::bail!(
+            "max_pool2d: input {h}x{w} is smaller than the {kernel}x{kernel} window"
+        );
     }
     let d = PoolDims {
         planes: b * c,
@@ -159,6 +170,8 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
         // Accelerators: pool on the CPU copy and bring the result back; `to_device` is
         // differentiable, so the gradient is the same exact one.
         let cpu = x.to_device(&candle_core::Device::Cpu)?;
-        cpu.contiguous()?.apply_op1(MaxPool(d))?.to_device(x.device())
+        cpu.contiguous()?
+            .apply_op1(MaxPool(d))?
+            .to_device(x.device())
     }
 }

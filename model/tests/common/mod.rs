@@ -17,9 +17,14 @@ pub fn model_cases() -> Vec<PathBuf> {
         .expect("fixtures directory")
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
-            ["case.json", "weights.safetensors", "inputs.safetensors", "expected.safetensors"]
-                .iter()
-                .all(|f| p.join(f).is_file())
+            [
+                "case.json",
+                "weights.safetensors",
+                "inputs.safetensors",
+                "expected.safetensors",
+            ]
+            .iter()
+            .all(|f| p.join(f).is_file())
         })
         .collect();
     cases.sort();
@@ -38,13 +43,22 @@ const ELEM_LR_FRAC: f64 = 1e-2;
 const ELEM_REL: f64 = 1e-6;
 
 fn flat(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
 }
 
 /// max|a-e| / max(max|e|, floor)
 pub fn max_normalised(a: &Tensor, e: &Tensor, floor: f64) -> f64 {
     let (a, e) = (flat(a), flat(e));
-    let diff = a.iter().zip(&e).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+    let diff = a
+        .iter()
+        .zip(&e)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
     let scale = e.iter().map(|x| x.abs()).fold(0.0, f64::max).max(floor);
     diff / scale
 }
@@ -79,21 +93,33 @@ pub fn compare(
         if k.starts_with("eval.") || k.starts_with("train.") {
             let m = max_normalised(a, e, 1e-6);
             if !(m <= ACT_TOL) {
-                fails.push((k.clone(), format!("max-normalised error {m:.3e} > {ACT_TOL}")));
+                fails.push((
+                    k.clone(),
+                    format!("max-normalised error {m:.3e} > {ACT_TOL}"),
+                ));
             }
         } else if k.starts_with("loss.") {
             let (a, e) = (flat(a)[0], flat(e)[0]);
             let m = (a - e).abs() / e.abs().max(1e-3);
             if !(m <= LOSS_TOL) {
-                fails.push((k.clone(), format!("relative error {m:.3e} > {LOSS_TOL} ({a} vs {e})")));
+                fails.push((
+                    k.clone(),
+                    format!("relative error {m:.3e} > {LOSS_TOL} ({a} vs {e})"),
+                ));
             }
-        } else if let Some(p) = k.strip_prefix("grad.").or_else(|| k.strip_prefix("gradnorm.")) {
+        } else if let Some(p) = k
+            .strip_prefix("grad.")
+            .or_else(|| k.strip_prefix("gradnorm."))
+        {
             if noisy(p) {
                 continue;
             }
             let m = max_normalised(a, e, 1e-12);
             if !(m <= GRAD_TOL) {
-                fails.push((k.clone(), format!("max-normalised error {m:.3e} > {GRAD_TOL}")));
+                fails.push((
+                    k.clone(),
+                    format!("max-normalised error {m:.3e} > {GRAD_TOL}"),
+                ));
             }
         } else if let Some(p) = k.strip_prefix("after.") {
             if p.ends_with("num_batches_tracked") {
@@ -104,22 +130,38 @@ pub fn compare(
             } else if p.ends_with("running_mean") || p.ends_with("running_var") {
                 let m = max_normalised(a, e, 1e-6);
                 if !(m <= STAT_TOL) {
-                    fails.push((k.clone(), format!("max-normalised error {m:.3e} > {STAT_TOL}")));
+                    fails.push((
+                        k.clone(),
+                        format!("max-normalised error {m:.3e} > {STAT_TOL}"),
+                    ));
                 }
             } else if noisy(p) {
                 let b = flat(&before[p]);
-                let bad = flat(a).iter().zip(&b).any(|(x, y)| (x - y).abs() > lr * (1.0 + 1e-6) + ELEM_REL * y.abs());
+                let bad = flat(a)
+                    .iter()
+                    .zip(&b)
+                    .any(|(x, y)| (x - y).abs() > lr * (1.0 + 1e-6) + ELEM_REL * y.abs());
                 if bad {
                     fails.push((k.clone(), "|after-before| > lr + 1e-6*|before|".into()));
                 }
             } else {
                 let (a, e) = (flat(a), flat(e));
                 let diffs: Vec<f64> = a.iter().zip(&e).map(|(x, y)| (x - y).abs()).collect();
-                let n_bad = diffs.iter().zip(&e).filter(|(d, y)| **d > ELEM_LR_FRAC * lr + ELEM_REL * y.abs()).count();
+                let n_bad = diffs
+                    .iter()
+                    .zip(&e)
+                    .filter(|(d, y)| **d > ELEM_LR_FRAC * lr + ELEM_REL * y.abs())
+                    .count();
                 let allowed = 4 + e.len() / 5000;
                 let worst = diffs.iter().cloned().fold(0.0, f64::max);
                 if n_bad > allowed || worst > 2.0 * lr * (1.0 + 1e-3) {
-                    fails.push((k.clone(), format!("{n_bad} elements beyond 1e-2*lr (allowed {allowed}), worst {:.3}*lr", worst / lr)));
+                    fails.push((
+                        k.clone(),
+                        format!(
+                            "{n_bad} elements beyond 1e-2*lr (allowed {allowed}), worst {:.3}*lr",
+                            worst / lr
+                        ),
+                    ));
                 }
             }
         } else {
@@ -143,7 +185,10 @@ pub fn rand_tensor(shape: &[usize], seed: u64) -> Tensor {
 /// error max|analytic - numeric| / max(max|numeric|, 1e-6) over all inputs.
 pub fn gradcheck(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor, samples: usize) -> f64 {
     use candle_core::Var;
-    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let grads = f(&ts).backward().unwrap();
     let eps = 1e-6;
