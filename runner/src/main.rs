@@ -1,5 +1,6 @@
 //! `fer`: the command-line front end of the workspace.
 
+mod data_cmd;
 mod train_cmd;
 
 use std::path::PathBuf;
@@ -21,6 +22,9 @@ struct Cli {
 enum Command {
     /// Train one model end to end (built-in blob images), checkpointing every epoch.
     Train(train_cmd::TrainArgs),
+    /// Data sets: render the synthetic faces to disk.
+    #[command(subcommand)]
+    Data(data_cmd::DataCommand),
     /// Print what a checkpoint holds: our safetensors file or an official DAN `.pth`.
     Inspect {
         /// Checkpoint file.
@@ -33,6 +37,7 @@ fn main() {
     let result = match cli.command {
         Command::Train(args) => train_cmd::run(args),
         Command::Inspect { path } => inspect(&path),
+        Command::Data(cmd) => data_cmd::run(cmd),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -7,9 +7,11 @@ use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// ImageNet normalisation constants (DAN's pipeline).
-pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+use super::augment::{IMAGENET_MEAN, IMAGENET_STD};
+
+
+
+
 
 /// `n` normalised images [n, 3, size, size] with labels cycling through `classes`,
 /// deterministic in `seed`.
