@@ -5,6 +5,7 @@
 
 pub mod backbone;
 pub mod checkpoint;
+pub mod config;
 pub mod dan;
 pub mod data;
 pub mod device;
@@ -15,6 +16,7 @@ pub mod ops;
 pub mod optim;
 pub mod store;
 pub mod train;
+pub mod trainer;
 
 pub use dan::{Dan, DanConfig, DanOutput};
 pub use network::DanEac;

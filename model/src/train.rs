@@ -53,7 +53,7 @@ pub struct FlippedPass {
 }
 
 /// Loss values of one step, as plain numbers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StepLosses {
     pub total: f64,
     pub ce: f64,
@@ -63,6 +63,8 @@ pub struct StepLosses {
     /// Correct predictions (train-mode logits of forward #1) in this batch.
     pub correct: usize,
     pub batch: usize,
+    /// Train-mode predictions of forward #1 (for memorisation under label noise).
+    pub predictions: Vec<u32>,
 }
 
 /// Forward #1 on `x`, then (if lambda3 != 0) forward #2 on its mirror, and the losses, all on
@@ -130,12 +132,9 @@ fn scalar(t: &Tensor) -> anyhow::Result<f64> {
 
 impl StepGraph {
     pub fn losses(&self, labels: &Tensor) -> anyhow::Result<StepLosses> {
-        let pred = loss::predictions(&self.original.logits)?;
-        let correct = pred
-            .eq(labels)?
-            .to_dtype(DType::U32)?
-            .sum_all()?
-            .to_scalar::<u32>()? as usize;
+        let predictions = loss::predictions(&self.original.logits)?.to_vec1::<u32>()?;
+        let truth = labels.to_vec1::<u32>()?;
+        let correct = predictions.iter().zip(&truth).filter(|(p, t)| p == t).count();
         Ok(StepLosses {
             total: scalar(&self.total)?,
             ce: scalar(&self.ce)?,
@@ -144,6 +143,7 @@ impl StepGraph {
             consistency: self.consistency.as_ref().map(scalar).transpose()?,
             correct,
             batch: labels.dim(0)?,
+            predictions,
         })
     }
 }

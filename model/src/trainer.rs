@@ -1,0 +1,162 @@
+//! The training loop of one run: data, model, optimizer and schedule from a `RunConfig`; a
+//! checkpoint after every epoch; exact resumption from the last one.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::DType;
+use serde::{Deserialize, Serialize};
+
+use crate::config::RunConfig;
+use crate::data::loader::{batches, epoch_order};
+use crate::data::noise::{memorisation, Memorisation};
+use crate::data::{self, DataSet, Split};
+use crate::network::DanEac;
+use crate::train::{self, Confusion, EvalReport};
+use crate::{checkpoint, device};
+
+/// Everything measured in one epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub lr: f64,
+    pub loss_total: f64,
+    pub loss_ce: f64,
+    pub loss_affinity: f64,
+    pub loss_partition: f64,
+    pub loss_consistency: Option<f64>,
+    /// Train-mode accuracy against the (possibly noisy) training labels.
+    pub train_accuracy: f64,
+    pub test_accuracy: f64,
+    pub test_balanced_accuracy: f64,
+    /// Only with label noise: of the flipped training samples, the share predicted as the
+    /// noisy label (memorised) and as the clean one.
+    pub memorisation: Option<Memorisation>,
+    pub train_seconds: f64,
+    pub eval_seconds: f64,
+    pub train_img_per_s: f64,
+    pub confusion: Vec<Vec<u64>>,
+}
+
+/// Progress reported while a run trains.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Started { epochs: usize, start_epoch: usize, steps_per_epoch: usize, train_samples: usize, test_samples: usize, skipped_samples: usize },
+    Step { epoch: usize, step: usize, steps: usize, loss: f64 },
+    Epoch(EpochMetrics),
+    Finished { epochs: usize },
+}
+
+pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
+
+/// Train (or resume) the run in `dir`, calling `on_event` as it goes.
+pub fn run(config: &RunConfig, dir: &Path, on_event: &mut dyn FnMut(&Event) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    config.validate()?;
+    let dev = device::select(&config.device)?;
+    let mut train_set = data::load(&config.data, Split::Train)?;
+    if let Some(noise) = &config.noise {
+        train_set.apply_noise(noise)?;
+    }
+    let test_set = data::load(&config.data, Split::Test)?;
+    anyhow::ensure!(
+        train_set.classes() == config.model.classes,
+        "model.classes is {} but the data set {} has {} classes",
+        config.model.classes,
+        train_set.name,
+        train_set.classes()
+    );
+    anyhow::ensure!(train_set.len() >= config.batch, "the training split has {} samples, fewer than one batch of {}", train_set.len(), config.batch);
+    let skipped = train_set.skipped.len() + test_set.skipped.len();
+    let train_set = Arc::new(train_set);
+    let test_set = Arc::new(test_set);
+
+    let net = DanEac::new(&config.model.dan_config(), config.model.centers(), &dev, DType::F32, config.seed)?;
+    let mut opt = net.optimizer(config.optimizer.clone());
+    std::fs::create_dir_all(dir).with_context(|| format!("creating run directory {}", dir.display()))?;
+    let ckpt = dir.join(CHECKPOINT_FILE);
+    let start_epoch = if ckpt.is_file() { checkpoint::restore(&ckpt, &net, Some(&mut opt))?.epoch } else { 0 };
+    let steps = train_set.len() / config.batch;
+    on_event(&Event::Started {
+        epochs: config.epochs,
+        start_epoch,
+        steps_per_epoch: steps,
+        train_samples: train_set.len(),
+        test_samples: test_set.len(),
+        skipped_samples: skipped,
+    })?;
+    let aug = config.augment();
+    let extra = serde_json::json!({"class_names": train_set.class_names, "data": train_set.name, "input_size": config.input_size});
+
+    for epoch in start_epoch..config.epochs {
+        opt.lr = config.schedule.lr_at(config.optimizer.base_lr(), epoch);
+        let started = Instant::now();
+        let order = epoch_order(&train_set, config.sampling, config.seed, epoch);
+        let rx = batches(train_set.clone(), order, config.batch, Some(aug.clone()), config.input_size, config.seed, epoch, true, 2);
+        let mut sums = [0f64; 4];
+        let mut consistency: Option<f64> = None;
+        let (mut correct, mut seen) = (0usize, 0usize);
+        let (mut clean, mut noisy, mut predicted) = (Vec::new(), Vec::new(), Vec::new());
+        for (step, batch) in rx.into_iter().enumerate() {
+            let batch = batch?;
+            let x = batch.images(&dev)?;
+            let y = batch.label_tensor(&dev)?;
+            let l = train::train_step(&net.dan, &net.centers, &mut opt, &x, &y, config.losses)
+                .with_context(|| format!("epoch {} step {}", epoch + 1, step + 1))?;
+            for (acc, v) in sums.iter_mut().zip([l.total, l.ce, l.affinity, l.partition]) {
+                *acc += v;
+            }
+            if let Some(c) = l.consistency {
+                *consistency.get_or_insert(0.0) += c;
+            }
+            correct += l.correct;
+            seen += l.batch;
+            clean.extend_from_slice(&batch.clean_labels);
+            noisy.extend_from_slice(&batch.labels);
+            predicted.extend_from_slice(&l.predictions);
+            on_event(&Event::Step { epoch: epoch + 1, step: step + 1, steps, loss: l.total })?;
+        }
+        let train_seconds = started.elapsed().as_secs_f64();
+        let eval_started = Instant::now();
+        let eval = evaluate_set(&net, &test_set, config)?;
+        let n = steps.max(1) as f64;
+        let metrics = EpochMetrics {
+            epoch: epoch + 1,
+            lr: opt.lr,
+            loss_total: sums[0] / n,
+            loss_ce: sums[1] / n,
+            loss_affinity: sums[2] / n,
+            loss_partition: sums[3] / n,
+            loss_consistency: consistency.map(|c| c / n),
+            train_accuracy: correct as f64 / seen.max(1) as f64,
+            test_accuracy: eval.accuracy,
+            test_balanced_accuracy: eval.balanced_accuracy,
+            memorisation: config.noise.as_ref().map(|_| memorisation(&clean, &noisy, &predicted)),
+            train_seconds,
+            eval_seconds: eval_started.elapsed().as_secs_f64(),
+            train_img_per_s: seen as f64 / train_seconds,
+            confusion: eval.confusion,
+        };
+        // Checkpoint before reporting: a reported epoch always has its weights on disk.
+        checkpoint::save(&ckpt, &net, Some(&opt), epoch + 1, extra.clone())?;
+        on_event(&Event::Epoch(metrics))?;
+    }
+    on_event(&Event::Finished { epochs: config.epochs })?;
+    Ok(())
+}
+
+/// Evaluation-mode accuracy on a whole split.
+pub fn evaluate_set(net: &DanEac, set: &Arc<DataSet>, config: &RunConfig) -> anyhow::Result<EvalReport> {
+    let dev = net.store.device().clone();
+    let order: Vec<usize> = (0..set.len()).collect();
+    let rx = batches(set.clone(), order, config.batch.max(1), None, config.input_size, config.seed, 0, false, 2);
+    let mut confusion = Confusion::new(config.model.classes);
+    for batch in rx {
+        let batch = batch?;
+        let pred = train::predict(&net.dan, &batch.images(&dev)?)?;
+        confusion.add(&batch.clean_labels, &pred)?;
+    }
+    Ok(confusion.report())
+}
