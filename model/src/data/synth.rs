@@ -400,6 +400,19 @@ impl Shape {
             Shape::Stroke(s) => s.sd(p),
         }
     }
+    /// Axis-aligned bounds (min x, min y, max x, max y): pixels outside are never touched.
+    fn bounds(&self) -> (f32, f32, f32, f32) {
+        match self {
+            Shape::Ellipse { c, r, .. } => (c.0 - r.0, c.1 - r.1, c.0 + r.0, c.1 + r.1),
+            Shape::Stroke(s) => {
+                let hw = s.half_width;
+                s.pts.iter().fold((f32::MAX, f32::MAX, f32::MIN, f32::MIN), |b, &(x, y)| {
+                    (b.0.min(x - hw), b.1.min(y - hw), b.2.max(x + hw), b.3.max(y + hw))
+                })
+            }
+        }
+    }
+
     fn paint(&self) -> ([f32; 3], f32) {
         match self {
             Shape::Ellipse { color, opacity, .. } => (*color, *opacity),
@@ -542,12 +555,19 @@ fn face_shapes(f: &FaceParams) -> Vec<Shape> {
 
 /// The face fills the frame like an aligned crop; the features are drawn larger than the head
 /// proportions alone would give so that they stay legible at 48 px.
-const FACE_ZOOM: f32 = 1.12;
-const FEATURE_ZOOM: f32 = 1.25;
+const FACE_ZOOM: f32 = 1.2;
+const FEATURE_ZOOM: f32 = 1.35;
 
 /// Render one face as an RGB image in [0,1].
 fn render(f: &FaceParams, size: usize, rng: &mut ChaCha8Rng) -> Image {
-    let shapes = face_shapes(f);
+    let shapes: Vec<(Shape, (f32, f32, f32, f32))> = face_shapes(f)
+        .into_iter()
+        .filter(|s| s.paint().1 > 0.0)
+        .map(|s| {
+            let b = s.bounds();
+            (s, b)
+        })
+        .collect();
     let px = 2.0 / size as f32 / f.scale / FACE_ZOOM; // one pixel, in face units
     let pxf = px; // feature distances are rescaled to head units before use
     let (sin, cos) = f.angle.sin_cos();
@@ -585,11 +605,12 @@ fn render(f: &FaceParams, size: usize, rng: &mut ChaCha8Rng) -> Image {
                 let shade = 1.0 + f.light_amp * (nx * lx + ny * ly) * 0.8;
                 blend(&mut c, scale3(f.skin, shade), cover(hd));
             }
-            for s in &shapes {
-                let (color, opacity) = s.paint();
-                if opacity <= 0.0 {
+            for (s, b) in &shapes {
+                let m = pxf / FEATURE_ZOOM;
+                if pf.0 < b.0 - m || pf.0 > b.2 + m || pf.1 < b.1 - m || pf.1 > b.3 + m {
                     continue;
                 }
+                let (color, opacity) = s.paint();
                 let d = s.sd(pf) * FEATURE_ZOOM;
                 if d < pxf {
                     blend(&mut c, color, (0.5 - d / pxf).clamp(0.0, 1.0) * opacity.min(1.0));
