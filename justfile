@@ -4,6 +4,18 @@
 train *ARGS:
     cargo run -p fer-runner --bin fer -- train {{ARGS}}
 
+# Run a sweep of experiments/NAME.yaml (missing trials only), e.g. `just sweep heads`.
+sweep NAME *ARGS:
+    cargo run -p fer-runner --bin fer -- sweep experiments/{{NAME}}.yaml {{ARGS}}
+
+# List trials in the results database (filters: --sweep NAME --status failed).
+runs *ARGS:
+    cargo run -p fer-runner --bin fer -- runs {{ARGS}}
+
+# Open the results database in sqlite3.
+db:
+    sqlite3 fer.db
+
 # The whole test suite (what CI runs).
 test:
     cargo test --workspace

@@ -26,7 +26,11 @@ pub struct ModelSection {
 
 impl ModelSection {
     pub fn dan_config(&self) -> DanConfig {
-        DanConfig { backbone: self.backbone.clone(), heads: self.heads, classes: self.classes }
+        DanConfig {
+            backbone: self.backbone.clone(),
+            heads: self.heads,
+            classes: self.classes,
+        }
     }
 
     pub fn centers(&self) -> usize {
@@ -77,18 +81,33 @@ impl RunConfig {
     pub fn embedded_default() -> Self {
         Self {
             model: ModelSection {
-                backbone: ResNetConfig { widths: [8, 16, 32, 64], blocks: [1, 1, 1, 1] },
+                backbone: ResNetConfig {
+                    widths: [8, 16, 32, 64],
+                    blocks: [1, 1, 1, 1],
+                },
                 heads: 4,
                 classes: 7,
                 num_centers: None,
             },
             losses: LossWeights::default(),
-            data: DataSpec::Synthetic(SynthConfig { difficulty: 0.2, image_size: 48, train: 1400, test: 700, seed: 0, balance: ClassBalance::Balanced }),
+            data: DataSpec::Synthetic(SynthConfig {
+                difficulty: 0.2,
+                image_size: 48,
+                train: 1400,
+                test: 700,
+                seed: 0,
+                balance: ClassBalance::Balanced,
+            }),
             noise: None,
             input_size: 48,
             augment: None,
             sampling: Sampling::Shuffle,
-            optimizer: OptimizerConfig::Adam { lr: 2e-3, weight_decay: 0.0, betas: (0.9, 0.999), eps: 1e-8 },
+            optimizer: OptimizerConfig::Adam {
+                lr: 2e-3,
+                weight_decay: 0.0,
+                betas: (0.9, 0.999),
+                eps: 1e-8,
+            },
             schedule: Schedule::Exponential { gamma: 0.9 },
             epochs: 5,
             batch: 32,
@@ -98,26 +117,54 @@ impl RunConfig {
     }
 
     pub fn augment(&self) -> AugmentConfig {
-        self.augment.clone().unwrap_or_else(|| AugmentConfig::dan(self.input_size))
+        self.augment
+            .clone()
+            .unwrap_or_else(|| AugmentConfig::dan(self.input_size))
     }
 
     /// Checks that serde cannot express; the message names the field.
     pub fn validate(&self) -> anyhow::Result<()> {
         use anyhow::ensure;
-        ensure!(self.batch >= 2, "batch: must be at least 2 (BatchNorm1d cannot train on one sample), got {}", self.batch);
+        ensure!(
+            self.batch >= 2,
+            "batch: must be at least 2 (BatchNorm1d cannot train on one sample), got {}",
+            self.batch
+        );
         ensure!(self.epochs >= 1, "epochs: must be at least 1");
-        ensure!(self.input_size >= 16, "input_size: must be at least 16 px, got {}", self.input_size);
+        ensure!(
+            self.input_size >= 16,
+            "input_size: must be at least 16 px, got {}",
+            self.input_size
+        );
         ensure!(self.model.heads >= 1, "model.heads: must be at least 1");
-        ensure!(self.model.centers() >= 2, "model.num_centers: must be at least 2");
+        ensure!(
+            self.model.centers() >= 2,
+            "model.num_centers: must be at least 2"
+        );
         let c = self.model.backbone.out_channels();
         ensure!(c >= 16 && c % 16 == 0, "model.backbone.widths: the last width must be a multiple of 16 (heads use C/2 and C/16), got {c}");
         if let Some(aug) = &self.augment {
-            ensure!(aug.size == self.input_size, "augment.size ({}) must equal input_size ({})", aug.size, self.input_size);
+            ensure!(
+                aug.size == self.input_size,
+                "augment.size ({}) must equal input_size ({})",
+                aug.size,
+                self.input_size
+            );
         }
-        for (name, w) in [("affinity", self.losses.affinity), ("partition", self.losses.partition), ("consistency", self.losses.consistency)] {
-            ensure!(w.is_finite() && w >= 0.0, "losses.{name}: must be a non-negative number, got {w}");
+        for (name, w) in [
+            ("affinity", self.losses.affinity),
+            ("partition", self.losses.partition),
+            ("consistency", self.losses.consistency),
+        ] {
+            ensure!(
+                w.is_finite() && w >= 0.0,
+                "losses.{name}: must be a non-negative number, got {w}"
+            );
         }
-        ensure!(self.optimizer.base_lr() > 0.0, "optimizer.lr: must be positive");
+        ensure!(
+            self.optimizer.base_lr() > 0.0,
+            "optimizer.lr: must be positive"
+        );
         Ok(())
     }
 }

@@ -12,7 +12,7 @@ use crate::optim::Optimizer;
 /// The lambdas of the total loss. A weight of 0 switches a term off: it is not part of the
 /// graph (and for the consistency term, the flipped forward is not run at all).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct LossWeights {
     /// lambda1, affinity loss.
     pub affinity: f64,
@@ -134,7 +134,11 @@ impl StepGraph {
     pub fn losses(&self, labels: &Tensor) -> anyhow::Result<StepLosses> {
         let predictions = loss::predictions(&self.original.logits)?.to_vec1::<u32>()?;
         let truth = labels.to_vec1::<u32>()?;
-        let correct = predictions.iter().zip(&truth).filter(|(p, t)| p == t).count();
+        let correct = predictions
+            .iter()
+            .zip(&truth)
+            .filter(|(p, t)| p == t)
+            .count();
         Ok(StepLosses {
             total: scalar(&self.total)?,
             ce: scalar(&self.ce)?,

@@ -38,22 +38,43 @@ pub struct EpochMetrics {
     pub eval_seconds: f64,
     pub train_img_per_s: f64,
     pub confusion: Vec<Vec<u64>>,
+    /// True when re-reported on resume from the checkpoint's history (not trained again).
+    #[serde(default)]
+    pub replayed: bool,
 }
 
 /// Progress reported while a run trains.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
-    Started { epochs: usize, start_epoch: usize, steps_per_epoch: usize, train_samples: usize, test_samples: usize, skipped_samples: usize },
-    Step { epoch: usize, step: usize, steps: usize, loss: f64 },
+    Started {
+        epochs: usize,
+        start_epoch: usize,
+        steps_per_epoch: usize,
+        train_samples: usize,
+        test_samples: usize,
+        skipped_samples: usize,
+    },
+    Step {
+        epoch: usize,
+        step: usize,
+        steps: usize,
+        loss: f64,
+    },
     Epoch(EpochMetrics),
-    Finished { epochs: usize },
+    Finished {
+        epochs: usize,
+    },
 }
 
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 
 /// Train (or resume) the run in `dir`, calling `on_event` as it goes.
-pub fn run(config: &RunConfig, dir: &Path, on_event: &mut dyn FnMut(&Event) -> anyhow::Result<()>) -> anyhow::Result<()> {
+pub fn run(
+    config: &RunConfig,
+    dir: &Path,
+    on_event: &mut dyn FnMut(&Event) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     config.validate()?;
     let dev = device::select(&config.device)?;
     let mut train_set = data::load(&config.data, Split::Train)?;
@@ -68,16 +89,37 @@ pub fn run(config: &RunConfig, dir: &Path, on_event: &mut dyn FnMut(&Event) -> a
         train_set.name,
         train_set.classes()
     );
-    anyhow::ensure!(train_set.len() >= config.batch, "the training split has {} samples, fewer than one batch of {}", train_set.len(), config.batch);
+    anyhow::ensure!(
+        train_set.len() >= config.batch,
+        "the training split has {} samples, fewer than one batch of {}",
+        train_set.len(),
+        config.batch
+    );
     let skipped = train_set.skipped.len() + test_set.skipped.len();
     let train_set = Arc::new(train_set);
     let test_set = Arc::new(test_set);
 
-    let net = DanEac::new(&config.model.dan_config(), config.model.centers(), &dev, DType::F32, config.seed)?;
+    let net = DanEac::new(
+        &config.model.dan_config(),
+        config.model.centers(),
+        &dev,
+        DType::F32,
+        config.seed,
+    )?;
     let mut opt = net.optimizer(config.optimizer.clone());
-    std::fs::create_dir_all(dir).with_context(|| format!("creating run directory {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating run directory {}", dir.display()))?;
     let ckpt = dir.join(CHECKPOINT_FILE);
-    let start_epoch = if ckpt.is_file() { checkpoint::restore(&ckpt, &net, Some(&mut opt))?.epoch } else { 0 };
+    // The checkpoint carries the metrics of every epoch it contains, so a resumed run can
+    // re-report epochs whose report was lost with the previous process.
+    let mut history: Vec<EpochMetrics> = Vec::new();
+    let start_epoch = if ckpt.is_file() {
+        let meta = checkpoint::restore(&ckpt, &net, Some(&mut opt))?;
+        history = serde_json::from_value(meta.extra["history"].clone()).unwrap_or_default();
+        meta.epoch
+    } else {
+        0
+    };
     let steps = train_set.len() / config.batch;
     on_event(&Event::Started {
         epochs: config.epochs,
@@ -87,14 +129,29 @@ pub fn run(config: &RunConfig, dir: &Path, on_event: &mut dyn FnMut(&Event) -> a
         test_samples: test_set.len(),
         skipped_samples: skipped,
     })?;
+    for past in &history {
+        on_event(&Event::Epoch(EpochMetrics {
+            replayed: true,
+            ..past.clone()
+        }))?;
+    }
     let aug = config.augment();
-    let extra = serde_json::json!({"class_names": train_set.class_names, "data": train_set.name, "input_size": config.input_size});
 
     for epoch in start_epoch..config.epochs {
         opt.lr = config.schedule.lr_at(config.optimizer.base_lr(), epoch);
         let started = Instant::now();
         let order = epoch_order(&train_set, config.sampling, config.seed, epoch);
-        let rx = batches(train_set.clone(), order, config.batch, Some(aug.clone()), config.input_size, config.seed, epoch, true, 2);
+        let rx = batches(
+            train_set.clone(),
+            order,
+            config.batch,
+            Some(aug.clone()),
+            config.input_size,
+            config.seed,
+            epoch,
+            true,
+            2,
+        );
         let mut sums = [0f64; 4];
         let mut consistency: Option<f64> = None;
         let (mut correct, mut seen) = (0usize, 0usize);
@@ -105,7 +162,10 @@ pub fn run(config: &RunConfig, dir: &Path, on_event: &mut dyn FnMut(&Event) -> a
             let y = batch.label_tensor(&dev)?;
             let l = train::train_step(&net.dan, &net.centers, &mut opt, &x, &y, config.losses)
                 .with_context(|| format!("epoch {} step {}", epoch + 1, step + 1))?;
-            for (acc, v) in sums.iter_mut().zip([l.total, l.ce, l.affinity, l.partition]) {
+            for (acc, v) in sums
+                .iter_mut()
+                .zip([l.total, l.ce, l.affinity, l.partition])
+            {
                 *acc += v;
             }
             if let Some(c) = l.consistency {
@@ -116,7 +176,12 @@ pub fn run(config: &RunConfig, dir: &Path, on_event: &mut dyn FnMut(&Event) -> a
             clean.extend_from_slice(&batch.clean_labels);
             noisy.extend_from_slice(&batch.labels);
             predicted.extend_from_slice(&l.predictions);
-            on_event(&Event::Step { epoch: epoch + 1, step: step + 1, steps, loss: l.total })?;
+            on_event(&Event::Step {
+                epoch: epoch + 1,
+                step: step + 1,
+                steps,
+                loss: l.total,
+            })?;
         }
         let train_seconds = started.elapsed().as_secs_f64();
         let eval_started = Instant::now();
@@ -133,25 +198,53 @@ pub fn run(config: &RunConfig, dir: &Path, on_event: &mut dyn FnMut(&Event) -> a
             train_accuracy: correct as f64 / seen.max(1) as f64,
             test_accuracy: eval.accuracy,
             test_balanced_accuracy: eval.balanced_accuracy,
-            memorisation: config.noise.as_ref().map(|_| memorisation(&clean, &noisy, &predicted)),
+            memorisation: config
+                .noise
+                .as_ref()
+                .map(|_| memorisation(&clean, &noisy, &predicted)),
             train_seconds,
             eval_seconds: eval_started.elapsed().as_secs_f64(),
             train_img_per_s: seen as f64 / train_seconds,
             confusion: eval.confusion,
+            replayed: false,
         };
-        // Checkpoint before reporting: a reported epoch always has its weights on disk.
-        checkpoint::save(&ckpt, &net, Some(&opt), epoch + 1, extra.clone())?;
+        // Checkpoint before reporting: a reported epoch always has its weights on disk, and
+        // the checkpoint holds its metrics.
+        history.push(metrics.clone());
+        let extra = serde_json::json!({
+            "class_names": train_set.class_names,
+            "data": train_set.name,
+            "input_size": config.input_size,
+            "history": history,
+        });
+        checkpoint::save(&ckpt, &net, Some(&opt), epoch + 1, extra)?;
         on_event(&Event::Epoch(metrics))?;
     }
-    on_event(&Event::Finished { epochs: config.epochs })?;
+    on_event(&Event::Finished {
+        epochs: config.epochs,
+    })?;
     Ok(())
 }
 
 /// Evaluation-mode accuracy on a whole split.
-pub fn evaluate_set(net: &DanEac, set: &Arc<DataSet>, config: &RunConfig) -> anyhow::Result<EvalReport> {
+pub fn evaluate_set(
+    net: &DanEac,
+    set: &Arc<DataSet>,
+    config: &RunConfig,
+) -> anyhow::Result<EvalReport> {
     let dev = net.store.device().clone();
     let order: Vec<usize> = (0..set.len()).collect();
-    let rx = batches(set.clone(), order, config.batch.max(1), None, config.input_size, config.seed, 0, false, 2);
+    let rx = batches(
+        set.clone(),
+        order,
+        config.batch.max(1),
+        None,
+        config.input_size,
+        config.seed,
+        0,
+        false,
+        2,
+    );
     let mut confusion = Confusion::new(config.model.classes);
     for batch in rx {
         let batch = batch?;

@@ -17,11 +17,21 @@ fn tempdir(tag: &str) -> PathBuf {
 }
 
 fn synth(n: usize) -> SynthConfig {
-    SynthConfig { difficulty: 0.5, image_size: 32, train: n, test: n / 2, seed: 7, balance: ClassBalance::Balanced }
+    SynthConfig {
+        difficulty: 0.5,
+        image_size: 32,
+        train: n,
+        test: n / 2,
+        seed: 7,
+        balance: ClassBalance::Balanced,
+    }
 }
 
 fn batch_bytes(threads: usize) -> Vec<u32> {
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
     pool.install(|| {
         let set = data::load(&DataSpec::Synthetic(synth(28)), Split::Train).unwrap();
         let order = epoch_order(&set, Sampling::Shuffle, 3, 1);
@@ -38,8 +48,10 @@ fn batches_are_byte_identical_with_one_and_two_threads() {
     assert_eq!(one.len(), 16 * 3 * 40 * 40);
     assert!(one == two, "batches differ between 1 and 2 threads");
     // And the same seed renders the same faces; another seed does not.
-    let a = fer_model::data::synth::render_face(&synth(1), fer_model::data::synth::Split::Train, 5, 3);
-    let b = fer_model::data::synth::render_face(&synth(1), fer_model::data::synth::Split::Train, 5, 3);
+    let a =
+        fer_model::data::synth::render_face(&synth(1), fer_model::data::synth::Split::Train, 5, 3);
+    let b =
+        fer_model::data::synth::render_face(&synth(1), fer_model::data::synth::Split::Train, 5, 3);
     let mut other = synth(1);
     other.seed = 8;
     let c = fer_model::data::synth::render_face(&other, fer_model::data::synth::Split::Train, 5, 3);
@@ -55,10 +67,18 @@ fn synthetic_splits_have_exact_class_counts_and_differ() {
     assert_eq!(train.class_counts(), vec![100; 7]);
     assert_eq!(test.class_counts(), vec![50; 7]);
     assert_ne!(train.image(0).unwrap(), test.image(0).unwrap());
-    let raf = SynthConfig { balance: ClassBalance::RafDb, ..cfg };
-    let counts = data::load(&DataSpec::Synthetic(raf), Split::Train).unwrap().class_counts();
+    let raf = SynthConfig {
+        balance: ClassBalance::RafDb,
+        ..cfg
+    };
+    let counts = data::load(&DataSpec::Synthetic(raf), Split::Train)
+        .unwrap()
+        .class_counts();
     assert_eq!(counts.iter().sum::<usize>(), 700);
-    assert!(counts[3] > 5 * counts[1], "RAF-DB proportions: happiness >> fear, got {counts:?}");
+    assert!(
+        counts[3] > 5 * counts[1],
+        "RAF-DB proportions: happiness >> fear, got {counts:?}"
+    );
 }
 
 #[test]
@@ -67,7 +87,10 @@ fn symmetric_noise_has_the_rate_never_keeps_a_flipped_class_and_is_seeded() {
     for rate in [0.1, 0.2, 0.3] {
         let noisy = noise::symmetric(&clean, 7, rate, 42).unwrap();
         let flipped = clean.iter().zip(&noisy).filter(|(c, n)| c != n).count() as f64 / 10_000.0;
-        assert!((flipped - rate).abs() <= 0.01, "rate {rate}: measured {flipped}");
+        assert!(
+            (flipped - rate).abs() <= 0.01,
+            "rate {rate}: measured {flipped}"
+        );
         assert!(noisy.iter().all(|&y| y < 7));
         // Destinations are spread over all other classes.
         let mut dest = [0usize; 7];
@@ -84,13 +107,25 @@ fn symmetric_noise_has_the_rate_never_keeps_a_flipped_class_and_is_seeded() {
     // Applied to a data set: the clean label is kept beside the noisy one; the test split is
     // loaded separately and never touched.
     let mut train = data::load(&DataSpec::Synthetic(synth(700)), Split::Train).unwrap();
-    train.apply_noise(&NoiseSpec::Symmetric { rate: 0.3, seed: 1 }).unwrap();
-    let changed = train.samples.iter().filter(|s| s.label != s.clean_label).count();
-    assert!((150..270).contains(&changed), "{changed} of 700 flipped at 30%");
+    train
+        .apply_noise(&NoiseSpec::Symmetric { rate: 0.3, seed: 1 })
+        .unwrap();
+    let changed = train
+        .samples
+        .iter()
+        .filter(|s| s.label != s.clean_label)
+        .count();
+    assert!(
+        (150..270).contains(&changed),
+        "{changed} of 700 flipped at 30%"
+    );
     let test = data::load(&DataSpec::Synthetic(synth(700)), Split::Test).unwrap();
     assert!(test.samples.iter().all(|s| s.label == s.clean_label));
     let m = noise::memorisation(&train.clean_labels(), &train.labels(), &train.labels());
-    assert_eq!((m.flipped, m.predicted_noisy, m.predicted_clean), (changed, 1.0, 0.0));
+    assert_eq!(
+        (m.flipped, m.predicted_noisy, m.predicted_clean),
+        (changed, 1.0, 0.0)
+    );
 }
 
 fn write(path: &Path, text: &str) {
@@ -100,7 +135,9 @@ fn write(path: &Path, text: &str) {
 
 fn write_jpg(path: &Path, shade: u8) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    image::RgbImage::from_pixel(20, 20, image::Rgb([shade, 100, 50])).save(path).unwrap();
+    image::RgbImage::from_pixel(20, 20, image::Rgb([shade, 100, 50]))
+        .save(path)
+        .unwrap();
 }
 
 #[test]
@@ -111,7 +148,10 @@ fn rafdb_loader_reads_the_official_layout_and_names_bad_input() {
     for name in ["train_00001", "train_00002", "test_0001"] {
         write_jpg(&root.join(format!("Image/aligned/{name}_aligned.jpg")), 10);
     }
-    let spec = DataSpec::RafDb { root: root.clone(), skip_bad: false };
+    let spec = DataSpec::RafDb {
+        root: root.clone(),
+        skip_bad: false,
+    };
     let train = data::load(&spec, Split::Train).unwrap();
     assert_eq!(train.labels(), vec![4, 0]); // 1..7 -> 0..6
     assert_eq!(train.class_names[4], "sadness");
@@ -119,37 +159,95 @@ fn rafdb_loader_reads_the_official_layout_and_names_bad_input() {
     assert_eq!(train.image(0).unwrap().width, 20);
 
     // EAC noise file, matched by name.
-    write(&root.join("EmoLabel/noise01.txt"), "train_00001.jpg 2\ntrain_00002.jpg 1\n");
+    write(
+        &root.join("EmoLabel/noise01.txt"),
+        "train_00001.jpg 2\ntrain_00002.jpg 1\n",
+    );
     let mut noisy = data::load(&spec, Split::Train).unwrap();
-    noisy.apply_noise(&NoiseSpec::File { file: root.join("EmoLabel/noise01.txt") }).unwrap();
+    noisy
+        .apply_noise(&NoiseSpec::File {
+            file: root.join("EmoLabel/noise01.txt"),
+        })
+        .unwrap();
     assert_eq!(noisy.labels(), vec![1, 0]);
     assert_eq!(noisy.clean_labels(), vec![4, 0]);
-    write(&root.join("EmoLabel/noise02.txt"), "train_00001.jpg 2\ntrain_00002.jpg nine\n");
-    let err = noise::read_label_file(&root.join("EmoLabel/noise02.txt")).unwrap_err().to_string();
-    assert!(err.contains("noise02.txt:2") && err.contains("\"nine\""), "{err}");
+    write(
+        &root.join("EmoLabel/noise02.txt"),
+        "train_00001.jpg 2\ntrain_00002.jpg nine\n",
+    );
+    let err = noise::read_label_file(&root.join("EmoLabel/noise02.txt"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("noise02.txt:2") && err.contains("\"nine\""),
+        "{err}"
+    );
 
     // A missing image names the image and the label-file line.
     std::fs::remove_file(root.join("Image/aligned/train_00002_aligned.jpg")).unwrap();
     let err = data::load(&spec, Split::Train).err().unwrap().to_string();
-    assert!(err.contains("list_patition_label.txt:2") && err.contains("train_00002_aligned.jpg") && err.contains("missing"), "{err}");
+    assert!(
+        err.contains("list_patition_label.txt:2")
+            && err.contains("train_00002_aligned.jpg")
+            && err.contains("missing"),
+        "{err}"
+    );
     // ... or is skipped and reported when asked.
-    let skipping = data::load(&DataSpec::RafDb { root: root.clone(), skip_bad: true }, Split::Train).unwrap();
+    let skipping = data::load(
+        &DataSpec::RafDb {
+            root: root.clone(),
+            skip_bad: true,
+        },
+        Split::Train,
+    )
+    .unwrap();
     assert_eq!(skipping.len(), 1);
     assert_eq!(skipping.skipped.len(), 1);
     // A bad label line names the line.
-    write(&root.join("EmoLabel/list_patition_label.txt"), "train_00001.jpg 5\ntrain_00002.jpg 8\n");
+    write(
+        &root.join("EmoLabel/list_patition_label.txt"),
+        "train_00001.jpg 5\ntrain_00002.jpg 8\n",
+    );
     let err = data::load(&spec, Split::Train).err().unwrap().to_string();
-    assert!(err.contains("list_patition_label.txt:2") && err.contains("unknown label \"8\""), "{err}");
+    assert!(
+        err.contains("list_patition_label.txt:2") && err.contains("unknown label \"8\""),
+        "{err}"
+    );
     // A missing root.
-    let err = data::load(&DataSpec::RafDb { root: root.join("nope"), skip_bad: false }, Split::Train).err().unwrap().to_string();
-    assert!(err.contains("nope") && err.contains("does not exist"), "{err}");
+    let err = data::load(
+        &DataSpec::RafDb {
+            root: root.join("nope"),
+            skip_bad: false,
+        },
+        Split::Train,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("nope") && err.contains("does not exist"),
+        "{err}"
+    );
     // An undecodable image is named when it is read.
-    write(&root.join("Image/aligned/train_00002_aligned.jpg"), "not a jpeg");
+    write(
+        &root.join("Image/aligned/train_00002_aligned.jpg"),
+        "not a jpeg",
+    );
     write(&root.join("EmoLabel/list_patition_label.txt"), labels);
     let set = data::load(&spec, Split::Train).unwrap();
     let err = set.image(1).unwrap_err().to_string();
-    assert!(err.contains("train_00002_aligned.jpg") && err.contains("cannot decode"), "{err}");
-    let skipping = data::load(&DataSpec::RafDb { root: root.clone(), skip_bad: true }, Split::Train).unwrap();
+    assert!(
+        err.contains("train_00002_aligned.jpg") && err.contains("cannot decode"),
+        "{err}"
+    );
+    let skipping = data::load(
+        &DataSpec::RafDb {
+            root: root.clone(),
+            skip_bad: true,
+        },
+        Split::Train,
+    )
+    .unwrap();
     assert_eq!((skipping.len(), skipping.skipped.len()), (1, 1));
 }
 
@@ -158,18 +256,57 @@ fn affectnet_loader_drops_contempt_for_seven_classes() {
     let root = tempdir("affect");
     for split in ["train", "val"] {
         for label in 0..8 {
-            write_jpg(&root.join(format!("{split}/{label}/a{label}.jpg")), label as u8 * 20);
+            write_jpg(
+                &root.join(format!("{split}/{label}/a{label}.jpg")),
+                label as u8 * 20,
+            );
         }
     }
-    let eight = data::load(&DataSpec::AffectNet { root: root.clone(), classes: 8, skip_bad: false }, Split::Train).unwrap();
+    let eight = data::load(
+        &DataSpec::AffectNet {
+            root: root.clone(),
+            classes: 8,
+            skip_bad: false,
+        },
+        Split::Train,
+    )
+    .unwrap();
     assert_eq!(eight.labels(), (0..8).collect::<Vec<u32>>());
-    let seven = data::load(&DataSpec::AffectNet { root: root.clone(), classes: 7, skip_bad: false }, Split::Test).unwrap();
+    let seven = data::load(
+        &DataSpec::AffectNet {
+            root: root.clone(),
+            classes: 7,
+            skip_bad: false,
+        },
+        Split::Test,
+    )
+    .unwrap();
     assert_eq!(seven.labels(), (0..7).collect::<Vec<u32>>());
     assert_eq!(seven.class_names[6], "anger");
-    let err = data::load(&DataSpec::AffectNet { root: root.clone(), classes: 6, skip_bad: false }, Split::Train).err().unwrap().to_string();
+    let err = data::load(
+        &DataSpec::AffectNet {
+            root: root.clone(),
+            classes: 6,
+            skip_bad: false,
+        },
+        Split::Train,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("7 or 8"), "{err}");
     std::fs::remove_dir_all(root.join("val/3")).unwrap();
-    let err = data::load(&DataSpec::AffectNet { root: root.clone(), classes: 7, skip_bad: false }, Split::Test).err().unwrap().to_string();
+    let err = data::load(
+        &DataSpec::AffectNet {
+            root: root.clone(),
+            classes: 7,
+            skip_bad: false,
+        },
+        Split::Test,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("val/3"), "{err}");
 }
 
@@ -177,24 +314,64 @@ fn affectnet_loader_drops_contempt_for_seven_classes() {
 fn fer2013_csv_and_image_folder() {
     let root = tempdir("fer");
     let px = vec!["128"; 2304].join(" ");
-    write(&root.join("fer2013.csv"), &format!("emotion,pixels,Usage\n3,{px},Training\n5,{px},PrivateTest\n9,{px},Training\n"));
-    let err = data::load(&DataSpec::Fer2013 { csv: root.join("fer2013.csv"), ferplus: None }, Split::Train).err().unwrap().to_string();
-    assert!(err.contains("fer2013.csv:4") && err.contains("unknown emotion"), "{err}");
-    write(&root.join("fer2013.csv"), &format!("emotion,pixels,Usage\n3,{px},Training\n5,{px},PrivateTest\n"));
-    let test = data::load(&DataSpec::Fer2013 { csv: root.join("fer2013.csv"), ferplus: None }, Split::Test).unwrap();
+    write(
+        &root.join("fer2013.csv"),
+        &format!("emotion,pixels,Usage\n3,{px},Training\n5,{px},PrivateTest\n9,{px},Training\n"),
+    );
+    let err = data::load(
+        &DataSpec::Fer2013 {
+            csv: root.join("fer2013.csv"),
+            ferplus: None,
+        },
+        Split::Train,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        err.contains("fer2013.csv:4") && err.contains("unknown emotion"),
+        "{err}"
+    );
+    write(
+        &root.join("fer2013.csv"),
+        &format!("emotion,pixels,Usage\n3,{px},Training\n5,{px},PrivateTest\n"),
+    );
+    let test = data::load(
+        &DataSpec::Fer2013 {
+            csv: root.join("fer2013.csv"),
+            ferplus: None,
+        },
+        Split::Test,
+    )
+    .unwrap();
     assert_eq!(test.labels(), vec![5]);
     // FERPlus majority votes (neutral, happiness, surprise, ...; row 2 is mostly "unknown").
     write(&root.join("fer2013new.csv"), "Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF\nTraining,fer0.png,0,8,2,0,0,0,0,0,0,0\nPrivateTest,fer1.png,1,0,0,0,0,0,0,0,9,0\n");
-    let plus = DataSpec::Fer2013 { csv: root.join("fer2013.csv"), ferplus: Some(root.join("fer2013new.csv")) };
+    let plus = DataSpec::Fer2013 {
+        csv: root.join("fer2013.csv"),
+        ferplus: Some(root.join("fer2013new.csv")),
+    };
     let train = data::load(&plus, Split::Train).unwrap();
     assert_eq!(train.labels(), vec![1]);
     assert_eq!(train.class_names[1], "happiness");
     assert_eq!(data::load(&plus, Split::Test).unwrap().len(), 0);
 
-    for (split, class) in [("train", "cat"), ("train", "dog"), ("test", "cat"), ("test", "dog")] {
+    for (split, class) in [
+        ("train", "cat"),
+        ("train", "dog"),
+        ("test", "cat"),
+        ("test", "dog"),
+    ] {
         write_jpg(&root.join(format!("folder/{split}/{class}/x.jpg")), 5);
     }
-    let set = data::load(&DataSpec::ImageFolder { root: root.join("folder"), skip_bad: false }, Split::Train).unwrap();
+    let set = data::load(
+        &DataSpec::ImageFolder {
+            root: root.join("folder"),
+            skip_bad: false,
+        },
+        Split::Train,
+    )
+    .unwrap();
     assert_eq!(set.class_names, vec!["cat", "dog"]);
     assert_eq!(set.labels(), vec![0, 1]);
 }
@@ -216,7 +393,12 @@ fn augmentation_geometry() {
     assert_eq!(f.flip_horizontal(), img);
     // With every step forced on except rotation/crop, the output is the normalised mirror with
     // one zero rectangle that lies inside the image and respects scale and ratio.
-    let cfg = AugmentConfig { flip_p: 1.0, rotate_crop_p: 0.0, erase_p: 1.0, ..AugmentConfig::dan(12) };
+    let cfg = AugmentConfig {
+        flip_p: 1.0,
+        rotate_crop_p: 0.0,
+        erase_p: 1.0,
+        ..AugmentConfig::dan(12)
+    };
     let square = img.resize(12, 12);
     for index in 0..200 {
         let (out, trace) = train_transform(&square, &cfg, &mut sample_rng(1, 0, index));
@@ -255,7 +437,10 @@ fn augmentation_geometry() {
 
 #[test]
 fn class_balanced_sampling_evens_out_the_classes() {
-    let cfg = SynthConfig { balance: ClassBalance::RafDb, ..synth(700) };
+    let cfg = SynthConfig {
+        balance: ClassBalance::RafDb,
+        ..synth(700)
+    };
     let set = data::load(&DataSpec::Synthetic(cfg), Split::Train).unwrap();
     let mut seen = [0usize; 7];
     for epoch in 0..5 {
@@ -267,7 +452,10 @@ fn class_balanced_sampling_evens_out_the_classes() {
     }
     let expected = 5.0 * 700.0 / 7.0;
     for (c, &k) in seen.iter().enumerate() {
-        assert!((k as f64 - expected).abs() < 0.2 * expected, "class {c}: {k} draws, expected ~{expected}");
+        assert!(
+            (k as f64 - expected).abs() < 0.2 * expected,
+            "class {c}: {k} draws, expected ~{expected}"
+        );
     }
 }
 
@@ -275,7 +463,17 @@ fn class_balanced_sampling_evens_out_the_classes() {
 fn loader_drops_the_last_short_batch_and_reports_errors() {
     let set = Arc::new(data::load(&DataSpec::Synthetic(synth(21)), Split::Train).unwrap());
     let order: Vec<usize> = (0..21).collect();
-    let rx = fer_model::data::loader::batches(set.clone(), order.clone(), 8, Some(AugmentConfig::dan(32)), 32, 0, 0, true, 2);
+    let rx = fer_model::data::loader::batches(
+        set.clone(),
+        order.clone(),
+        8,
+        Some(AugmentConfig::dan(32)),
+        32,
+        0,
+        0,
+        true,
+        2,
+    );
     let sizes: Vec<usize> = rx.iter().map(|b| b.unwrap().len()).collect();
     assert_eq!(sizes, vec![8, 8]);
     let rx = fer_model::data::loader::batches(set, order, 8, None, 32, 0, 0, false, 2);

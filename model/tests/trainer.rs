@@ -9,8 +9,23 @@ use fer_model::trainer::{self, EpochMetrics, Event};
 
 fn tiny() -> RunConfig {
     let mut c = RunConfig::embedded_default();
-    c.model = ModelSection { backbone: ResNetConfig { widths: [8, 8, 16, 16], blocks: [1, 1, 1, 1] }, heads: 2, classes: 7, num_centers: None };
-    c.data = DataSpec::Synthetic(SynthConfig { difficulty: 0.2, image_size: 32, train: 42, test: 14, seed: 3, balance: ClassBalance::Balanced });
+    c.model = ModelSection {
+        backbone: ResNetConfig {
+            widths: [8, 8, 16, 16],
+            blocks: [1, 1, 1, 1],
+        },
+        heads: 2,
+        classes: 7,
+        num_centers: None,
+    };
+    c.data = DataSpec::Synthetic(SynthConfig {
+        difficulty: 0.2,
+        image_size: 32,
+        train: 42,
+        test: 14,
+        seed: 3,
+        balance: ClassBalance::Balanced,
+    });
     c.noise = Some(NoiseSpec::Symmetric { rate: 0.3, seed: 1 });
     c.input_size = 32;
     c.batch = 8;
@@ -45,9 +60,13 @@ fn resumed_run_is_identical_to_an_uninterrupted_one() {
     let (straight, start) = run(&config, &dir("straight"));
     assert_eq!(start, 0);
     assert_eq!(straight.len(), 2);
-    let m = straight[1].memorisation.expect("memorisation is reported under label noise");
+    let m = straight[1]
+        .memorisation
+        .expect("memorisation is reported under label noise");
     assert!(m.flipped > 0);
-    assert!(straight.iter().all(|e| e.loss_total.is_finite() && e.loss_consistency.is_some()));
+    assert!(straight
+        .iter()
+        .all(|e| e.loss_total.is_finite() && e.loss_consistency.is_some()));
     assert_eq!(straight[1].confusion.iter().flatten().sum::<u64>(), 14);
 
     let d = dir("resumed");
@@ -59,7 +78,10 @@ fn resumed_run_is_identical_to_an_uninterrupted_one() {
     assert_eq!(start, 1, "the second invocation resumes after epoch 1");
     assert_eq!(b.len(), 1);
     let (x, y) = (&straight[1], &b[0]);
-    assert_eq!((x.loss_total, x.test_accuracy, x.train_accuracy), (y.loss_total, y.test_accuracy, y.train_accuracy));
+    assert_eq!(
+        (x.loss_total, x.test_accuracy, x.train_accuracy),
+        (y.loss_total, y.test_accuracy, y.train_accuracy)
+    );
     // A finished run started again trains nothing.
     let (c, start) = run(&config, &d);
     assert_eq!((c.len(), start), (0, 2));
@@ -72,9 +94,18 @@ fn bad_configs_are_refused_with_the_field_named() {
     assert!(c.validate().unwrap_err().to_string().starts_with("batch:"));
     let mut c = tiny();
     c.model.classes = 8;
-    let err = trainer::run(&c, &dir("classes"), &mut |_| Ok(())).unwrap_err().to_string();
-    assert!(err.contains("model.classes is 8") && err.contains("7 classes"), "{err}");
+    let err = trainer::run(&c, &dir("classes"), &mut |_| Ok(()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("model.classes is 8") && err.contains("7 classes"),
+        "{err}"
+    );
     let mut c = tiny();
     c.model.backbone.widths = [8, 8, 16, 24];
-    assert!(c.validate().unwrap_err().to_string().contains("model.backbone.widths"));
+    assert!(c
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .contains("model.backbone.widths"));
 }

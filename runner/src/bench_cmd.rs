@@ -34,14 +34,29 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 /// the model size, batches of 64, on the rayon pool (RAYON_NUM_THREADS, default: all cores).
 fn loader(n: usize) -> anyhow::Result<()> {
     let root = std::env::temp_dir().join(format!("fer-bench-loader-{}", std::process::id()));
-    let cfg = SynthConfig { difficulty: 0.5, image_size: 100, train: n, test: 0, seed: 0, balance: ClassBalance::Balanced };
+    let cfg = SynthConfig {
+        difficulty: 0.5,
+        image_size: 100,
+        train: n,
+        test: 0,
+        seed: 0,
+        balance: ClassBalance::Balanced,
+    };
     let labels = synth::labels(&cfg, synth::Split::Train);
     for (i, &y) in labels.iter().enumerate() {
         let dir = root.join("train").join(y.to_string());
         std::fs::create_dir_all(&dir)?;
-        synth::render_face(&cfg, synth::Split::Train, i, y).to_rgb8().save(dir.join(format!("{i:05}.jpg")))?;
+        synth::render_face(&cfg, synth::Split::Train, i, y)
+            .to_rgb8()
+            .save(dir.join(format!("{i:05}.jpg")))?;
     }
-    let set = data::load(&DataSpec::ImageFolder { root: root.clone(), skip_bad: false }, Split::Train)?;
+    let set = data::load(
+        &DataSpec::ImageFolder {
+            root: root.clone(),
+            skip_bad: false,
+        },
+        Split::Train,
+    )?;
     let threads = rayon::current_num_threads();
     for size in [224usize, 112] {
         let aug = AugmentConfig::dan(size);
@@ -54,7 +69,10 @@ fn loader(n: usize) -> anyhow::Result<()> {
             }
             best = best.max(set.len() as f64 / t.elapsed().as_secs_f64());
         }
-        println!("{}", serde_json::json!({"bench": "loader", "setting": format!("jpeg100_to_{size}"), "img_per_s": (best * 10.0).round() / 10.0, "threads": threads}));
+        println!(
+            "{}",
+            serde_json::json!({"bench": "loader", "setting": format!("jpeg100_to_{size}"), "img_per_s": (best * 10.0).round() / 10.0, "threads": threads})
+        );
     }
     std::fs::remove_dir_all(&root)?;
     Ok(())

@@ -40,7 +40,9 @@ pub fn parse_difficulty(s: &str) -> anyhow::Result<f32> {
     if let Some(d) = SynthConfig::preset(s) {
         return Ok(d);
     }
-    let d: f32 = s.parse().map_err(|_| anyhow::anyhow!("difficulty {s:?}: expected easy, medium, hard or a number in [0, 1]"))?;
+    let d: f32 = s.parse().map_err(|_| {
+        anyhow::anyhow!("difficulty {s:?}: expected easy, medium, hard or a number in [0, 1]")
+    })?;
     anyhow::ensure!((0.0..=1.0).contains(&d), "difficulty {d} is outside [0, 1]");
     Ok(d)
 }
@@ -58,7 +60,11 @@ fn synth(args: SynthArgs) -> anyhow::Result<()> {
         train: args.train,
         test: args.test,
         seed: args.seed,
-        balance: if args.rafdb_balance { ClassBalance::RafDb } else { ClassBalance::Balanced },
+        balance: if args.rafdb_balance {
+            ClassBalance::RafDb
+        } else {
+            ClassBalance::Balanced
+        },
     };
     let spec = data::DataSpec::Synthetic(cfg.clone());
     let mut labels = std::fs::File::create(args.out.join("labels.csv")).or_else(|_| {
@@ -84,7 +90,11 @@ fn synth(args: SynthArgs) -> anyhow::Result<()> {
         }
         eprintln!("{name}: {} images", set.len());
     }
-    contact_sheet(&sheet_rows, args.image_size, &args.out.join("contact_sheet.png"))?;
+    contact_sheet(
+        &sheet_rows,
+        args.image_size,
+        &args.out.join("contact_sheet.png"),
+    )?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
 }
@@ -101,7 +111,12 @@ pub fn contact_sheet(rows: &[Vec<Image>], size: usize, path: &Path) -> anyhow::R
             for ch in 0..3 {
                 for y in 0..size {
                     for x in 0..size {
-                        sheet.set(ch, gap + r * (size + gap) + y, gap + c * (size + gap) + x, img.get(ch, y, x));
+                        sheet.set(
+                            ch,
+                            gap + r * (size + gap) + y,
+                            gap + c * (size + gap) + x,
+                            img.get(ch, y, x),
+                        );
                     }
                 }
             }

@@ -2,8 +2,12 @@
 
 mod bench_cmd;
 mod data_cmd;
-mod yaml;
+mod scheduler;
+mod store;
+mod sweep;
+mod sweep_cmd;
 mod train_cmd;
+mod yaml;
 
 use std::path::PathBuf;
 
@@ -32,6 +36,10 @@ enum Command {
     /// Data sets: render the synthetic faces to disk.
     #[command(subcommand)]
     Data(data_cmd::DataCommand),
+    /// Expand a sweep file into trials and run the missing ones, recording everything in SQLite.
+    Sweep(sweep_cmd::SweepArgs),
+    /// List the trials in the results database.
+    Runs(sweep_cmd::RunsArgs),
     /// Throughput benchmarks (JSON lines).
     Bench(bench_cmd::BenchArgs),
     /// Print what a checkpoint holds: our safetensors file or an official DAN `.pth`.
@@ -54,11 +62,26 @@ fn main() {
         Command::Inspect { path } => inspect(&path),
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Bench(args) => bench_cmd::run(args),
+        Command::Sweep(args) => runtime().and_then(|rt| rt.block_on(sweep_cmd::sweep(args))),
+        Command::Runs(args) => runtime().and_then(|rt| rt.block_on(sweep_cmd::runs(args))),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");
-        std::process::exit(1);
+        // Errors found before training started (bad config, missing data) are not worth a retry.
+        let code = if err.is::<train_cmd::SetupError>() {
+            scheduler::EXIT_CONFIG_ERROR
+        } else {
+            1
+        };
+        std::process::exit(code);
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
 }
 
 fn inspect(path: &std::path::Path) -> anyhow::Result<()> {

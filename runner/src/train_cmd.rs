@@ -25,7 +25,28 @@ pub struct TrainArgs {
     pub quiet: bool,
 }
 
+/// An error before the first training step (config, data set): retrying cannot fix it.
+#[derive(Debug)]
+pub struct SetupError(pub anyhow::Error);
+
+impl std::fmt::Display for SetupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for SetupError {}
+
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let mut started = false;
+    let result = train(args, &mut started);
+    match result {
+        Err(e) if !started => Err(SetupError(e).into()),
+        other => other,
+    }
+}
+
+fn train(args: TrainArgs, started: &mut bool) -> anyhow::Result<()> {
     let mut config: RunConfig = match &args.config {
         Some(path) => crate::yaml::read(path)?,
         None => RunConfig::embedded_default(),
@@ -38,26 +59,45 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         None => e,
     })?;
     std::fs::create_dir_all(&args.out)?;
-    std::fs::write(args.out.join("config.yaml"), serde_yaml_ng::to_string(&config)?)?;
-    let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(args.out.join("metrics.jsonl"))?;
+    std::fs::write(
+        args.out.join("config.yaml"),
+        serde_yaml_ng::to_string(&config)?,
+    )?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(args.out.join("metrics.jsonl"))?;
     let stdout = std::io::stdout();
     let quiet = args.quiet;
     trainer::run(&config, &args.out, &mut |event| {
         let line = serde_json::to_string(event)?;
+        if let Event::Epoch(m) = event {
+            if !m.replayed {
+                writeln!(metrics, "{line}")?;
+            }
+        }
+        // A parent that died closes the pipe: the write fails and this run stops at its
+        // next event instead of training on as an orphan.
         let mut out = stdout.lock();
         writeln!(out, "{line}")?;
         out.flush()?;
+        if matches!(event, Event::Started { .. }) {
+            *started = true;
+        }
         match event {
             Event::Epoch(m) => {
-                writeln!(metrics, "{line}")?;
-                if !quiet {
+                if !quiet && !m.replayed {
                     eprintln!(
                         "epoch {:>3}  loss {:.4}  train acc {:.3}  test acc {:.3}  balanced {:.3}  {:.1} img/s",
                         m.epoch, m.loss_total, m.train_accuracy, m.test_accuracy, m.test_balanced_accuracy, m.train_img_per_s
                     );
                 }
             }
-            Event::Started { start_epoch, epochs, .. } if !quiet && *start_epoch > 0 => {
+            Event::Started {
+                start_epoch,
+                epochs,
+                ..
+            } if !quiet && *start_epoch > 0 => {
                 eprintln!("resumed at epoch {start_epoch} of {epochs}");
             }
             _ => {}

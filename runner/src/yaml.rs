@@ -12,7 +12,8 @@ pub fn parse<T: DeserializeOwned>(path: &Path, text: &str) -> anyhow::Result<T> 
 }
 
 pub fn read<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
     parse(path, &text)
 }
 

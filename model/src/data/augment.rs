@@ -55,7 +55,9 @@ pub struct AugmentTrace {
 
 /// The generator of one sample's draws: a function of (seed, epoch, index) only.
 pub fn sample_rng(seed: u64, epoch: usize, index: usize) -> ChaCha8Rng {
-    let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (epoch as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F) ^ (index as u64).wrapping_mul(0x1656_67B1_9E37_79F9);
+    let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ (epoch as u64).wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+        ^ (index as u64).wrapping_mul(0x1656_67B1_9E37_79F9);
     z = (z ^ (z >> 33)).wrapping_mul(0xFF51_AFD7_ED55_8CCD);
     ChaCha8Rng::seed_from_u64(z ^ (z >> 33))
 }
@@ -78,7 +80,11 @@ pub fn eval_transform(img: &Image, size: usize) -> Image {
 }
 
 /// Training: resize, flip, RandomApply([rotation, padded crop]), normalise, random erasing.
-pub fn train_transform(img: &Image, cfg: &AugmentConfig, rng: &mut ChaCha8Rng) -> (Image, AugmentTrace) {
+pub fn train_transform(
+    img: &Image,
+    cfg: &AugmentConfig,
+    rng: &mut ChaCha8Rng,
+) -> (Image, AugmentTrace) {
     let mut trace = AugmentTrace::default();
     let mut out = img.resize(cfg.size, cfg.size);
     if rng.random_bool(cfg.flip_p) {
@@ -96,7 +102,8 @@ pub fn train_transform(img: &Image, cfg: &AugmentConfig, rng: &mut ChaCha8Rng) -
     }
     normalize(&mut out);
     if rng.random_bool(cfg.erase_p) {
-        if let Some(rect) = erase_rect(out.height, out.width, cfg.erase_scale, cfg.erase_ratio, rng) {
+        if let Some(rect) = erase_rect(out.height, out.width, cfg.erase_scale, cfg.erase_ratio, rng)
+        {
             erase(&mut out, rect);
             trace.erased = Some(rect);
         }
@@ -106,7 +113,13 @@ pub fn train_transform(img: &Image, cfg: &AugmentConfig, rng: &mut ChaCha8Rng) -
 
 /// torchvision RandomErasing's rectangle: up to 10 tries of area ~ U(scale)·HW and
 /// aspect = exp(U(log ratio)); accepted when it fits; top-left uniform.
-pub fn erase_rect(h: usize, w: usize, scale: (f64, f64), ratio: (f64, f64), rng: &mut ChaCha8Rng) -> Option<(usize, usize, usize, usize)> {
+pub fn erase_rect(
+    h: usize,
+    w: usize,
+    scale: (f64, f64),
+    ratio: (f64, f64),
+    rng: &mut ChaCha8Rng,
+) -> Option<(usize, usize, usize, usize)> {
     let area = (h * w) as f64;
     let (lo, hi) = (ratio.0.ln(), ratio.1.ln());
     for _ in 0..10 {

@@ -9,10 +9,6 @@ use rand_chacha::ChaCha8Rng;
 
 use super::augment::{IMAGENET_MEAN, IMAGENET_STD};
 
-
-
-
-
 /// `n` normalised images [n, 3, size, size] with labels cycling through `classes`,
 /// deterministic in `seed`.
 pub fn blobs(

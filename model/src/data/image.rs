@@ -15,7 +15,11 @@ pub struct Image {
 
 impl Image {
     pub fn new(width: usize, height: usize) -> Self {
-        Self { width, height, data: vec![0.0; 3 * width * height] }
+        Self {
+            width,
+            height,
+            data: vec![0.0; 3 * width * height],
+        }
     }
 
     #[inline]
@@ -30,7 +34,8 @@ impl Image {
 
     /// Decode a JPEG / PNG file; the error names the file.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        let img = image::open(path).with_context(|| format!("{}: cannot decode image", path.display()))?;
+        let img = image::open(path)
+            .with_context(|| format!("{}: cannot decode image", path.display()))?;
         Ok(Self::from_rgb8(&img.to_rgb8()))
     }
 
@@ -48,12 +53,16 @@ impl Image {
     /// 8-bit RGB (values clamped to [0,1]).
     pub fn to_rgb8(&self) -> image::RgbImage {
         image::RgbImage::from_fn(self.width as u32, self.height as u32, |x, y| {
-            image::Rgb([0, 1, 2].map(|c| (self.get(c, y as usize, x as usize).clamp(0.0, 1.0) * 255.0).round() as u8))
+            image::Rgb([0, 1, 2].map(|c| {
+                (self.get(c, y as usize, x as usize).clamp(0.0, 1.0) * 255.0).round() as u8
+            }))
         })
     }
 
     pub fn save_png(&self, path: &Path) -> anyhow::Result<()> {
-        self.to_rgb8().save(path).with_context(|| format!("writing {}", path.display()))
+        self.to_rgb8()
+            .save(path)
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     /// Bilinear resize with half-pixel centres (PIL / torchvision semantics without antialias).

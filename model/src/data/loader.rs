@@ -32,7 +32,8 @@ impl Batch {
     }
 
     pub fn images(&self, device: &Device) -> candle_core::Result<Tensor> {
-        Tensor::from_slice(&self.pixels, (self.len(), 3, self.size, self.size), device)?.to_device(device)
+        Tensor::from_slice(&self.pixels, (self.len(), 3, self.size, self.size), device)?
+            .to_device(device)
     }
 
     pub fn label_tensor(&self, device: &Device) -> candle_core::Result<Tensor> {
@@ -52,7 +53,9 @@ pub enum Sampling {
 
 /// The sample order of one epoch, a function of (seed, epoch) only.
 pub fn epoch_order(set: &DataSet, sampling: Sampling, seed: u64, epoch: usize) -> Vec<usize> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x0D0E_0F00 ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut rng = ChaCha8Rng::seed_from_u64(
+        seed ^ 0x0D0E_0F00 ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
     match sampling {
         Sampling::Shuffle => {
             use rand::seq::SliceRandom;
@@ -62,15 +65,27 @@ pub fn epoch_order(set: &DataSet, sampling: Sampling, seed: u64, epoch: usize) -
         }
         Sampling::ClassBalanced => {
             let counts = set.class_counts();
-            let weights: Vec<f64> = set.samples.iter().map(|s| 1.0 / counts[s.label as usize] as f64).collect();
-            let dist = rand_distr::weighted::WeightedIndex::new(&weights).expect("non-empty set with positive weights");
+            let weights: Vec<f64> = set
+                .samples
+                .iter()
+                .map(|s| 1.0 / counts[s.label as usize] as f64)
+                .collect();
+            let dist = rand_distr::weighted::WeightedIndex::new(&weights)
+                .expect("non-empty set with positive weights");
             (0..set.len()).map(|_| rng.sample(&dist)).collect()
         }
     }
 }
 
 /// Build one batch: every sample augmented with its own (seed, epoch, index) generator.
-pub fn make_batch(set: &DataSet, indices: &[usize], aug: Option<&AugmentConfig>, size: usize, seed: u64, epoch: usize) -> anyhow::Result<Batch> {
+pub fn make_batch(
+    set: &DataSet,
+    indices: &[usize],
+    aug: Option<&AugmentConfig>,
+    size: usize,
+    seed: u64,
+    epoch: usize,
+) -> anyhow::Result<Batch> {
     let images: Vec<Vec<f32>> = indices
         .par_iter()
         .map(|&i| {
@@ -87,7 +102,10 @@ pub fn make_batch(set: &DataSet, indices: &[usize], aug: Option<&AugmentConfig>,
         pixels: images.concat(),
         size,
         labels: indices.iter().map(|&i| set.samples[i].label).collect(),
-        clean_labels: indices.iter().map(|&i| set.samples[i].clean_label).collect(),
+        clean_labels: indices
+            .iter()
+            .map(|&i| set.samples[i].clean_label)
+            .collect(),
     })
 }
 

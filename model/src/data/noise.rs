@@ -36,7 +36,8 @@ pub fn symmetric(clean: &[u32], classes: usize, rate: f64, seed: u64) -> anyhow:
 /// EAC's `noise0X.txt`: RAF-DB's training lines (`name label`, labels 1..7) in the clean file's
 /// order. Returns (name, 0-based label) per line; errors name the file and line.
 pub fn read_label_file(path: &Path) -> anyhow::Result<Vec<(String, u32)>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read noise file", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read noise file", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -45,11 +46,23 @@ pub fn read_label_file(path: &Path) -> anyhow::Result<Vec<(String, u32)>> {
         }
         let mut parts = line.split_whitespace();
         let (Some(name), Some(label), None) = (parts.next(), parts.next(), parts.next()) else {
-            bail!("{}:{}: expected `<image name> <label 1..7>`, got {line:?}", path.display(), i + 1);
+            bail!(
+                "{}:{}: expected `<image name> <label 1..7>`, got {line:?}",
+                path.display(),
+                i + 1
+            );
         };
-        let label: u32 = label.parse().ok().filter(|l| (1..=7).contains(l)).with_context(|| {
-            format!("{}:{}: label {label:?} is not a class number 1..7", path.display(), i + 1)
-        })?;
+        let label: u32 = label
+            .parse()
+            .ok()
+            .filter(|l| (1..=7).contains(l))
+            .with_context(|| {
+                format!(
+                    "{}:{}: label {label:?} is not a class number 1..7",
+                    path.display(),
+                    i + 1
+                )
+            })?;
         out.push((name.to_string(), label - 1));
     }
     Ok(out)
@@ -74,6 +87,16 @@ pub fn memorisation(clean: &[u32], noisy: &[u32], predicted: &[u32]) -> Memorisa
             as_clean += (p == c) as usize;
         }
     }
-    let share = |k: usize| if flipped == 0 { 0.0 } else { k as f64 / flipped as f64 };
-    Memorisation { flipped, predicted_noisy: share(as_noisy), predicted_clean: share(as_clean) }
+    let share = |k: usize| {
+        if flipped == 0 {
+            0.0
+        } else {
+            k as f64 / flipped as f64
+        }
+    };
+    Memorisation {
+        flipped,
+        predicted_noisy: share(as_noisy),
+        predicted_clean: share(as_clean),
+    }
 }

@@ -136,13 +136,16 @@ impl DataSet {
             }
             NoiseSpec::File { file } => {
                 let lines = noise::read_label_file(file)?;
-                let by_name: BTreeMap<&str, u32> = lines.iter().map(|(n, l)| (n.as_str(), *l)).collect();
+                let by_name: BTreeMap<&str, u32> =
+                    lines.iter().map(|(n, l)| (n.as_str(), *l)).collect();
                 for s in &mut self.samples {
                     let Source::File(p) = &s.source else {
                         bail!("{}: a noise file only applies to RAF-DB", file.display());
                     };
                     let name = raf_name(p);
-                    let y = by_name.get(name.as_str()).with_context(|| format!("{}: no line for image {name}", file.display()))?;
+                    let y = by_name
+                        .get(name.as_str())
+                        .with_context(|| format!("{}: no line for image {name}", file.display()))?;
                     s.label = *y;
                 }
             }
@@ -153,24 +156,49 @@ impl DataSet {
 
 /// RAF-DB image name as the label files write it (`train_00001.jpg`).
 fn raf_name(p: &Path) -> String {
-    let stem = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    let stem = p
+        .file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default();
     format!("{}.jpg", stem.trim_end_matches("_aligned"))
 }
 
 pub const RAFDB_CLASSES: [&str; 7] = synth::CLASS_NAMES;
-pub const AFFECTNET_CLASSES: [&str; 8] = ["neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt"];
-pub const FER2013_CLASSES: [&str; 7] = ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"];
+pub const AFFECTNET_CLASSES: [&str; 8] = [
+    "neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt",
+];
+pub const FER2013_CLASSES: [&str; 7] = [
+    "angry", "disgust", "fear", "happy", "sad", "surprise", "neutral",
+];
 /// FERPlus vote columns, in file order (after Usage and Image name).
-const FERPLUS_COLUMNS: [&str; 10] = ["neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear", "contempt", "unknown", "NF"];
+const FERPLUS_COLUMNS: [&str; 10] = [
+    "neutral",
+    "happiness",
+    "surprise",
+    "sadness",
+    "anger",
+    "disgust",
+    "fear",
+    "contempt",
+    "unknown",
+    "NF",
+];
 
 /// Load one split of a data set.
 pub fn load(spec: &DataSpec, split: Split) -> anyhow::Result<DataSet> {
     match spec {
         DataSpec::Synthetic(cfg) => synthetic(cfg, split),
         DataSpec::RafDb { root, skip_bad } => finish(rafdb(root, split)?, *skip_bad),
-        DataSpec::AffectNet { root, classes, skip_bad } => finish(affectnet(root, *classes, split)?, *skip_bad),
+        DataSpec::AffectNet {
+            root,
+            classes,
+            skip_bad,
+        } => finish(affectnet(root, *classes, split)?, *skip_bad),
         DataSpec::Fer2013 { csv, ferplus } => fer2013(csv, ferplus.as_deref(), split),
-        DataSpec::ImageFolder { root, skip_bad } => finish(image_folder(&root.join(split_dir(split, "train", "test")), root)?, *skip_bad),
+        DataSpec::ImageFolder { root, skip_bad } => finish(
+            image_folder(&root.join(split_dir(split, "train", "test")), root)?,
+            *skip_bad,
+        ),
     }
 }
 
@@ -182,14 +210,30 @@ fn split_dir(split: Split, train: &'static str, test: &'static str) -> &'static 
 }
 
 fn synthetic(cfg: &SynthConfig, split: Split) -> anyhow::Result<DataSet> {
-    anyhow::ensure!(cfg.image_size >= 16, "synthetic.image_size must be at least 16, got {}", cfg.image_size);
+    anyhow::ensure!(
+        cfg.image_size >= 16,
+        "synthetic.image_size must be at least 16, got {}",
+        cfg.image_size
+    );
     let s = match split {
         Split::Train => synth::Split::Train,
         Split::Test => synth::Split::Test,
     };
     let labels = synth::labels(cfg, s);
-    let images: Vec<Image> = labels.par_iter().enumerate().map(|(i, &y)| synth::render_face(cfg, s, i, y)).collect();
-    let samples = labels.iter().enumerate().map(|(i, &y)| Sample { source: Source::Memory(i), label: y, clean_label: y }).collect();
+    let images: Vec<Image> = labels
+        .par_iter()
+        .enumerate()
+        .map(|(i, &y)| synth::render_face(cfg, s, i, y))
+        .collect();
+    let samples = labels
+        .iter()
+        .enumerate()
+        .map(|(i, &y)| Sample {
+            source: Source::Memory(i),
+            label: y,
+            clean_label: y,
+        })
+        .collect();
     Ok(DataSet {
         name: format!("synthetic(d={})", cfg.difficulty),
         class_names: synth::CLASS_NAMES.iter().map(|s| s.to_string()).collect(),
@@ -217,7 +261,9 @@ fn finish(set: FileSet, skip_bad: bool) -> anyhow::Result<DataSet> {
             if !p.is_file() {
                 Some("missing image".to_string())
             } else if skip_bad {
-                image::image_dimensions(p).err().map(|e| format!("undecodable image: {e}"))
+                image::image_dimensions(p)
+                    .err()
+                    .map(|e| format!("undecodable image: {e}"))
             } else {
                 None
             }
@@ -227,15 +273,28 @@ fn finish(set: FileSet, skip_bad: bool) -> anyhow::Result<DataSet> {
     let mut skipped = Vec::new();
     for ((path, label, origin), problem) in set.entries.into_iter().zip(checks) {
         match problem {
-            None => samples.push(Sample { source: Source::File(path), label, clean_label: label }),
+            None => samples.push(Sample {
+                source: Source::File(path),
+                label,
+                clean_label: label,
+            }),
             Some(why) if skip_bad => skipped.push((path.display().to_string(), why)),
-            Some(why) => bail!("{origin}: {why} {} (set skip_bad: true to skip such samples)", path.display()),
+            Some(why) => bail!(
+                "{origin}: {why} {} (set skip_bad: true to skip such samples)",
+                path.display()
+            ),
         }
     }
     if samples.is_empty() {
         bail!("{}: no usable samples", set.name);
     }
-    Ok(DataSet { name: set.name, class_names: set.class_names, samples, memory: Arc::new(Vec::new()), skipped })
+    Ok(DataSet {
+        name: set.name,
+        class_names: set.class_names,
+        samples,
+        memory: Arc::new(Vec::new()),
+        skipped,
+    })
 }
 
 fn rafdb(root: &Path, split: Split) -> anyhow::Result<FileSet> {
@@ -243,7 +302,8 @@ fn rafdb(root: &Path, split: Split) -> anyhow::Result<FileSet> {
         bail!("RAF-DB root {} does not exist", root.display());
     }
     let list = root.join("EmoLabel/list_patition_label.txt");
-    let text = std::fs::read_to_string(&list).with_context(|| format!("RAF-DB label file {} cannot be read", list.display()))?;
+    let text = std::fs::read_to_string(&list)
+        .with_context(|| format!("RAF-DB label file {} cannot be read", list.display()))?;
     let prefix = split_dir(split, "train_", "test_");
     let mut entries = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -256,14 +316,27 @@ fn rafdb(root: &Path, split: Split) -> anyhow::Result<FileSet> {
         let (Some(name), Some(label), None) = (parts.next(), parts.next(), parts.next()) else {
             bail!("{origin}: expected `<image name> <label 1..7>`, got {line:?}");
         };
-        let label: u32 = label.parse().ok().filter(|l| (1..=7).contains(l)).with_context(|| format!("{origin}: unknown label {label:?} (expected 1..7)"))?;
+        let label: u32 = label
+            .parse()
+            .ok()
+            .filter(|l| (1..=7).contains(l))
+            .with_context(|| format!("{origin}: unknown label {label:?} (expected 1..7)"))?;
         if !name.starts_with(prefix) {
             continue;
         }
         let stem = name.strip_suffix(".jpg").unwrap_or(name);
-        entries.push((root.join("Image/aligned").join(format!("{stem}_aligned.jpg")), label - 1, origin));
+        entries.push((
+            root.join("Image/aligned")
+                .join(format!("{stem}_aligned.jpg")),
+            label - 1,
+            origin,
+        ));
     }
-    Ok(FileSet { name: "rafdb".into(), class_names: RAFDB_CLASSES.iter().map(|s| s.to_string()).collect(), entries })
+    Ok(FileSet {
+        name: "rafdb".into(),
+        class_names: RAFDB_CLASSES.iter().map(|s| s.to_string()).collect(),
+        entries,
+    })
 }
 
 fn affectnet(root: &Path, classes: usize, split: Split) -> anyhow::Result<FileSet> {
@@ -278,7 +351,10 @@ fn affectnet(root: &Path, classes: usize, split: Split) -> anyhow::Result<FileSe
     for label in 0..classes as u32 {
         let class_dir = dir.join(label.to_string());
         if !class_dir.is_dir() {
-            bail!("AffectNet class folder {} does not exist", class_dir.display());
+            bail!(
+                "AffectNet class folder {} does not exist",
+                class_dir.display()
+            );
         }
         for path in sorted_files(&class_dir)? {
             entries.push((path, label, class_dir.display().to_string()));
@@ -286,7 +362,10 @@ fn affectnet(root: &Path, classes: usize, split: Split) -> anyhow::Result<FileSe
     }
     Ok(FileSet {
         name: format!("affectnet{classes}"),
-        class_names: AFFECTNET_CLASSES[..classes].iter().map(|s| s.to_string()).collect(),
+        class_names: AFFECTNET_CLASSES[..classes]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         entries,
     })
 }
@@ -303,9 +382,17 @@ fn sorted_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
 
 fn image_folder(dir: &Path, root: &Path) -> anyhow::Result<FileSet> {
     if !dir.is_dir() {
-        bail!("ImageFolder split {} does not exist (expected {}/train/<class>/ and {}/test/<class>/)", dir.display(), root.display(), root.display());
+        bail!(
+            "ImageFolder split {} does not exist (expected {}/train/<class>/ and {}/test/<class>/)",
+            dir.display(),
+            root.display(),
+            root.display()
+        );
     }
-    let mut classes: Vec<PathBuf> = std::fs::read_dir(dir)?.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_dir()).collect();
+    let mut classes: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir())
+        .collect();
     classes.sort();
     if classes.is_empty() {
         bail!("{}: no class folders", dir.display());
@@ -316,16 +403,27 @@ fn image_folder(dir: &Path, root: &Path) -> anyhow::Result<FileSet> {
             entries.push((path, label as u32, class_dir.display().to_string()));
         }
     }
-    let class_names = classes.iter().map(|p| p.file_name().unwrap().to_string_lossy().to_string()).collect();
-    Ok(FileSet { name: format!("image_folder({})", root.display()), class_names, entries })
+    let class_names = classes
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().to_string())
+        .collect();
+    Ok(FileSet {
+        name: format!("image_folder({})", root.display()),
+        class_names,
+        entries,
+    })
 }
 
 fn fer2013(csv: &Path, ferplus: Option<&Path>, split: Split) -> anyhow::Result<DataSet> {
-    let text = std::fs::read_to_string(csv).with_context(|| format!("FER2013 csv {} cannot be read", csv.display()))?;
+    let text = std::fs::read_to_string(csv)
+        .with_context(|| format!("FER2013 csv {} cannot be read", csv.display()))?;
     let mut lines = text.lines().enumerate();
     let header = lines.next().map(|(_, h)| h.trim()).unwrap_or("");
     if header != "emotion,pixels,Usage" {
-        bail!("{}:1: expected the header `emotion,pixels,Usage`, got {header:?}", csv.display());
+        bail!(
+            "{}:1: expected the header `emotion,pixels,Usage`, got {header:?}",
+            csv.display()
+        );
     }
     let votes = ferplus.map(read_ferplus).transpose()?;
     let wanted: &[&str] = match split {
@@ -342,19 +440,34 @@ fn fer2013(csv: &Path, ferplus: Option<&Path>, split: Split) -> anyhow::Result<D
             bail!("{origin}: expected 3 fields emotion,pixels,Usage");
         };
         let label = match &votes {
-            Some(v) => match v.get(row).with_context(|| format!("{origin}: FERPlus file has fewer rows than the FER2013 csv"))? {
+            Some(v) => match v.get(row).with_context(|| {
+                format!("{origin}: FERPlus file has fewer rows than the FER2013 csv")
+            })? {
                 Some(l) => *l,
                 None => {
-                    skipped.push((origin, "FERPlus majority is contempt, unknown or not a face".to_string()));
+                    skipped.push((
+                        origin,
+                        "FERPlus majority is contempt, unknown or not a face".to_string(),
+                    ));
                     continue;
                 }
             },
-            None => emotion.parse::<u32>().ok().filter(|&l| l < 7).with_context(|| format!("{origin}: unknown emotion {emotion:?} (expected 0..6)"))?,
+            None => emotion
+                .parse::<u32>()
+                .ok()
+                .filter(|&l| l < 7)
+                .with_context(|| {
+                    format!("{origin}: unknown emotion {emotion:?} (expected 0..6)")
+                })?,
         };
         if !wanted.contains(&usage) {
             continue;
         }
-        let px: Vec<u8> = pixels.split(' ').map(|p| p.parse::<u8>()).collect::<Result<_, _>>().with_context(|| format!("{origin}: pixels must be integers 0..255"))?;
+        let px: Vec<u8> = pixels
+            .split(' ')
+            .map(|p| p.parse::<u8>())
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("{origin}: pixels must be integers 0..255"))?;
         if px.len() != 48 * 48 {
             bail!("{origin}: expected 2304 pixels (48x48), got {}", px.len());
         }
@@ -364,12 +477,24 @@ fn fer2013(csv: &Path, ferplus: Option<&Path>, split: Split) -> anyhow::Result<D
                 img.set(c, k / 48, k % 48, v as f32 / 255.0);
             }
         }
-        samples.push(Sample { source: Source::Memory(images.len()), label, clean_label: label });
+        samples.push(Sample {
+            source: Source::Memory(images.len()),
+            label,
+            clean_label: label,
+        });
         images.push(img);
     }
-    let class_names = if votes.is_some() { FERPLUS_COLUMNS[..7].to_vec() } else { FER2013_CLASSES.to_vec() };
+    let class_names = if votes.is_some() {
+        FERPLUS_COLUMNS[..7].to_vec()
+    } else {
+        FER2013_CLASSES.to_vec()
+    };
     Ok(DataSet {
-        name: if votes.is_some() { "ferplus".into() } else { "fer2013".into() },
+        name: if votes.is_some() {
+            "ferplus".into()
+        } else {
+            "fer2013".into()
+        },
         class_names: class_names.iter().map(|s| s.to_string()).collect(),
         samples,
         memory: Arc::new(images),
@@ -379,15 +504,31 @@ fn fer2013(csv: &Path, ferplus: Option<&Path>, split: Split) -> anyhow::Result<D
 
 /// FERPlus majority labels per FER2013 row (None when the majority is contempt / unknown / NF).
 fn read_ferplus(path: &Path) -> anyhow::Result<Vec<Option<u32>>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("FERPlus file {} cannot be read", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("FERPlus file {} cannot be read", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate().skip(1) {
         let fields: Vec<&str> = line.trim().split(',').collect();
         if fields.len() != 12 {
-            bail!("{}:{}: expected 12 fields (Usage, Image name, 10 vote counts), got {}", path.display(), i + 1, fields.len());
+            bail!(
+                "{}:{}: expected 12 fields (Usage, Image name, 10 vote counts), got {}",
+                path.display(),
+                i + 1,
+                fields.len()
+            );
         }
-        let votes: Vec<u32> = fields[2..].iter().map(|v| v.parse::<u32>()).collect::<Result<_, _>>().with_context(|| format!("{}:{}: vote counts must be integers", path.display(), i + 1))?;
-        let (best, _) = votes.iter().enumerate().max_by_key(|(k, v)| (**v, std::cmp::Reverse(*k))).unwrap();
+        let votes: Vec<u32> = fields[2..]
+            .iter()
+            .map(|v| v.parse::<u32>())
+            .collect::<Result<_, _>>()
+            .with_context(|| {
+                format!("{}:{}: vote counts must be integers", path.display(), i + 1)
+            })?;
+        let (best, _) = votes
+            .iter()
+            .enumerate()
+            .max_by_key(|(k, v)| (**v, std::cmp::Reverse(*k)))
+            .unwrap();
         out.push((best < 7).then_some(best as u32));
     }
     Ok(out)

@@ -16,7 +16,15 @@ use serde::{Deserialize, Serialize};
 use super::image::Image;
 
 /// RAF-DB's class order.
-pub const CLASS_NAMES: [&str; 7] = ["surprise", "fear", "disgust", "happiness", "sadness", "anger", "neutral"];
+pub const CLASS_NAMES: [&str; 7] = [
+    "surprise",
+    "fear",
+    "disgust",
+    "happiness",
+    "sadness",
+    "anger",
+    "neutral",
+];
 
 /// RAF-DB's training-set class counts (spec 5.1), for `ClassBalance::RafDb`.
 pub const RAFDB_TRAIN_COUNTS: [usize; 7] = [1290, 281, 717, 4772, 1982, 705, 2524];
@@ -90,7 +98,14 @@ fn prototype(class: usize) -> Aus {
     let d = Aus::default();
     match class {
         // Surprise: high arched brows, wide eyes, tall round open mouth.
-        0 => Aus { inner_brow_raise_1: 0.9, outer_brow_raise_2: 0.9, upper_lid_raise_5: 0.8, lips_part_25: 0.8, jaw_drop_26: 0.8, ..d },
+        0 => Aus {
+            inner_brow_raise_1: 0.9,
+            outer_brow_raise_2: 0.9,
+            upper_lid_raise_5: 0.8,
+            lips_part_25: 0.8,
+            jaw_drop_26: 0.8,
+            ..d
+        },
         // Fear: raised *and* pulled-together brows, wide eyes, wide stretched short mouth.
         1 => Aus {
             inner_brow_raise_1: 0.8,
@@ -114,11 +129,29 @@ fn prototype(class: usize) -> Aus {
             ..d
         },
         // Happiness: smile, raised cheeks / crow's feet, teeth.
-        3 => Aus { lip_corner_pull_12: 0.9, cheek_raise_6: 0.8, lips_part_25: 0.5, ..d },
+        3 => Aus {
+            lip_corner_pull_12: 0.9,
+            cheek_raise_6: 0.8,
+            lips_part_25: 0.5,
+            ..d
+        },
         // Sadness: inner brows up, corners down, chin raised, drooping lids.
-        4 => Aus { inner_brow_raise_1: 0.8, brow_lower_4: 0.5, lip_corner_depress_15: 0.8, chin_raise_17: 0.4, upper_lid_raise_5: -0.3, ..d },
+        4 => Aus {
+            inner_brow_raise_1: 0.8,
+            brow_lower_4: 0.5,
+            lip_corner_depress_15: 0.8,
+            chin_raise_17: 0.4,
+            upper_lid_raise_5: -0.3,
+            ..d
+        },
         // Anger: low V brows, tight eyes, pressed lips.
-        5 => Aus { brow_lower_4: 0.9, upper_lid_raise_5: 0.4, lid_tighten_7: 0.7, lip_press_23: 0.7, ..d },
+        5 => Aus {
+            brow_lower_4: 0.9,
+            upper_lid_raise_5: 0.4,
+            lid_tighten_7: 0.7,
+            lip_press_23: 0.7,
+            ..d
+        },
         // Neutral.
         _ => d,
     }
@@ -162,7 +195,14 @@ pub struct SynthConfig {
 impl SynthConfig {
     /// The embedded default: small enough that a head-count sweep runs in minutes on 2 cores.
     pub fn default_small() -> Self {
-        Self { difficulty: 0.5, image_size: 48, train: 1400, test: 700, seed: 0, balance: ClassBalance::Balanced }
+        Self {
+            difficulty: 0.5,
+            image_size: 48,
+            train: 1400,
+            test: 700,
+            seed: 0,
+            balance: ClassBalance::Balanced,
+        }
     }
 
     pub fn preset(name: &str) -> Option<f32> {
@@ -184,7 +224,9 @@ pub enum Split {
 
 fn stream(seed: u64, split: Split, index: usize, purpose: u64) -> ChaCha8Rng {
     // SplitMix-style mixing so nearby indices give unrelated streams.
-    let mut z = seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ purpose.wrapping_mul(0xD1B5_4A32_D192_ED69);
+    let mut z = seed
+        ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ purpose.wrapping_mul(0xD1B5_4A32_D192_ED69);
     z ^= match split {
         Split::Train => 0x5151_5151,
         Split::Test => 0xA3A3_A3A3_0000,
@@ -206,7 +248,10 @@ pub fn labels(cfg: &SynthConfig, split: Split) -> Vec<u32> {
         ClassBalance::RafDb => RAFDB_TRAIN_COUNTS.iter().map(|&c| c as f64).collect(),
     };
     let total: f64 = weights.iter().sum();
-    let mut counts: Vec<usize> = weights.iter().map(|w| (w / total * n as f64).floor() as usize).collect();
+    let mut counts: Vec<usize> = weights
+        .iter()
+        .map(|w| (w / total * n as f64).floor() as usize)
+        .collect();
     // Hand out the remainder to the classes with the largest fractional parts.
     let mut order: Vec<usize> = (0..7).collect();
     order.sort_by(|&a, &b| {
@@ -222,7 +267,11 @@ pub fn labels(cfg: &SynthConfig, split: Split) -> Vec<u32> {
         counts[c] += 1;
         missing -= 1;
     }
-    let mut out: Vec<u32> = counts.iter().enumerate().flat_map(|(c, &k)| std::iter::repeat_n(c as u32, k)).collect();
+    let mut out: Vec<u32> = counts
+        .iter()
+        .enumerate()
+        .flat_map(|(c, &k)| std::iter::repeat_n(c as u32, k))
+        .collect();
     out.shuffle(&mut stream(cfg.seed, split, usize::MAX, 1));
     out
 }
@@ -300,15 +349,31 @@ fn draw_params(class: usize, d: f32, rng: &mut ChaCha8Rng) -> FaceParams {
         a[k] = (resting[k] + s * (mu[k] - resting[k]) + au_noise.sample(rng)).clamp(-0.4, 1.1);
     }
     let tone: f32 = rng.random();
-    let skin = [lerp(0.95, 0.35, tone), lerp(0.80, 0.24, tone), lerp(0.70, 0.16, tone)];
-    let jitter = |rng: &mut ChaCha8Rng, c: [f32; 3], r: f32| c.map(|v| (v + sym(rng, r)).clamp(0.0, 1.0));
+    let skin = [
+        lerp(0.95, 0.35, tone),
+        lerp(0.80, 0.24, tone),
+        lerp(0.70, 0.16, tone),
+    ];
+    let jitter =
+        |rng: &mut ChaCha8Rng, c: [f32; 3], r: f32| c.map(|v| (v + sym(rng, r)).clamp(0.0, 1.0));
     let skin = jitter(rng, skin, 0.05);
     let hair = jitter(rng, [0.15, 0.1, 0.05], 0.12);
-    let hair = if rng.random::<f32>() < 0.2 { jitter(rng, [0.6, 0.45, 0.2], 0.15) } else { hair };
+    let hair = if rng.random::<f32>() < 0.2 {
+        jitter(rng, [0.6, 0.45, 0.2], 0.15)
+    } else {
+        hair
+    };
     let bg0 = [rng.random(), rng.random(), rng.random()];
-    let bg1 = if rng.random::<f32>() < 0.3 + 0.7 * d { [rng.random(), rng.random(), rng.random()] } else { bg0 };
+    let bg1 = if rng.random::<f32>() < 0.3 + 0.7 * d {
+        [rng.random(), rng.random(), rng.random()]
+    } else {
+        bg0
+    };
     let occluder = if rng.random::<f32>() < 0.5 * d {
-        Some((rng.random_range(0..4u8), [rng.random(), rng.random(), rng.random()]))
+        Some((
+            rng.random_range(0..4u8),
+            [rng.random(), rng.random(), rng.random()],
+        ))
     } else {
         None
     };
@@ -361,35 +426,74 @@ struct Stroke {
 }
 
 impl Stroke {
-    fn bezier(a: (f32, f32), ctrl: (f32, f32), b: (f32, f32), half_width: f32, color: [f32; 3], opacity: f32) -> Self {
+    fn bezier(
+        a: (f32, f32),
+        ctrl: (f32, f32),
+        b: (f32, f32),
+        half_width: f32,
+        color: [f32; 3],
+        opacity: f32,
+    ) -> Self {
         let pts = (0..=8)
             .map(|i| {
                 let t = i as f32 / 8.0;
                 let u = 1.0 - t;
-                (u * u * a.0 + 2.0 * u * t * ctrl.0 + t * t * b.0, u * u * a.1 + 2.0 * u * t * ctrl.1 + t * t * b.1)
+                (
+                    u * u * a.0 + 2.0 * u * t * ctrl.0 + t * t * b.0,
+                    u * u * a.1 + 2.0 * u * t * ctrl.1 + t * t * b.1,
+                )
             })
             .collect();
-        Self { pts, half_width, color, opacity }
+        Self {
+            pts,
+            half_width,
+            color,
+            opacity,
+        }
     }
 
     /// The Bezier from `a` to `b` whose midpoint is `mid`.
-    fn through(a: (f32, f32), mid: (f32, f32), b: (f32, f32), half_width: f32, color: [f32; 3], opacity: f32) -> Self {
-        let ctrl = (2.0 * mid.0 - (a.0 + b.0) / 2.0, 2.0 * mid.1 - (a.1 + b.1) / 2.0);
+    fn through(
+        a: (f32, f32),
+        mid: (f32, f32),
+        b: (f32, f32),
+        half_width: f32,
+        color: [f32; 3],
+        opacity: f32,
+    ) -> Self {
+        let ctrl = (
+            2.0 * mid.0 - (a.0 + b.0) / 2.0,
+            2.0 * mid.1 - (a.1 + b.1) / 2.0,
+        );
         Self::bezier(a, ctrl, b, half_width, color, opacity)
     }
 
     fn sd(&self, p: (f32, f32)) -> f32 {
-        self.pts.windows(2).map(|w| sd_segment(p, w[0], w[1])).fold(f32::MAX, f32::min) - self.half_width
+        self.pts
+            .windows(2)
+            .map(|w| sd_segment(p, w[0], w[1]))
+            .fold(f32::MAX, f32::min)
+            - self.half_width
     }
 
     fn mirrored(&self) -> Self {
-        Self { pts: self.pts.iter().map(|&(x, y)| (-x, y)).collect(), half_width: self.half_width, color: self.color, opacity: self.opacity }
+        Self {
+            pts: self.pts.iter().map(|&(x, y)| (-x, y)).collect(),
+            half_width: self.half_width,
+            color: self.color,
+            opacity: self.opacity,
+        }
     }
 }
 
 /// A filled shape of the face, drawn in order.
 enum Shape {
-    Ellipse { c: (f32, f32), r: (f32, f32), color: [f32; 3], opacity: f32 },
+    Ellipse {
+        c: (f32, f32),
+        r: (f32, f32),
+        color: [f32; 3],
+        opacity: f32,
+    },
     Stroke(Stroke),
 }
 
@@ -406,9 +510,16 @@ impl Shape {
             Shape::Ellipse { c, r, .. } => (c.0 - r.0, c.1 - r.1, c.0 + r.0, c.1 + r.1),
             Shape::Stroke(s) => {
                 let hw = s.half_width;
-                s.pts.iter().fold((f32::MAX, f32::MAX, f32::MIN, f32::MIN), |b, &(x, y)| {
-                    (b.0.min(x - hw), b.1.min(y - hw), b.2.max(x + hw), b.3.max(y + hw))
-                })
+                s.pts
+                    .iter()
+                    .fold((f32::MAX, f32::MAX, f32::MIN, f32::MIN), |b, &(x, y)| {
+                        (
+                            b.0.min(x - hw),
+                            b.1.min(y - hw),
+                            b.2.max(x + hw),
+                            b.3.max(y + hw),
+                        )
+                    })
             }
         }
     }
@@ -441,18 +552,41 @@ fn face_shapes(f: &FaceParams) -> Vec<Shape> {
 
     // Cheek highlight (AU6).
     for side in [-1.0f32, 1.0] {
-        s.push(Shape::Ellipse { c: (side * 0.42, 0.18), r: (0.16, 0.1), color: scale3(f.skin, 1.18), opacity: 0.7 * a.cheek_raise_6.max(0.0) });
+        s.push(Shape::Ellipse {
+            c: (side * 0.42, 0.18),
+            r: (0.16, 0.1),
+            color: scale3(f.skin, 1.18),
+            opacity: 0.7 * a.cheek_raise_6.max(0.0),
+        });
     }
 
     // Eyes: aperture opens with AU5, closes with AU6/AU7; lower lid rises with AU6.
     let ey = -0.12;
-    let open = (f.eye_size * 0.55 * (1.0 + 0.7 * a.upper_lid_raise_5 - 0.55 * a.lid_tighten_7 - 0.35 * a.cheek_raise_6)).max(0.008);
+    let open = (f.eye_size
+        * 0.55
+        * (1.0 + 0.7 * a.upper_lid_raise_5 - 0.55 * a.lid_tighten_7 - 0.35 * a.cheek_raise_6))
+        .max(0.008);
     for side in [-1.0f32, 1.0] {
         let cx = side * f.eye_dx;
-        s.push(Shape::Ellipse { c: (cx, ey), r: (f.eye_size, open), color: [0.95, 0.95, 0.93], opacity: 1.0 });
+        s.push(Shape::Ellipse {
+            c: (cx, ey),
+            r: (f.eye_size, open),
+            color: [0.95, 0.95, 0.93],
+            opacity: 1.0,
+        });
         let ir = (f.eye_size * 0.5).min(open);
-        s.push(Shape::Ellipse { c: (cx, ey), r: (ir, ir), color: f.iris, opacity: 1.0 });
-        s.push(Shape::Ellipse { c: (cx, ey), r: (ir * 0.45, ir * 0.45), color: [0.05, 0.05, 0.05], opacity: 1.0 });
+        s.push(Shape::Ellipse {
+            c: (cx, ey),
+            r: (ir, ir),
+            color: f.iris,
+            opacity: 1.0,
+        });
+        s.push(Shape::Ellipse {
+            c: (cx, ey),
+            r: (ir * 0.45, ir * 0.45),
+            color: [0.05, 0.05, 0.05],
+            opacity: 1.0,
+        });
     }
     // Lids (drawn as strokes over the eye edge).
     let upper = Stroke::bezier(
@@ -477,7 +611,14 @@ fn face_shapes(f: &FaceParams) -> Vec<Shape> {
     // Crow's feet (AU6).
     for k in [-1.0f32, 0.0, 1.0] {
         let x0 = f.eye_dx + f.eye_size + 0.03;
-        let st = Stroke::bezier((x0, ey + k * 0.03), (x0 + 0.04, ey + k * 0.045), (x0 + 0.08, ey + k * 0.06), 0.006, line, a.cheek_raise_6.max(0.0));
+        let st = Stroke::bezier(
+            (x0, ey + k * 0.03),
+            (x0 + 0.04, ey + k * 0.045),
+            (x0 + 0.08, ey + k * 0.06),
+            0.006,
+            line,
+            a.cheek_raise_6.max(0.0),
+        );
         pair(&mut s, st);
     }
 
@@ -499,7 +640,14 @@ fn face_shapes(f: &FaceParams) -> Vec<Shape> {
     pair(&mut s, brow);
     // Glabella lines (AU4).
     for x in [-0.03f32, 0.03] {
-        let st = Stroke::bezier((x, by - 0.02), (x * 1.3, by + 0.04), (x, by + 0.1), 0.006, line, a.brow_lower_4.max(0.0));
+        let st = Stroke::bezier(
+            (x, by - 0.02),
+            (x * 1.3, by + 0.04),
+            (x, by + 0.1),
+            0.006,
+            line,
+            a.brow_lower_4.max(0.0),
+        );
         s.push(Shape::Stroke(st));
     }
 
@@ -507,22 +655,45 @@ fn face_shapes(f: &FaceParams) -> Vec<Shape> {
     let ny = ey + f.nose_len;
     let nost_w = 0.05 + 0.03 * a.nose_wrinkle_9.max(0.0);
     let nost_y = ny - 0.025 * a.nose_wrinkle_9;
-    s.push(Shape::Stroke(Stroke::bezier((0.02, ey + 0.04), (0.04, ny - 0.08), (0.03, ny - 0.02), 0.008, line, 0.8)));
+    s.push(Shape::Stroke(Stroke::bezier(
+        (0.02, ey + 0.04),
+        (0.04, ny - 0.08),
+        (0.03, ny - 0.02),
+        0.008,
+        line,
+        0.8,
+    )));
     for side in [-1.0f32, 1.0] {
-        s.push(Shape::Ellipse { c: (side * nost_w, nost_y), r: (0.028, 0.016), color: dark, opacity: 1.0 });
+        s.push(Shape::Ellipse {
+            c: (side * nost_w, nost_y),
+            r: (0.028, 0.016),
+            color: dark,
+            opacity: 1.0,
+        });
     }
     for k in 0..3 {
         let y = ey + 0.05 + k as f32 * 0.035;
-        let st = Stroke::bezier((-0.07, y), (0.0, y - 0.02), (0.07, y), 0.006, line, a.nose_wrinkle_9.max(0.0));
+        let st = Stroke::bezier(
+            (-0.07, y),
+            (0.0, y - 0.02),
+            (0.07, y),
+            0.006,
+            line,
+            a.nose_wrinkle_9.max(0.0),
+        );
         s.push(Shape::Stroke(st));
     }
 
     // Mouth: width (AU20 wider, AU23 narrower), corners (AU12 up, AU15 down), opening
     // (AU25 parts, AU26 drops and rounds), upper lip raise (AU10), chin raise (AU17).
     let my = ny + 0.17 + 0.04 * a.jaw_drop_26.max(0.0);
-    let half_w = f.mouth_w / 2.0 * (1.0 + 0.35 * a.lip_stretch_20 - 0.25 * a.lip_press_23 - 0.25 * a.jaw_drop_26.max(0.0) + 0.15 * a.lip_corner_pull_12.max(0.0));
+    let half_w = f.mouth_w / 2.0
+        * (1.0 + 0.35 * a.lip_stretch_20 - 0.25 * a.lip_press_23 - 0.25 * a.jaw_drop_26.max(0.0)
+            + 0.15 * a.lip_corner_pull_12.max(0.0));
     let corner_y = my - 0.1 * a.lip_corner_pull_12 + 0.09 * a.lip_corner_depress_15;
-    let gap = (0.015 * a.lips_part_25 + 0.13 * a.jaw_drop_26 + 0.04 * a.upper_lip_raise_10).max(0.0) * (1.0 - 0.4 * a.lip_stretch_20.max(0.0));
+    let gap = (0.015 * a.lips_part_25 + 0.13 * a.jaw_drop_26 + 0.04 * a.upper_lip_raise_10)
+        .max(0.0)
+        * (1.0 - 0.4 * a.lip_stretch_20.max(0.0));
     let top_y = my - gap / 2.0 - 0.04 * a.upper_lip_raise_10;
     let bottom_y = my + gap / 2.0 - 0.02 * a.chin_raise_17;
     let sag = 0.5 * (my - corner_y); // smile: centre below the corners
@@ -530,23 +701,75 @@ fn face_shapes(f: &FaceParams) -> Vec<Shape> {
     let lip_color = [f.skin[0] * 0.75 + 0.12, f.skin[1] * 0.5, f.skin[2] * 0.5];
     if gap > 0.01 {
         // Cavity, with an upper teeth strip when the lips part (smile, disgust) or open wide.
-        s.push(Shape::Ellipse { c: (0.0, (top_y + bottom_y) / 2.0 + sag), r: (half_w * 0.8, gap / 2.0), color: [0.18, 0.05, 0.06], opacity: 1.0 });
-        let teeth = (a.lips_part_25 + a.upper_lip_raise_10 + a.lip_corner_pull_12 - 0.4).clamp(0.0, 1.0);
-        s.push(Shape::Ellipse { c: (0.0, top_y + sag + gap * 0.2), r: (half_w * 0.6, gap * 0.25), color: [0.95, 0.95, 0.9], opacity: teeth });
+        s.push(Shape::Ellipse {
+            c: (0.0, (top_y + bottom_y) / 2.0 + sag),
+            r: (half_w * 0.8, gap / 2.0),
+            color: [0.18, 0.05, 0.06],
+            opacity: 1.0,
+        });
+        let teeth =
+            (a.lips_part_25 + a.upper_lip_raise_10 + a.lip_corner_pull_12 - 0.4).clamp(0.0, 1.0);
+        s.push(Shape::Ellipse {
+            c: (0.0, top_y + sag + gap * 0.2),
+            r: (half_w * 0.6, gap * 0.25),
+            color: [0.95, 0.95, 0.9],
+            opacity: teeth,
+        });
     }
-    s.push(Shape::Stroke(Stroke::through((-half_w, corner_y), (0.0, top_y + sag - 0.02 * a.upper_lip_raise_10), (half_w, corner_y), lip_w, lip_color, 1.0)));
-    s.push(Shape::Stroke(Stroke::through((-half_w, corner_y), (0.0, bottom_y + sag + 0.01), (half_w, corner_y), lip_w * 1.2, lip_color, 1.0)));
+    s.push(Shape::Stroke(Stroke::through(
+        (-half_w, corner_y),
+        (0.0, top_y + sag - 0.02 * a.upper_lip_raise_10),
+        (half_w, corner_y),
+        lip_w,
+        lip_color,
+        1.0,
+    )));
+    s.push(Shape::Stroke(Stroke::through(
+        (-half_w, corner_y),
+        (0.0, bottom_y + sag + 0.01),
+        (half_w, corner_y),
+        lip_w * 1.2,
+        lip_color,
+        1.0,
+    )));
     // Chin bump (AU17).
     let cy = my + 0.2;
-    s.push(Shape::Stroke(Stroke::bezier((-0.1, cy), (0.0, cy - 0.05), (0.1, cy), 0.007, line, a.chin_raise_17.max(0.0))));
+    s.push(Shape::Stroke(Stroke::bezier(
+        (-0.1, cy),
+        (0.0, cy - 0.05),
+        (0.1, cy),
+        0.007,
+        line,
+        a.chin_raise_17.max(0.0),
+    )));
 
     // Occluder over one region (hand, sunglasses, mask, fringe).
     if let Some((kind, color)) = f.occluder {
         let shape = match kind {
-            0 => Shape::Ellipse { c: (0.35, 0.45), r: (0.3, 0.22), color: f.skin.map(|v| v * 0.9), opacity: 1.0 },
-            1 => Shape::Ellipse { c: (0.0, ey), r: (0.62, 0.12), color: [0.05, 0.05, 0.07], opacity: 0.95 },
-            2 => Shape::Ellipse { c: (0.0, my + 0.05), r: (0.45, 0.24), color, opacity: 1.0 },
-            _ => Shape::Ellipse { c: (0.0, by - 0.05), r: (0.7, 0.12), color: f.hair, opacity: 1.0 },
+            0 => Shape::Ellipse {
+                c: (0.35, 0.45),
+                r: (0.3, 0.22),
+                color: f.skin.map(|v| v * 0.9),
+                opacity: 1.0,
+            },
+            1 => Shape::Ellipse {
+                c: (0.0, ey),
+                r: (0.62, 0.12),
+                color: [0.05, 0.05, 0.07],
+                opacity: 0.95,
+            },
+            2 => Shape::Ellipse {
+                c: (0.0, my + 0.05),
+                r: (0.45, 0.24),
+                color,
+                opacity: 1.0,
+            },
+            _ => Shape::Ellipse {
+                c: (0.0, by - 0.05),
+                r: (0.7, 0.12),
+                color: f.hair,
+                opacity: 1.0,
+            },
         };
         s.push(shape);
     }
@@ -588,7 +811,8 @@ fn render(f: &FaceParams, size: usize, rng: &mut ChaCha8Rng) -> Image {
             let t = (y as f32 + 0.5) / size as f32;
             let mut c = [0f32; 3];
             for k in 0..3 {
-                c[k] = lerp(f.background[0][k], f.background[1][k], t) + f.bg_noise * (rng.random::<f32>() - 0.5);
+                c[k] = lerp(f.background[0][k], f.background[1][k], t)
+                    + f.bg_noise * (rng.random::<f32>() - 0.5);
             }
             let cover = |d: f32| (0.5 - d / px).clamp(0.0, 1.0);
             // Hair behind the head (styles: cap, long, none).
@@ -613,7 +837,11 @@ fn render(f: &FaceParams, size: usize, rng: &mut ChaCha8Rng) -> Image {
                 let (color, opacity) = s.paint();
                 let d = s.sd(pf) * FEATURE_ZOOM;
                 if d < pxf {
-                    blend(&mut c, color, (0.5 - d / pxf).clamp(0.0, 1.0) * opacity.min(1.0));
+                    blend(
+                        &mut c,
+                        color,
+                        (0.5 - d / pxf).clamp(0.0, 1.0) * opacity.min(1.0),
+                    );
                 }
             }
             for k in 0..3 {

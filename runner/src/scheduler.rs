@@ -1,0 +1,542 @@
+//! Runs a sweep's trials: one `fer train` subprocess per trial on a free device slot, results
+//! streamed into the store, retries by failure class, Ctrl-C stops children cleanly.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+
+use anyhow::Context;
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::sync::{watch, Mutex};
+
+use crate::store::{AttemptEnd, Store, TrialState};
+use crate::sweep::{Sweep, Trial};
+
+/// A place a trial can run.
+#[derive(Debug, Clone)]
+pub struct Slot {
+    /// "cpu" or "cuda" (the trial sees one GPU through CUDA_VISIBLE_DEVICES).
+    pub device: String,
+    pub cuda_visible: Option<String>,
+    pub label: String,
+}
+
+/// CPU slots, or one slot per GPU (given, or found with nvidia-smi).
+pub fn slots(jobs: usize, gpus: Option<&str>) -> Vec<Slot> {
+    let gpu_ids: Vec<String> = match gpus {
+        Some(list) => list
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
+        None => detect_gpus(),
+    };
+    if gpu_ids.is_empty() {
+        (0..jobs.max(1))
+            .map(|i| Slot {
+                device: "cpu".into(),
+                cuda_visible: None,
+                label: format!("cpu{i}"),
+            })
+            .collect()
+    } else {
+        gpu_ids
+            .into_iter()
+            .map(|g| Slot {
+                device: "cuda".into(),
+                cuda_visible: Some(g.clone()),
+                label: format!("gpu{g}"),
+            })
+            .collect()
+    }
+}
+
+fn detect_gpus() -> Vec<String> {
+    // Only a CUDA build can use a GPU; a CPU build ignores any that are present.
+    if !cfg!(feature = "cuda") {
+        return Vec::new();
+    }
+    let out = std::process::Command::new("nvidia-smi").arg("-L").output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .enumerate()
+            .map(|(i, _)| i.to_string())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// What a run of the sweep will do with a trial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Run,
+    Resume,
+    Retry,
+    SkipDone,
+    SkipRunning,
+    GiveUp,
+}
+
+impl Action {
+    pub fn label(self) -> &'static str {
+        match self {
+            Action::Run => "run",
+            Action::Resume => "resume: interrupted",
+            Action::Retry => "retry: failed",
+            Action::SkipDone => "skip: done",
+            Action::SkipRunning => "skip: running elsewhere",
+            Action::GiveUp => "skip: failed (no retries left)",
+        }
+    }
+
+    fn runs(self) -> bool {
+        matches!(self, Action::Run | Action::Resume | Action::Retry)
+    }
+}
+
+pub fn plan(state: &TrialState, interrupted: bool, max_attempts: usize) -> Action {
+    if state.completed {
+        Action::SkipDone
+    } else if state.running {
+        Action::SkipRunning
+    } else if state.failed_attempts > 0 {
+        if state.last_failure.as_deref() == Some("config") || state.failed_attempts >= max_attempts
+        {
+            Action::GiveUp
+        } else {
+            Action::Retry
+        }
+    } else if interrupted {
+        Action::Resume
+    } else {
+        Action::Run
+    }
+}
+
+pub struct Options {
+    pub runs_dir: PathBuf,
+    pub slots: Vec<Slot>,
+    pub git: (Option<String>, Option<bool>),
+    pub host: String,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Outcome {
+    pub completed: usize,
+    pub failed: usize,
+    pub skipped: usize,
+    pub interrupted: bool,
+}
+
+/// The trials with their planned action, in sweep order.
+pub async fn plan_all(sweep: &Sweep, store: &Store) -> anyhow::Result<Vec<(Trial, Action)>> {
+    let mut out = Vec::new();
+    for t in &sweep.trials {
+        let state = store.trial_state(&t.key).await?;
+        let interrupted: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM attempts WHERE trial_key = ? AND status = 'interrupted'",
+        )
+        .bind(&t.key)
+        .fetch_one(&store.pool)
+        .await?;
+        out.push((
+            t.clone(),
+            plan(&state, interrupted > 0, sweep.spec.retry.max_attempts),
+        ));
+    }
+    Ok(out)
+}
+
+pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<Outcome> {
+    let planned = plan_all(sweep, store).await?;
+    let todo: Vec<Trial> = planned
+        .iter()
+        .filter(|(_, a)| a.runs())
+        .map(|(t, _)| t.clone())
+        .collect();
+    let mut outcome = Outcome {
+        skipped: planned.len() - todo.len(),
+        ..Default::default()
+    };
+    if todo.is_empty() {
+        return Ok(outcome);
+    }
+    let bars = MultiProgress::new();
+    let overall = bars.add(ProgressBar::new(todo.len() as u64));
+    overall.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} trials  {msg}  ETA {eta}")
+            .unwrap()
+            .progress_chars("=> "),
+    );
+    overall.set_prefix(sweep.name.clone());
+    let free = Arc::new(Mutex::new(opts.slots.clone()));
+    let slot_ready = Arc::new(tokio::sync::Semaphore::new(opts.slots.len()));
+    let (cancel_tx, cancel_rx) = watch::channel(false);
+    let counts = Arc::new(Mutex::new((0usize, 0usize, 0usize))); // done, failed, running
+    let threads = sweep.spec.resources.threads_per_trial;
+    let max_attempts = sweep.spec.retry.max_attempts;
+    let opts = Arc::new(opts);
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for trial in todo {
+        let (store, free, slot_ready, cancel, counts, bars, overall, opts) = (
+            store.clone(),
+            free.clone(),
+            slot_ready.clone(),
+            cancel_rx.clone(),
+            counts.clone(),
+            bars.clone(),
+            overall.clone(),
+            opts.clone(),
+        );
+        let run_dir = opts.runs_dir.join(&sweep.name).join(&trial.key[..16]);
+        tasks.spawn(async move {
+            let mut result = TrialEnd::Failed;
+            for _ in 0..max_attempts {
+                if *cancel.borrow() {
+                    return TrialEnd::Interrupted;
+                }
+                let _permit = slot_ready.acquire().await.expect("semaphore");
+                let slot = free.lock().await.pop().expect("a free slot per permit");
+                {
+                    let mut c = counts.lock().await;
+                    c.2 += 1;
+                    overall.set_message(format!("done {} running {} failed {}", c.0, c.2, c.1));
+                }
+                let end = run_attempt(
+                    &store,
+                    &trial,
+                    &slot,
+                    &run_dir,
+                    threads,
+                    &opts,
+                    cancel.clone(),
+                    &bars,
+                )
+                .await;
+                free.lock().await.push(slot);
+                let end = end.unwrap_or_else(|e| {
+                    tracing::error!(trial = %trial.key, "runner error: {e:#}");
+                    TrialEnd::Failed
+                });
+                {
+                    let mut c = counts.lock().await;
+                    c.2 -= 1;
+                    match end {
+                        TrialEnd::Completed | TrialEnd::Busy => c.0 += 1,
+                        TrialEnd::Failed | TrialEnd::ConfigError => c.1 += 1,
+                        _ => {}
+                    }
+                    overall.set_message(format!("done {} running {} failed {}", c.0, c.2, c.1));
+                }
+                result = end;
+                // Retry only crashes and signals.
+                if !matches!(end, TrialEnd::Failed) {
+                    break;
+                }
+                let state = store.trial_state(&trial.key).await.unwrap_or_default();
+                if state.failed_attempts >= max_attempts {
+                    break;
+                }
+            }
+            overall.inc(1);
+            result
+        });
+    }
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => {
+                match joined {
+                    None => break,
+                    Some(Ok(TrialEnd::Completed)) => outcome.completed += 1,
+                    Some(Ok(TrialEnd::Busy)) => outcome.skipped += 1,
+                    Some(Ok(TrialEnd::Interrupted)) => outcome.interrupted = true,
+                    Some(Ok(_)) => outcome.failed += 1,
+                    Some(Err(e)) => return Err(e.into()),
+                }
+            }
+            _ = tokio::signal::ctrl_c(), if !*cancel_tx.borrow() => {
+                eprintln!("\ninterrupted: stopping running trials (they resume from their checkpoints next time)");
+                let _ = cancel_tx.send(true);
+            }
+        }
+    }
+    overall.finish_and_clear();
+    Ok(outcome)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TrialEnd {
+    Completed,
+    Failed,
+    ConfigError,
+    Interrupted,
+    /// Another runner holds (or finished) the trial.
+    Busy,
+}
+
+/// Exit status of `fer train` for an error found before training started (bad config, missing
+/// data): retrying cannot help.
+pub const EXIT_CONFIG_ERROR: i32 = 2;
+
+#[allow(clippy::too_many_arguments)]
+async fn run_attempt(
+    store: &Store,
+    trial: &Trial,
+    slot: &Slot,
+    run_dir: &std::path::Path,
+    threads: usize,
+    opts: &Options,
+    mut cancel: watch::Receiver<bool>,
+    bars: &MultiProgress,
+) -> anyhow::Result<TrialEnd> {
+    let Some(attempt) = store
+        .claim(&trial.key, &slot.label, &opts.host, &opts.git)
+        .await?
+    else {
+        return Ok(TrialEnd::Busy);
+    };
+    tracing::info!(trial = %trial.key, attempt, slot = %slot.label, "start");
+    std::fs::create_dir_all(run_dir)?;
+    let mut config = trial.config.clone();
+    config.device = slot.device.clone();
+    let config_path = run_dir.join("trial.yaml");
+    std::fs::write(&config_path, serde_yaml_ng::to_string(&config)?)?;
+    // No shell anywhere: sweep values only ever reach the child inside its config file.
+    let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+    cmd.arg("train")
+        .arg("--quiet")
+        .arg("--config")
+        .arg(&config_path)
+        .arg("--out")
+        .arg(run_dir);
+    cmd.env(
+        "RAYON_NUM_THREADS",
+        if slot.device == "cpu" {
+            threads.to_string()
+        } else {
+            "2".into()
+        },
+    );
+    match &slot.cuda_visible {
+        Some(g) => cmd.env("CUDA_VISIBLE_DEVICES", g),
+        None => cmd.env_remove("CUDA_VISIBLE_DEVICES"),
+    };
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().context("starting the trial process")?;
+    let bar = bars.add(ProgressBar::new(config.epochs as u64));
+    bar.set_style(ProgressStyle::with_template("  {prefix} epoch {pos}/{len} {msg}").unwrap());
+    bar.set_prefix(format!(
+        "{} {}",
+        &trial.key[..8],
+        serde_json::to_string(&trial.params).unwrap_or_default()
+    ));
+
+    let stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let stderr_task = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf).await;
+        buf
+    });
+    let mut lines = BufReader::new(stdout).lines();
+    let mut cancelled = false;
+    loop {
+        tokio::select! {
+            line = lines.next_line() => {
+                let Some(line) = line? else { break };
+                record_line(store, attempt, &line, &bar).await?;
+            }
+            _ = cancel.changed() => {
+                if *cancel.borrow() {
+                    cancelled = true;
+                    let _ = child.start_kill();
+                    break;
+                }
+            }
+        }
+    }
+    let status = child.wait().await?;
+    let stderr_bytes = stderr_task.await.unwrap_or_default();
+    let tail = tail(&String::from_utf8_lossy(&stderr_bytes), 40);
+    bar.finish_and_clear();
+    use std::os::unix::process::ExitStatusExt;
+    let (end, status_text, class) = if cancelled {
+        (TrialEnd::Interrupted, "interrupted", None)
+    } else if status.success() {
+        (TrialEnd::Completed, "completed", None)
+    } else if status.code() == Some(EXIT_CONFIG_ERROR) {
+        (TrialEnd::ConfigError, "failed", Some("config"))
+    } else if status.signal().is_some() {
+        (TrialEnd::Failed, "failed", Some("signal"))
+    } else {
+        (TrialEnd::Failed, "failed", Some("crash"))
+    };
+    let error = (!status.success() && !cancelled).then(|| {
+        tail.lines()
+            .rev()
+            .find(|l| l.starts_with("error"))
+            .unwrap_or("")
+            .to_string()
+    });
+    store
+        .finish(
+            attempt,
+            AttemptEnd {
+                status: status_text,
+                exit_code: status.code(),
+                signal: status.signal(),
+                failure_class: class,
+                error,
+                stderr_tail: Some(tail),
+            },
+        )
+        .await?;
+    tracing::info!(trial = %trial.key, attempt, status = status_text, "end");
+    Ok(end)
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Store what a trial reports: per-epoch metrics (upserted), progress, events.
+async fn record_line(
+    store: &Store,
+    attempt: i64,
+    line: &str,
+    bar: &ProgressBar,
+) -> anyhow::Result<()> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+        store.event(Some(attempt), "stdout", line).await?;
+        return Ok(());
+    };
+    match v["event"].as_str() {
+        Some("step") => bar.set_message(format!(
+            "step {}/{} loss {:.4}",
+            v["step"],
+            v["steps"],
+            v["loss"].as_f64().unwrap_or(f64::NAN)
+        )),
+        Some("epoch") => {
+            let epoch = v["epoch"].as_i64().unwrap_or(0);
+            let mut values: Vec<(&str, &str, f64)> = Vec::new();
+            let f = |k: &str| v[k].as_f64();
+            for (split, name, key) in [
+                ("train", "loss_total", "loss_total"),
+                ("train", "loss_ce", "loss_ce"),
+                ("train", "loss_affinity", "loss_affinity"),
+                ("train", "loss_partition", "loss_partition"),
+                ("train", "loss_consistency", "loss_consistency"),
+                ("train", "accuracy", "train_accuracy"),
+                ("train", "lr", "lr"),
+                ("train", "seconds", "train_seconds"),
+                ("train", "img_per_s", "train_img_per_s"),
+                ("test", "accuracy", "test_accuracy"),
+                ("test", "balanced_accuracy", "test_balanced_accuracy"),
+            ] {
+                if let Some(x) = f(key) {
+                    values.push((split, name, x));
+                }
+            }
+            if let Some(m) = v["memorisation"].as_object() {
+                for (name, key) in [
+                    ("memorised_noisy", "predicted_noisy"),
+                    ("memorised_clean", "predicted_clean"),
+                ] {
+                    if let Some(x) = m.get(key).and_then(|x| x.as_f64()) {
+                        values.push(("train", name, x));
+                    }
+                }
+            }
+            store.epoch_metrics(attempt, epoch, &values).await?;
+            store
+                .event(
+                    Some(attempt),
+                    "confusion",
+                    &serde_json::json!({"epoch": epoch, "confusion": v["confusion"]}).to_string(),
+                )
+                .await?;
+            bar.set_position(epoch as u64);
+        }
+        Some(kind) => store.event(Some(attempt), kind, line).await?,
+        None => store.event(Some(attempt), "stdout", line).await?,
+    }
+    Ok(())
+}
+
+/// Mean, sample standard deviation and count.
+pub fn mean_std(xs: &[f64]) -> (f64, f64, usize) {
+    let n = xs.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN, 0);
+    }
+    let mean = xs.iter().sum::<f64>() / n as f64;
+    let std = if n > 1 {
+        (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+    } else {
+        0.0
+    };
+    (mean, std, n)
+}
+
+/// Final test accuracy grouped by the swept params (seed aside): mean ± std over seeds, n.
+pub fn summary_table(results: &[crate::store::TrialResult]) -> String {
+    let mut groups: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for r in results {
+        let mut p = r.params.clone();
+        if let Some(o) = p.as_object_mut() {
+            o.remove("seed");
+        }
+        let label = match p.as_object() {
+            Some(o) if !o.is_empty() => o
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            _ => "(base)".into(),
+        };
+        if let Some(a) = r.final_accuracy {
+            groups.entry(label).or_default().push(a);
+        }
+    }
+    let mut out = String::from("params | final test accuracy (mean ± std over seeds) | n\n");
+    // Numeric-aware order: "model.heads=2" before "model.heads=10".
+    let mut rows: Vec<_> = groups.into_iter().collect();
+    rows.sort_by(|a, b| natural_key(&a.0).cmp(&natural_key(&b.0)));
+    for (label, accs) in rows {
+        let (m, s, n) = mean_std(&accs);
+        out.push_str(&format!(
+            "{label} | {:.2} ± {:.2} % | {n}\n",
+            100.0 * m,
+            100.0 * s
+        ));
+    }
+    out
+}
+
+fn natural_key(s: &str) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    let mut text = String::new();
+    let mut num = String::new();
+    for ch in s.chars() {
+        if ch.is_ascii_digit() {
+            num.push(ch);
+        } else {
+            if !num.is_empty() {
+                out.push((std::mem::take(&mut text), num.parse().unwrap_or(0)));
+                num.clear();
+            }
+            text.push(ch);
+        }
+    }
+    out.push((text, num.parse().unwrap_or(0)));
+    out
+}

@@ -1,0 +1,339 @@
+//! Sweep files: a base config with overrides, grid axes (dotted keys), paired `zip` axes,
+//! `exclude` / `include`, seeds, resources, a retry policy and the report it feeds. Expansion
+//! gives trials, each keyed by a hash of its canonical resolved config and seed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use fer_model::config::RunConfig;
+use serde::Deserialize;
+use serde_json::Value;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SweepFile {
+    /// Defaults to the file stem.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// A run config (path relative to the sweep file) the trials inherit from.
+    pub base: PathBuf,
+    /// Keys set on every trial (dotted keys or nested maps).
+    #[serde(default)]
+    pub overrides: BTreeMap<String, serde_yaml_ng::Value>,
+    /// Cartesian product of these axes.
+    #[serde(default)]
+    pub grid: BTreeMap<String, Vec<serde_yaml_ng::Value>>,
+    /// Paired axes: within one group, the i-th values go together.
+    #[serde(default)]
+    pub zip: Vec<BTreeMap<String, Vec<serde_yaml_ng::Value>>>,
+    /// Trials whose params match every key of an entry are dropped.
+    #[serde(default)]
+    pub exclude: Vec<BTreeMap<String, serde_yaml_ng::Value>>,
+    /// Extra trials: param sets added on top of the grid (then crossed with the seeds).
+    #[serde(default)]
+    pub include: Vec<BTreeMap<String, serde_yaml_ng::Value>>,
+    #[serde(default = "default_seeds")]
+    pub seeds: Vec<u64>,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default)]
+    pub retry: Retry,
+    /// The report this sweep feeds (`fer report NAME`).
+    #[serde(default)]
+    pub report: Option<String>,
+    /// Named override sets, chosen with `--profile` (e.g. `thesis`: RAF-DB, 224 px, GPU).
+    #[serde(default)]
+    pub profiles: BTreeMap<String, BTreeMap<String, serde_yaml_ng::Value>>,
+    /// Hash the code version into trial keys (a new commit re-runs every trial).
+    #[serde(default)]
+    pub key_includes_code_version: bool,
+}
+
+fn default_seeds() -> Vec<u64> {
+    vec![0]
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// Compute threads per CPU trial (RAYON_NUM_THREADS).
+    #[serde(default = "one")]
+    pub threads_per_trial: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Self {
+            threads_per_trial: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retry {
+    /// Attempts for a trial that crashed or was killed by a signal (config errors: never retried).
+    #[serde(default = "three")]
+    pub max_attempts: usize,
+}
+
+fn three() -> usize {
+    3
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self { max_attempts: 3 }
+    }
+}
+
+/// One expanded trial.
+#[derive(Debug, Clone)]
+pub struct Trial {
+    pub key: String,
+    pub seed: u64,
+    /// The swept values (dotted key -> value), seed included.
+    pub params: BTreeMap<String, Value>,
+    pub config: RunConfig,
+    /// The resolved config as canonical JSON (sorted keys).
+    pub config_json: Value,
+}
+
+pub struct Sweep {
+    pub name: String,
+    pub spec: SweepFile,
+    pub trials: Vec<Trial>,
+}
+
+fn to_json(v: &serde_yaml_ng::Value) -> anyhow::Result<Value> {
+    Ok(serde_json::to_value(v)?)
+}
+
+/// Set `dotted.key` in a JSON object tree, creating maps on the way.
+fn set_dotted(root: &mut Value, key: &str, value: Value) -> anyhow::Result<()> {
+    let mut cur = root;
+    let parts: Vec<&str> = key.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let obj = cur
+            .as_object_mut()
+            .with_context(|| format!("key {key}: {} is not a map", parts[..i].join(".")))?;
+        if i == parts.len() - 1 {
+            obj.insert(part.to_string(), value);
+            return Ok(());
+        }
+        cur = obj
+            .entry(part.to_string())
+            .or_insert_with(|| Value::Object(Default::default()));
+    }
+    Ok(())
+}
+
+/// Line and column of the first occurrence of `needle` in `text` (1-based), for errors about
+/// keys that YAML parsing alone cannot catch.
+fn locate(text: &str, needle: &str) -> Option<(usize, usize)> {
+    text.lines()
+        .enumerate()
+        .find_map(|(i, l)| l.find(needle).map(|c| (i + 1, c + 1)))
+}
+
+/// FNV-1a 64: a stable hash (std's hasher may change between Rust releases).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+pub fn trial_key(config_json: &Value, seed: u64, code_version: Option<&str>) -> String {
+    let canonical = serde_json::to_string(
+        &serde_json::json!({"config": config_json, "seed": seed, "code": code_version}),
+    )
+    .expect("json");
+    // Two differently salted passes give 128 bits.
+    let a = fnv1a(canonical.as_bytes());
+    let b = fnv1a(format!("fer:{canonical}").as_bytes());
+    format!("{a:016x}{b:016x}")
+}
+
+/// Read and expand a sweep file. Every error names the file (and line:column where it can).
+pub fn load(
+    path: &Path,
+    profile: Option<&str>,
+    code_version: Option<&str>,
+) -> anyhow::Result<Sweep> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read sweep file", path.display()))?;
+    let spec: SweepFile = crate::yaml::parse(path, &text)?;
+    let name = spec.name.clone().unwrap_or_else(|| {
+        path.file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default()
+    });
+    let err_at = |needle: &str, msg: String| -> anyhow::Error {
+        match locate(&text, needle) {
+            Some((l, c)) => anyhow::anyhow!("{}:{l}:{c}: {msg}", path.display()),
+            None => anyhow::anyhow!("{}: {msg}", path.display()),
+        }
+    };
+    if spec.seeds.is_empty() {
+        return Err(err_at("seeds", "seeds: needs at least one seed".into()));
+    }
+    if spec.retry.max_attempts == 0 {
+        return Err(err_at(
+            "max_attempts",
+            "retry.max_attempts: must be at least 1".into(),
+        ));
+    }
+    let base_path = path.parent().unwrap_or(Path::new(".")).join(&spec.base);
+    let base_yaml: serde_yaml_ng::Value =
+        crate::yaml::read(&base_path).map_err(|e| err_at("base", format!("base config: {e:#}")))?;
+    let mut base = to_json(&base_yaml)?;
+    let mut overrides = spec.overrides.clone();
+    if let Some(p) = profile {
+        let extra = spec.profiles.get(p).ok_or_else(|| {
+            err_at(
+                "profiles",
+                format!(
+                    "no profile {p:?} (have: {:?})",
+                    spec.profiles.keys().collect::<Vec<_>>()
+                ),
+            )
+        })?;
+        overrides.extend(extra.clone());
+    }
+    for (k, v) in &overrides {
+        set_dotted(&mut base, k, to_json(v)?).map_err(|e| err_at(k, e.to_string()))?;
+    }
+
+    // Param sets: grid x zip groups, then exclude, then include.
+    let mut sets: Vec<BTreeMap<String, Value>> = vec![BTreeMap::new()];
+    for (axis, values) in &spec.grid {
+        if values.is_empty() {
+            return Err(err_at(
+                axis,
+                format!("grid.{axis}: needs at least one value"),
+            ));
+        }
+        let mut next = Vec::new();
+        for set in &sets {
+            for v in values {
+                let mut s = set.clone();
+                s.insert(axis.clone(), to_json(v)?);
+                next.push(s);
+            }
+        }
+        sets = next;
+    }
+    for group in &spec.zip {
+        let len = group.values().next().map(|v| v.len()).unwrap_or(0);
+        if let Some((k, v)) = group.iter().find(|(_, v)| v.len() != len) {
+            return Err(err_at(
+                k,
+                format!(
+                    "zip: axis {k} has {} values, the others in its group have {len}",
+                    v.len()
+                ),
+            ));
+        }
+        let mut next = Vec::new();
+        for set in &sets {
+            for i in 0..len {
+                let mut s = set.clone();
+                for (k, vals) in group {
+                    s.insert(k.clone(), to_json(&vals[i])?);
+                }
+                next.push(s);
+            }
+        }
+        sets = next;
+    }
+    let excludes: Vec<BTreeMap<String, Value>> = spec
+        .exclude
+        .iter()
+        .map(|e| {
+            e.iter()
+                .map(|(k, v)| Ok((k.clone(), to_json(v)?)))
+                .collect::<anyhow::Result<_>>()
+        })
+        .collect::<anyhow::Result<_>>()?;
+    sets.retain(|s| {
+        !excludes
+            .iter()
+            .any(|ex| ex.iter().all(|(k, v)| s.get(k) == Some(v)))
+    });
+    for inc in &spec.include {
+        sets.push(
+            inc.iter()
+                .map(|(k, v)| Ok((k.clone(), to_json(v)?)))
+                .collect::<anyhow::Result<_>>()?,
+        );
+    }
+
+    let mut trials = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for set in sets {
+        for &seed in &spec.seeds {
+            let mut cfg = base.clone();
+            for (k, v) in &set {
+                set_dotted(&mut cfg, k, v.clone()).map_err(|e| err_at(k, e.to_string()))?;
+            }
+            set_dotted(&mut cfg, "seed", Value::from(seed))?;
+            let config: RunConfig = serde_json::from_value(cfg.clone()).map_err(|e| {
+                let axis = set
+                    .keys()
+                    .find(|k| e.to_string().contains(k.rsplit('.').next().unwrap_or(k)));
+                err_at(
+                    axis.map(|s| s.as_str()).unwrap_or("base"),
+                    format!(
+                        "trial {}: {e}",
+                        serde_json::to_string(&set).unwrap_or_default()
+                    ),
+                )
+            })?;
+            config.validate().map_err(|e| {
+                err_at(
+                    set.keys().next().map(|s| s.as_str()).unwrap_or("base"),
+                    format!(
+                        "trial {}: {e}",
+                        serde_json::to_string(&set).unwrap_or_default()
+                    ),
+                )
+            })?;
+            // Canonical form: the config re-serialised from its typed value (defaults filled
+            // in, keys sorted), so equivalent spellings give the same key.
+            let config_json: Value = serde_json::from_str(&serde_json::to_string(&config)?)?;
+            let key = trial_key(
+                &config_json,
+                seed,
+                if spec.key_includes_code_version {
+                    code_version
+                } else {
+                    None
+                },
+            );
+            if !seen.insert(key.clone()) {
+                continue; // an include may repeat a grid point
+            }
+            let mut params = set.clone();
+            params.insert("seed".into(), Value::from(seed));
+            trials.push(Trial {
+                key,
+                seed,
+                params,
+                config,
+                config_json,
+            });
+        }
+    }
+    if trials.is_empty() {
+        bail!(
+            "{}: the sweep expands to no trials (everything excluded?)",
+            path.display()
+        );
+    }
+    Ok(Sweep { name, spec, trials })
+}

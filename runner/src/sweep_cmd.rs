@@ -1,0 +1,219 @@
+//! `fer sweep` and `fer runs`.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use sqlx::Row;
+
+use crate::scheduler::{self, Options};
+use crate::store::Store;
+use crate::sweep;
+
+pub const DEFAULT_DB: &str = "fer.db";
+
+#[derive(Args, Debug)]
+pub struct SweepArgs {
+    /// Sweep file (YAML), e.g. experiments/heads.yaml.
+    pub file: PathBuf,
+    /// Print the trial table and what would happen to each trial; run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Results database.
+    #[arg(long, default_value = DEFAULT_DB)]
+    pub db: PathBuf,
+    /// Trials at a time on the CPU (each with the sweep's threads_per_trial).
+    #[arg(long, default_value_t = 2)]
+    pub jobs: usize,
+    /// GPU indices to use, one trial per GPU (default: all that nvidia-smi lists, CUDA builds only).
+    #[arg(long)]
+    pub gpus: Option<String>,
+    /// A profile of the sweep file (e.g. `thesis`).
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Where trial run directories go.
+    #[arg(long, default_value = "runs")]
+    pub runs_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct RunsArgs {
+    #[arg(long, default_value = DEFAULT_DB)]
+    pub db: PathBuf,
+    /// Only this sweep.
+    #[arg(long)]
+    pub sweep: Option<String>,
+    /// Only trials whose latest attempt has this status (completed, failed, interrupted, running).
+    #[arg(long)]
+    pub status: Option<String>,
+}
+
+/// The current commit and whether the work tree has changes (None outside a git checkout).
+pub fn git_version() -> (Option<String>, Option<bool>) {
+    let run = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let commit = run(&["rev-parse", "HEAD"]);
+    let dirty = commit
+        .as_ref()
+        .and(run(&["status", "--porcelain", "--untracked-files=no"]))
+        .map(|s| !s.is_empty());
+    (commit, dirty)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
+    let git = git_version();
+    let sweep = sweep::load(&args.file, args.profile.as_deref(), git.0.as_deref())?;
+    let store = Store::open(&args.db).await?;
+    let host = hostname();
+    let recovered = store.recover_stale(&host).await?;
+    let sweep_id = store
+        .upsert_sweep(
+            &sweep.name,
+            &args.file.display().to_string(),
+            sweep.spec.report.as_deref(),
+        )
+        .await?;
+    for t in &sweep.trials {
+        store
+            .upsert_trial(
+                &t.key,
+                sweep_id,
+                t.seed,
+                &t.config_json,
+                &serde_json::to_value(&t.params)?,
+            )
+            .await?;
+    }
+    if args.dry_run {
+        let planned = scheduler::plan_all(&sweep, &store).await?;
+        println!(
+            "sweep {} ({} trials, file {})",
+            sweep.name,
+            planned.len(),
+            args.file.display()
+        );
+        println!("{:<18} {:<32} {}", "trial", "action", "params");
+        for (t, a) in &planned {
+            println!(
+                "{:<18} {:<32} {}",
+                &t.key[..16],
+                a.label(),
+                serde_json::to_string(&t.params)?
+            );
+        }
+        return Ok(());
+    }
+    let log_dir = args.runs_dir.join(&sweep.name);
+    std::fs::create_dir_all(&log_dir)?;
+    init_log(&log_dir.join("runner.log"))?;
+    tracing::info!(sweep = %sweep.name, trials = sweep.trials.len(), recovered, "sweep start");
+    let started = std::time::Instant::now();
+    let slots = scheduler::slots(args.jobs, args.gpus.as_deref());
+    let outcome = scheduler::run(
+        &sweep,
+        &store,
+        Options {
+            runs_dir: args.runs_dir.clone(),
+            slots,
+            git,
+            host,
+        },
+    )
+    .await?;
+    eprintln!(
+        "sweep {}: {} completed, {} failed, {} skipped in {:.0} s{}",
+        sweep.name,
+        outcome.completed,
+        outcome.failed,
+        outcome.skipped,
+        started.elapsed().as_secs_f64(),
+        if outcome.interrupted {
+            " (interrupted)"
+        } else {
+            ""
+        }
+    );
+    let results = store.results(&sweep.name).await?;
+    println!("{}", scheduler::summary_table(&results));
+    if outcome.failed > 0 {
+        eprintln!(
+            "failed trials and their errors: fer runs --status failed --sweep {}",
+            sweep.name
+        );
+    }
+    if outcome.interrupted {
+        std::process::exit(130);
+    }
+    Ok(())
+}
+
+fn init_log(path: &Path) -> anyhow::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::sync::Mutex::new(file))
+        .with_ansi(false)
+        .try_init();
+    Ok(())
+}
+
+pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
+    if !args.db.is_file() {
+        anyhow::bail!(
+            "{}: no results database yet (run a sweep first, or pass --db)",
+            args.db.display()
+        );
+    }
+    let store = Store::open(&args.db).await?;
+    let rows = sqlx::query(
+        "SELECT s.name, t.key, t.params_json, a.status, a.failure_class, a.error,
+                (SELECT COUNT(*) FROM attempts x WHERE x.trial_key = t.key) AS attempts,
+                (SELECT value FROM trial_metrics m WHERE m.trial_key = t.key AND m.split = 'test' AND m.name = 'accuracy' ORDER BY m.epoch DESC, m.attempt_id DESC LIMIT 1)
+         FROM trials t JOIN sweeps s ON s.id = t.sweep_id
+         LEFT JOIN attempts a ON a.id = (SELECT MAX(id) FROM attempts b WHERE b.trial_key = t.key)
+         WHERE (?1 IS NULL OR s.name = ?1) AND (?2 IS NULL OR COALESCE(a.status, 'pending') = ?2)
+         ORDER BY s.name, t.params_json",
+    )
+    .bind(args.sweep.as_deref())
+    .bind(args.status.as_deref())
+    .fetch_all(&store.pool)
+    .await?;
+    println!(
+        "{:<10} {:<16} {:<12} {:>8} {:>9}  {}",
+        "sweep", "trial", "status", "attempts", "test acc", "params / error"
+    );
+    for r in rows {
+        let status: Option<String> = r.get(3);
+        let acc: Option<f64> = r.get(7);
+        let error: Option<String> = r.get(5);
+        let class: Option<String> = r.get(4);
+        println!(
+            "{:<10} {:<16} {:<12} {:>8} {:>9}  {}{}",
+            r.get::<String, _>(0),
+            &r.get::<String, _>(1)[..16],
+            status.unwrap_or_else(|| "pending".into()),
+            r.get::<i64, _>(6),
+            acc.map(|a| format!("{:.2}%", 100.0 * a))
+                .unwrap_or_else(|| "-".into()),
+            r.get::<String, _>(2),
+            match (class, error) {
+                (Some(c), Some(e)) => format!("  [{c}] {e}"),
+                _ => String::new(),
+            }
+        );
+    }
+    Ok(())
+}

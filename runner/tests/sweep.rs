@@ -1,0 +1,345 @@
+//! Sweeps end to end through the `fer` binary: expansion and its errors, idempotent reruns,
+//! recovery after SIGKILL, retries by failure class, concurrent runners, no shell.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fer() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_fer"))
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("fer-sweep-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+const BASE: &str = "\
+model:
+  backbone: {widths: [8, 8, 16, 16], blocks: [1, 1, 1, 1]}
+  heads: 2
+  classes: 7
+data: {kind: synthetic, difficulty: 0.2, image_size: 32, train: 28, test: 14, seed: 0, balance: balanced}
+input_size: 32
+optimizer: {kind: adam, lr: 0.001}
+epochs: 1
+batch: 8
+";
+
+fn setup(tag: &str, sweep: &str) -> (PathBuf, PathBuf) {
+    let d = tmp(tag);
+    std::fs::write(d.join("base.yaml"), BASE).unwrap();
+    std::fs::write(d.join("s.yaml"), sweep).unwrap();
+    (d.clone(), d.join("s.yaml"))
+}
+
+fn sweep(dir: &Path, file: &Path, extra: &[&str]) -> Output {
+    fer()
+        .arg("sweep")
+        .arg(file)
+        .arg("--db")
+        .arg(dir.join("r.db"))
+        .arg("--runs-dir")
+        .arg(dir.join("runs"))
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn dry_run_rows(dir: &Path, file: &Path) -> Vec<String> {
+    let o = sweep(dir, file, &["--dry-run"]);
+    assert!(o.status.success(), "{}", text(&o));
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .skip(2)
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn sql(dir: &Path, query: &str) -> String {
+    let o = Command::new("sqlite3")
+        .arg(dir.join("r.db"))
+        .arg(query)
+        .output()
+        .expect("sqlite3");
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+#[test]
+fn expansion_grid_zip_exclude_include_seeds_and_inheritance() {
+    let (d, f) = setup(
+        "expand",
+        "base: base.yaml
+overrides: {epochs: 2, model.classes: 7}
+grid:
+  model.heads: [1, 2, 4]
+zip:
+  - {losses.affinity: [0.0, 1.0], losses.partition: [0.0, 1.0]}
+exclude:
+  - {model.heads: 4, losses.affinity: 0.0}
+include:
+  - {model.heads: 8}
+seeds: [0, 1]
+",
+    );
+    let rows = dry_run_rows(&d, &f);
+    // (3 heads x 2 zip) - 1 excluded + 1 included = 6 param sets, x 2 seeds.
+    assert_eq!(rows.len(), 12, "{rows:#?}");
+    assert!(rows.iter().all(|r| r.contains("run")));
+    assert!(!rows
+        .iter()
+        .any(|r| r.contains("\"model.heads\":4") && r.contains("\"losses.affinity\":0.0")));
+    assert_eq!(
+        rows.iter()
+            .filter(|r| r.contains("\"model.heads\":8"))
+            .count(),
+        2
+    );
+    // Keys are stable: the same sweep gives the same keys.
+    assert_eq!(rows, dry_run_rows(&d, &f));
+}
+
+#[test]
+fn sweep_errors_name_file_line_and_column() {
+    let cases = [
+        (
+            "base: base.yaml\ngrid:\n  model.heads: [1, 2]\nsedes: [0]\n",
+            "s.yaml:4:1",
+            "sedes",
+        ),
+        (
+            "base: base.yaml\ngrid:\n  model.head_count: [1, 2]\n",
+            "s.yaml:3:3",
+            "head_count",
+        ),
+        (
+            "base: base.yaml\nzip:\n  - {model.heads: [1, 2], seed: [1]}\n",
+            "s.yaml:3:",
+            "zip",
+        ),
+        ("base: missing.yaml\n", "s.yaml:1:1", "missing.yaml"),
+        (
+            "base: base.yaml\ngrid:\n  batch: [1]\n",
+            "s.yaml:3:3",
+            "batch: must be at least 2",
+        ),
+    ];
+    for (i, (sweep_text, location, what)) in cases.iter().enumerate() {
+        let (d, f) = setup(&format!("err{i}"), sweep_text);
+        let o = sweep(&d, &f, &["--dry-run"]);
+        assert!(!o.status.success());
+        let t = text(&o);
+        assert!(t.contains(location) && t.contains(what), "case {i}: {t}");
+    }
+}
+
+#[test]
+fn rerun_is_idempotent_and_results_are_queryable() {
+    let (d, f) = setup(
+        "idem",
+        "base: base.yaml\ngrid:\n  model.heads: [1, 2]\nseeds: [0]\n",
+    );
+    let first = sweep(&d, &f, &[]);
+    assert!(first.status.success(), "{}", text(&first));
+    assert!(
+        text(&first).contains("2 completed, 0 failed, 0 skipped"),
+        "{}",
+        text(&first)
+    );
+    assert!(String::from_utf8_lossy(&first.stdout).contains("model.heads=1"));
+    let second = sweep(&d, &f, &[]);
+    assert!(
+        text(&second).contains("0 completed, 0 failed, 2 skipped"),
+        "{}",
+        text(&second)
+    );
+    assert_eq!(sql(&d, "SELECT COUNT(*) FROM attempts"), "2");
+    assert!(dry_run_rows(&d, &f)
+        .iter()
+        .all(|r| r.contains("skip: done")));
+    assert_eq!(
+        sql(
+            &d,
+            "SELECT COUNT(*) FROM trial_results WHERE final_accuracy IS NOT NULL"
+        ),
+        "2"
+    );
+    assert_eq!(
+        sql(
+            &d,
+            "SELECT COUNT(*) FROM trial_params WHERE name = 'model.heads'"
+        ),
+        "2"
+    );
+    let runs = fer()
+        .args(["runs", "--db"])
+        .arg(d.join("r.db"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&runs.stdout)
+            .matches("completed")
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn crashing_trial_is_recorded_and_retried_by_policy() {
+    // lr 1e30 diverges after training starts: a crash (exit 1), retried up to max_attempts.
+    let (d, f) = setup("crash", "base: base.yaml\noverrides: {optimizer: {kind: sgd, lr: 1.0e30}}\nretry: {max_attempts: 2}\n");
+    let o = sweep(&d, &f, &[]);
+    assert!(text(&o).contains("0 completed, 1 failed"), "{}", text(&o));
+    assert_eq!(
+        sql(
+            &d,
+            "SELECT COUNT(*) FROM attempts WHERE status = 'failed' AND failure_class = 'crash'"
+        ),
+        "2"
+    );
+    assert!(sql(&d, "SELECT error FROM attempts LIMIT 1").contains("not finite"));
+    assert!(sql(&d, "SELECT stderr_tail FROM attempts LIMIT 1").contains("error"));
+    // A rerun does not try again once the attempts are used up.
+    let o = sweep(&d, &f, &[]);
+    assert!(
+        text(&o).contains("0 completed, 0 failed, 1 skipped"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn config_errors_are_never_retried_and_no_value_reaches_a_shell() {
+    let marker = std::env::temp_dir().join(format!("fer-pwned-{}", std::process::id()));
+    let sweep_text = format!(
+        "base: base.yaml\noverrides:\n  data: {{kind: raf_db, root: \"$(touch {m}); touch {m} `touch {m}`\"}}\nretry: {{max_attempts: 3}}\n",
+        m = marker.display()
+    );
+    let (d, f) = setup("shell", &sweep_text);
+    let o = sweep(&d, &f, &[]);
+    assert!(text(&o).contains("1 failed"), "{}", text(&o));
+    assert!(!marker.exists(), "a sweep value was executed by a shell");
+    assert_eq!(
+        sql(&d, "SELECT COUNT(*) FROM attempts"),
+        "1",
+        "config errors are not retried"
+    );
+    assert_eq!(
+        sql(&d, "SELECT failure_class || ' ' || exit_code FROM attempts"),
+        "config 2"
+    );
+}
+
+#[test]
+fn a_killed_sweep_resumes_and_completes_every_trial_once() {
+    let (d, f) = setup(
+        "kill",
+        "base: base.yaml\noverrides: {epochs: 4, data.train: 56}\ngrid:\n  model.heads: [1, 2]\n",
+    );
+    let mut child = fer()
+        .arg("sweep")
+        .arg(&f)
+        .arg("--db")
+        .arg(d.join("r.db"))
+        .arg("--runs-dir")
+        .arg(d.join("runs"))
+        .arg("--jobs")
+        .arg("2")
+        .spawn()
+        .unwrap();
+    // Wait until some epoch metrics are recorded, then SIGKILL the runner.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        if d.join("r.db").exists()
+            && sql(&d, "SELECT COUNT(DISTINCT epoch) FROM metrics")
+                .parse::<i64>()
+                .unwrap_or(0)
+                >= 1
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no metrics appeared");
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500)); // orphans notice the closed pipe
+    let o = sweep(&d, &f, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(sql(&d, "SELECT COUNT(*) FROM latest_completed"), "2");
+    assert_eq!(
+        sql(
+            &d,
+            "SELECT COUNT(*) FROM attempts WHERE status = 'completed'"
+        ),
+        "2",
+        "each trial completes once"
+    );
+    assert_eq!(
+        sql(&d, "SELECT COUNT(*) FROM attempts WHERE status = 'running'"),
+        "0"
+    );
+    // Every epoch of every trial is recorded exactly once.
+    assert_eq!(sql(&d, "SELECT COUNT(*) FROM (SELECT trial_key, epoch FROM trial_metrics WHERE split='test' AND name='accuracy' GROUP BY trial_key, epoch)"), "8");
+    assert_eq!(
+        sql(
+            &d,
+            "SELECT COUNT(*) FROM trial_metrics WHERE split='test' AND name='accuracy'"
+        ),
+        "8",
+        "duplicate metric rows"
+    );
+}
+
+#[test]
+fn two_runners_never_run_the_same_trial_at_once() {
+    let (d, f) = setup(
+        "two",
+        "base: base.yaml\noverrides: {epochs: 2}\ngrid:\n  model.heads: [1, 2, 4]\n",
+    );
+    let spawn = || {
+        fer()
+            .arg("sweep")
+            .arg(&f)
+            .arg("--db")
+            .arg(d.join("r.db"))
+            .arg("--runs-dir")
+            .arg(d.join("runs"))
+            .arg("--jobs")
+            .arg("1")
+            .output()
+    };
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(spawn);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let b = s.spawn(spawn);
+        (a.join().unwrap().unwrap(), b.join().unwrap().unwrap())
+    });
+    assert!(
+        a.status.success() && b.status.success(),
+        "{}\n{}",
+        text(&a),
+        text(&b)
+    );
+    assert_eq!(
+        sql(&d, "SELECT COUNT(*) FROM attempts"),
+        "3",
+        "each trial ran exactly once across both runners"
+    );
+    assert_eq!(
+        sql(
+            &d,
+            "SELECT COUNT(*) FROM attempts WHERE status = 'completed'"
+        ),
+        "3"
+    );
+}
