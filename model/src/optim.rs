@@ -129,7 +129,10 @@ impl Optimizer {
     pub fn step(&mut self, grads: &GradStore) -> anyhow::Result<()> {
         for (name, var) in &self.params {
             let Some(grad) = grads.get(var) else { continue };
-            let theta = var.as_tensor();
+            // Detached: the moments must not carry the autodiff graph from step to step (they
+            // would keep every past gradient alive).
+            let grad = &grad.detach();
+            let theta = &var.as_tensor().detach();
             let t = self.steps.entry(name.clone()).or_insert(0);
             *t += 1;
             let state = self.state.entry(name.clone()).or_default();

@@ -343,3 +343,30 @@ fn two_runners_never_run_the_same_trial_at_once() {
         "3"
     );
 }
+
+#[test]
+fn ctrl_c_stops_children_marks_attempts_interrupted_and_the_next_run_resumes() {
+    let (d, f) = setup("sigint", "base: base.yaml\noverrides: {epochs: 6, data.train: 56}\ngrid:\n  model.heads: [1, 2]\n");
+    let mut child = fer().arg("sweep").arg(&f).arg("--db").arg(d.join("r.db")).arg("--runs-dir").arg(d.join("runs")).arg("--jobs").arg("2").spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        if d.join("r.db").exists() && sql(&d, "SELECT COUNT(DISTINCT epoch) FROM metrics").parse::<i64>().unwrap_or(0) >= 1 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no metrics appeared");
+    }
+    let ok = Command::new("kill").arg("-INT").arg(child.id().to_string()).status().unwrap();
+    assert!(ok.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "an interrupted sweep exits with 130");
+    assert_eq!(sql(&d, "SELECT COUNT(*) FROM attempts WHERE status = 'running'"), "0");
+    let interrupted: i64 = sql(&d, "SELECT COUNT(*) FROM attempts WHERE status = 'interrupted'").parse().unwrap();
+    let completed: i64 = sql(&d, "SELECT COUNT(*) FROM attempts WHERE status = 'completed'").parse().unwrap();
+    assert_eq!(interrupted + completed, 2);
+    assert!(interrupted >= 1);
+    let o = sweep(&d, &f, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(sql(&d, "SELECT COUNT(*) FROM latest_completed"), "2");
+    assert_eq!(sql(&d, "SELECT COUNT(*) FROM trial_metrics WHERE split='test' AND name='accuracy'"), "12");
+}
