@@ -1,19 +1,11 @@
 //! The `fer` binary end to end: a training run checkpoints every epoch and resumes where it
 //! stopped; bad input is a clear error, not a panic.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
-fn fer() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_fer"))
-}
+use std::path::Path;
 
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fer-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use common::{fer, tmp};
 
 const TINY: &str = "\
 model:
@@ -47,7 +39,7 @@ fn epochs_in(stdout: &[u8]) -> Vec<u64> {
     String::from_utf8_lossy(stdout)
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|v| v["event"] == "epoch")
+        .filter(|v| v["event"] == "epoch" && v["replayed"] != true)
         .map(|v| v["epoch"].as_u64().unwrap())
         .collect()
 }
@@ -92,7 +84,11 @@ fn config_errors_name_file_line_and_column() {
     let cfg = d.join("bad.yaml");
     std::fs::write(&cfg, TINY.replace("heads: 2", "heads: 2\n  head_count: 3")).unwrap();
     let o = train(&cfg, &d.join("run"), 1);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "setup errors exit with 2 (not retried)"
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
         err.contains("bad.yaml:4:3:") && err.contains("head_count"),
@@ -118,7 +114,7 @@ fn bad_arguments_and_files_are_clear_errors() {
         .args(["train", "--config", "/nonexistent/run.yaml"])
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/run.yaml"));
     let o = fer()
         .args(["inspect", "/nonexistent/model.pth"])

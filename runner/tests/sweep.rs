@@ -1,19 +1,12 @@
 //! Sweeps end to end through the `fer` binary: expansion and its errors, idempotent reruns,
 //! recovery after SIGKILL, retries by failure class, concurrent runners, no shell.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-fn fer() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_fer"))
-}
-
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fer-sweep-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+use common::{fer, tmp};
 
 const BASE: &str = "\
 model:
@@ -63,6 +56,23 @@ fn dry_run_rows(dir: &Path, file: &Path) -> Vec<String> {
         .skip(2)
         .map(|s| s.to_string())
         .collect()
+}
+
+/// Block until some trial has recorded an epoch's metrics.
+fn wait_for_first_epoch(d: &Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        if d.join("r.db").exists()
+            && sql(d, "SELECT COUNT(DISTINCT epoch) FROM metrics")
+                .parse::<i64>()
+                .unwrap_or(0)
+                >= 1
+        {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "no metrics appeared");
+    }
 }
 
 fn sql(dir: &Path, query: &str) -> String {
@@ -257,19 +267,7 @@ fn a_killed_sweep_resumes_and_completes_every_trial_once() {
         .spawn()
         .unwrap();
     // Wait until some epoch metrics are recorded, then SIGKILL the runner.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        if d.join("r.db").exists()
-            && sql(&d, "SELECT COUNT(DISTINCT epoch) FROM metrics")
-                .parse::<i64>()
-                .unwrap_or(0)
-                >= 1
-        {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no metrics appeared");
-    }
+    wait_for_first_epoch(&d);
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1500)); // orphans notice the closed pipe
@@ -346,27 +344,60 @@ fn two_runners_never_run_the_same_trial_at_once() {
 
 #[test]
 fn ctrl_c_stops_children_marks_attempts_interrupted_and_the_next_run_resumes() {
-    let (d, f) = setup("sigint", "base: base.yaml\noverrides: {epochs: 6, data.train: 56}\ngrid:\n  model.heads: [1, 2]\n");
-    let mut child = fer().arg("sweep").arg(&f).arg("--db").arg(d.join("r.db")).arg("--runs-dir").arg(d.join("runs")).arg("--jobs").arg("2").spawn().unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    loop {
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        if d.join("r.db").exists() && sql(&d, "SELECT COUNT(DISTINCT epoch) FROM metrics").parse::<i64>().unwrap_or(0) >= 1 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no metrics appeared");
-    }
-    let ok = Command::new("kill").arg("-INT").arg(child.id().to_string()).status().unwrap();
+    let (d, f) = setup(
+        "sigint",
+        "base: base.yaml\noverrides: {epochs: 6, data.train: 56}\ngrid:\n  model.heads: [1, 2]\n",
+    );
+    let mut child = fer()
+        .arg("sweep")
+        .arg(&f)
+        .arg("--db")
+        .arg(d.join("r.db"))
+        .arg("--runs-dir")
+        .arg(d.join("runs"))
+        .arg("--jobs")
+        .arg("2")
+        .spawn()
+        .unwrap();
+    wait_for_first_epoch(&d);
+    let ok = Command::new("kill")
+        .arg("-INT")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
     assert!(ok.success());
     let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "an interrupted sweep exits with 130");
-    assert_eq!(sql(&d, "SELECT COUNT(*) FROM attempts WHERE status = 'running'"), "0");
-    let interrupted: i64 = sql(&d, "SELECT COUNT(*) FROM attempts WHERE status = 'interrupted'").parse().unwrap();
-    let completed: i64 = sql(&d, "SELECT COUNT(*) FROM attempts WHERE status = 'completed'").parse().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "an interrupted sweep exits with 130"
+    );
+    assert_eq!(
+        sql(&d, "SELECT COUNT(*) FROM attempts WHERE status = 'running'"),
+        "0"
+    );
+    let interrupted: i64 = sql(
+        &d,
+        "SELECT COUNT(*) FROM attempts WHERE status = 'interrupted'",
+    )
+    .parse()
+    .unwrap();
+    let completed: i64 = sql(
+        &d,
+        "SELECT COUNT(*) FROM attempts WHERE status = 'completed'",
+    )
+    .parse()
+    .unwrap();
     assert_eq!(interrupted + completed, 2);
     assert!(interrupted >= 1);
     let o = sweep(&d, &f, &[]);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(sql(&d, "SELECT COUNT(*) FROM latest_completed"), "2");
-    assert_eq!(sql(&d, "SELECT COUNT(*) FROM trial_metrics WHERE split='test' AND name='accuracy'"), "12");
+    assert_eq!(
+        sql(
+            &d,
+            "SELECT COUNT(*) FROM trial_metrics WHERE split='test' AND name='accuracy'"
+        ),
+        "12"
+    );
 }
