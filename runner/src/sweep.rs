@@ -173,6 +173,11 @@ pub fn load(
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_default()
     });
+    // A profile is another experiment: its results are kept under their own sweep name.
+    let name = match profile {
+        Some(p) => format!("{name}-{p}"),
+        None => name,
+    };
     let err_at = |needle: &str, msg: String| -> anyhow::Error {
         match locate(&text, needle) {
             Some((l, c)) => anyhow::anyhow!("{}:{l}:{c}: {msg}", path.display()),
