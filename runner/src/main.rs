@@ -56,6 +56,10 @@ const MI_OPTION_PURGE_DELAY: i32 = 15;
 fn main() {
     // SAFETY: sets a process-wide allocator option before any other thread exists.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY as _, -1) };
+    // Like other Unix tools, end quietly when the reader of our output goes away (`fer runs |
+    // head`), instead of panicking in println!. A trial whose runner died ends the same way.
+    // SAFETY: restoring the default disposition of one signal at start-up.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(args) => train_cmd::run(args),
