@@ -7,17 +7,7 @@ use std::path::Path;
 
 use common::{fer, tmp};
 
-const TINY: &str = "\
-model:
-  backbone: {widths: [8, 8, 16, 16], blocks: [1, 1, 1, 1]}
-  heads: 2
-  classes: 7
-data: {kind: synthetic, difficulty: 0.2, image_size: 32, train: 28, test: 14, seed: 0, balance: balanced}
-input_size: 32
-optimizer: {kind: adam, lr: 0.001}
-epochs: 1
-batch: 8
-";
+const TINY: &str = common::TINY_CONFIG;
 
 fn train(config: &Path, out: &Path, epochs: usize) -> std::process::Output {
     fer()
@@ -127,7 +117,7 @@ fn bad_arguments_and_files_are_clear_errors() {
             "data",
             "synth",
             "--out",
-            "/tmp/x",
+            tmp("difficulty").to_str().unwrap(),
             "--difficulty",
             "extreme",
         ])

@@ -8,17 +8,7 @@ use std::process::{Command, Output};
 
 use common::{fer, tmp};
 
-const BASE: &str = "\
-model:
-  backbone: {widths: [8, 8, 16, 16], blocks: [1, 1, 1, 1]}
-  heads: 2
-  classes: 7
-data: {kind: synthetic, difficulty: 0.2, image_size: 32, train: 28, test: 14, seed: 0, balance: balanced}
-input_size: 32
-optimizer: {kind: adam, lr: 0.001}
-epochs: 1
-batch: 8
-";
+const BASE: &str = common::TINY_CONFIG;
 
 fn setup(tag: &str, sweep: &str) -> (PathBuf, PathBuf) {
     let d = tmp(tag);
@@ -56,6 +46,20 @@ fn dry_run_rows(dir: &Path, file: &Path) -> Vec<String> {
         .skip(2)
         .map(|s| s.to_string())
         .collect()
+}
+
+/// A sweep running in the background with two CPU slots.
+fn spawn_sweep(dir: &Path, file: &Path) -> std::process::Child {
+    fer()
+        .arg("sweep")
+        .arg(file)
+        .arg("--db")
+        .arg(dir.join("r.db"))
+        .arg("--runs-dir")
+        .arg(dir.join("runs"))
+        .args(["--jobs", "2"])
+        .spawn()
+        .unwrap()
 }
 
 /// Block until some trial has recorded an epoch's metrics.
@@ -255,17 +259,7 @@ fn a_killed_sweep_resumes_and_completes_every_trial_once() {
         "kill",
         "base: base.yaml\noverrides: {epochs: 4, data.train: 56}\ngrid:\n  model.heads: [1, 2]\n",
     );
-    let mut child = fer()
-        .arg("sweep")
-        .arg(&f)
-        .arg("--db")
-        .arg(d.join("r.db"))
-        .arg("--runs-dir")
-        .arg(d.join("runs"))
-        .arg("--jobs")
-        .arg("2")
-        .spawn()
-        .unwrap();
+    let mut child = spawn_sweep(&d, &f);
     // Wait until some epoch metrics are recorded, then SIGKILL the runner.
     wait_for_first_epoch(&d);
     child.kill().unwrap(); // SIGKILL
@@ -348,17 +342,7 @@ fn ctrl_c_stops_children_marks_attempts_interrupted_and_the_next_run_resumes() {
         "sigint",
         "base: base.yaml\noverrides: {epochs: 6, data.train: 56}\ngrid:\n  model.heads: [1, 2]\n",
     );
-    let mut child = fer()
-        .arg("sweep")
-        .arg(&f)
-        .arg("--db")
-        .arg(d.join("r.db"))
-        .arg("--runs-dir")
-        .arg(d.join("runs"))
-        .arg("--jobs")
-        .arg("2")
-        .spawn()
-        .unwrap();
+    let mut child = spawn_sweep(&d, &f);
     wait_for_first_epoch(&d);
     let ok = Command::new("kill")
         .arg("-INT")

@@ -14,3 +14,16 @@ pub fn tmp(tag: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// A run config small enough to train in well under a second.
+pub const TINY_CONFIG: &str = "\
+model:
+  backbone: {widths: [8, 8, 16, 16], blocks: [1, 1, 1, 1]}
+  heads: 2
+  classes: 7
+data: {kind: synthetic, difficulty: 0.2, image_size: 32, train: 28, test: 14, seed: 0, balance: balanced}
+input_size: 32
+optimizer: {kind: adam, lr: 0.001}
+epochs: 1
+batch: 8
+";
