@@ -142,7 +142,7 @@ impl RunConfig {
             "model.num_centers: must be at least 2"
         );
         let c = self.model.backbone.out_channels();
-        ensure!(c >= 16 && c % 16 == 0, "model.backbone.widths: the last width must be a multiple of 16 (heads use C/2 and C/16), got {c}");
+        ensure!(c >= 16 && c.is_multiple_of(16), "model.backbone.widths: the last width must be a multiple of 16 (heads use C/2 and C/16), got {c}");
         if let Some(aug) = &self.augment {
             ensure!(
                 aug.size == self.input_size,

@@ -161,7 +161,7 @@ impl Dan {
         );
         let c = config.feat_channels();
         ensure!(
-            c >= 16 && c % 16 == 0,
+            c >= 16 && c.is_multiple_of(16),
             "backbone feature channels must be a multiple of 16 (heads use C/2 and C/16), got {c}"
         );
         let backbone = ResNet::new(store, "", TrunkNames::DanFeatures, &config.backbone)?;

@@ -406,9 +406,9 @@ fn augmentation_geometry() {
         let (top, left, h, w) = trace.erased.expect("erasing forced on");
         assert!(top + h <= 12 && left + w <= 12);
         let area = (h * w) as f64 / 144.0;
-        assert!(area >= 0.02 * 0.5 && area <= 0.25 * 1.6, "area {area}");
+        assert!((0.02 * 0.5..=0.25 * 1.6).contains(&area), "area {area}");
         let ratio = h as f64 / w as f64;
-        assert!(ratio >= 0.3 / 2.0 && ratio <= 3.3 * 2.0, "ratio {ratio}");
+        assert!((0.3 / 2.0..=3.3 * 2.0).contains(&ratio), "ratio {ratio}");
         let mut expect = square.flip_horizontal();
         fer_model::data::augment::normalize(&mut expect);
         for c in 0..3 {

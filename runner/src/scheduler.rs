@@ -226,7 +226,7 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
                     let mut c = counts.lock().await;
                     c.2 -= 1;
                     match end {
-                        TrialEnd::Completed | TrialEnd::Busy => c.0 += 1,
+                        TrialEnd::Completed => c.0 += 1,
                         TrialEnd::Failed | TrialEnd::ConfigError => c.1 += 1,
                         _ => {}
                     }
@@ -510,7 +510,7 @@ pub fn summary_table(results: &[crate::store::TrialResult]) -> String {
     let mut out = String::from("params | final test accuracy (mean ± std over seeds) | n\n");
     // Numeric-aware order: "model.heads=2" before "model.heads=10".
     let mut rows: Vec<_> = groups.into_iter().collect();
-    rows.sort_by(|a, b| natural_key(&a.0).cmp(&natural_key(&b.0)));
+    rows.sort_by_key(|a| natural_key(&a.0));
     for (label, accs) in rows {
         let (m, s, n) = mean_std(&accs);
         out.push_str(&format!(

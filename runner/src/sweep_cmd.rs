@@ -103,7 +103,7 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
             planned.len(),
             args.file.display()
         );
-        println!("{:<18} {:<32} {}", "trial", "action", "params");
+        println!("{:<18} {:<32} params", "trial", "action");
         for (t, a) in &planned {
             println!(
                 "{:<18} {:<32} {}",
@@ -192,8 +192,8 @@ pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
     .fetch_all(&store.pool)
     .await?;
     println!(
-        "{:<10} {:<16} {:<12} {:>8} {:>9}  {}",
-        "sweep", "trial", "status", "attempts", "test acc", "params / error"
+        "{:<10} {:<16} {:<12} {:>8} {:>9}  params / error",
+        "sweep", "trial", "status", "attempts", "test acc"
     );
     for r in rows {
         let status: Option<String> = r.get(3);

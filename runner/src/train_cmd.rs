@@ -85,13 +85,11 @@ fn train(args: TrainArgs, started: &mut bool) -> anyhow::Result<()> {
             *started = true;
         }
         match event {
-            Event::Epoch(m) => {
-                if !quiet && !m.replayed {
-                    eprintln!(
+            Event::Epoch(m) if !quiet && !m.replayed => {
+                eprintln!(
                         "epoch {:>3}  loss {:.4}  train acc {:.3}  test acc {:.3}  balanced {:.3}  {:.1} img/s",
                         m.epoch, m.loss_total, m.train_accuracy, m.test_accuracy, m.test_balanced_accuracy, m.train_img_per_s
                     );
-                }
             }
             Event::Started {
                 start_epoch,

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: fixture discovery and the tolerance rules of the
 //! fixtures' README section 6 (a port of the reference `compare.py`).
 #![allow(dead_code)]
+// `!(x <= tol)` on purpose: a NaN must fail the comparison.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
