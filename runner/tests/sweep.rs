@@ -222,6 +222,27 @@ fn crashing_trial_is_recorded_and_retried_by_policy() {
     );
     assert!(sql(&d, "SELECT error FROM attempts LIMIT 1").contains("not finite"));
     assert!(sql(&d, "SELECT stderr_tail FROM attempts LIMIT 1").contains("error"));
+    // `fer runs` filters by status and shows the failure class and error.
+    let runs = fer()
+        .args(["runs", "--status", "failed", "--db"])
+        .arg(d.join("r.db"))
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&runs.stdout);
+    assert!(
+        listing.contains("[crash]") && listing.contains("not finite"),
+        "{listing}"
+    );
+    let runs = fer()
+        .args(["runs", "--status", "completed", "--db"])
+        .arg(d.join("r.db"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&runs.stdout).lines().count(),
+        1,
+        "header only"
+    );
     // A rerun does not try again once the attempts are used up.
     let o = sweep(&d, &f, &[]);
     assert!(
