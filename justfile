@@ -20,9 +20,11 @@ db:
 test:
     cargo test --workspace
 
-# Benchmarks (throughput, JSON lines): the data loader at 224 and 112 px on 2 threads.
+# Benchmarks (throughput, JSON lines) on 2 threads: the data loader at 224 and 112 px, then the full
+# DAN + EAC training step and inference at the reference PyTorch benchmark's settings.
 bench:
     RAYON_NUM_THREADS=2 cargo run -p fer-runner --bin fer -- bench loader
+    RAYON_NUM_THREADS=2 cargo run -p fer-runner --bin fer -- bench train
 
 # Render the synthetic face set to DIR (ImageFolder layout, labels.csv, contact_sheet.png).
 synth DIR *ARGS:

@@ -13,21 +13,131 @@ use fer_model::data::{self, DataSpec, Split};
 pub enum What {
     /// Data loader: JPEG decode + DAN train augmentation, images/s at 224 and 112 px.
     Loader,
+    /// The full DAN + EAC training step (both forwards, all losses, backward, Adam) and inference,
+    /// images/s, with the reference PyTorch benchmark's setting names and JSON keys.
+    Train,
 }
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     #[arg(value_enum, default_value = "loader")]
     pub what: What,
-    /// Images per measured pass.
+    /// Images per measured pass (loader).
     #[arg(long, default_value_t = 512)]
     pub images: usize,
+    /// Timed steps per setting (train); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// Only these settings (comma-separated), e.g. r18_112_b16,embedded.
+    #[arg(long, value_delimiter = ',')]
+    pub settings: Vec<String>,
+    /// Run the settings in this process (default: one child process per setting, so each
+    /// reports its own peak memory).
+    #[arg(long)]
+    pub in_process: bool,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.what {
         What::Loader => loader(args.images),
+        What::Train => train(&args),
     }
+}
+
+/// (name, widths, blocks, input side, batch), as in the reference `bench_torch.py`, plus the
+/// embedded default.
+const SETTINGS: [(&str, [usize; 4], [usize; 4], usize, usize); 4] = [
+    ("r18_112_b16", [64, 128, 256, 512], [2, 2, 2, 2], 112, 16),
+    ("r18_224_b16", [64, 128, 256, 512], [2, 2, 2, 2], 224, 16),
+    ("r18_64_b64", [64, 128, 256, 512], [2, 2, 2, 2], 64, 64),
+    ("embedded", [8, 16, 32, 64], [1, 1, 1, 1], 48, 32),
+];
+
+fn train(args: &BenchArgs) -> anyhow::Result<()> {
+    let wanted: Vec<&str> = if args.settings.is_empty() { SETTINGS.iter().map(|s| s.0).collect() } else { args.settings.iter().map(|s| s.as_str()).collect() };
+    for name in wanted {
+        let Some(&(_, widths, blocks, size, batch)) = SETTINGS.iter().find(|s| s.0 == name) else {
+            anyhow::bail!("unknown setting {name:?} (have: {:?})", SETTINGS.iter().map(|s| s.0).collect::<Vec<_>>());
+        };
+        if args.in_process || args.settings.len() == 1 {
+            train_setting(name, widths, blocks, size, batch, args.steps)?;
+        } else {
+            let status = std::process::Command::new(std::env::current_exe()?)
+                .args(["bench", "train", "--steps", &args.steps.to_string(), "--settings", name])
+                .status()?;
+            anyhow::ensure!(status.success(), "benchmark setting {name} failed");
+        }
+    }
+    Ok(())
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(|a, b| a.total_cmp(b));
+    xs[xs.len() / 2]
+}
+
+fn train_setting(name: &str, widths: [usize; 4], blocks: [usize; 4], size: usize, batch: usize, steps: usize) -> anyhow::Result<()> {
+    use candle_core::{DType, Device, Tensor};
+    use fer_model::backbone::ResNetConfig;
+    use fer_model::{train, DanConfig, DanEac, LossWeights, OptimizerConfig};
+    use rand::{Rng, SeedableRng};
+
+    let config = DanConfig { backbone: ResNetConfig { widths, blocks }, heads: 4, classes: 7 };
+    let net = DanEac::new(&config, 7, &Device::Cpu, DType::F32, 0)?;
+    let mut opt = net.optimizer(OptimizerConfig::Adam { lr: 1e-3, weight_decay: 0.0, betas: (0.9, 0.999), eps: 1e-8 });
+    // Normalised uniform noise with one zero (erased) rectangle per image, made once.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let mut px: Vec<f32> = (0..batch * 3 * size * size).map(|_| (rng.random::<f32>() - 0.45) / 0.225).collect();
+    for b in 0..batch {
+        let (h, w) = (size / 4, size / 3);
+        let (top, left) = (rng.random_range(0..size - h), rng.random_range(0..size - w));
+        for c in 0..3 {
+            for y in top..top + h {
+                for x in left..left + w {
+                    px[((b * 3 + c) * size + y) * size + x] = 0.0;
+                }
+            }
+        }
+    }
+    let x = Tensor::from_vec(px, (batch, 3, size, size), &Device::Cpu)?;
+    let y = Tensor::new((0..batch).map(|i| (i % 7) as u32).collect::<Vec<_>>(), &Device::Cpu)?;
+    let mut times = Vec::new();
+    for i in 0..=steps {
+        let t = Instant::now();
+        train::train_step(&net.dan, &net.centers, &mut opt, &x, &y, LossWeights::default())?;
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64()); // the first step is warm-up
+        }
+    }
+    let train_rate = batch as f64 / median(times);
+    let mut times = Vec::new();
+    for i in 0..=steps {
+        let t = Instant::now();
+        std::hint::black_box(net.dan.forward(&x, false)?.logits.to_vec2::<f32>()?);
+        if i > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    }
+    let infer_rate = batch as f64 / median(times);
+    println!(
+        "{}",
+        serde_json::json!({
+            "impl": "candle-fer",
+            "setting": name,
+            "train_img_per_s": (train_rate * 100.0).round() / 100.0,
+            "infer_img_per_s": (infer_rate * 100.0).round() / 100.0,
+            "peak_rss_mb": peak_rss_mb(),
+            "threads": rayon::current_num_threads(),
+        })
+    );
+    Ok(())
+}
+
+/// Peak resident memory of this process (VmHWM), in MB.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some((kb / 1024.0 * 10.0).round() / 10.0)
 }
 
 /// RAF-DB-like input: 100x100 aligned face JPEGs in an ImageFolder, decoded and augmented to
