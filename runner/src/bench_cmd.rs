@@ -54,16 +54,30 @@ const SETTINGS: [(&str, [usize; 4], [usize; 4], usize, usize); 4] = [
 ];
 
 fn train(args: &BenchArgs) -> anyhow::Result<()> {
-    let wanted: Vec<&str> = if args.settings.is_empty() { SETTINGS.iter().map(|s| s.0).collect() } else { args.settings.iter().map(|s| s.as_str()).collect() };
+    let wanted: Vec<&str> = if args.settings.is_empty() {
+        SETTINGS.iter().map(|s| s.0).collect()
+    } else {
+        args.settings.iter().map(|s| s.as_str()).collect()
+    };
     for name in wanted {
         let Some(&(_, widths, blocks, size, batch)) = SETTINGS.iter().find(|s| s.0 == name) else {
-            anyhow::bail!("unknown setting {name:?} (have: {:?})", SETTINGS.iter().map(|s| s.0).collect::<Vec<_>>());
+            anyhow::bail!(
+                "unknown setting {name:?} (have: {:?})",
+                SETTINGS.iter().map(|s| s.0).collect::<Vec<_>>()
+            );
         };
         if args.in_process || args.settings.len() == 1 {
             train_setting(name, widths, blocks, size, batch, args.steps)?;
         } else {
             let status = std::process::Command::new(std::env::current_exe()?)
-                .args(["bench", "train", "--steps", &args.steps.to_string(), "--settings", name])
+                .args([
+                    "bench",
+                    "train",
+                    "--steps",
+                    &args.steps.to_string(),
+                    "--settings",
+                    name,
+                ])
                 .status()?;
             anyhow::ensure!(status.success(), "benchmark setting {name} failed");
         }
@@ -76,18 +90,36 @@ fn median(mut xs: Vec<f64>) -> f64 {
     xs[xs.len() / 2]
 }
 
-fn train_setting(name: &str, widths: [usize; 4], blocks: [usize; 4], size: usize, batch: usize, steps: usize) -> anyhow::Result<()> {
+fn train_setting(
+    name: &str,
+    widths: [usize; 4],
+    blocks: [usize; 4],
+    size: usize,
+    batch: usize,
+    steps: usize,
+) -> anyhow::Result<()> {
     use candle_core::{DType, Device, Tensor};
     use fer_model::backbone::ResNetConfig;
     use fer_model::{train, DanConfig, DanEac, LossWeights, OptimizerConfig};
     use rand::{Rng, SeedableRng};
 
-    let config = DanConfig { backbone: ResNetConfig { widths, blocks }, heads: 4, classes: 7 };
+    let config = DanConfig {
+        backbone: ResNetConfig { widths, blocks },
+        heads: 4,
+        classes: 7,
+    };
     let net = DanEac::new(&config, 7, &Device::Cpu, DType::F32, 0)?;
-    let mut opt = net.optimizer(OptimizerConfig::Adam { lr: 1e-3, weight_decay: 0.0, betas: (0.9, 0.999), eps: 1e-8 });
+    let mut opt = net.optimizer(OptimizerConfig::Adam {
+        lr: 1e-3,
+        weight_decay: 0.0,
+        betas: (0.9, 0.999),
+        eps: 1e-8,
+    });
     // Normalised uniform noise with one zero (erased) rectangle per image, made once.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
-    let mut px: Vec<f32> = (0..batch * 3 * size * size).map(|_| (rng.random::<f32>() - 0.45) / 0.225).collect();
+    let mut px: Vec<f32> = (0..batch * 3 * size * size)
+        .map(|_| (rng.random::<f32>() - 0.45) / 0.225)
+        .collect();
     for b in 0..batch {
         let (h, w) = (size / 4, size / 3);
         let (top, left) = (rng.random_range(0..size - h), rng.random_range(0..size - w));
@@ -100,11 +132,21 @@ fn train_setting(name: &str, widths: [usize; 4], blocks: [usize; 4], size: usize
         }
     }
     let x = Tensor::from_vec(px, (batch, 3, size, size), &Device::Cpu)?;
-    let y = Tensor::new((0..batch).map(|i| (i % 7) as u32).collect::<Vec<_>>(), &Device::Cpu)?;
+    let y = Tensor::new(
+        (0..batch).map(|i| (i % 7) as u32).collect::<Vec<_>>(),
+        &Device::Cpu,
+    )?;
     let mut times = Vec::new();
     for i in 0..=steps {
         let t = Instant::now();
-        train::train_step(&net.dan, &net.centers, &mut opt, &x, &y, LossWeights::default())?;
+        train::train_step(
+            &net.dan,
+            &net.centers,
+            &mut opt,
+            &x,
+            &y,
+            LossWeights::default(),
+        )?;
         if i > 0 {
             times.push(t.elapsed().as_secs_f64()); // the first step is warm-up
         }
@@ -136,7 +178,13 @@ fn train_setting(name: &str, widths: [usize; 4], blocks: [usize; 4], size: usize
 /// Peak resident memory of this process (VmHWM), in MB.
 fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
     Some((kb / 1024.0 * 10.0).round() / 10.0)
 }
 
