@@ -102,12 +102,7 @@ impl RunConfig {
             input_size: 48,
             augment: None,
             sampling: Sampling::Shuffle,
-            optimizer: OptimizerConfig::Adam {
-                lr: 2e-3,
-                weight_decay: 0.0,
-                betas: (0.9, 0.999),
-                eps: 1e-8,
-            },
+            optimizer: OptimizerConfig::adam(2e-3),
             schedule: Schedule::Exponential { gamma: 0.9 },
             epochs: 5,
             batch: 32,

@@ -54,8 +54,13 @@ fn default_eps() -> f64 {
 impl OptimizerConfig {
     /// The thesis optimiser: Adam, lr 1e-4, no weight decay (spec 7 item 9).
     pub fn thesis() -> Self {
+        Self::adam(1e-4)
+    }
+
+    /// Plain Adam (no weight decay, PyTorch's default betas and eps) at `lr`.
+    pub fn adam(lr: f64) -> Self {
         OptimizerConfig::Adam {
-            lr: 1e-4,
+            lr,
             weight_decay: 0.0,
             betas: default_betas(),
             eps: default_eps(),

@@ -266,10 +266,8 @@ fn loss_gradients_match_finite_differences() {
     assert!(err < TOL, "sigmoid + cross entropy: {err:e}");
 }
 
-#[test]
-fn whole_network_gradient_matches_finite_differences() {
-    // A tiny network in float64; every loss term on, both forwards. Train-mode BN running
-    // stats change between evaluations but do not enter the train-mode output.
+/// Two heads, three classes, a one-block-per-stage trunk: small enough for finite differences.
+fn tiny_net(dtype: DType) -> DanEac {
     let config = DanConfig {
         backbone: ResNetConfig {
             widths: [4, 4, 8, 16],
@@ -278,11 +276,17 @@ fn whole_network_gradient_matches_finite_differences() {
         heads: 2,
         classes: 3,
     };
-    let net = DanEac::new(&config, 3, &Device::Cpu, DType::F64, 5).unwrap();
+    DanEac::new(&config, 3, &Device::Cpu, dtype, 5).unwrap()
+}
+
+#[test]
+fn whole_network_gradient_matches_finite_differences() {
+    // A tiny network in float64; every loss term on, both forwards. Train-mode BN running
+    // stats change between evaluations but do not enter the train-mode output.
+    let net = tiny_net(DType::F64);
     let x = rand_tensor(&[3, 3, 32, 40], 80);
     let y = Tensor::new(&[0u32, 2, 1], &Device::Cpu).unwrap();
     let eps = 1e-6;
-    let mut worst: f64 = 0.0;
     // The CAM detaches fc.weight, so finite differences of fc.weight only agree with the
     // analytic gradient when the consistency term is off.
     let no_cam = LossWeights {
@@ -340,22 +344,12 @@ fn whole_network_gradient_matches_finite_differences() {
         }
         let rel = diff_max / num_max.max(1e-8);
         assert!(rel < 1e-4, "{name}: relative error {rel:e}");
-        worst = worst.max(rel);
     }
-    assert!(worst.is_finite());
 }
 
 #[test]
 fn switched_off_terms_leave_no_gradient() {
-    let config = DanConfig {
-        backbone: ResNetConfig {
-            widths: [4, 4, 8, 16],
-            blocks: [1, 1, 1, 1],
-        },
-        heads: 2,
-        classes: 3,
-    };
-    let net = DanEac::new(&config, 3, &Device::Cpu, DType::F32, 5).unwrap();
+    let net = tiny_net(DType::F32);
     let x = rand_tensor(&[3, 3, 32, 32], 81)
         .to_dtype(DType::F32)
         .unwrap();

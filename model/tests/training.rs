@@ -20,21 +20,12 @@ fn tiny() -> DanConfig {
     }
 }
 
-fn adam(lr: f64) -> OptimizerConfig {
-    OptimizerConfig::Adam {
-        lr,
-        weight_decay: 0.0,
-        betas: (0.9, 0.999),
-        eps: 1e-8,
-    }
-}
-
 #[test]
 fn full_loss_falls_and_training_accuracy_exceeds_95_percent() {
     let (x, labels) = data::blobs(28, 7, 32, 1, &Device::Cpu).unwrap();
     let y = Tensor::new(labels.as_slice(), &Device::Cpu).unwrap();
     let net = DanEac::new(&tiny(), 7, &Device::Cpu, DType::F32, 3).unwrap();
-    let mut opt = net.optimizer(adam(3e-3));
+    let mut opt = net.optimizer(OptimizerConfig::adam(3e-3));
     let mut first = None;
     let mut reached = None;
     let mut last = None;
@@ -87,7 +78,7 @@ fn checkpoint_resume_is_exact() {
     let w = LossWeights::default();
     // Run A: 2 steps, save, 2 more steps.
     let a = DanEac::new(&tiny(), 7, &Device::Cpu, DType::F32, 4).unwrap();
-    let mut opt_a = a.optimizer(adam(1e-3));
+    let mut opt_a = a.optimizer(OptimizerConfig::adam(1e-3));
     for _ in 0..2 {
         train::train_step(&a.dan, &a.centers, &mut opt_a, &x, &y, w).unwrap();
     }
@@ -105,7 +96,7 @@ fn checkpoint_resume_is_exact() {
     }
     // Run B: a differently seeded network restored from the checkpoint, 2 steps.
     let b = DanEac::new(&tiny(), 7, &Device::Cpu, DType::F32, 999).unwrap();
-    let mut opt_b = b.optimizer(adam(1e-3));
+    let mut opt_b = b.optimizer(OptimizerConfig::adam(1e-3));
     let meta = checkpoint::restore(&path, &b, Some(&mut opt_b)).unwrap();
     assert_eq!(meta.epoch, 2);
     assert_eq!(meta.extra["dataset"], "blobs");

@@ -109,12 +109,7 @@ fn train_setting(
         classes: 7,
     };
     let net = DanEac::new(&config, 7, &Device::Cpu, DType::F32, 0)?;
-    let mut opt = net.optimizer(OptimizerConfig::Adam {
-        lr: 1e-3,
-        weight_decay: 0.0,
-        betas: (0.9, 0.999),
-        eps: 1e-8,
-    });
+    let mut opt = net.optimizer(OptimizerConfig::adam(1e-3));
     // Normalised uniform noise with one zero (erased) rectangle per image, made once.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let mut px: Vec<f32> = (0..batch * 3 * size * size)
