@@ -54,6 +54,8 @@ pub enum Event {
         train_samples: usize,
         test_samples: usize,
         skipped_samples: usize,
+        /// Class names in label order (the confusion matrix's rows and columns).
+        class_names: Vec<String>,
     },
     Step {
         epoch: usize,
@@ -128,6 +130,7 @@ pub fn run(
         train_samples: train_set.len(),
         test_samples: test_set.len(),
         skipped_samples: skipped,
+        class_names: test_set.class_names.clone(),
     })?;
     for past in &history {
         on_event(&Event::Epoch(EpochMetrics {

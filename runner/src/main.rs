@@ -2,6 +2,7 @@
 
 mod bench_cmd;
 mod data_cmd;
+mod report;
 mod scheduler;
 mod store;
 mod sweep;

@@ -90,7 +90,8 @@ impl Store {
             .get(0))
     }
 
-    /// Register a trial and its flattened params (idempotent).
+    /// Register a trial, its membership of this sweep and its flattened params (idempotent; a
+    /// trial another sweep already ran is shared, not re-run).
     pub async fn upsert_trial(
         &self,
         key: &str,
@@ -105,6 +106,12 @@ impl Store {
             .bind(sweep_id)
             .bind(seed as i64)
             .bind(config.to_string())
+            .bind(params.to_string())
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT OR IGNORE INTO sweep_trials (sweep_id, trial_key, params_json) VALUES (?, ?, ?)")
+            .bind(sweep_id)
+            .bind(key)
             .bind(params.to_string())
             .execute(&mut *tx)
             .await?;

@@ -39,9 +39,9 @@ pub struct SweepFile {
     pub resources: Resources,
     #[serde(default)]
     pub retry: Retry,
-    /// The report this sweep feeds (`fer report NAME`).
+    /// The table and figures this sweep feeds (`fer report NAME`, NAME = the file stem).
     #[serde(default)]
-    pub report: Option<String>,
+    pub report: Option<crate::report::spec::ReportSpec>,
     /// Named override sets, chosen with `--profile` (e.g. `thesis`: RAF-DB, 224 px, GPU).
     #[serde(default)]
     pub profiles: BTreeMap<String, BTreeMap<String, serde_yaml_ng::Value>>,
@@ -105,7 +105,10 @@ pub struct Trial {
 }
 
 pub struct Sweep {
+    /// The sweep's name in the store: the file's name, `-profile` appended for a profile.
     pub name: String,
+    /// The file's own name (without a profile): the report's name.
+    pub base_name: String,
     pub spec: SweepFile,
     pub trials: Vec<Trial>,
 }
@@ -173,6 +176,7 @@ pub fn load(
             .map(|s| s.to_string_lossy().to_string())
             .unwrap_or_default()
     });
+    let base_name = name.clone();
     // A profile is another experiment: its results are kept under their own sweep name.
     let name = match profile {
         Some(p) => format!("{name}-{p}"),
@@ -340,5 +344,15 @@ pub fn load(
             path.display()
         );
     }
-    Ok(Sweep { name, spec, trials })
+    if let Some(report) = &spec.report {
+        report
+            .validate(&trials[0].config_json)
+            .map_err(|e| err_at("report:", e))?;
+    }
+    Ok(Sweep {
+        name,
+        base_name,
+        spec,
+        trials,
+    })
 }

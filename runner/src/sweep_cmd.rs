@@ -81,7 +81,7 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
         .upsert_sweep(
             &sweep.name,
             &args.file.display().to_string(),
-            sweep.spec.report.as_deref(),
+            sweep.spec.report.as_ref().map(|_| sweep.base_name.as_str()),
         )
         .await?;
     for t in &sweep.trials {
@@ -179,13 +179,13 @@ pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
     }
     let store = Store::open(&args.db).await?;
     let rows = sqlx::query(
-        "SELECT s.name, t.key, t.params_json, a.status, a.failure_class, a.error,
+        "SELECT s.name, t.key, st.params_json, a.status, a.failure_class, a.error,
                 (SELECT COUNT(*) FROM attempts x WHERE x.trial_key = t.key) AS attempts,
                 (SELECT value FROM trial_metrics m WHERE m.trial_key = t.key AND m.split = 'test' AND m.name = 'accuracy' ORDER BY m.epoch DESC, m.attempt_id DESC LIMIT 1)
-         FROM trials t JOIN sweeps s ON s.id = t.sweep_id
+         FROM sweep_trials st JOIN trials t ON t.key = st.trial_key JOIN sweeps s ON s.id = st.sweep_id
          LEFT JOIN attempts a ON a.id = (SELECT MAX(id) FROM attempts b WHERE b.trial_key = t.key)
          WHERE (?1 IS NULL OR s.name = ?1) AND (?2 IS NULL OR COALESCE(a.status, 'pending') = ?2)
-         ORDER BY s.name, t.params_json",
+         ORDER BY s.name, st.params_json",
     )
     .bind(args.sweep.as_deref())
     .bind(args.status.as_deref())

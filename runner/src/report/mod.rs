@@ -1,0 +1,3 @@
+//! `fer report NAME`: tables and figures of the thesis from the results database.
+
+pub mod spec;
