@@ -8,6 +8,10 @@ train *ARGS:
 sweep NAME *ARGS:
     cargo run -p fer-runner --bin fer -- sweep experiments/{{NAME}}.yaml {{ARGS}}
 
+# Regenerate reports/NAME.md, .csv, .png, .svg from the database, e.g. `just report heads`.
+report NAME *ARGS:
+    cargo run -p fer-runner --bin fer -- report {{NAME}} {{ARGS}}
+
 # List trials in the results database (filters: --sweep NAME --status failed).
 runs *ARGS:
     cargo run -p fer-runner --bin fer -- runs {{ARGS}}

@@ -41,6 +41,8 @@ enum Command {
     Sweep(sweep_cmd::SweepArgs),
     /// List the trials in the results database.
     Runs(sweep_cmd::RunsArgs),
+    /// Regenerate a table / figure of the thesis from the database (reports/NAME.md, .csv, .png, .svg).
+    Report(report::ReportArgs),
     /// Throughput benchmarks (JSON lines).
     Bench(bench_cmd::BenchArgs),
     /// Print what a checkpoint holds: our safetensors file or an official DAN `.pth`.
@@ -68,6 +70,7 @@ fn main() {
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Bench(args) => bench_cmd::run(args),
         Command::Sweep(args) => runtime().and_then(|rt| rt.block_on(sweep_cmd::sweep(args))),
+        Command::Report(args) => runtime().and_then(|rt| rt.block_on(report::run(args))),
         Command::Runs(args) => runtime().and_then(|rt| rt.block_on(sweep_cmd::runs(args))),
     };
     if let Err(err) = result {

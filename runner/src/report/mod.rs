@@ -1,3 +1,666 @@
-//! `fer report NAME`: tables and figures of the thesis from the results database.
+//! `fer report NAME`: a table and figures of the thesis, regenerated from the results database.
+//!
+//! The report's cells come from its sweep file (`experiments/NAME.yaml`, section `report:`): the
+//! sweep is expanded exactly as `fer sweep` expands it, each trial goes to the cells whose filters
+//! its resolved config matches, and each cell takes the completed trials' test accuracy under the
+//! chosen protocol. A trial the sweep expects but the database lacks is a missing result: listed,
+//! and an error unless `--allow-missing`.
 
+pub mod plot;
+pub mod render;
 pub mod spec;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use serde_json::Value;
+use sqlx::Row;
+
+use crate::store::Store;
+use crate::sweep::{self, Trial};
+use crate::sweep_cmd::{git_version, DEFAULT_DB};
+use spec::{Column, Protocol, ReportSpec};
+
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// Report name (reads experiments/NAME.yaml) or the path of a sweep file with a `report:` section.
+    pub name: String,
+    /// Results database.
+    #[arg(long, default_value = DEFAULT_DB)]
+    pub db: PathBuf,
+    /// The sweep's profile whose results to report (e.g. `thesis`).
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Accuracy protocol (default: the report's own).
+    #[arg(long, value_enum)]
+    pub protocol: Option<Protocol>,
+    /// Write the report even when some trials have no result (they are listed as missing).
+    #[arg(long)]
+    pub allow_missing: bool,
+    /// Output folder.
+    #[arg(long, default_value = "reports")]
+    pub out: PathBuf,
+    /// Where report names are looked up.
+    #[arg(long, default_value = "experiments")]
+    pub experiments: PathBuf,
+}
+
+/// A completed trial as the report sees it (accuracies as fractions).
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub key: String,
+    pub seed: u64,
+    pub final_accuracy: f64,
+    pub best_accuracy: f64,
+    pub last5_accuracy: f64,
+    pub balanced_accuracy: Option<f64>,
+    pub epochs: i64,
+    pub git_commit: Option<String>,
+    pub git_dirty: bool,
+}
+
+impl Outcome {
+    pub fn accuracy(&self, protocol: Protocol) -> f64 {
+        match protocol {
+            Protocol::Final => self.final_accuracy,
+            Protocol::Best => self.best_accuracy,
+            Protocol::Last5 => self.last5_accuracy,
+        }
+    }
+}
+
+/// A trial the sweep expects whose result is not in the database, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Missing {
+    pub key: String,
+    pub seed: u64,
+    /// "never run", or the latest attempt's status (and failure class).
+    pub status: String,
+}
+
+/// Mean, sample standard deviation (0 for one value) and count, in percent.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stat {
+    pub mean: f64,
+    pub std: f64,
+    pub n: usize,
+}
+
+impl Stat {
+    pub fn of(values: &[f64]) -> Option<Stat> {
+        let n = values.len();
+        if n == 0 {
+            return None;
+        }
+        let mean = values.iter().sum::<f64>() / n as f64;
+        let std = if n > 1 {
+            (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
+        } else {
+            0.0
+        };
+        Some(Stat { mean, std, n })
+    }
+}
+
+/// One (row, column) cell with trials: what the sweep expects and what the database has.
+#[derive(Debug, Clone)]
+pub struct Cell {
+    pub row: usize,
+    pub column: usize,
+    pub expected: usize,
+    pub done: Vec<Outcome>,
+    pub missing: Vec<Missing>,
+}
+
+impl Cell {
+    /// Mean ± std over the completed trials, in percent.
+    pub fn stat(&self, protocol: Protocol) -> Option<Stat> {
+        let v: Vec<f64> = self
+            .done
+            .iter()
+            .map(|o| 100.0 * o.accuracy(protocol))
+            .collect();
+        Stat::of(&v)
+    }
+}
+
+/// Everything a report renders.
+pub struct Report {
+    pub name: String,
+    pub sweep_name: String,
+    pub sweep_file: PathBuf,
+    pub profile: Option<String>,
+    pub spec: ReportSpec,
+    pub columns: Vec<Column>,
+    pub protocol: Protocol,
+    pub cells: Vec<Cell>,
+    /// Config keys with one value across the report's trials: (dotted key, value).
+    pub setting: Vec<(String, String)>,
+    /// Keys that differ between the report's trials.
+    pub varying: Vec<String>,
+}
+
+impl Report {
+    pub fn cell(&self, row: usize, column: usize) -> Option<&Cell> {
+        self.cells
+            .iter()
+            .find(|c| c.row == row && c.column == column)
+    }
+
+    pub fn missing(&self) -> impl Iterator<Item = (&Cell, &Missing)> {
+        self.cells
+            .iter()
+            .flat_map(|c| c.missing.iter().map(move |m| (c, m)))
+    }
+}
+
+/// Assign the sweep's trials to the report's cells. A cell whose filters match no trial of the
+/// sweep is a mistake in the report section, not a missing result.
+pub fn assign_cells(
+    spec: &ReportSpec,
+    trials: &[(String, u64, Value)],
+    done: &HashMap<String, Outcome>,
+    status: &HashMap<String, String>,
+) -> anyhow::Result<Vec<Cell>> {
+    let columns = spec.columns();
+    let mut cells = Vec::new();
+    for (r, row) in spec.rows.iter().enumerate() {
+        let Some(row_filter) = &row.filter else {
+            continue;
+        };
+        for (c, column) in columns.iter().enumerate() {
+            let mut cell = Cell {
+                row: r,
+                column: c,
+                expected: 0,
+                done: Vec::new(),
+                missing: Vec::new(),
+            };
+            for (key, seed, config) in trials {
+                if !(spec::matches(config, row_filter) && spec::matches(config, &column.filter)) {
+                    continue;
+                }
+                cell.expected += 1;
+                match done.get(key) {
+                    Some(o) => cell.done.push(o.clone()),
+                    None => cell.missing.push(Missing {
+                        key: key.clone(),
+                        seed: *seed,
+                        status: status
+                            .get(key)
+                            .cloned()
+                            .unwrap_or_else(|| "never run".into()),
+                    }),
+                }
+            }
+            if cell.expected == 0 {
+                bail!(
+                    "report: row {:?}, column {:?} matches no trial of the sweep (check its `where` filters against the sweep's axes)",
+                    row.label,
+                    column.label
+                );
+            }
+            cells.push(cell);
+        }
+    }
+    Ok(cells)
+}
+
+/// Flatten a config into (dotted key, leaf value) pairs; arrays stay whole.
+fn flatten(prefix: &str, v: &Value, out: &mut BTreeMap<String, String>) {
+    match v {
+        Value::Object(map) if !map.is_empty() => {
+            for (k, x) in map {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, x, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.to_string());
+        }
+    }
+}
+
+/// Keys shared by every trial (with their value) and keys that vary.
+pub fn setting(configs: &[&Value]) -> (Vec<(String, String)>, Vec<String>) {
+    let flat: Vec<BTreeMap<String, String>> = configs
+        .iter()
+        .map(|c| {
+            let mut m = BTreeMap::new();
+            flatten("", c, &mut m);
+            m
+        })
+        .collect();
+    let mut keys: Vec<&String> = flat.iter().flat_map(|m| m.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let (mut same, mut varying) = (Vec::new(), Vec::new());
+    for k in keys {
+        let first = flat[0].get(k);
+        if flat.iter().all(|m| m.get(k) == first) {
+            same.push((k.clone(), first.cloned().unwrap_or_else(|| "null".into())));
+        } else {
+            varying.push(k.clone());
+        }
+    }
+    (same, varying)
+}
+
+/// The sweep file a report name stands for.
+pub fn sweep_file(name: &str, experiments: &Path) -> PathBuf {
+    let p = Path::new(name);
+    if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+        p.to_path_buf()
+    } else {
+        experiments.join(format!("{name}.yaml"))
+    }
+}
+
+async fn outcomes(
+    store: &Store,
+    keys: &[&str],
+) -> anyhow::Result<(HashMap<String, Outcome>, HashMap<String, String>)> {
+    let mut done = HashMap::new();
+    let mut status = HashMap::new();
+    for &key in keys {
+        let row = sqlx::query(
+            "SELECT seed, final_accuracy, best_accuracy, last5_accuracy, final_balanced_accuracy, epochs, git_commit, git_dirty
+             FROM trial_results WHERE trial_key = ? LIMIT 1",
+        )
+        .bind(key)
+        .fetch_optional(&store.pool)
+        .await?;
+        if let Some(r) = row {
+            let final_accuracy: Option<f64> = r.get(1);
+            if let Some(final_accuracy) = final_accuracy {
+                done.insert(
+                    key.to_string(),
+                    Outcome {
+                        key: key.to_string(),
+                        seed: r.get::<i64, _>(0) as u64,
+                        final_accuracy,
+                        best_accuracy: r.get::<Option<f64>, _>(2).unwrap_or(final_accuracy),
+                        last5_accuracy: r.get::<Option<f64>, _>(3).unwrap_or(final_accuracy),
+                        balanced_accuracy: r.get(4),
+                        epochs: r.get(5),
+                        git_commit: r.get(6),
+                        git_dirty: r.get::<Option<i64>, _>(7).unwrap_or(0) != 0,
+                    },
+                );
+                continue;
+            }
+        }
+        let latest = sqlx::query(
+            "SELECT status, failure_class, error FROM attempts WHERE trial_key = ? ORDER BY id DESC LIMIT 1",
+        )
+        .bind(key)
+        .fetch_optional(&store.pool)
+        .await?;
+        if let Some(a) = latest {
+            let s: String = a.get(0);
+            let class: Option<String> = a.get(1);
+            let error: Option<String> = a.get(2);
+            let mut text = match class {
+                Some(c) => format!("{s} ({c})"),
+                None => s,
+            };
+            if let Some(e) = error {
+                text.push_str(&format!(": {}", e.lines().next().unwrap_or("")));
+            }
+            status.insert(key.to_string(), text);
+        }
+    }
+    Ok((done, status))
+}
+
+/// Per-epoch metrics of a trial (every attempt; the latest value of an epoch wins).
+pub async fn trial_metrics(
+    store: &Store,
+    key: &str,
+) -> anyhow::Result<BTreeMap<(String, String), Vec<(i64, f64)>>> {
+    let rows = sqlx::query(
+        "SELECT split, name, epoch, value FROM trial_metrics WHERE trial_key = ? ORDER BY split, name, epoch, attempt_id",
+    )
+    .bind(key)
+    .fetch_all(&store.pool)
+    .await?;
+    let mut out: BTreeMap<(String, String), Vec<(i64, f64)>> = BTreeMap::new();
+    for r in rows {
+        let series = out.entry((r.get(0), r.get(1))).or_default();
+        let (epoch, value): (i64, f64) = (r.get(2), r.get(3));
+        match series.last_mut() {
+            Some(last) if last.0 == epoch => last.1 = value,
+            _ => series.push((epoch, value)),
+        }
+    }
+    Ok(out)
+}
+
+/// The confusion matrix of a trial's last reported epoch, and its class names when recorded.
+pub async fn trial_confusion(
+    store: &Store,
+    key: &str,
+) -> anyhow::Result<Option<(Vec<Vec<u64>>, Option<Vec<String>>)>> {
+    let rows = sqlx::query(
+        "SELECT e.kind, e.payload FROM events e JOIN attempts a ON a.id = e.attempt_id
+         WHERE a.trial_key = ? AND e.kind IN ('confusion', 'started') ORDER BY e.id",
+    )
+    .bind(key)
+    .fetch_all(&store.pool)
+    .await?;
+    let (mut best, mut names): (Option<(i64, Vec<Vec<u64>>)>, Option<Vec<String>>) = (None, None);
+    for r in rows {
+        let kind: String = r.get(0);
+        let payload: Option<String> = r.get(1);
+        let Some(v) = payload.and_then(|p| serde_json::from_str::<Value>(&p).ok()) else {
+            continue;
+        };
+        if kind == "started" {
+            if let Ok(n) = serde_json::from_value::<Vec<String>>(v["class_names"].clone()) {
+                names = Some(n);
+            }
+        } else if let (Some(epoch), Ok(m)) = (
+            v["epoch"].as_i64(),
+            serde_json::from_value::<Vec<Vec<u64>>>(v["confusion"].clone()),
+        ) {
+            if best.as_ref().is_none_or(|(e, _)| epoch >= *e) {
+                best = Some((epoch, m));
+            }
+        }
+    }
+    Ok(best.map(|(_, m)| (m, names)))
+}
+
+pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
+    let file = sweep_file(&args.name, &args.experiments);
+    if !file.is_file() {
+        bail!(
+            "{}: no such sweep file (a report NAME reads {}/NAME.yaml)",
+            file.display(),
+            args.experiments.display()
+        );
+    }
+    let (commit, _) = git_version();
+    let sweep = sweep::load(&file, args.profile.as_deref(), commit.as_deref())?;
+    let Some(spec) = sweep.spec.report.clone() else {
+        bail!("{}: has no `report:` section", file.display());
+    };
+    if !args.db.is_file() {
+        bail!(
+            "{}: no results database (run `fer sweep {}` first, or pass --db)",
+            args.db.display(),
+            file.display()
+        );
+    }
+    let store = Store::open(&args.db).await?;
+    let report = gather(
+        &store,
+        &sweep.base_name,
+        &sweep.name,
+        &file,
+        args.profile.clone(),
+        &sweep.trials,
+        spec,
+        args.protocol,
+    )
+    .await?;
+    let table = render::markdown_table(&report);
+    println!("{}\n", report.spec.title);
+    println!("{table}");
+    let missing: Vec<_> = report.missing().collect();
+    if !missing.is_empty() {
+        eprintln!("{} trial(s) without a result:", missing.len());
+        for line in render::missing_lines(&report) {
+            eprintln!("  {line}");
+        }
+        if !args.allow_missing {
+            bail!(
+                "{} of the report's trials have no result; run `fer sweep {}{}` or pass --allow-missing",
+                missing.len(),
+                file.display(),
+                args.profile.as_ref().map(|p| format!(" --profile {p}")).unwrap_or_default()
+            );
+        }
+    }
+    write(&store, &report, &args.out, &args.db).await?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn gather(
+    store: &Store,
+    name: &str,
+    sweep_name: &str,
+    file: &Path,
+    profile: Option<String>,
+    trials: &[Trial],
+    spec: ReportSpec,
+    protocol: Option<Protocol>,
+) -> anyhow::Result<Report> {
+    let keys: Vec<&str> = trials.iter().map(|t| t.key.as_str()).collect();
+    let (done, status) = outcomes(store, &keys).await?;
+    let triples: Vec<(String, u64, Value)> = trials
+        .iter()
+        .map(|t| (t.key.clone(), t.seed, t.config_json.clone()))
+        .collect();
+    let cells = assign_cells(&spec, &triples, &done, &status)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let in_cells: std::collections::HashSet<&str> = cells
+        .iter()
+        .flat_map(|c| {
+            c.done
+                .iter()
+                .map(|o| o.key.as_str())
+                .chain(c.missing.iter().map(|m| m.key.as_str()))
+        })
+        .collect();
+    let configs: Vec<&Value> = trials
+        .iter()
+        .filter(|t| in_cells.contains(t.key.as_str()))
+        .map(|t| &t.config_json)
+        .collect();
+    let (setting, varying) = setting(&configs);
+    Ok(Report {
+        name: name.to_string(),
+        sweep_name: sweep_name.to_string(),
+        sweep_file: file.to_path_buf(),
+        profile,
+        columns: spec.columns(),
+        protocol: protocol.unwrap_or(spec.protocol),
+        spec,
+        cells,
+        setting,
+        varying,
+    })
+}
+
+/// Write NAME.md, NAME.csv, the figures, the per-trial pictures and the reports index.
+async fn write(store: &Store, report: &Report, out: &Path, db: &Path) -> anyhow::Result<()> {
+    let stem = match &report.profile {
+        Some(p) => format!("{}-{p}", report.name),
+        None => report.name.clone(),
+    };
+    let trial_dir = out.join(&stem).join("trials");
+    std::fs::create_dir_all(&trial_dir)
+        .with_context(|| format!("creating {}", trial_dir.display()))?;
+    // Pictures of this report's trials only: stale ones from an earlier run go.
+    for entry in std::fs::read_dir(&trial_dir)? {
+        let p = entry?.path();
+        if p.extension().is_some_and(|e| e == "png") {
+            std::fs::remove_file(&p)?;
+        }
+    }
+
+    let mut pictures: HashMap<String, (bool, bool)> = HashMap::new();
+    for cell in &report.cells {
+        let row = &report.spec.rows[cell.row].label;
+        let col = &report.columns[cell.column].label;
+        for o in &cell.done {
+            let short = &o.key[..16];
+            let label = if report.columns.len() > 1 {
+                format!("{row} / {col}")
+            } else {
+                row.clone()
+            };
+            let metrics = trial_metrics(store, &o.key).await?;
+            let has_curves = render::save_learning_curves(
+                &metrics,
+                &format!("{label}, seed {}", o.seed),
+                &trial_dir.join(format!("{short}-curves")),
+            )?;
+            let has_confusion = match trial_confusion(store, &o.key).await? {
+                Some((counts, names)) => {
+                    let names = names.unwrap_or_else(|| default_class_names(counts.len()));
+                    plot::save(
+                        &plot::ConfusionMatrix {
+                            title: format!("{label}, seed {}: test confusion, last epoch", o.seed),
+                            class_names: names,
+                            counts,
+                        },
+                        &trial_dir.join(format!("{short}-confusion")),
+                        (560, 500),
+                        false,
+                    )?;
+                    true
+                }
+                None => false,
+            };
+            pictures.insert(o.key.clone(), (has_curves, has_confusion));
+        }
+    }
+
+    render::save_main_figure(report, &out.join(&stem))?;
+    let mut curve_files = Vec::new();
+    for curve in &report.spec.curves {
+        let path = out.join(format!("{stem}-{}", curve.metric));
+        if render::save_curve_figure(store, report, curve, &path).await? {
+            curve_files.push((curve.title.clone(), format!("{stem}-{}", curve.metric)));
+        }
+    }
+    let md = render::markdown(report, &stem, db, &pictures, &curve_files);
+    std::fs::write(out.join(format!("{stem}.md")), md)?;
+    std::fs::write(out.join(format!("{stem}.csv")), render::csv(report))?;
+    render::write_index(out)?;
+    eprintln!(
+        "wrote {}/{stem}.md, .csv, .png, .svg and {} trial pictures",
+        out.display(),
+        pictures.len() * 2
+    );
+    Ok(())
+}
+
+/// RAF-DB's class order (the synthetic faces use it too) for 7 classes; numbers otherwise.
+fn default_class_names(n: usize) -> Vec<String> {
+    if n == fer_model::data::synth::CLASS_NAMES.len() {
+        fer_model::data::synth::CLASS_NAMES
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    } else {
+        (0..n).map(|i| format!("class {i}")).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn outcome(key: &str, seed: u64, acc: f64) -> Outcome {
+        Outcome {
+            key: key.into(),
+            seed,
+            final_accuracy: acc,
+            best_accuracy: acc + 0.1,
+            last5_accuracy: acc - 0.1,
+            balanced_accuracy: None,
+            epochs: 3,
+            git_commit: None,
+            git_dirty: false,
+        }
+    }
+
+    #[test]
+    fn filters_compare_numbers_by_value_and_null_matches_absent() {
+        let config = json!({"losses": {"affinity": 0.0}, "noise": null, "model": {"heads": 4}});
+        let f = |v: Value| serde_json::from_value::<BTreeMap<String, Value>>(v).unwrap();
+        assert!(spec::matches(&config, &f(json!({"losses.affinity": 0}))));
+        assert!(spec::matches(
+            &config,
+            &f(json!({"model.heads": 4.0, "noise": null}))
+        ));
+        assert!(spec::matches(&config, &f(json!({"data.missing": null}))));
+        assert!(!spec::matches(&config, &f(json!({"noise.rate": 0.3}))));
+        assert!(!spec::matches(&config, &f(json!({"model.heads": "4"}))));
+    }
+
+    #[test]
+    fn cells_collect_their_trials_and_name_what_is_missing() {
+        let spec: ReportSpec = serde_yaml_ng::from_str(
+            "title: t\nrows:\n  - {label: a, where: {x: 1}}\n  - {label: b, where: {x: 2}}\n  - {label: peer, thesis: 50}\n",
+        )
+        .unwrap();
+        let trials = vec![
+            ("k1".to_string(), 0, json!({"x": 1})),
+            ("k2".to_string(), 1, json!({"x": 1})),
+            ("k3".to_string(), 0, json!({"x": 2})),
+            ("k4".to_string(), 0, json!({"x": 3})),
+        ];
+        let done = HashMap::from([
+            ("k1".to_string(), outcome("k1", 0, 0.5)),
+            ("k3".to_string(), outcome("k3", 0, 0.7)),
+        ]);
+        let status = HashMap::from([("k2".to_string(), "failed (crash)".to_string())]);
+        let cells = assign_cells(&spec, &trials, &done, &status).unwrap();
+        assert_eq!(cells.len(), 2, "the reference-only row has no cell");
+        assert_eq!((cells[0].expected, cells[0].done.len()), (2, 1));
+        assert_eq!(
+            cells[0].missing,
+            vec![Missing {
+                key: "k2".into(),
+                seed: 1,
+                status: "failed (crash)".into()
+            }]
+        );
+        assert_eq!(
+            cells[1].stat(Protocol::Final),
+            Some(Stat {
+                mean: 70.0,
+                std: 0.0,
+                n: 1
+            })
+        );
+        let best = cells[1].stat(Protocol::Best).unwrap().mean;
+        let last5 = cells[1].stat(Protocol::Last5).unwrap().mean;
+        assert!((best - 80.0).abs() < 1e-9 && (last5 - 60.0).abs() < 1e-9);
+        assert_eq!(
+            render::ours(&cells[0], cells[0].stat(Protocol::Final)),
+            "50.00 (n=1 of 2)"
+        );
+    }
+
+    #[test]
+    fn sample_standard_deviation() {
+        let s = Stat::of(&[70.0, 80.0, 90.0]).unwrap();
+        assert_eq!((s.mean, s.std, s.n), (80.0, 10.0, 3));
+        assert_eq!(Stat::of(&[]), None);
+    }
+
+    #[test]
+    fn setting_separates_shared_and_varying_keys() {
+        let a = json!({"data": {"kind": "synthetic"}, "model": {"heads": 1}});
+        let b = json!({"data": {"kind": "synthetic"}, "model": {"heads": 2}});
+        let (same, varying) = setting(&[&a, &b]);
+        assert_eq!(
+            same,
+            vec![("data.kind".to_string(), "\"synthetic\"".to_string())]
+        );
+        assert_eq!(varying, vec!["model.heads".to_string()]);
+    }
+}

@@ -20,6 +20,9 @@ pub struct ReportSpec {
     #[serde(default)]
     pub columns: Vec<Column>,
     pub rows: Vec<Row>,
+    /// Heading of the first column (default "Method").
+    #[serde(default)]
+    pub row_header: Option<String>,
     /// What the data set of the thesis's numbers was (e.g. "RAF-DB, ResNet-18, 224 px").
     #[serde(default)]
     pub thesis_setting: Option<String>,
