@@ -181,3 +181,28 @@ pub fn load_dan_pth(path: &Path, net: &DanEac) -> anyhow::Result<()> {
     net.store
         .load_state(&state, &path.display().to_string(), &|_| false)
 }
+
+/// Load a torchvision-format backbone checkpoint (`.pth` / `.pt` or `.safetensors`) into a
+/// network's backbone. Classifier keys (fc, AuxLogits, heads) may be present or not; every other
+/// backbone key must be there with its shape, and nothing else may be.
+pub fn load_pretrained_backbone(
+    path: &Path,
+    backbone: &crate::backbone::BackboneConfig,
+    net: &DanEac,
+) -> anyhow::Result<()> {
+    let is_pth = path.extension().is_some_and(|e| e == "pth" || e == "pt");
+    let state = if is_pth {
+        read_pth_state_dict(path)?
+    } else {
+        read_safetensors(path)?
+    };
+    let mapped: HashMap<String, Tensor> =
+        crate::backbone::torchvision_to_dan(backbone, state.into_iter().collect())
+            .into_iter()
+            .collect();
+    net.store.load_subset(
+        &mapped,
+        &format!("model.pretrained {}", path.display()),
+        &|name| name.starts_with("features."),
+    )
+}

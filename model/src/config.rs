@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::backbone::ResNetConfig;
+use crate::backbone::{BackboneConfig, ResNetConfig};
 use crate::dan::DanConfig;
 use crate::data::augment::AugmentConfig;
 use crate::data::loader::Sampling;
@@ -16,7 +16,12 @@ use crate::train::LossWeights;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
-    pub backbone: ResNetConfig,
+    pub backbone: BackboneConfig,
+    /// A torchvision-format checkpoint (`.pth` or `.safetensors`) for the backbone: classifier
+    /// keys may be missing or present (ignored); any other missing, unexpected or mis-shaped key
+    /// is an error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pretrained: Option<std::path::PathBuf>,
     pub heads: usize,
     pub classes: usize,
     /// Affinity centers; defaults to `classes` (the official RAF-DB script used 8, DAN#31).
@@ -81,10 +86,11 @@ impl RunConfig {
     pub fn embedded_default() -> Self {
         Self {
             model: ModelSection {
-                backbone: ResNetConfig {
-                    widths: [8, 16, 32, 64],
-                    blocks: [1, 1, 1, 1],
-                },
+                backbone: BackboneConfig::ResNet(ResNetConfig::basic(
+                    [8, 16, 32, 64],
+                    [1, 1, 1, 1],
+                )),
+                pretrained: None,
                 heads: 4,
                 classes: 7,
                 num_centers: None,
@@ -136,8 +142,23 @@ impl RunConfig {
             self.model.centers() >= 2,
             "model.num_centers: must be at least 2"
         );
+        self.model
+            .backbone
+            .validate()
+            .map_err(|e| anyhow::anyhow!("model.backbone: {e:#}"))?;
         let c = self.model.backbone.out_channels();
-        ensure!(c >= 16 && c.is_multiple_of(16), "model.backbone.widths: the last width must be a multiple of 16 (heads use C/2 and C/16), got {c}");
+        ensure!(c >= 16 && c.is_multiple_of(16), "model.backbone.widths: the feature channels must be a multiple of 16 (heads use C/2 and C/16), got {c}");
+        self.model
+            .backbone
+            .feature_size(self.input_size)
+            .map_err(|e| anyhow::anyhow!("input_size: {e:#}"))?;
+        if let Some(p) = &self.model.pretrained {
+            ensure!(
+                p.is_file(),
+                "model.pretrained: {} does not exist",
+                p.display()
+            );
+        }
         if let Some(aug) = &self.augment {
             ensure!(
                 aug.size == self.input_size,

@@ -6,15 +6,15 @@ use anyhow::ensure;
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::backbone::{ResNet, ResNetConfig, TrunkNames};
+use crate::backbone::{Backbone, BackboneConfig, TrunkNames};
 use crate::layers::{join, BatchNorm, Conv2d, Linear};
 use crate::ops::ConvGeometry;
 use crate::store::{Init, ParamStore};
 
 /// The architecture of one model: everything needed to rebuild it from a checkpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DanConfig {
-    pub backbone: ResNetConfig,
+    pub backbone: BackboneConfig,
     pub heads: usize,
     pub classes: usize,
 }
@@ -23,7 +23,7 @@ impl DanConfig {
     /// The thesis model: ResNet-18 trunk, 4 heads, 7 classes.
     pub fn thesis() -> Self {
         Self {
-            backbone: ResNetConfig::resnet18(),
+            backbone: BackboneConfig::resnet18(),
             heads: 4,
             classes: 7,
         }
@@ -140,7 +140,7 @@ pub struct DanOutput {
 
 pub struct Dan {
     pub config: DanConfig,
-    backbone: ResNet,
+    backbone: Backbone,
     heads: Vec<CrossAttentionHead>,
     pub fc: Linear,
     bn: BatchNorm,
@@ -164,7 +164,20 @@ impl Dan {
             c >= 16 && c.is_multiple_of(16),
             "backbone feature channels must be a multiple of 16 (heads use C/2 and C/16), got {c}"
         );
-        let backbone = ResNet::new(store, "", TrunkNames::DanFeatures, &config.backbone)?;
+        // DAN's names: a ResNet trunk is its `features` Sequential (`features.0` = conv1, …);
+        // other backbones keep torchvision's module names under `features.`.
+        let backbone = match &config.backbone {
+            BackboneConfig::ResNet(_) => {
+                Backbone::new(store, "", TrunkNames::DanFeatures, &config.backbone, None)?
+            }
+            _ => Backbone::new(
+                store,
+                "features",
+                TrunkNames::Torchvision,
+                &config.backbone,
+                None,
+            )?,
+        };
         let heads = (0..config.heads)
             .map(|i| CrossAttentionHead::new(store, &format!("cat_head{i}"), c))
             .collect::<anyhow::Result<Vec<_>>>()?;

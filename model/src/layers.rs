@@ -77,11 +77,23 @@ pub struct BatchNorm {
     pub running_mean: Var,
     pub running_var: Var,
     pub num_batches_tracked: Var,
+    pub eps: f64,
 }
 
 impl BatchNorm {
     pub fn new(store: &mut ParamStore, name: &str, channels: usize) -> anyhow::Result<Self> {
+        Self::with_eps(store, name, channels, BN_EPS)
+    }
+
+    /// Inception's `BatchNorm2d(eps=0.001)`.
+    pub fn with_eps(
+        store: &mut ParamStore,
+        name: &str,
+        channels: usize,
+        eps: f64,
+    ) -> anyhow::Result<Self> {
         Ok(Self {
+            eps,
             weight: store.param(join(name, "weight"), &[channels], Init::Const(1.0))?,
             bias: store.param(join(name, "bias"), &[channels], Init::Const(0.0))?,
             running_mean: store.buffer(join(name, "running_mean"), &[channels], 0.0)?,
@@ -116,7 +128,7 @@ impl BatchNorm {
                 self.running_var.as_tensor().clone(),
             )
         };
-        let inv_std = (var + BN_EPS)?.sqrt()?.recip()?;
+        let inv_std = (var + self.eps)?.sqrt()?.recip()?;
         let scale = (inv_std * self.weight.as_tensor())?;
         x.broadcast_sub(&mean.reshape(bshape.as_slice())?)?
             .broadcast_mul(&scale.reshape(bshape.as_slice())?)?
@@ -186,4 +198,59 @@ impl Linear {
         x.matmul(&self.weight.as_tensor().t()?)?
             .broadcast_add(self.bias.as_tensor())
     }
+}
+
+/// LayerNorm over the last axis from plain tensor ops (Candle's `LayerNorm` op has no
+/// gradient): biased variance, then `(x - mean) / sqrt(var + eps) * weight + bias`.
+pub struct LayerNorm {
+    pub weight: Var,
+    pub bias: Var,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(store: &mut ParamStore, name: &str, dim: usize, eps: f64) -> anyhow::Result<Self> {
+        Ok(Self {
+            weight: store.param(join(name, "weight"), &[dim], Init::Const(1.0))?,
+            bias: store.param(join(name, "bias"), &[dim], Init::Const(0.0))?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mean = x.mean_keepdim(D::Minus1)?;
+        let centered = x.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+        centered
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .broadcast_mul(self.weight.as_tensor())?
+            .broadcast_add(self.bias.as_tensor())
+    }
+}
+
+/// Softmax over the last axis from plain tensor ops (`softmax_last_dim` has no gradient). The
+/// subtracted maximum is a detached constant: softmax does not depend on it.
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// `avg_pool2d(kernel 3, stride 1, padding 1, count_include_pad=True)`: zero padding, then the
+/// mean of the 9 shifted windows (every border window divides by 9, as PyTorch's).
+pub fn avg_pool_3x3_same(x: &Tensor) -> Result<Tensor> {
+    let (h, w) = (x.dim(2)?, x.dim(3)?);
+    let p = x.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
+    let mut sum: Option<Tensor> = None;
+    for dy in 0..3 {
+        let rows = p.narrow(2, dy, h)?;
+        for dx in 0..3 {
+            let win = rows.narrow(3, dx, w)?;
+            sum = Some(match sum {
+                Some(s) => (s + win)?,
+                None => win,
+            });
+        }
+    }
+    sum.expect("9 windows") / 9.0
 }

@@ -141,7 +141,7 @@ impl ParamStore {
         source: &str,
         ignore: &dyn Fn(&str) -> bool,
     ) -> anyhow::Result<()> {
-        check_keys(self, state, source, ignore)?;
+        check_keys(self, state, source, &|_| true, ignore)?;
         for e in &self.entries {
             let t = &state[&e.name];
             let target = e.var.dtype();
@@ -154,15 +154,39 @@ impl ParamStore {
     }
 }
 
-/// The missing / unexpected / mis-shaped key check of strict loading, with both shapes named.
+impl ParamStore {
+    /// Strict loading of the entries `select` picks (e.g. a pretrained backbone): each must be in
+    /// `state` with its shape, and `state` may hold nothing else.
+    pub fn load_subset(
+        &self,
+        state: &HashMap<String, Tensor>,
+        source: &str,
+        select: &dyn Fn(&str) -> bool,
+    ) -> anyhow::Result<()> {
+        check_keys(self, state, source, select, &|_| false)?;
+        for e in self.entries.iter().filter(|e| select(&e.name)) {
+            let t = state[&e.name]
+                .to_dtype(e.var.dtype())?
+                .to_device(&self.device)?;
+            e.var
+                .set(&t)
+                .with_context(|| format!("{source}: setting {}", e.name))?;
+        }
+        Ok(())
+    }
+}
+
+/// The missing / unexpected / mis-shaped key check of strict loading, with both shapes named,
+/// over the entries `select` picks.
 fn check_keys(
     store: &ParamStore,
     state: &HashMap<String, Tensor>,
     source: &str,
+    select: &dyn Fn(&str) -> bool,
     ignore: &dyn Fn(&str) -> bool,
 ) -> anyhow::Result<()> {
     let mut problems = Vec::new();
-    for e in &store.entries {
+    for e in store.entries.iter().filter(|e| select(&e.name)) {
         match state.get(&e.name) {
             None => problems.push(format!(
                 "missing key {} (expected shape {:?})",
@@ -180,7 +204,7 @@ fn check_keys(
     }
     let mut unexpected: Vec<_> = state
         .iter()
-        .filter(|(k, _)| !store.index.contains_key(*k) && !ignore(k))
+        .filter(|(k, _)| !(store.index.contains_key(*k) && select(k)) && !ignore(k))
         .map(|(k, t)| format!("unexpected key {k} (shape {:?})", t.dims()))
         .collect();
     unexpected.sort();

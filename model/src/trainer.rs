@@ -108,6 +108,9 @@ pub fn run(
         DType::F32,
         config.seed,
     )?;
+    if let Some(path) = &config.model.pretrained {
+        checkpoint::load_pretrained_backbone(path, &config.model.backbone, &net)?;
+    }
     let mut opt = net.optimizer(config.optimizer.clone());
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating run directory {}", dir.display()))?;

@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{gradcheck, project, rand_tensor};
-use fer_model::backbone::ResNetConfig;
+use fer_model::backbone::{BackboneConfig, ResNetConfig};
 use fer_model::layers::BatchNorm;
 use fer_model::ops::{conv2d, max_pool2d, ConvGeometry};
 use fer_model::store::ParamStore;
@@ -269,10 +269,7 @@ fn loss_gradients_match_finite_differences() {
 /// Two heads, three classes, a one-block-per-stage trunk: small enough for finite differences.
 fn tiny_net(dtype: DType) -> DanEac {
     let config = DanConfig {
-        backbone: ResNetConfig {
-            widths: [4, 4, 8, 16],
-            blocks: [1, 1, 1, 1],
-        },
+        backbone: BackboneConfig::ResNet(ResNetConfig::basic([4, 4, 8, 16], [1, 1, 1, 1])),
         heads: 2,
         classes: 3,
     };

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use fer_model::backbone::ResNetConfig;
+use fer_model::backbone::{BackboneConfig, ResNetConfig};
 use fer_model::{loss, train, DanConfig, DanEac, LossWeights, OptimizerConfig};
 use serde::Deserialize;
 
@@ -37,10 +37,7 @@ struct Opt {
 
 fn build(case: &Case, weights: &HashMap<String, Tensor>) -> DanEac {
     let config = DanConfig {
-        backbone: ResNetConfig {
-            widths: case.widths,
-            blocks: case.blocks,
-        },
+        backbone: BackboneConfig::ResNet(ResNetConfig::basic(case.widths, case.blocks)),
         heads: case.num_heads,
         classes: case.num_classes,
     };

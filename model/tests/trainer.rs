@@ -1,7 +1,7 @@
 //! The training loop: per-epoch metrics (memorisation under noise), checkpoints, and a resumed
 //! run that is bit-identical to an uninterrupted one.
 
-use fer_model::backbone::ResNetConfig;
+use fer_model::backbone::{BackboneConfig, ResNetConfig};
 use fer_model::config::{ModelSection, RunConfig};
 use fer_model::data::synth::{ClassBalance, SynthConfig};
 use fer_model::data::{DataSpec, NoiseSpec};
@@ -10,10 +10,8 @@ use fer_model::trainer::{self, EpochMetrics, Event};
 fn tiny() -> RunConfig {
     let mut c = RunConfig::embedded_default();
     c.model = ModelSection {
-        backbone: ResNetConfig {
-            widths: [8, 8, 16, 16],
-            blocks: [1, 1, 1, 1],
-        },
+        backbone: BackboneConfig::ResNet(ResNetConfig::basic([8, 8, 16, 16], [1, 1, 1, 1])),
+        pretrained: None,
         heads: 2,
         classes: 7,
         num_centers: None,
@@ -109,7 +107,7 @@ fn bad_configs_are_refused_with_the_field_named() {
         "{err}"
     );
     let mut c = tiny();
-    c.model.backbone.widths = [8, 8, 16, 24];
+    c.model.backbone = BackboneConfig::ResNet(ResNetConfig::basic([8, 8, 16, 24], [1, 1, 1, 1]));
     assert!(c
         .validate()
         .unwrap_err()

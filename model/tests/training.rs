@@ -4,17 +4,14 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use fer_model::backbone::ResNetConfig;
+use fer_model::backbone::{BackboneConfig, ResNetConfig};
 use fer_model::{
     checkpoint, data, train, DanConfig, DanEac, LossWeights, OptimizerConfig, Schedule,
 };
 
 fn tiny() -> DanConfig {
     DanConfig {
-        backbone: ResNetConfig {
-            widths: [8, 16, 32, 64],
-            blocks: [1, 1, 1, 1],
-        },
+        backbone: BackboneConfig::ResNet(ResNetConfig::basic([8, 16, 32, 64], [1, 1, 1, 1])),
         heads: 4,
         classes: 7,
     }
@@ -328,7 +325,7 @@ fn official_layout_has_the_spec_parameter_counts() {
 fn feature_map_sizes_at_112_and_224() {
     // Spec 1.1: F is 4x4 at 112 px and 7x7 at 224 px (eval mode, batch 1 is fine there).
     let mut config = DanConfig::thesis();
-    config.backbone.widths = [16, 16, 16, 32];
+    config.backbone = BackboneConfig::ResNet(ResNetConfig::basic([16, 16, 16, 32], [1, 1, 1, 1]));
     let net = DanEac::new(&config, 7, &Device::Cpu, DType::F32, 0).unwrap();
     for (size, hw) in [(112usize, 4usize), (224, 7)] {
         let x = Tensor::zeros((1, 3, size, size), DType::F32, &Device::Cpu).unwrap();

@@ -104,7 +104,7 @@ fn train_setting(
     use rand::{Rng, SeedableRng};
 
     let config = DanConfig {
-        backbone: ResNetConfig { widths, blocks },
+        backbone: fer_model::backbone::BackboneConfig::ResNet(ResNetConfig::basic(widths, blocks)),
         heads: 4,
         classes: 7,
     };

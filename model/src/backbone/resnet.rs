@@ -1,11 +1,12 @@
-//! ResNet trunk (conv1, bn1, relu, maxpool, layer1..layer4; no avgpool / fc) with torchvision's
-//! module layout and state-dict names, configurable stage widths and block counts.
+//! ResNet trunk (conv1, bn1, relu, maxpool, layer1..layer4) with torchvision's module layout and
+//! state-dict names: BasicBlock (ResNet-18/34) or Bottleneck (ResNet-50, "v1.5": the stride on
+//! the 3x3), configurable stage widths and block counts, and optionally torchvision's `fc`.
 
 use anyhow::ensure;
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{join, BatchNorm, Conv2d};
+use crate::layers::{join, BatchNorm, Conv2d, Linear};
 use crate::ops::{max_pool2d, ConvGeometry};
 use crate::store::ParamStore;
 
@@ -38,11 +39,37 @@ impl TrunkNames {
     }
 }
 
-/// Stage widths and block counts. ResNet-18 is `[64,128,256,512]` x `[2,2,2,2]`.
+/// DAN's `features.N` name of a torchvision trunk key (`layer2.0.conv1.weight` ->
+/// `features.5.0.conv1.weight`); None for keys outside the trunk.
+pub fn dan_name(key: &str) -> Option<String> {
+    let (module, rest) = key.split_once('.')?;
+    let idx = match module {
+        "conv1" => "0",
+        "bn1" => "1",
+        "layer1" => "4",
+        "layer2" => "5",
+        "layer3" => "6",
+        "layer4" => "7",
+        _ => return None,
+    };
+    Some(format!("features.{idx}.{rest}"))
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Stage widths and block counts. ResNet-18 is `[64,128,256,512]` x `[2,2,2,2]`; ResNet-50 is
+/// the same widths x `[3,4,6,3]` with bottleneck blocks (4x expansion: 2048 output channels).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ResNetConfig {
     pub widths: [usize; 4],
     pub blocks: [usize; 4],
+    /// Bottleneck blocks (1x1, 3x3, 1x1 x4) instead of basic ones. Left out of the serialised
+    /// config when false, so older configs keep their trial keys.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub bottleneck: bool,
 }
 
 impl ResNetConfig {
@@ -50,12 +77,38 @@ impl ResNetConfig {
         Self {
             widths: [64, 128, 256, 512],
             blocks: [2, 2, 2, 2],
+            bottleneck: false,
+        }
+    }
+
+    pub fn resnet50() -> Self {
+        Self {
+            widths: [64, 128, 256, 512],
+            blocks: [3, 4, 6, 3],
+            bottleneck: true,
+        }
+    }
+
+    /// Basic blocks with these widths and counts.
+    pub fn basic(widths: [usize; 4], blocks: [usize; 4]) -> Self {
+        Self {
+            widths,
+            blocks,
+            bottleneck: false,
+        }
+    }
+
+    fn expansion(&self) -> usize {
+        if self.bottleneck {
+            4
+        } else {
+            1
         }
     }
 
     /// Channels of the last feature map.
     pub fn out_channels(&self) -> usize {
-        self.widths[3]
+        self.widths[3] * self.expansion()
     }
 }
 
@@ -136,10 +189,111 @@ impl BasicBlock {
     }
 }
 
+/// torchvision's Bottleneck (v1.5): 1x1 -> BN -> ReLU -> 3x3 (stride) -> BN -> ReLU -> 1x1 (x4)
+/// -> BN, + shortcut, ReLU.
+struct Bottleneck {
+    convs: [Conv2d; 3],
+    bns: [BatchNorm; 3],
+    downsample: Option<(Conv2d, BatchNorm)>,
+}
+
+impl Bottleneck {
+    fn new(
+        store: &mut ParamStore,
+        name: &str,
+        cin: usize,
+        width: usize,
+        stride: usize,
+    ) -> anyhow::Result<Self> {
+        let cout = width * 4;
+        let geos = [
+            ConvGeometry::new((1, 1), (1, 1), (0, 0)),
+            ConvGeometry::new((3, 3), (stride, stride), (1, 1)),
+            ConvGeometry::new((1, 1), (1, 1), (0, 0)),
+        ];
+        let chans = [(cin, width), (width, width), (width, cout)];
+        let mut convs = Vec::new();
+        let mut bns = Vec::new();
+        for i in 0..3 {
+            let (a, b) = chans[i];
+            let k = geos[i].kernel;
+            convs.push(Conv2d::new(
+                store,
+                &join(name, &format!("conv{}", i + 1)),
+                a,
+                b,
+                geos[i],
+                false,
+                Conv2d::kaiming(b, k),
+            )?);
+            bns.push(BatchNorm::new(
+                store,
+                &join(name, &format!("bn{}", i + 1)),
+                b,
+            )?);
+        }
+        let downsample = if stride != 1 || cin != cout {
+            let g = ConvGeometry::new((1, 1), (stride, stride), (0, 0));
+            let conv = Conv2d::new(
+                store,
+                &join(name, "downsample.0"),
+                cin,
+                cout,
+                g,
+                false,
+                Conv2d::kaiming(cout, (1, 1)),
+            )?;
+            Some((
+                conv,
+                BatchNorm::new(store, &join(name, "downsample.1"), cout)?,
+            ))
+        } else {
+            None
+        };
+        let [c1, c2, c3]: [Conv2d; 3] = convs.try_into().map_err(|_| anyhow::anyhow!("3 convs"))?;
+        let [b1, b2, b3]: [BatchNorm; 3] = bns.try_into().map_err(|_| anyhow::anyhow!("3 BNs"))?;
+        Ok(Self {
+            convs: [c1, c2, c3],
+            bns: [b1, b2, b3],
+            downsample,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let shortcut = match &self.downsample {
+            Some((conv, bn)) => bn.forward(&conv.forward(x)?, train)?,
+            None => x.clone(),
+        };
+        let y = self.bns[0]
+            .forward(&self.convs[0].forward(x)?, train)?
+            .relu()?;
+        let y = self.bns[1]
+            .forward(&self.convs[1].forward(&y)?, train)?
+            .relu()?;
+        let y = self.bns[2].forward(&self.convs[2].forward(&y)?, train)?;
+        (y + shortcut)?.relu()
+    }
+}
+
+enum Block {
+    Basic(BasicBlock),
+    Bottleneck(Bottleneck),
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Block::Basic(b) => b.forward(x, train),
+            Block::Bottleneck(b) => b.forward(x, train),
+        }
+    }
+}
+
 pub struct ResNet {
     conv1: Conv2d,
     bn1: BatchNorm,
-    layers: Vec<Vec<BasicBlock>>,
+    layers: Vec<Vec<Block>>,
+    fc: Option<Linear>,
     pub config: ResNetConfig,
 }
 
@@ -149,6 +303,7 @@ impl ResNet {
         prefix: &str,
         names: TrunkNames,
         config: &ResNetConfig,
+        classifier: Option<usize>,
     ) -> anyhow::Result<Self> {
         ensure!(
             config.widths.iter().all(|&w| w > 0),
@@ -180,23 +335,40 @@ impl ResNet {
             let mut blocks = Vec::new();
             for j in 0..count {
                 let stride = if stage > 0 && j == 0 { 2 } else { 1 };
-                blocks.push(BasicBlock::new(
-                    store,
-                    &join(&layer_name, &j.to_string()),
-                    cin,
-                    width,
-                    stride,
-                )?);
-                cin = width;
+                let name = join(&layer_name, &j.to_string());
+                if config.bottleneck {
+                    blocks.push(Block::Bottleneck(Bottleneck::new(
+                        store, &name, cin, width, stride,
+                    )?));
+                    cin = width * 4;
+                } else {
+                    blocks.push(Block::Basic(BasicBlock::new(
+                        store, &name, cin, width, stride,
+                    )?));
+                    cin = width;
+                }
             }
             layers.push(blocks);
         }
+        let fc = match classifier {
+            Some(n) => Some(Linear::default_init(store, &join(prefix, "fc"), cin, n)?),
+            None => None,
+        };
         Ok(Self {
             conv1,
             bn1,
             layers,
+            fc,
             config: config.clone(),
         })
+    }
+
+    /// torchvision's head: global average pool, then `fc` (None without a classifier).
+    pub fn classify(&self, features: &Tensor) -> Result<Option<Tensor>> {
+        match &self.fc {
+            Some(fc) => Ok(Some(fc.forward(&features.mean((2, 3))?)?)),
+            None => Ok(None),
+        }
     }
 
     /// The last feature map F: [B, widths[3], h, w].

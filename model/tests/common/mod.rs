@@ -4,6 +4,8 @@
 // `!(x <= tol)` on purpose: a NaN must fail the comparison.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
 
+pub mod fi;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
