@@ -218,14 +218,19 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        centered
-            .broadcast_div(&(var + self.eps)?.sqrt()?)?
-            .broadcast_mul(self.weight.as_tensor())?
-            .broadcast_add(self.bias.as_tensor())
+        layer_norm(x, self.weight.as_tensor(), self.bias.as_tensor(), self.eps)
     }
+}
+
+/// LayerNorm over the last axis (biased variance), as a function of its parameters.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let centered = x.broadcast_sub(&mean)?;
+    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+    centered
+        .broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(weight)?
+        .broadcast_add(bias)
 }
 
 /// Softmax over the last axis from plain tensor ops (`softmax_last_dim` has no gradient). The
