@@ -42,9 +42,14 @@ pub fn save(fig: &impl Figure, stem: &Path, (w, h): (u32, u32), svg: bool) -> an
         fig.draw(&root)?;
         root.present().map_err(err)?;
     }
-    image::RgbImage::from_raw(w, h, buf)
-        .context("bitmap size")?
-        .save(&png)
+    // Best compression: report pictures are committed, and are mostly flat colour.
+    let file = std::fs::File::create(&png).with_context(|| format!("writing {}", png.display()))?;
+    let encoder = image::codecs::png::PngEncoder::new_with_quality(
+        std::io::BufWriter::new(file),
+        image::codecs::png::CompressionType::Best,
+        image::codecs::png::FilterType::Adaptive,
+    );
+    image::ImageEncoder::write_image(encoder, &buf, w, h, image::ExtendedColorType::Rgb8)
         .with_context(|| format!("writing {}", png.display()))?;
     if svg {
         let path = stem.with_extension("svg");
@@ -156,6 +161,7 @@ impl Figure for LineChart {
             }
         };
         let mut mesh = chart.configure_mesh();
+        mesh.max_light_lines(0).bold_line_style(BLACK.mix(0.12));
         mesh.x_desc(&self.x_label)
             .y_desc(&self.y_label)
             .x_label_formatter(&fmt)
@@ -250,6 +256,8 @@ impl Figure for BarChart {
         let names = self.groups.clone();
         chart
             .configure_mesh()
+            .max_light_lines(0)
+            .bold_line_style(BLACK.mix(0.12))
             .disable_x_mesh()
             .x_labels(self.groups.len() * 2 + 1)
             .x_label_formatter(&|x| {
@@ -348,6 +356,8 @@ fn curve_panel<DB: DrawingBackend>(
         .map_err(err)?;
     chart
         .configure_mesh()
+        .max_light_lines(0)
+        .bold_line_style(BLACK.mix(0.12))
         .x_desc("epoch")
         .y_desc(y_label)
         .label_style(("sans-serif", 12))
@@ -411,6 +421,8 @@ impl Figure for ConfusionMatrix {
             .map_err(err)?;
         chart
             .configure_mesh()
+            .max_light_lines(0)
+            .bold_line_style(BLACK.mix(0.12))
             .disable_mesh()
             .x_labels(2 * n + 1)
             .y_labels(2 * n + 1)

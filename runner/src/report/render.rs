@@ -452,7 +452,7 @@ pub fn save_main_figure(report: &Report, stem: &Path) -> anyhow::Result<()> {
                     })
                     .collect();
                 if !thesis.is_empty() {
-                    references.push((format!("thesis{suffix}"), thesis));
+                    references.push((format!("thesis (reported){suffix}"), thesis));
                 }
             }
             plot::save(
@@ -509,7 +509,7 @@ pub fn save_main_figure(report: &Report, stem: &Path) -> anyhow::Result<()> {
                 })
                 .collect();
             let references = if thesis.iter().flatten().any(|v| v.is_some()) {
-                vec![("thesis".to_string(), thesis)]
+                vec![("thesis (reported)".to_string(), thesis)]
             } else {
                 vec![]
             };
