@@ -395,3 +395,202 @@ fn torchvision_parity_every_fixture_case() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+#[test]
+fn backbone_configs_presets_errors_and_stable_serialisation() {
+    let parse = |j: &str| serde_json::from_str::<BackboneConfig>(j);
+    // The historical ResNet form round-trips unchanged (trial keys of old sweeps stay valid).
+    let old = r#"{"widths":[8,16,32,64],"blocks":[1,1,1,1]}"#;
+    let c = parse(old).unwrap();
+    assert_eq!(
+        serde_json::to_value(&c).unwrap(),
+        serde_json::from_str::<Value>(old).unwrap()
+    );
+    assert_eq!(c.out_channels(), 64);
+    // Presets expand; width multipliers scale every stage.
+    let r50 = parse(r#"{"arch":"resnet50","width":0.125}"#).unwrap();
+    assert_eq!(
+        r50,
+        BackboneConfig::ResNet(ResNetConfig {
+            widths: [8, 16, 32, 64],
+            blocks: [3, 4, 6, 3],
+            bottleneck: true
+        })
+    );
+    assert_eq!(r50.out_channels(), 256);
+    assert_eq!(
+        parse(r#"{"arch":"resnet18"}"#).unwrap(),
+        BackboneConfig::ResNet(ResNetConfig::resnet18())
+    );
+    let inc = parse(r#"{"arch":"inception_v3"}"#).unwrap();
+    assert_eq!(inc.out_channels(), 2048);
+    assert_eq!(
+        parse(r#"{"arch":"inception_v3","width":0.125}"#)
+            .unwrap()
+            .out_channels(),
+        256
+    );
+    assert_eq!(inc.feature_size(299).unwrap(), (8, 8));
+    assert_eq!(inc.feature_size(160).unwrap(), (3, 3));
+    assert_eq!(inc.feature_size(75).unwrap(), (1, 1));
+    let e = inc.feature_size(74).unwrap_err().to_string();
+    assert!(
+        e.contains("74 px is too small") && e.contains("at least 75 px"),
+        "{e}"
+    );
+    let vit = parse(r#"{"arch":"vit_b_32"}"#).unwrap();
+    assert_eq!(vit, BackboneConfig::Vit(VitConfig::vit_b_32()));
+    assert_eq!(vit.feature_size(224).unwrap(), (7, 7));
+    let e = vit.feature_size(112).unwrap_err().to_string();
+    assert!(e.contains("image_size is 224"), "{e}");
+    let small = parse(r#"{"arch":"vit_b_32","image_size":48,"patch_size":8,"hidden_dim":64,"num_layers":4,"num_heads":4,"mlp_dim":128}"#).unwrap();
+    // An expanded preset serialises in its explicit form and parses back to itself.
+    assert_eq!(
+        parse(&serde_json::to_string(&small).unwrap()).unwrap(),
+        small
+    );
+    assert_eq!(small.feature_size(48).unwrap(), (6, 6));
+    // Errors say what was expected.
+    let e = parse(r#"{"arch":"resnet51"}"#).unwrap_err().to_string();
+    assert!(e.contains("unknown arch \"resnet51\""), "{e}");
+    let e = parse(r#"{"arch":"resnet50","widths":[1,2,3,4]}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("unknown field `widths` for arch resnet50"),
+        "{e}"
+    );
+    let e = parse(r#"{"arch":"vit_b_32","depth":3}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("unknown field `depth`"), "{e}");
+    // A run config with a size the backbone cannot take fails validation, naming the field.
+    let mut run = fer_model::config::RunConfig::embedded_default();
+    run.model.backbone = parse(r#"{"arch":"inception_v3","width":0.125}"#).unwrap();
+    let e = run.validate().unwrap_err().to_string();
+    assert!(
+        e.contains("input_size") && e.contains("at least 75 px"),
+        "{e}"
+    );
+    run.input_size = 80;
+    run.validate().unwrap();
+    // Forward on a too-small input is an error, not a panic.
+    let mut store = ParamStore::new(&Device::Cpu, DType::F32, 0);
+    let net = Backbone::new(
+        &mut store,
+        "",
+        TrunkNames::Torchvision,
+        &run.model.backbone,
+        None,
+    )
+    .unwrap();
+    let x = Tensor::zeros((2, 3, 60, 60), DType::F32, &Device::Cpu).unwrap();
+    assert!(net.forward(&x, false).is_err());
+}
+
+#[test]
+fn pretrained_torchvision_checkpoints_load_into_dan() {
+    use fer_model::checkpoint::load_pretrained_backbone;
+    let dir = std::env::temp_dir().join(format!("fer-pretrained-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let vit = BackboneConfig::Vit(VitConfig {
+        image_size: 32,
+        patch_size: 8,
+        hidden_dim: 16,
+        num_layers: 2,
+        num_heads: 2,
+        mlp_dim: 32,
+    });
+    let resnet = BackboneConfig::ResNet(ResNetConfig {
+        widths: [4, 4, 8, 16],
+        blocks: [1, 1, 1, 1],
+        bottleneck: true,
+    });
+    for (tag, config, probe_tv, probe_dan) in [
+        (
+            "vit",
+            vit,
+            "encoder.layers.encoder_layer_1.mlp.3.weight",
+            "features.encoder.layers.encoder_layer_1.mlp.3.weight",
+        ),
+        (
+            "resnet",
+            resnet,
+            "layer3.0.conv3.weight",
+            "features.6.0.conv3.weight",
+        ),
+    ] {
+        // A torchvision-format checkpoint (with its classifier), FI-filled so it differs from
+        // the network's own initialisation.
+        let mut src = ParamStore::new(&Device::Cpu, DType::F32, 0);
+        Backbone::new(&mut src, "", TrunkNames::Torchvision, &config, Some(10)).unwrap();
+        let shapes: Vec<(String, Vec<usize>, DType)> = src
+            .entries()
+            .iter()
+            .map(|e| (e.name.clone(), e.var.dims().to_vec(), e.var.dtype()))
+            .collect();
+        let state = fi::state(&shapes, 3);
+        let save = |state: &HashMap<String, Tensor>| {
+            let p = dir.join(format!("{tag}.safetensors"));
+            candle_core::safetensors::save(state, &p).unwrap();
+            p
+        };
+        let net = fer_model::DanEac::new(
+            &fer_model::DanConfig {
+                backbone: config.clone(),
+                heads: 2,
+                classes: 7,
+            },
+            7,
+            &Device::Cpu,
+            DType::F32,
+            1,
+        )
+        .unwrap();
+        let path = save(&state);
+        load_pretrained_backbone(&path, &config, &net).unwrap();
+        assert_eq!(
+            flat(net.store.get(probe_dan).unwrap().as_tensor()),
+            flat(&state[probe_tv]),
+            "{tag}: weights arrive under DAN's names"
+        );
+        // Without the classifier: fine.
+        let mut no_head = state.clone();
+        no_head.retain(|k, _| !(k.starts_with("fc.") || k.starts_with("heads.")));
+        load_pretrained_backbone(&save(&no_head), &config, &net).unwrap();
+        // A missing trunk key, a mis-shaped one, an unexpected one: errors naming them.
+        let mut missing = state.clone();
+        missing.remove(probe_tv);
+        let e = load_pretrained_backbone(&save(&missing), &config, &net)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("missing key {probe_dan}")),
+            "{tag}: {e}"
+        );
+        let mut bad = state.clone();
+        bad.insert(
+            probe_tv.to_string(),
+            Tensor::zeros((3, 3), DType::F32, &Device::Cpu).unwrap(),
+        );
+        let e = load_pretrained_backbone(&save(&bad), &config, &net)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&format!("key {probe_dan}: checkpoint shape [3, 3]")),
+            "{tag}: {e}"
+        );
+        let mut extra = state.clone();
+        extra.insert(
+            "encoder.extra.weight".into(),
+            Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let e = load_pretrained_backbone(&save(&extra), &config, &net)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unexpected key features.encoder.extra.weight"),
+            "{tag}: {e}"
+        );
+    }
+}
