@@ -3,6 +3,7 @@
 
 pub mod augment;
 pub mod blobs;
+pub mod face_detect;
 pub mod image;
 pub mod loader;
 pub mod noise;
