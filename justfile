@@ -34,6 +34,10 @@ bench:
 synth DIR *ARGS:
     cargo run -p fer-runner --bin fer -- data synth --out {{DIR}} {{ARGS}}
 
+# Classify faces in photos with a checkpoint, e.g. `just predict runs/x/checkpoint.safetensors photo.jpg --detect`.
+predict CHECKPOINT *ARGS:
+    cargo run -p fer-runner --bin fer -- predict {{CHECKPOINT}} {{ARGS}}
+
 # Inspect a checkpoint (ours or an official DAN .pth).
 inspect PATH:
     cargo run -p fer-runner --bin fer -- inspect {{PATH}}

@@ -2,6 +2,7 @@
 
 mod bench_cmd;
 mod data_cmd;
+mod predict_cmd;
 mod report;
 mod scheduler;
 mod store;
@@ -41,6 +42,8 @@ enum Command {
     Sweep(sweep_cmd::SweepArgs),
     /// List the trials in the results database.
     Runs(sweep_cmd::RunsArgs),
+    /// Classify the expression of faces in photos with a checkpoint (ours or an official DAN .pth).
+    Predict(predict_cmd::PredictArgs),
     /// Regenerate a table / figure of the thesis from the database (reports/NAME.md, .csv, .png, .svg).
     Report(report::ReportArgs),
     /// Throughput benchmarks (JSON lines).
@@ -70,6 +73,7 @@ fn main() {
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Bench(args) => bench_cmd::run(args),
         Command::Sweep(args) => runtime().and_then(|rt| rt.block_on(sweep_cmd::sweep(args))),
+        Command::Predict(args) => predict_cmd::run(args),
         Command::Report(args) => runtime().and_then(|rt| rt.block_on(report::run(args))),
         Command::Runs(args) => runtime().and_then(|rt| rt.block_on(sweep_cmd::runs(args))),
     };

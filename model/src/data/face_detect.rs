@@ -42,7 +42,10 @@ fn numbers<T: std::str::FromStr>(node: roxmltree::Node, what: &str) -> anyhow::R
     node.text()
         .unwrap_or("")
         .split_whitespace()
-        .map(|t| t.parse::<T>().map_err(|_| anyhow::anyhow!("{what}: bad number {t:?}")))
+        .map(|t| {
+            t.parse::<T>()
+                .map_err(|_| anyhow::anyhow!("{what}: bad number {t:?}"))
+        })
         .collect()
 }
 
@@ -59,26 +62,39 @@ fn items<'a>(node: roxmltree::Node<'a, 'a>) -> impl Iterator<Item = roxmltree::N
 impl Cascade {
     /// The bundled OpenCV `lbpcascade_frontalface_improved.xml` (BSD-3, model/assets/).
     pub fn frontal_face() -> Self {
-        Self::parse(include_str!("../../assets/lbpcascade_frontalface_improved.xml")).expect("bundled cascade parses")
+        Self::parse(include_str!(
+            "../../assets/lbpcascade_frontalface_improved.xml"
+        ))
+        .expect("bundled cascade parses")
     }
 
     pub fn load(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read cascade", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read cascade", path.display()))?;
         Self::parse(&text).with_context(|| format!("{}: not an OpenCV LBP cascade", path.display()))
     }
 
     pub fn parse(text: &str) -> anyhow::Result<Self> {
         let doc = roxmltree::Document::parse(text)?;
-        let cascade = doc.descendants().find(|n| n.has_tag_name("cascade")).context("no <cascade>")?;
+        let cascade = doc
+            .descendants()
+            .find(|n| n.has_tag_name("cascade"))
+            .context("no <cascade>")?;
         let kind = child(cascade, "featureType")?.text().unwrap_or("").trim();
         if kind != "LBP" {
             bail!("featureType {kind:?}: only LBP cascades are supported");
         }
-        let dim = |name: &str| -> anyhow::Result<usize> { Ok(child(cascade, name)?.text().unwrap_or("").trim().parse()?) };
+        let dim = |name: &str| -> anyhow::Result<usize> {
+            Ok(child(cascade, name)?.text().unwrap_or("").trim().parse()?)
+        };
         let (width, height) = (dim("width")?, dim("height")?);
         let mut stages = Vec::new();
         for s in items(child(cascade, "stages")?) {
-            let threshold: f32 = child(s, "stageThreshold")?.text().unwrap_or("").trim().parse()?;
+            let threshold: f32 = child(s, "stageThreshold")?
+                .text()
+                .unwrap_or("")
+                .trim()
+                .parse()?;
             let mut weak = Vec::new();
             for w in items(child(s, "weakClassifiers")?) {
                 let nodes: Vec<i64> = numbers(child(w, "internalNodes")?, "internalNodes")?;
@@ -90,7 +106,12 @@ impl Cascade {
                 for (i, v) in nodes[3..].iter().enumerate() {
                     subset[i] = *v as i32;
                 }
-                weak.push(Weak { feature: nodes[2] as usize, subset, left: leaves[0], right: leaves[1] });
+                weak.push(Weak {
+                    feature: nodes[2] as usize,
+                    subset,
+                    left: leaves[0],
+                    right: leaves[1],
+                });
             }
             stages.push(Stage { threshold, weak });
         }
@@ -105,11 +126,20 @@ impl Cascade {
         for s in &stages {
             for w in &s.weak {
                 if w.feature >= features.len() {
-                    bail!("weak classifier uses feature {} of {}", w.feature, features.len());
+                    bail!(
+                        "weak classifier uses feature {} of {}",
+                        w.feature,
+                        features.len()
+                    );
                 }
             }
         }
-        Ok(Self { width, height, stages, features })
+        Ok(Self {
+            width,
+            height,
+            stages,
+            features,
+        })
     }
 
     /// Whether the window at (x, y) of an integral image passes every stage.
@@ -134,8 +164,19 @@ impl Cascade {
         let (fx, fy, bw, bh) = self.features[f];
         let block = |r: usize, c: usize| ii.sum(x + fx + c * bw, y + fy + r * bh, bw, bh);
         let centre = block(1, 1);
-        let order = [(0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0), (1, 0)];
-        order.iter().fold(0u32, |code, &(r, c)| (code << 1) | (block(r, c) >= centre) as u32)
+        let order = [
+            (0, 0),
+            (0, 1),
+            (0, 2),
+            (1, 2),
+            (2, 2),
+            (2, 1),
+            (2, 0),
+            (1, 0),
+        ];
+        order.iter().fold(0u32, |code, &(r, c)| {
+            (code << 1) | (block(r, c) >= centre) as u32
+        })
     }
 
     /// Faces in an image: windows at scales 1, 1.1, 1.21, … that pass the cascade, grouped as
@@ -145,7 +186,10 @@ impl Cascade {
         let mut hits = Vec::new();
         let mut scale = 1.0f64;
         loop {
-            let (w, h) = ((img.width as f64 / scale) as usize, (img.height as f64 / scale) as usize);
+            let (w, h) = (
+                (img.width as f64 / scale) as usize,
+                (img.height as f64 / scale) as usize,
+            );
             if w < self.width || h < self.height {
                 break;
             }
@@ -168,7 +212,12 @@ impl Cascade {
         }
         let mut faces: Vec<FaceBox> = group(&hits, min_neighbours, 0.2)
             .into_iter()
-            .map(|r| FaceBox { x: r.x as usize, y: r.y as usize, width: r.w as usize, height: r.h as usize })
+            .map(|r| FaceBox {
+                x: r.x as usize,
+                y: r.y as usize,
+                width: r.w as usize,
+                height: r.h as usize,
+            })
             .collect();
         faces.sort_by_key(|f| std::cmp::Reverse(f.width * f.height));
         faces
@@ -272,7 +321,15 @@ fn group(rects: &[Rect], min_neighbours: usize, eps: f64) -> Vec<Rect> {
     let mut clusters: std::collections::BTreeMap<usize, (Rect, usize)> = Default::default();
     for (i, r) in rects.iter().enumerate() {
         let c = root(&mut parent, i);
-        let e = clusters.entry(c).or_insert((Rect { x: 0.0, y: 0.0, w: 0.0, h: 0.0 }, 0));
+        let e = clusters.entry(c).or_insert((
+            Rect {
+                x: 0.0,
+                y: 0.0,
+                w: 0.0,
+                h: 0.0,
+            },
+            0,
+        ));
         e.0.x += r.x;
         e.0.y += r.y;
         e.0.w += r.w;
@@ -282,7 +339,17 @@ fn group(rects: &[Rect], min_neighbours: usize, eps: f64) -> Vec<Rect> {
     let kept: Vec<(Rect, usize)> = clusters
         .into_values()
         .filter(|(_, n)| *n > min_neighbours)
-        .map(|(s, n)| (Rect { x: s.x / n as f64, y: s.y / n as f64, w: s.w / n as f64, h: s.h / n as f64 }, n))
+        .map(|(s, n)| {
+            (
+                Rect {
+                    x: s.x / n as f64,
+                    y: s.y / n as f64,
+                    w: s.w / n as f64,
+                    h: s.h / n as f64,
+                },
+                n,
+            )
+        })
         .collect();
     kept.iter()
         .filter(|(r, n)| {
