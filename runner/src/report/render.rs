@@ -47,18 +47,36 @@ pub fn markdown_table(report: &Report) -> String {
     let has_thesis = spec.rows.iter().any(|r| r.thesis.is_some());
     let sources = sources(report);
     let multi = report.columns.len() > 1;
+    // Per column, only the reference sources that have a number in it.
+    let has = |c: usize, source: Option<&str>| {
+        spec.rows.iter().any(|r| match source {
+            None => r.thesis.as_ref().and_then(|t| t.get(c)).is_some(),
+            Some(s) => r.published.get(s).and_then(|p| p.get(c)).is_some(),
+        })
+    };
+    let refs: Vec<(bool, Vec<&String>)> = (0..report.columns.len())
+        .map(|c| {
+            (
+                has_thesis && has(c, None),
+                sources
+                    .iter()
+                    .filter(|s| has(c, Some(s.as_str())))
+                    .collect(),
+            )
+        })
+        .collect();
     let mut header = vec![spec.row_header.clone().unwrap_or_else(|| "Method".into())];
-    for c in &report.columns {
+    for (c, col) in report.columns.iter().enumerate() {
         let prefix = if multi {
-            format!("{}: ", c.label)
+            format!("{}: ", col.label)
         } else {
             String::new()
         };
         header.push(format!("{prefix}ours (%)"));
-        if has_thesis {
+        if refs[c].0 {
             header.push(format!("{prefix}thesis (%)"));
         }
-        for s in &sources {
+        for s in &refs[c].1 {
             header.push(format!("{prefix}{s} (%)"));
         }
     }
@@ -73,11 +91,11 @@ pub fn markdown_table(report: &Report) -> String {
                 Some(cell) => ours(cell, cell.stat(report.protocol)),
                 None => String::new(),
             });
-            if has_thesis {
+            if refs[c].0 {
                 cells.push(num(row.thesis.as_ref().and_then(|t| t.get(c))));
             }
-            for s in &sources {
-                cells.push(num(row.published.get(s).and_then(|p| p.get(c))));
+            for s in &refs[c].1 {
+                cells.push(num(row.published.get(*s).and_then(|p| p.get(c))));
             }
         }
         lines.push(format!("| {} |", cells.join(" | ")));
