@@ -176,47 +176,7 @@ fn backbone_gradients_match_finite_differences() {
         // finite differences need a smaller step to stay in the linear range.
         let step = if name == "inception_v3" { 1e-8 } else { 1e-6 };
         for &param in picks {
-            let var = net
-                .store
-                .get(param)
-                .unwrap_or_else(|| panic!("{name}: no parameter {param}"))
-                .clone();
-            let graph = train::step_graph(&net.dan, &net.centers, &x, &y, w).unwrap();
-            let grads = graph.total.backward().unwrap();
-            let analytic = grads
-                .get(&var)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            let base = var
-                .as_tensor()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f64>()
-                .unwrap();
-            let (mut num_max, mut diff_max) = (0f64, 0f64);
-            for j in (0..base.len()).step_by((base.len() / 5).max(1)) {
-                let eval = |d: f64| {
-                    let mut b = base.clone();
-                    b[j] += d;
-                    var.set(&Tensor::from_vec(b, var.dims(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    let v = train::step_graph(&net.dan, &net.centers, &x, &y, w)
-                        .unwrap()
-                        .total
-                        .to_scalar::<f64>()
-                        .unwrap();
-                    var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    v
-                };
-                let numeric = (eval(step) - eval(-step)) / (2.0 * step);
-                num_max = num_max.max(numeric.abs());
-                diff_max = diff_max.max((numeric - analytic[j]).abs());
-            }
-            let err = diff_max / num_max.max(1e-6);
+            let err = common::network_gradient_error(&net, &x, &y, w, param, step, 5);
             eprintln!("{name} {param}: {err:e}");
             assert!(
                 err < 1e-4,

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use common::fi;
+use common::{fi, flat};
 use fer_model::backbone::{
     Backbone, BackboneConfig, InceptionConfig, ResNetConfig, TrunkNames, VitConfig,
 };
@@ -62,15 +62,6 @@ fn config_for(case: &Value) -> BackboneConfig {
         }),
         other => panic!("no backbone for fixture architecture {other}"),
     }
-}
-
-fn flat(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
 }
 
 fn max_rel(got: &[f64], exp: &[f64]) -> f64 {

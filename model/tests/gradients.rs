@@ -302,44 +302,7 @@ fn whole_network_gradient_matches_finite_differences() {
         ("bn.weight", no_cam),                         // BN1d on the logits
         ("fc.weight", no_cam),
     ] {
-        let graph = train::step_graph(&net.dan, &net.centers, &x, &y, w).unwrap();
-        let grads = graph.total.backward().unwrap();
-        let var = net.store.get(name).unwrap().clone();
-        let analytic = grads
-            .get(&var)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        let base = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        let mut num_max: f64 = 0.0;
-        let mut diff_max: f64 = 0.0;
-        for j in (0..base.len()).step_by((base.len() / 6).max(1)) {
-            let eval = |d: f64| {
-                let mut b = base.clone();
-                b[j] += d;
-                var.set(&Tensor::from_vec(b, var.dims(), &Device::Cpu).unwrap())
-                    .unwrap();
-                let v = train::step_graph(&net.dan, &net.centers, &x, &y, w)
-                    .unwrap()
-                    .total
-                    .to_scalar::<f64>()
-                    .unwrap();
-                var.set(&Tensor::from_vec(base.clone(), var.dims(), &Device::Cpu).unwrap())
-                    .unwrap();
-                v
-            };
-            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
-            num_max = num_max.max(numeric.abs());
-            diff_max = diff_max.max((numeric - analytic[j]).abs());
-        }
-        let rel = diff_max / num_max.max(1e-8);
+        let rel = common::network_gradient_error(&net, &x, &y, w, name, eps, 6);
         assert!(rel < 1e-4, "{name}: relative error {rel:e}");
     }
 }

@@ -112,6 +112,34 @@ impl ResNetConfig {
     }
 }
 
+/// The shortcut projection `downsample` (1x1 conv with the block's stride, then BN) when the
+/// block changes resolution or width; None for an identity shortcut.
+fn downsample(
+    store: &mut ParamStore,
+    name: &str,
+    cin: usize,
+    cout: usize,
+    stride: usize,
+) -> anyhow::Result<Option<(Conv2d, BatchNorm)>> {
+    if stride == 1 && cin == cout {
+        return Ok(None);
+    }
+    let g = ConvGeometry::new((1, 1), (stride, stride), (0, 0));
+    let conv = Conv2d::new(
+        store,
+        &join(name, "downsample.0"),
+        cin,
+        cout,
+        g,
+        false,
+        Conv2d::kaiming(cout, (1, 1)),
+    )?;
+    Ok(Some((
+        conv,
+        BatchNorm::new(store, &join(name, "downsample.1"), cout)?,
+    )))
+}
+
 /// torchvision's BasicBlock: 3x3 -> BN -> ReLU -> 3x3 -> BN, + shortcut, ReLU.
 struct BasicBlock {
     conv1: Conv2d,
@@ -151,24 +179,7 @@ impl BasicBlock {
             Conv2d::kaiming(cout, (3, 3)),
         )?;
         let bn2 = BatchNorm::new(store, &join(name, "bn2"), cout)?;
-        let downsample = if stride != 1 || cin != cout {
-            let g = ConvGeometry::new((1, 1), (stride, stride), (0, 0));
-            let conv = Conv2d::new(
-                store,
-                &join(name, "downsample.0"),
-                cin,
-                cout,
-                g,
-                false,
-                Conv2d::kaiming(cout, (1, 1)),
-            )?;
-            Some((
-                conv,
-                BatchNorm::new(store, &join(name, "downsample.1"), cout)?,
-            ))
-        } else {
-            None
-        };
+        let downsample = downsample(store, name, cin, cout, stride)?;
         Ok(Self {
             conv1,
             bn1,
@@ -232,24 +243,7 @@ impl Bottleneck {
                 b,
             )?);
         }
-        let downsample = if stride != 1 || cin != cout {
-            let g = ConvGeometry::new((1, 1), (stride, stride), (0, 0));
-            let conv = Conv2d::new(
-                store,
-                &join(name, "downsample.0"),
-                cin,
-                cout,
-                g,
-                false,
-                Conv2d::kaiming(cout, (1, 1)),
-            )?;
-            Some((
-                conv,
-                BatchNorm::new(store, &join(name, "downsample.1"), cout)?,
-            ))
-        } else {
-            None
-        };
+        let downsample = downsample(store, name, cin, cout, stride)?;
         let [c1, c2, c3]: [Conv2d; 3] = convs.try_into().map_err(|_| anyhow::anyhow!("3 convs"))?;
         let [b1, b2, b3]: [BatchNorm; 3] = bns.try_into().map_err(|_| anyhow::anyhow!("3 BNs"))?;
         Ok(Self {

@@ -46,7 +46,7 @@ const STAT_TOL: f64 = 1e-4;
 const ELEM_LR_FRAC: f64 = 1e-2;
 const ELEM_REL: f64 = 1e-6;
 
-fn flat(t: &Tensor) -> Vec<f64> {
+pub fn flat(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64)
         .unwrap()
         .flatten_all()
@@ -228,4 +228,51 @@ pub fn gradcheck(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor, samples: us
 pub fn project(t: &Tensor, seed: u64) -> Tensor {
     let r = rand_tensor(t.dims(), seed);
     (t * r).unwrap().sum_all().unwrap()
+}
+
+/// Worst relative error between the analytic gradient of the full DAN + EAC step loss w.r.t. the
+/// store entry `param` and central finite differences of step `eps`, on about `samples`
+/// evenly spaced elements (float64 networks).
+pub fn network_gradient_error(
+    net: &fer_model::DanEac,
+    x: &Tensor,
+    y: &Tensor,
+    w: fer_model::LossWeights,
+    param: &str,
+    eps: f64,
+    samples: usize,
+) -> f64 {
+    use fer_model::train::step_graph;
+    let var = net
+        .store
+        .get(param)
+        .unwrap_or_else(|| panic!("no parameter {param}"))
+        .clone();
+    let loss = || step_graph(&net.dan, &net.centers, x, y, w).unwrap().total;
+    let grads = loss().backward().unwrap();
+    let analytic = flat(
+        grads
+            .get(&var)
+            .unwrap_or_else(|| panic!("{param} has no gradient")),
+    );
+    let base = flat(var.as_tensor());
+    let set = |v: Vec<f64>| {
+        var.set(&Tensor::from_vec(v, var.dims(), &candle_core::Device::Cpu).unwrap())
+            .unwrap()
+    };
+    let (mut num_max, mut diff_max) = (0f64, 0f64);
+    for j in (0..base.len()).step_by((base.len() / samples).max(1)) {
+        let eval = |d: f64| {
+            let mut b = base.clone();
+            b[j] += d;
+            set(b);
+            let v = loss().to_scalar::<f64>().unwrap();
+            set(base.clone());
+            v
+        };
+        let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
+        num_max = num_max.max(numeric.abs());
+        diff_max = diff_max.max((numeric - analytic[j]).abs());
+    }
+    diff_max / num_max.max(1e-8)
 }
