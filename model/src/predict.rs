@@ -117,6 +117,22 @@ impl Predictor {
         classes_order: Option<&str>,
         input_size: Option<usize>,
     ) -> anyhow::Result<Self> {
+        let p = Self::load_unchecked(path, classes_order, input_size)?;
+        // The same size rule as training (e.g. a ResNet needs at least 16 px).
+        p.net
+            .dan
+            .config
+            .backbone
+            .feature_size(p.input_size)
+            .map_err(|e| anyhow::anyhow!("input size {}: {e:#}", p.input_size))?;
+        Ok(p)
+    }
+
+    fn load_unchecked(
+        path: &Path,
+        classes_order: Option<&str>,
+        input_size: Option<usize>,
+    ) -> anyhow::Result<Self> {
         if !path.is_file() {
             bail!("{}: no such checkpoint file", path.display());
         }

@@ -163,6 +163,24 @@ fn bad_inputs_are_clear_errors() {
         assert!(!o.status.success());
         text(&o)
     };
+    let o = fer()
+        .arg("predict")
+        .arg(&pth)
+        .arg(photo("astronaut.png"))
+        .args(["--input-size", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "an error, not a panic: {}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains("input size 0") && text(&o).contains("too small"),
+        "{}",
+        text(&o)
+    );
     let missing = d.join("nope.jpg");
     let e = run(&[&pth, &missing]);
     assert!(e.contains("nope.jpg: no such image file"), "{e}");
