@@ -149,6 +149,32 @@ impl Report {
             .find(|c| c.row == row && c.column == column)
     }
 
+    /// "row" for a one-column report, "row / column" otherwise.
+    pub fn cell_label(&self, cell: &Cell) -> String {
+        let row = &self.spec.rows[cell.row].label;
+        if self.columns.len() > 1 {
+            format!("{row} / {}", self.columns[cell.column].label)
+        } else {
+            row.clone()
+        }
+    }
+
+    /// ": column" for a multi-column report (series and legend names), empty otherwise.
+    pub fn column_suffix(&self, column: usize) -> String {
+        if self.columns.len() > 1 {
+            format!(": {}", self.columns[column].label)
+        } else {
+            String::new()
+        }
+    }
+
+    /// Each row's statistic in one column (None where the cell has no trial or result).
+    pub fn column_stats(&self, rows: &[usize], column: usize) -> Vec<Option<Stat>> {
+        rows.iter()
+            .map(|&r| self.cell(r, column).and_then(|c| c.stat(self.protocol)))
+            .collect()
+    }
+
     pub fn missing(&self) -> impl Iterator<Item = (&Cell, &Missing)> {
         self.cells
             .iter()
@@ -499,15 +525,9 @@ async fn write(store: &Store, report: &Report, out: &Path, db: &Path) -> anyhow:
 
     let mut pictures: HashMap<String, (bool, bool)> = HashMap::new();
     for cell in &report.cells {
-        let row = &report.spec.rows[cell.row].label;
-        let col = &report.columns[cell.column].label;
+        let label = report.cell_label(cell);
         for o in &cell.done {
             let short = &o.key[..16];
-            let label = if report.columns.len() > 1 {
-                format!("{row} / {col}")
-            } else {
-                row.clone()
-            };
             let metrics = trial_metrics(store, &o.key).await?;
             let has_curves = render::save_learning_curves(
                 &metrics,

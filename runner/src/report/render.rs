@@ -108,13 +108,8 @@ pub fn missing_lines(report: &Report) -> Vec<String> {
         .missing()
         .map(|(cell, m)| {
             format!(
-                "{}{}, seed {}: trial {} — {}",
-                report.spec.rows[cell.row].label,
-                if report.columns.len() > 1 {
-                    format!(" / {}", report.columns[cell.column].label)
-                } else {
-                    String::new()
-                },
+                "{}, seed {}: trial {} — {}",
+                report.cell_label(cell),
                 m.seed,
                 &m.key[..16],
                 m.status
@@ -274,14 +269,7 @@ pub fn markdown(
     let _ = writeln!(md, "| Cell | Seed | Trial | Final (%) | Best (%) | Last 5 (%) | Balanced (%) | Epochs | Code | Pictures |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
     for cell in &report.cells {
-        let label = if report.columns.len() > 1 {
-            format!(
-                "{} / {}",
-                spec.rows[cell.row].label, report.columns[cell.column].label
-            )
-        } else {
-            spec.rows[cell.row].label.clone()
-        };
+        let label = report.cell_label(cell);
         let mut done: Vec<_> = cell.done.iter().collect();
         done.sort_by_key(|o| o.seed);
         for o in done {
@@ -425,40 +413,19 @@ pub fn save_main_figure(report: &Report, stem: &Path) -> anyhow::Result<()> {
     match spec.figure.kind {
         FigureKind::Line => {
             let x = |r: usize| spec.rows[r].label.trim().parse::<f64>().unwrap_or(r as f64);
-            let series = report
-                .columns
-                .iter()
-                .enumerate()
-                .map(|(c, col)| {
+            let series = (0..report.columns.len())
+                .map(|c| {
                     let pts = data_rows
                         .iter()
-                        .filter_map(|&r| {
-                            report
-                                .cell(r, c)
-                                .and_then(|cell| cell.stat(report.protocol))
-                                .map(|s| (x(r), s.mean, s.std))
-                        })
+                        .zip(report.column_stats(&data_rows, c))
+                        .filter_map(|(&r, st)| st.map(|s| (x(r), s.mean, s.std)))
                         .collect();
-                    (
-                        format!(
-                            "ours{}",
-                            if report.columns.len() > 1 {
-                                format!(": {}", col.label)
-                            } else {
-                                String::new()
-                            }
-                        ),
-                        pts,
-                    )
+                    (format!("ours{}", report.column_suffix(c)), pts)
                 })
                 .collect();
             let mut references = Vec::new();
-            for (c, col) in report.columns.iter().enumerate() {
-                let suffix = if report.columns.len() > 1 {
-                    format!(": {}", col.label)
-                } else {
-                    String::new()
-                };
+            for c in 0..report.columns.len() {
+                let suffix = report.column_suffix(c);
                 let thesis: Vec<(f64, f64)> = data_rows
                     .iter()
                     .filter_map(|&r| {
@@ -491,31 +458,14 @@ pub fn save_main_figure(report: &Report, stem: &Path) -> anyhow::Result<()> {
                 .iter()
                 .map(|&r| spec.rows[r].label.clone())
                 .collect();
-            let series = report
-                .columns
-                .iter()
-                .enumerate()
-                .map(|(c, col)| {
-                    let v = data_rows
-                        .iter()
-                        .map(|&r| {
-                            report
-                                .cell(r, c)
-                                .and_then(|cell| cell.stat(report.protocol))
-                                .map(|s| (s.mean, s.std))
-                        })
+            let series = (0..report.columns.len())
+                .map(|c| {
+                    let v = report
+                        .column_stats(&data_rows, c)
+                        .into_iter()
+                        .map(|st| st.map(|s| (s.mean, s.std)))
                         .collect();
-                    (
-                        format!(
-                            "ours{}",
-                            if report.columns.len() > 1 {
-                                format!(": {}", col.label)
-                            } else {
-                                String::new()
-                            }
-                        ),
-                        v,
-                    )
+                    (format!("ours{}", report.column_suffix(c)), v)
                 })
                 .collect();
             let thesis: Vec<Vec<Option<f64>>> = data_rows
@@ -628,15 +578,7 @@ pub async fn save_curve_figure(
             .iter()
             .filter_map(|(&e, v)| Stat::of(v).map(|s| (e as f64, s.mean, s.std)))
             .collect();
-        let label = if report.columns.len() > 1 {
-            format!(
-                "{} / {}",
-                report.spec.rows[cell.row].label, report.columns[cell.column].label
-            )
-        } else {
-            report.spec.rows[cell.row].label.clone()
-        };
-        series.push((label, pts));
+        series.push((report.cell_label(cell), pts));
     }
     if series.is_empty() {
         return Ok(false);
