@@ -18,14 +18,27 @@ fn architecture_comes_from_the_tensor_shapes() {
     let state =
         fer_model::checkpoint::read_pth_state_dict(&fixture("tiny_h4_c7/checkpoint.pth")).unwrap();
     let (config, centers) = dan_config_from_state(&state).unwrap();
-    assert_eq!(centers, 7, "the release holds no centers: one per class");
-    assert_eq!(config.heads, 4);
-    assert_eq!(config.classes, 7);
+    // What the reference implementation says it built.
+    let case: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tiny_h4_c7/case.json")).unwrap())
+            .unwrap();
+    let n = |k: &str| case[k].as_u64().unwrap() as usize;
+    let arr = |k: &str| -> [usize; 4] {
+        let v: Vec<usize> = serde_json::from_value(case[k].clone()).unwrap();
+        v.try_into().unwrap()
+    };
+    assert_eq!(
+        centers,
+        n("num_classes"),
+        "the release holds no centers: one per class"
+    );
+    assert_eq!(config.heads, n("num_heads"));
+    assert_eq!(config.classes, n("num_classes"));
     let BackboneConfig::ResNet(r) = &config.backbone else {
         panic!("a ResNet trunk")
     };
-    assert!(!r.bottleneck);
-    assert_eq!((r.widths, r.blocks), ([4, 8, 16, 32], [2, 2, 2, 2]));
+    assert!(!r.bottleneck, "{}", case["backbone"]);
+    assert_eq!((r.widths, r.blocks), (arr("widths"), arr("blocks")));
     // A bottleneck trunk is recognised by its conv3.
     let net = fer_model::DanEac::new(
         &fer_model::DanConfig {
