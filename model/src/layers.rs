@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Result, Tensor, Var, D};
 
+use crate::ops::batch_norm::{batch_norm, BatchStats};
 use crate::ops::{conv2d, ConvGeometry};
 use crate::store::{Init, ParamStore};
 
@@ -103,6 +104,73 @@ impl BatchNorm {
     }
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_with(x, train, false)
+    }
+
+    /// `relu(bn(x))`, fused into one node where the fast path applies.
+    pub fn forward_relu(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_with(x, train, true)
+    }
+
+    fn forward_with(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
+            return self.forward_fused(x, train, relu);
+        }
+        let y = self.forward_composed(x, train)?;
+        if relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// The f32 CPU path: one fused op (see `ops::batch_norm`), same semantics as the composed one.
+    fn forward_fused(&self, x: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        let stats = if train {
+            let per_channel = x.elem_count() / x.dim(1)?.max(1);
+            if per_channel < 2 {
+                candle_core::bail!(
+                    "BatchNorm in train mode needs more than 1 value per channel, got input {:?}",
+                    x.dims()
+                );
+            }
+            BatchStats::Batch
+        } else {
+            BatchStats::Fixed {
+                mean: self
+                    .running_mean
+                    .as_tensor()
+                    .to_dtype(DType::F32)?
+                    .to_vec1()?,
+                var: self
+                    .running_var
+                    .as_tensor()
+                    .to_dtype(DType::F32)?
+                    .to_vec1()?,
+            }
+        };
+        let (y, moments) = batch_norm(
+            x,
+            self.weight.as_tensor(),
+            self.bias.as_tensor(),
+            stats,
+            self.eps,
+            relu,
+        )?;
+        if let Some(m) = moments {
+            let dev = x.device();
+            let n = x.elem_count() / x.dim(1)?;
+            let dt = self.running_mean.dtype();
+            self.update_running(
+                &Tensor::new(m.mean.as_slice(), dev)?.to_dtype(dt)?,
+                &Tensor::new(m.var.as_slice(), dev)?.to_dtype(dt)?,
+                n,
+            )?;
+        }
+        Ok(y)
+    }
+
+    fn forward_composed(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let c = self.weight.dim(0)?;
         // Shape that broadcasts a per-channel vector against x.
         let mut bshape = vec![1usize; x.rank()];

@@ -7,7 +7,7 @@ use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::layers::{join, BatchNorm, Conv2d, Linear};
-use crate::ops::{max_pool2d, ConvGeometry};
+use crate::ops::{add_relu, max_pool2d, ConvGeometry};
 use crate::store::ParamStore;
 
 /// How the trunk's modules are named in the state dict.
@@ -194,9 +194,9 @@ impl BasicBlock {
             Some((conv, bn)) => bn.forward(&conv.forward(x)?, train)?,
             None => x.clone(),
         };
-        let y = self.bn1.forward(&self.conv1.forward(x)?, train)?.relu()?;
+        let y = self.bn1.forward_relu(&self.conv1.forward(x)?, train)?;
         let y = self.bn2.forward(&self.conv2.forward(&y)?, train)?;
-        (y + shortcut)?.relu()
+        add_relu(&y, &shortcut)
     }
 }
 
@@ -258,14 +258,10 @@ impl Bottleneck {
             Some((conv, bn)) => bn.forward(&conv.forward(x)?, train)?,
             None => x.clone(),
         };
-        let y = self.bns[0]
-            .forward(&self.convs[0].forward(x)?, train)?
-            .relu()?;
-        let y = self.bns[1]
-            .forward(&self.convs[1].forward(&y)?, train)?
-            .relu()?;
+        let y = self.bns[0].forward_relu(&self.convs[0].forward(x)?, train)?;
+        let y = self.bns[1].forward_relu(&self.convs[1].forward(&y)?, train)?;
         let y = self.bns[2].forward(&self.convs[2].forward(&y)?, train)?;
-        (y + shortcut)?.relu()
+        add_relu(&y, &shortcut)
     }
 }
 
@@ -367,7 +363,7 @@ impl ResNet {
 
     /// The last feature map F: [B, widths[3], h, w].
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = self.bn1.forward(&self.conv1.forward(x)?, train)?.relu()?;
+        let mut y = self.bn1.forward_relu(&self.conv1.forward(x)?, train)?;
         y = max_pool2d(&y, 3, 2, 1)?;
         for layer in &self.layers {
             for block in layer {

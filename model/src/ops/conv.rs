@@ -7,7 +7,9 @@
 //! correct backward. Padding is per axis, so 1x3 and 3x1 kernels need no manual padding.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
+
+use super::gemm::{sgemm, MatRef};
 use rayon::prelude::*;
 
 /// Geometry of one convolution: kernel, stride and zero padding per axis (height, width).
@@ -195,6 +197,154 @@ impl CustomOp1 for Col2Im {
     }
 }
 
+/// The whole f32 CPU convolution as one graph node: im2col, our GEMM, and the permute to NCHW in
+/// the forward; the column matrix is rebuilt in the backward instead of being kept alive, and
+/// both gradients are computed directly. One node instead of five saves Candle's backward a
+/// zero-filled buffer and an add per node, and the big column matrix is never held between the
+/// passes.
+struct FusedConv(Dims);
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+    match s {
+        CpuStorage::F32(v) => contiguous_slice(v, l, op),
+        other => candle_core::bail!("{op}: expected f32, got {:?}", other.dtype()),
+    }
+}
+
+/// `[O, B*P]` (column `b*P + q`) -> `[B, O, P]`, or back with `inverse`.
+fn permute_batch(src: &[f32], o: usize, b: usize, p: usize, inverse: bool) -> Vec<f32> {
+    let mut out = vec![0f32; src.len()];
+    out.par_chunks_mut(p).enumerate().for_each(|(row, dst)| {
+        // `row` indexes the destination's rows of length p.
+        let (bi, oi) = if inverse {
+            (row % b, row / b) // dst [O, B*P]: row = o*B + b
+        } else {
+            (row / o, row % o) // dst [B, O, P]: row = b*O + o
+        };
+        let from = if inverse {
+            (bi * o + oi) * p
+        } else {
+            (oi * b + bi) * p
+        };
+        dst.copy_from_slice(&src[from..from + p]);
+    });
+    out
+}
+
+impl CustomOp2 for FusedConv {
+    fn name(&self) -> &'static str {
+        "conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = &self.0;
+        let x = f32_slice(xs, xl, "conv2d")?;
+        let w = f32_slice(ws, wl, "conv2d")?;
+        let o = wl.shape().dims()[0];
+        let (k, n) = (d.rows(), d.cols());
+        let cols = im2col_slice(x, d);
+        let mut y = vec![0f32; o * n];
+        sgemm(
+            o,
+            n,
+            k,
+            MatRef {
+                data: w,
+                rs: k,
+                cs: 1,
+            },
+            MatRef {
+                data: &cols,
+                rs: n,
+                cs: 1,
+            },
+            &mut y,
+            n,
+            false,
+        );
+        let y = permute_batch(&y, o, d.b, d.oh * d.ow, false);
+        Ok((CpuStorage::F32(y), Shape::from((d.b, o, d.oh, d.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let d = &self.0;
+        let (k, n, p) = (d.rows(), d.cols(), d.oh * d.ow);
+        let o = w.dim(0)?;
+        let grad = grad.contiguous()?;
+        let (gs, gl) = grad.storage_and_layout();
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (
+            Storage::Cpu(CpuStorage::F32(gv)),
+            Storage::Cpu(CpuStorage::F32(xv)),
+            Storage::Cpu(CpuStorage::F32(wv)),
+        ) = (&*gs, &*xs, &*ws)
+        else {
+            candle_core::bail!("conv2d backward: expected f32 CPU tensors");
+        };
+        let dy = permute_batch(contiguous_slice(gv, gl, "conv2d")?, o, d.b, p, true); // [O, N]
+        let cols = im2col_slice(contiguous_slice(xv, xl, "conv2d")?, d); // [K, N]
+        let wv = contiguous_slice(wv, wl, "conv2d")?;
+        // dW [O, K] = dY [O, N] x cols^T [N, K]
+        let mut dw = vec![0f32; o * k];
+        sgemm(
+            o,
+            k,
+            n,
+            MatRef {
+                data: &dy,
+                rs: n,
+                cs: 1,
+            },
+            MatRef {
+                data: &cols,
+                rs: 1,
+                cs: n,
+            },
+            &mut dw,
+            k,
+            false,
+        );
+        drop(cols);
+        // dcols [K, N] = W^T [K, O] x dY [O, N], scattered back by col2im.
+        let mut dcols = vec![0f32; k * n];
+        sgemm(
+            k,
+            n,
+            o,
+            MatRef {
+                data: wv,
+                rs: 1,
+                cs: k,
+            },
+            MatRef {
+                data: &dy,
+                rs: n,
+                cs: 1,
+            },
+            &mut dcols,
+            n,
+            false,
+        );
+        let dx = col2im_slice(&dcols, d);
+        let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
+        let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
 /// Cross-correlation of `x` [B, C, H, W] with `weight` [O, C, kh, kw] (PyTorch's Conv2d),
 /// plus an optional `bias` [O]. Differentiable in all three.
 pub fn conv2d(
@@ -223,9 +373,15 @@ pub fn conv2d(
             ow,
             g,
         };
-        let cols = x.contiguous()?.apply_op1(Im2Col(d))?; // [C*kh*kw, B*OH*OW]
-        let y = weight.reshape((o, c * kh * kw))?.matmul(&cols)?; // [O, B*OH*OW]
-        y.reshape((o, b, oh, ow))?.transpose(0, 1)?.contiguous()?
+        if x.dtype() == candle_core::DType::F32 && weight.dtype() == x.dtype() {
+            x.contiguous()?
+                .apply_op2(&weight.contiguous()?, FusedConv(d))?
+        } else {
+            // f64 (the finite-difference tests): the same computation from differentiable pieces.
+            let cols = x.contiguous()?.apply_op1(Im2Col(d))?; // [C*kh*kw, B*OH*OW]
+            let y = weight.reshape((o, c * kh * kw))?.matmul(&cols)?; // [O, B*OH*OW]
+            y.reshape((o, b, oh, ow))?.transpose(0, 1)?.contiguous()?
+        }
     } else {
         // Accelerators use Candle's native convolution (cuDNN where enabled). Its backward
         // shares the stock parity limitation, documented in ARCHITECTURE.md.

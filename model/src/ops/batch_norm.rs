@@ -1,0 +1,304 @@
+//! Batch normalisation (optionally followed by ReLU) over axis 1 as one f32 CPU graph node.
+//!
+//! Composed from tensor ops, a train-mode BatchNorm2d is ~10 full passes forward and ~20 backward
+//! (Candle's backward also zero-fills and adds a buffer per node); here it is two passes each
+//! way: per-channel sums, then the element-wise map. Statistics are accumulated in f64.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+
+/// Which statistics normalise the batch.
+#[derive(Debug, Clone)]
+pub enum BatchStats {
+    /// The batch's own mean and biased variance (train mode).
+    Batch,
+    /// Given per-channel mean and variance (eval mode: the running statistics).
+    Fixed { mean: Vec<f32>, var: Vec<f32> },
+}
+
+/// Per-channel mean and biased variance of the last train-mode forward.
+#[derive(Debug, Clone, Default)]
+pub struct Moments {
+    pub mean: Vec<f64>,
+    pub var: Vec<f64>,
+}
+
+struct FusedBatchNorm {
+    stats: BatchStats,
+    eps: f64,
+    relu: bool,
+    /// Mean and 1/sqrt(var + eps) per channel, filled by the forward, read by the backward.
+    saved: Arc<Mutex<(Vec<f32>, Vec<f32>, Moments)>>,
+}
+
+/// (batch, channels, values per channel and sample) of a [B, C, ...] input.
+fn dims(shape: &Shape) -> Result<(usize, usize, usize)> {
+    let d = shape.dims();
+    if d.len() < 2 {
+        candle_core::bail!("batch_norm: input must be [B, C, ...], got {d:?}");
+    }
+    Ok((d[0], d[1], d[2..].iter().product()))
+}
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        (CpuStorage::F32(_), None) => candle_core::bail!("batch_norm: {what} must be contiguous"),
+        (other, _) => candle_core::bail!("batch_norm: {what} must be f32, got {:?}", other.dtype()),
+    }
+}
+
+/// The planes (length `hw`) of channel `c` in a [B, C, HW] buffer.
+fn planes(x: &[f32], b: usize, c: usize, ch: usize, hw: usize) -> impl Iterator<Item = &[f32]> {
+    (0..b).map(move |bi| &x[(bi * c + ch) * hw..][..hw])
+}
+
+impl CustomOp3 for FusedBatchNorm {
+    fn name(&self) -> &'static str {
+        "batch_norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, c, hw) = dims(xl.shape())?;
+        let x = slice(xs, xl, "input")?;
+        let (w, bias) = (slice(ws, wl, "weight")?, slice(bs, bl, "bias")?);
+        if w.len() != c || bias.len() != c {
+            candle_core::bail!(
+                "batch_norm: {c} channels but weight {} / bias {}",
+                w.len(),
+                bias.len()
+            );
+        }
+        let n = (b * hw) as f64;
+        let (mean, var): (Vec<f64>, Vec<f64>) = match &self.stats {
+            BatchStats::Batch => (0..c)
+                .into_par_iter()
+                .map(|ch| {
+                    let (mut s, mut s2) = (0f64, 0f64);
+                    for p in planes(x, b, c, ch, hw) {
+                        // f32 partial sums per plane keep the inner loop vectorised.
+                        let (ps, ps2) = p
+                            .iter()
+                            .fold((0f32, 0f32), |(a, a2), &v| (a + v, v.mul_add(v, a2)));
+                        s += ps as f64;
+                        s2 += ps2 as f64;
+                    }
+                    let m = s / n;
+                    (m, (s2 / n - m * m).max(0.0))
+                })
+                .unzip(),
+            BatchStats::Fixed { mean, var } => (
+                mean.iter().map(|&v| v as f64).collect(),
+                var.iter().map(|&v| v as f64).collect(),
+            ),
+        };
+        let inv_std: Vec<f32> = var
+            .iter()
+            .map(|v| (1.0 / (v + self.eps).sqrt()) as f32)
+            .collect();
+        let mean32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(hw)
+            .zip(x.par_chunks(hw))
+            .enumerate()
+            .for_each(|(i, (yp, xp))| {
+                let ch = i % c;
+                let scale = inv_std[ch] * w[ch];
+                let shift = bias[ch] - mean32[ch] * scale;
+                if self.relu {
+                    yp.iter_mut()
+                        .zip(xp)
+                        .for_each(|(y, &x)| *y = x.mul_add(scale, shift).max(0.0));
+                } else {
+                    yp.iter_mut()
+                        .zip(xp)
+                        .for_each(|(y, &x)| *y = x.mul_add(scale, shift));
+                }
+            });
+        *self.saved.lock().expect("batch_norm stats") = (mean32, inv_std, Moments { mean, var });
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, c, hw) = dims(x.shape())?;
+        let grad = grad.contiguous()?;
+        let (mean, inv_std, _) = self.saved.lock().expect("batch_norm stats").clone();
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (ys, yl) = res.storage_and_layout();
+        let (gs, gl) = grad.storage_and_layout();
+        let (Storage::Cpu(xs), Storage::Cpu(ws), Storage::Cpu(ys), Storage::Cpu(gs)) =
+            (&*xs, &*ws, &*ys, &*gs)
+        else {
+            candle_core::bail!("batch_norm backward: expected CPU tensors");
+        };
+        let (xv, wv) = (slice(xs, xl, "input")?, slice(ws, wl, "weight")?);
+        let (yv, gv) = (slice(ys, yl, "output")?, slice(gs, gl, "gradient")?);
+        let relu = self.relu;
+        // The gradient reaching the affine output: ReLU passes it where the output is positive.
+        let g_at = |i: usize| if relu && yv[i] <= 0.0 { 0.0 } else { gv[i] };
+        // Per channel: sum of g (bias gradient) and of g * xhat (weight gradient).
+        let (db, dw): (Vec<f64>, Vec<f64>) = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mut s, mut sx) = (0f64, 0f64);
+                for bi in 0..b {
+                    let start = (bi * c + ch) * hw;
+                    let (mut ps, mut psx) = (0f32, 0f32);
+                    for i in start..start + hw {
+                        let g = g_at(i);
+                        ps += g;
+                        psx = g.mul_add(xv[i] - mean[ch], psx);
+                    }
+                    s += ps as f64;
+                    sx += psx as f64 * inv_std[ch] as f64;
+                }
+                (s, sx)
+            })
+            .unzip();
+        let n = (b * hw) as f32;
+        let batch = matches!(self.stats, BatchStats::Batch);
+        let mut dx = vec![0f32; xv.len()];
+        dx.par_chunks_mut(hw).enumerate().for_each(|(p, dxp)| {
+            let ch = p % c;
+            let k = wv[ch] * inv_std[ch];
+            let start = p * hw;
+            if batch {
+                // dx = w * inv_std * (g - mean(g) - xhat * mean(g * xhat))
+                let (mg, mgx) = ((db[ch] as f32) / n, (dw[ch] as f32) / n);
+                for (j, d) in dxp.iter_mut().enumerate() {
+                    let i = start + j;
+                    let xhat = (xv[i] - mean[ch]) * inv_std[ch];
+                    *d = k * (g_at(i) - mg - xhat * mgx);
+                }
+            } else {
+                for (j, d) in dxp.iter_mut().enumerate() {
+                    *d = k * g_at(start + j);
+                }
+            }
+        });
+        let dev = x.device();
+        let to32 = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), dev)?),
+            Some(Tensor::from_vec(to32(dw), c, dev)?),
+            Some(Tensor::from_vec(to32(db), c, dev)?),
+        ))
+    }
+}
+
+/// `relu?(batch_norm(x))` for a contiguous f32 CPU input [B, C, ...], differentiable in x,
+/// weight and bias. Returns the output and, with `BatchStats::Batch`, the batch's moments (for
+/// the running statistics).
+pub fn batch_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    stats: BatchStats,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Option<Moments>)> {
+    let batch = matches!(stats, BatchStats::Batch);
+    let saved = Arc::new(Mutex::new(Default::default()));
+    let op = FusedBatchNorm {
+        stats,
+        eps,
+        relu,
+        saved: saved.clone(),
+    };
+    let y = x
+        .contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+    let moments = batch.then(|| saved.lock().expect("batch_norm stats").2.clone());
+    Ok((y, moments))
+}
+
+/// `relu(a + b)` as one node: the residual join of a ResNet block.
+struct AddRelu;
+
+impl candle_core::CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "add_relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (a, b) = (slice(s1, l1, "input")?, slice(s2, l2, "input")?);
+        if l1.shape() != l2.shape() {
+            candle_core::bail!(
+                "add_relu: shapes {:?} and {:?} differ",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let mut y = vec![0f32; a.len()];
+        y.par_chunks_mut(4096)
+            .zip(a.par_chunks(4096).zip(b.par_chunks(4096)))
+            .for_each(|(y, (a, b))| {
+                y.iter_mut()
+                    .zip(a.iter().zip(b))
+                    .for_each(|(y, (a, b))| *y = (a + b).max(0.0));
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let g = {
+            let (ys, yl) = res.storage_and_layout();
+            let (gs, gl) = grad.storage_and_layout();
+            let (Storage::Cpu(ys), Storage::Cpu(gs)) = (&*ys, &*gs) else {
+                candle_core::bail!("add_relu backward: expected CPU tensors");
+            };
+            let (y, g) = (slice(ys, yl, "output")?, slice(gs, gl, "gradient")?);
+            let mut out = vec![0f32; g.len()];
+            out.par_chunks_mut(4096)
+                .zip(y.par_chunks(4096).zip(g.par_chunks(4096)))
+                .for_each(|(o, (y, g))| {
+                    o.iter_mut()
+                        .zip(y.iter().zip(g))
+                        .for_each(|(o, (&y, &g))| *o = if y > 0.0 { g } else { 0.0 });
+                });
+            Tensor::from_vec(out, res.shape(), res.device())?
+        };
+        Ok((Some(g.clone()), Some(g)))
+    }
+}
+
+/// `relu(a + b)`: one fused node for f32 on the CPU, Candle's ops otherwise.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.device().is_cpu() && a.dtype() == candle_core::DType::F32 && b.dtype() == a.dtype() {
+        a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
+    } else {
+        (a + b)?.relu()
+    }
+}
