@@ -161,15 +161,19 @@ pub fn train_step(
     labels: &Tensor,
     w: LossWeights,
 ) -> anyhow::Result<StepLosses> {
-    let graph = step_graph(model, centers, x, labels, w)?;
-    let losses = graph.losses(labels)?;
+    use crate::ops::timing::timed;
+    let (graph, losses) = timed(5, || -> anyhow::Result<_> {
+        let graph = step_graph(model, centers, x, labels, w)?;
+        let losses = graph.losses(labels)?;
+        Ok((graph, losses))
+    })?;
     anyhow::ensure!(
         losses.total.is_finite(),
         "the training loss is not finite ({}): diverged",
         losses.total
     );
-    let grads: GradStore = graph.total.backward().context("backward pass")?;
-    optimizer.step(&grads)?;
+    let grads: GradStore = timed(6, || graph.total.backward()).context("backward pass")?;
+    timed(7, || optimizer.step(&grads))?;
     Ok(losses)
 }
 

@@ -147,6 +147,7 @@ fn train_setting(
         }
     }
     let train_rate = batch as f64 / median(times);
+    let op_times = fer_model::ops::timing::take();
     let mut times = Vec::new();
     for i in 0..=steps {
         let t = Instant::now();
@@ -167,6 +168,12 @@ fn train_setting(
             "threads": rayon::current_num_threads(),
         })
     );
+    if std::env::var_os("FER_OP_TIMES").is_some() {
+        // Per-step seconds by kernel (warm-up step included), to stderr so the JSON stays clean.
+        for (name, secs) in op_times {
+            eprintln!("  {name:<26} {:>8.3} s/step", secs / (steps + 1) as f64);
+        }
+    }
     Ok(())
 }
 

@@ -51,6 +51,26 @@ fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     }
 }
 
+/// `sum f(v)` over a slice with 8 independent partial sums, so the loop vectorises.
+#[inline]
+fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    lane_sum_idx(v.len(), |i| f(v[i]))
+}
+
+/// `sum f(i)` for i in 0..len with 8 partial sums.
+#[inline]
+fn lane_sum_idx(len: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let full = len / 8 * 8;
+    for i in (0..full).step_by(8) {
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a += f(i + k);
+        }
+    }
+    let tail: f32 = (full..len).map(&f).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
 /// The planes (length `hw`) of channel `c` in a [B, C, HW] buffer.
 fn planes(x: &[f32], b: usize, c: usize, ch: usize, hw: usize) -> impl Iterator<Item = &[f32]> {
     (0..b).map(move |bi| &x[(bi * c + ch) * hw..][..hw])
@@ -62,6 +82,31 @@ impl CustomOp3 for FusedBatchNorm {
     }
 
     fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        super::timing::timed(2, || self.forward(xs, xl, ws, wl, bs, bl))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        super::timing::timed(3, || self.backward(x, w, bias, res, grad))
+    }
+}
+
+impl FusedBatchNorm {
+    fn forward(
         &self,
         xs: &CpuStorage,
         xl: &Layout,
@@ -85,17 +130,16 @@ impl CustomOp3 for FusedBatchNorm {
             BatchStats::Batch => (0..c)
                 .into_par_iter()
                 .map(|ch| {
-                    let (mut s, mut s2) = (0f64, 0f64);
-                    for p in planes(x, b, c, ch, hw) {
-                        // f32 partial sums per plane keep the inner loop vectorised.
-                        let (ps, ps2) = p
-                            .iter()
-                            .fold((0f32, 0f32), |(a, a2), &v| (a + v, v.mul_add(v, a2)));
-                        s += ps as f64;
-                        s2 += ps2 as f64;
-                    }
+                    // Two passes over the channel (it fits in L2): mean, then centred squares.
+                    let s: f64 = planes(x, b, c, ch, hw)
+                        .map(|p| lane_sum(p, |v| v) as f64)
+                        .sum();
                     let m = s / n;
-                    (m, (s2 / n - m * m).max(0.0))
+                    let mf = m as f32;
+                    let s2: f64 = planes(x, b, c, ch, hw)
+                        .map(|p| lane_sum(p, |v| (v - mf) * (v - mf)) as f64)
+                        .sum();
+                    (m, s2 / n)
                 })
                 .unzip(),
             BatchStats::Fixed { mean, var } => (
@@ -119,18 +163,18 @@ impl CustomOp3 for FusedBatchNorm {
                 if self.relu {
                     yp.iter_mut()
                         .zip(xp)
-                        .for_each(|(y, &x)| *y = x.mul_add(scale, shift).max(0.0));
+                        .for_each(|(y, &x)| *y = (x * scale + shift).max(0.0));
                 } else {
                     yp.iter_mut()
                         .zip(xp)
-                        .for_each(|(y, &x)| *y = x.mul_add(scale, shift));
+                        .for_each(|(y, &x)| *y = x * scale + shift);
                 }
             });
         *self.saved.lock().expect("batch_norm stats") = (mean32, inv_std, Moments { mean, var });
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
-    fn bwd(
+    fn backward(
         &self,
         x: &Tensor,
         w: &Tensor,
@@ -162,12 +206,20 @@ impl CustomOp3 for FusedBatchNorm {
                 let (mut s, mut sx) = (0f64, 0f64);
                 for bi in 0..b {
                     let start = (bi * c + ch) * hw;
-                    let (mut ps, mut psx) = (0f32, 0f32);
-                    for i in start..start + hw {
-                        let g = g_at(i);
-                        ps += g;
-                        psx = g.mul_add(xv[i] - mean[ch], psx);
-                    }
+                    let (xp, yp, gp) = (&xv[start..][..hw], &yv[start..][..hw], &gv[start..][..hw]);
+                    let m = mean[ch];
+                    let (ps, psx) = if relu {
+                        let g = |i: usize| if yp[i] > 0.0 { gp[i] } else { 0.0 };
+                        (
+                            lane_sum_idx(hw, g),
+                            lane_sum_idx(hw, |i| g(i) * (xp[i] - m)),
+                        )
+                    } else {
+                        (
+                            lane_sum(gp, |v| v),
+                            lane_sum_idx(hw, |i| gp[i] * (xp[i] - m)),
+                        )
+                    };
                     s += ps as f64;
                     sx += psx as f64 * inv_std[ch] as f64;
                 }
@@ -246,6 +298,27 @@ impl candle_core::CustomOp2 for AddRelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        super::timing::timed(4, || add_relu_fwd(s1, l1, s2, l2))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        super::timing::timed(4, || add_relu_bwd(a, b, res, grad))
+    }
+}
+
+fn add_relu_fwd(
+    s1: &CpuStorage,
+    l1: &Layout,
+    s2: &CpuStorage,
+    l2: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    {
         let (a, b) = (slice(s1, l1, "input")?, slice(s2, l2, "input")?);
         if l1.shape() != l2.shape() {
             candle_core::bail!(
@@ -264,14 +337,15 @@ impl candle_core::CustomOp2 for AddRelu {
             });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
+}
 
-    fn bwd(
-        &self,
-        _a: &Tensor,
-        _b: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+fn add_relu_bwd(
+    _a: &Tensor,
+    _b: &Tensor,
+    res: &Tensor,
+    grad: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    {
         let grad = grad.contiguous()?;
         let g = {
             let (ys, yl) = res.storage_and_layout();

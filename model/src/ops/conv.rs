@@ -10,6 +10,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 
 use super::gemm::{sgemm, MatRef};
+use super::timing::timed;
 use rayon::prelude::*;
 
 /// Geometry of one convolution: kernel, stride and zero padding per axis (height, width).
@@ -79,30 +80,88 @@ struct Im2Col(Dims);
 /// The adjoint of `Im2Col`: scatter-add `[C*kh*kw, B*OH*OW]` back into `[B, C, H, W]`.
 struct Col2Im(Dims);
 
-fn im2col_slice<T: Copy + Default + Send + Sync>(x: &[T], d: &Dims) -> Vec<T> {
+/// Large per-call buffers (column matrices, layout copies) are taken from and returned to this
+/// pool: allocating ~30 MB afresh per convolution cost page faults and zero-filling at every
+/// call. Buffers come back with stale contents; every user overwrites all of its elements.
+static SCRATCH: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+
+fn take_scratch(len: usize) -> Vec<f32> {
+    let mut pool = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
+    // The largest free buffer, so growth happens rarely.
+    let best = (0..pool.len()).max_by_key(|&i| pool[i].len());
+    let mut v = best.map(|i| pool.swap_remove(i)).unwrap_or_default();
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    v
+}
+
+fn give_scratch(v: Vec<f32>) {
+    let mut pool = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
+    if pool.len() < 4 {
+        pool.push(v);
+    }
+}
+
+/// Output positions `lo..hi` along an axis whose tap `tap` lands inside the input (not padding).
+#[inline]
+fn valid_range(
+    out_len: usize,
+    stride: usize,
+    tap: usize,
+    pad: usize,
+    in_len: usize,
+) -> (usize, usize) {
+    let lo = pad.saturating_sub(tap).div_ceil(stride).min(out_len);
+    let hi = if in_len + pad > tap {
+        ((in_len + pad - tap - 1) / stride + 1).min(out_len)
+    } else {
+        0
+    };
+    (lo, hi.max(lo))
+}
+
+/// Writes every element of `out` (zeros in the padding), so `out` may hold stale values.
+fn im2col_into<T: Copy + Default + Send + Sync>(x: &[T], d: &Dims, out: &mut [T]) {
     let (kh, kw) = d.g.kernel;
     let (sh, sw) = d.g.stride;
     let (ph, pw) = d.g.padding;
     let n = d.cols();
-    let mut out = vec![T::default(); d.rows() * n];
-    out.par_chunks_mut(n).enumerate().for_each(|(row, dst)| {
-        let (c, i, j) = (row / (kh * kw), (row / kw) % kh, row % kw);
-        for b in 0..d.b {
-            let plane = &x[(b * d.c + c) * d.h * d.w..][..d.h * d.w];
-            for oy in 0..d.oh {
-                let dst = &mut dst[(b * d.oh + oy) * d.ow..][..d.ow];
-                let Some(iy) = Dims::src(oy, sh, i, ph, d.h) else {
-                    continue;
-                };
-                let src_row = &plane[iy * d.w..][..d.w];
-                for (ox, v) in dst.iter_mut().enumerate() {
-                    if let Some(ix) = Dims::src(ox, sw, j, pw, d.w) {
-                        *v = src_row[ix];
+    out[..d.rows() * n]
+        .par_chunks_mut(n)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (c, i, j) = (row / (kh * kw), (row / kw) % kh, row % kw);
+            let (lo, hi) = valid_range(d.ow, sw, j, pw, d.w);
+            for b in 0..d.b {
+                let plane = &x[(b * d.c + c) * d.h * d.w..][..d.h * d.w];
+                for oy in 0..d.oh {
+                    let dst = &mut dst[(b * d.oh + oy) * d.ow..][..d.ow];
+                    let Some(iy) = Dims::src(oy, sh, i, ph, d.h) else {
+                        dst.fill(T::default());
+                        continue;
+                    };
+                    let src_row = &plane[iy * d.w..][..d.w];
+                    dst[..lo].fill(T::default());
+                    dst[hi..].fill(T::default());
+                    if lo < hi {
+                        let first = lo * sw + j - pw;
+                        if sw == 1 {
+                            dst[lo..hi].copy_from_slice(&src_row[first..first + hi - lo]);
+                        } else {
+                            for (k, v) in dst[lo..hi].iter_mut().enumerate() {
+                                *v = src_row[first + k * sw];
+                            }
+                        }
                     }
                 }
             }
-        }
-    });
+        });
+}
+
+fn im2col_slice<T: Copy + Default + Send + Sync>(x: &[T], d: &Dims) -> Vec<T> {
+    let mut out = vec![T::default(); d.rows() * d.cols()];
+    im2col_into(x, d, &mut out);
     out
 }
 
@@ -121,16 +180,24 @@ where
             let (b, c) = (plane_idx / d.c, plane_idx % d.c);
             for i in 0..kh {
                 for j in 0..kw {
+                    let (lo, hi) = valid_range(d.ow, sw, j, pw, d.w);
+                    if lo >= hi {
+                        continue;
+                    }
+                    let first = lo * sw + j - pw;
                     let row = &cols[((c * kh + i) * kw + j) * n..][..n];
                     for oy in 0..d.oh {
                         let Some(iy) = Dims::src(oy, sh, i, ph, d.h) else {
                             continue;
                         };
-                        let src = &row[(b * d.oh + oy) * d.ow..][..d.ow];
+                        let src = &row[(b * d.oh + oy) * d.ow..][lo..hi];
                         let dst_row = &mut plane[iy * d.w..][..d.w];
-                        for (ox, v) in src.iter().enumerate() {
-                            if let Some(ix) = Dims::src(ox, sw, j, pw, d.w) {
-                                dst_row[ix] += *v;
+                        if sw == 1 {
+                            let dst = &mut dst_row[first..first + (hi - lo)];
+                            dst.iter_mut().zip(src).for_each(|(d, &v)| *d += v);
+                        } else {
+                            for (k, &v) in src.iter().enumerate() {
+                                dst_row[first + k * sw] += v;
                             }
                         }
                     }
@@ -212,23 +279,24 @@ fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
 }
 
 /// `[O, B*P]` (column `b*P + q`) -> `[B, O, P]`, or back with `inverse`.
-fn permute_batch(src: &[f32], o: usize, b: usize, p: usize, inverse: bool) -> Vec<f32> {
-    let mut out = vec![0f32; src.len()];
-    out.par_chunks_mut(p).enumerate().for_each(|(row, dst)| {
-        // `row` indexes the destination's rows of length p.
-        let (bi, oi) = if inverse {
-            (row % b, row / b) // dst [O, B*P]: row = o*B + b
-        } else {
-            (row / o, row % o) // dst [B, O, P]: row = b*O + o
-        };
-        let from = if inverse {
-            (bi * o + oi) * p
-        } else {
-            (oi * b + bi) * p
-        };
-        dst.copy_from_slice(&src[from..from + p]);
-    });
-    out
+fn permute_batch(src: &[f32], o: usize, b: usize, p: usize, inverse: bool, out: &mut [f32]) {
+    out[..src.len()]
+        .par_chunks_mut(p)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            // `row` indexes the destination's rows of length p.
+            let (bi, oi) = if inverse {
+                (row % b, row / b) // dst [O, B*P]: row = o*B + b
+            } else {
+                (row / o, row % o) // dst [B, O, P]: row = b*O + o
+            };
+            let from = if inverse {
+                (bi * o + oi) * p
+            } else {
+                (oi * b + bi) * p
+            };
+            dst.copy_from_slice(&src[from..from + p]);
+        });
 }
 
 impl CustomOp2 for FusedConv {
@@ -243,36 +311,66 @@ impl CustomOp2 for FusedConv {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        super::timing::timed(0, || self.forward(xs, xl, ws, wl))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        super::timing::timed(1, || self.backward(x, w, res, grad))
+    }
+}
+
+impl FusedConv {
+    fn forward(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let d = &self.0;
         let x = f32_slice(xs, xl, "conv2d")?;
         let w = f32_slice(ws, wl, "conv2d")?;
         let o = wl.shape().dims()[0];
         let (k, n) = (d.rows(), d.cols());
-        let cols = im2col_slice(x, d);
+        let mut cols = take_scratch(k * n);
+        timed(8, || im2col_into(x, d, &mut cols));
+        let mut y2 = take_scratch(o * n); // [O, B*P]
+        timed(9, || {
+            sgemm(
+                o,
+                n,
+                k,
+                MatRef {
+                    data: w,
+                    rs: k,
+                    cs: 1,
+                },
+                MatRef {
+                    data: &cols[..k * n],
+                    rs: n,
+                    cs: 1,
+                },
+                &mut y2,
+                n,
+                false,
+            )
+        });
+        give_scratch(cols);
         let mut y = vec![0f32; o * n];
-        sgemm(
-            o,
-            n,
-            k,
-            MatRef {
-                data: w,
-                rs: k,
-                cs: 1,
-            },
-            MatRef {
-                data: &cols,
-                rs: n,
-                cs: 1,
-            },
-            &mut y,
-            n,
-            false,
-        );
-        let y = permute_batch(&y, o, d.b, d.oh * d.ow, false);
+        timed(10, || {
+            permute_batch(&y2[..o * n], o, d.b, d.oh * d.ow, false, &mut y)
+        });
+        give_scratch(y2);
         Ok((CpuStorage::F32(y), Shape::from((d.b, o, d.oh, d.ow))))
     }
 
-    fn bwd(
+    fn backward(
         &self,
         x: &Tensor,
         w: &Tensor,
@@ -294,54 +392,70 @@ impl CustomOp2 for FusedConv {
         else {
             candle_core::bail!("conv2d backward: expected f32 CPU tensors");
         };
-        let dy = permute_batch(contiguous_slice(gv, gl, "conv2d")?, o, d.b, p, true); // [O, N]
-        let cols = im2col_slice(contiguous_slice(xv, xl, "conv2d")?, d); // [K, N]
+        let mut dy_buf = take_scratch(o * n); // [O, N]
+        let g = contiguous_slice(gv, gl, "conv2d")?;
+        timed(10, || permute_batch(g, o, d.b, p, true, &mut dy_buf));
+        let dy = &dy_buf[..o * n];
+        let mut cols = take_scratch(k * n); // [K, N]
+        timed(8, || -> Result<()> {
+            im2col_into(contiguous_slice(xv, xl, "conv2d")?, d, &mut cols);
+            Ok(())
+        })?;
         let wv = contiguous_slice(wv, wl, "conv2d")?;
         // dW [O, K] = dY [O, N] x cols^T [N, K]
         let mut dw = vec![0f32; o * k];
-        sgemm(
-            o,
-            k,
-            n,
-            MatRef {
-                data: &dy,
-                rs: n,
-                cs: 1,
-            },
-            MatRef {
-                data: &cols,
-                rs: 1,
-                cs: n,
-            },
-            &mut dw,
-            k,
-            false,
-        );
-        drop(cols);
-        // dcols [K, N] = W^T [K, O] x dY [O, N], scattered back by col2im.
-        let mut dcols = vec![0f32; k * n];
-        sgemm(
-            k,
-            n,
-            o,
-            MatRef {
-                data: wv,
-                rs: 1,
-                cs: k,
-            },
-            MatRef {
-                data: &dy,
-                rs: n,
-                cs: 1,
-            },
-            &mut dcols,
-            n,
-            false,
-        );
-        let dx = col2im_slice(&dcols, d);
-        let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
+        timed(9, || {
+            sgemm(
+                o,
+                k,
+                n,
+                MatRef {
+                    data: dy,
+                    rs: n,
+                    cs: 1,
+                },
+                MatRef {
+                    data: &cols[..k * n],
+                    rs: 1,
+                    cs: n,
+                },
+                &mut dw,
+                k,
+                false,
+            )
+        });
+        // dcols [K, N] = W^T [K, O] x dY [O, N] (into the same buffer), scattered back by
+        // col2im. The network's input needs no gradient: skip both.
+        let dx = if x.track_op() {
+            timed(9, || {
+                sgemm(
+                    k,
+                    n,
+                    o,
+                    MatRef {
+                        data: wv,
+                        rs: 1,
+                        cs: k,
+                    },
+                    MatRef {
+                        data: dy,
+                        rs: n,
+                        cs: 1,
+                    },
+                    &mut cols,
+                    n,
+                    false,
+                )
+            });
+            let dx = timed(11, || col2im_slice(&cols[..k * n], d));
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+        } else {
+            None
+        };
+        give_scratch(cols);
+        give_scratch(dy_buf);
         let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
-        Ok((Some(dx), Some(dw)))
+        Ok((dx, Some(dw)))
     }
 }
 

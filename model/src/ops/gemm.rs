@@ -65,43 +65,56 @@ pub fn sgemm(
     }
     let c_ptr = SendPtr(c.as_mut_ptr());
     let m_panels = m.div_ceil(MR);
-    let mut a_pack = vec![0f32; m_panels * MR * KC];
-    let mut b_pack = vec![0f32; n.div_ceil(NR) * NR * KC];
+    let mut a_pack = vec![0f32; m_panels * MR * KC.min(k)];
     for pc in (0..k).step_by(KC) {
         let kc = KC.min(k - pc);
-        // Pack this depth block of A and of B, panel by panel, in parallel.
+        // A's depth block is packed once and shared; each task packs its own strip of B into a
+        // per-thread buffer, so the strip is still in L2 when the microkernel reads it.
         a_pack
             .par_chunks_mut(MR * kc)
             .take(m_panels)
             .enumerate()
             .for_each(|(p, dst)| pack_a(a, p * MR, m, pc, kc, dst));
-        b_pack
-            .par_chunks_mut(NR * kc)
-            .take(n.div_ceil(NR))
-            .enumerate()
-            .for_each(|(p, dst)| pack_b(b, p * NR, n, pc, kc, dst));
         let add = accumulate || pc > 0;
+        // Enough tasks to keep every thread busy: narrower column strips when m is small.
         let tiles_m = m.div_ceil(MC);
-        let tiles_n = n.div_ceil(NC_TASK);
-        let (a_pack, b_pack) = (&a_pack, &b_pack);
+        let want = (4 * rayon::current_num_threads()).div_ceil(tiles_m);
+        let nc_task = NC_TASK.min(n.div_ceil(want).next_multiple_of(NR)).max(NR);
+        let tiles_n = n.div_ceil(nc_task);
+        let a_pack = &a_pack;
         (0..tiles_m * tiles_n).into_par_iter().for_each(|t| {
-            let (i0, j0) = ((t % tiles_m) * MC, (t / tiles_m) * NC_TASK);
-            let (i1, j1) = ((i0 + MC).min(m), (j0 + NC_TASK).min(n));
-            for j in (j0..j1).step_by(NR) {
-                let bp = &b_pack[(j / NR) * NR * kc..][..NR * kc];
-                for i in (i0..i1).step_by(MR) {
-                    let ap = &a_pack[(i / MR) * MR * kc..][..MR * kc];
-                    let (rows, cols) = (MR.min(m - i), NR.min(n - j));
-                    // SAFETY: tiles are disjoint, so no two tasks write the same element of c,
-                    // and (i + rows - 1) * ldc + j + cols <= c.len() was asserted above.
-                    unsafe {
-                        let cp = c_ptr.get().add(i * ldc + j);
-                        micro_tile(kc, ap, bp, cp, ldc, rows, cols, add);
+            let (i0, j0) = ((t % tiles_m) * MC, (t / tiles_m) * nc_task);
+            let (i1, j1) = ((i0 + MC).min(m), (j0 + nc_task).min(n));
+            B_STRIP.with(|strip| {
+                let mut strip = strip.borrow_mut();
+                let panels = (j1 - j0).div_ceil(NR);
+                if strip.len() < panels * NR * kc {
+                    strip.resize(panels * NR * kc, 0.0);
+                }
+                for (q, dst) in strip.chunks_mut(NR * kc).take(panels).enumerate() {
+                    pack_b(b, j0 + q * NR, n, pc, kc, dst);
+                }
+                for j in (j0..j1).step_by(NR) {
+                    let bp = &strip[((j - j0) / NR) * NR * kc..][..NR * kc];
+                    for i in (i0..i1).step_by(MR) {
+                        let ap = &a_pack[(i / MR) * MR * kc..][..MR * kc];
+                        let (rows, cols) = (MR.min(m - i), NR.min(n - j));
+                        // SAFETY: tiles are disjoint, so no two tasks write the same element of
+                        // c, and (i + rows - 1) * ldc + j + cols <= c.len() was asserted above.
+                        unsafe {
+                            let cp = c_ptr.get().add(i * ldc + j);
+                            micro_tile(kc, ap, bp, cp, ldc, rows, cols, add);
+                        }
                     }
                 }
-            }
+            });
         });
     }
+}
+
+thread_local! {
+    /// Each thread's packed strip of B (at most KC x NC_TASK values), reused across calls.
+    static B_STRIP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 #[derive(Clone, Copy)]
@@ -128,6 +141,16 @@ fn pack_a(a: MatRef, i0: usize, m: usize, pc: usize, kc: usize, dst: &mut [f32])
 /// Columns `j0..j0+NR` of B's depth block, as `kc` groups of NR values (zero past n).
 fn pack_b(b: MatRef, j0: usize, n: usize, pc: usize, kc: usize, dst: &mut [f32]) {
     let cols = NR.min(n - j0);
+    if b.rs == 1 && cols == NR {
+        // Column-major B (a transposed view): read each column as one contiguous run.
+        for q in 0..NR {
+            let col = &b.data[(j0 + q) * b.cs + pc..][..kc];
+            for (p, &v) in col.iter().enumerate() {
+                dst[p * NR + q] = v;
+            }
+        }
+        return;
+    }
     for p in 0..kc {
         let d = &mut dst[p * NR..][..NR];
         if b.cs == 1 && cols == NR {
@@ -154,8 +177,11 @@ unsafe fn micro_tile(
     cols: usize,
     add: bool,
 ) {
+    if rows == MR && cols == NR {
+        return kernel(kc, a, b, c, ldc, add);
+    }
     let mut acc = [0f32; MR * NR];
-    kernel(kc, a, b, &mut acc);
+    kernel(kc, a, b, acc.as_mut_ptr(), NR, false);
     for r in 0..rows {
         let dst = std::slice::from_raw_parts_mut(c.add(r * ldc), cols);
         let src = &acc[r * NR..][..cols];
@@ -167,20 +193,32 @@ unsafe fn micro_tile(
     }
 }
 
-/// `acc[MR x NR] = sum_p a[p][0..MR] (outer) b[p][0..NR]`.
-fn kernel(kc: usize, a: &[f32], b: &[f32], acc: &mut [f32; MR * NR]) {
+/// `C[MR x NR] (=|+=) sum_p a[p][0..MR] (outer) b[p][0..NR]`, C at `c` with row stride `ldc`.
+///
+/// # Safety
+/// `c` must be valid for MR rows of NR values at stride `ldc`.
+unsafe fn kernel(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, add: bool) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         // SAFETY: the features are present; the panels hold kc * MR and kc * NR values.
-        return unsafe { avx2::kernel(kc, a.as_ptr(), b.as_ptr(), acc) };
+        return avx2::kernel(kc, a.as_ptr(), b.as_ptr(), c, ldc, add);
     }
-    acc.fill(0.0);
+    let mut acc = [0f32; MR * NR];
     for p in 0..kc {
         let (ap, bp) = (&a[p * MR..][..MR], &b[p * NR..][..NR]);
         for (r, &av) in ap.iter().enumerate() {
             for (q, &bv) in bp.iter().enumerate() {
-                acc[r * NR + q] = av.mul_add(bv, acc[r * NR + q]);
+                acc[r * NR + q] += av * bv;
             }
+        }
+    }
+    for r in 0..MR {
+        let dst = std::slice::from_raw_parts_mut(c.add(r * ldc), NR);
+        let src = &acc[r * NR..][..NR];
+        if add {
+            dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+        } else {
+            dst.copy_from_slice(src);
         }
     }
 }
@@ -195,13 +233,15 @@ mod avx2 {
         kc: usize,
         mut a: *const f32,
         mut b: *const f32,
-        acc: &mut [f32; MR * NR],
+        c: *mut f32,
+        ldc: usize,
+        add: bool,
     ) {
-        let mut c = [[_mm256_setzero_ps(); 2]; MR];
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         for _ in 0..kc {
             let b0 = _mm256_loadu_ps(b);
             let b1 = _mm256_loadu_ps(b.add(8));
-            for (r, cr) in c.iter_mut().enumerate() {
+            for (r, cr) in acc.iter_mut().enumerate() {
                 let av = _mm256_broadcast_ss(&*a.add(r));
                 cr[0] = _mm256_fmadd_ps(av, b0, cr[0]);
                 cr[1] = _mm256_fmadd_ps(av, b1, cr[1]);
@@ -209,9 +249,15 @@ mod avx2 {
             a = a.add(MR);
             b = b.add(NR);
         }
-        for (r, cr) in c.iter().enumerate() {
-            _mm256_storeu_ps(acc.as_mut_ptr().add(r * NR), cr[0]);
-            _mm256_storeu_ps(acc.as_mut_ptr().add(r * NR + 8), cr[1]);
+        for (r, cr) in acc.iter().enumerate() {
+            let p = c.add(r * ldc);
+            if add {
+                _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), cr[0]));
+                _mm256_storeu_ps(p.add(8), _mm256_add_ps(_mm256_loadu_ps(p.add(8)), cr[1]));
+            } else {
+                _mm256_storeu_ps(p, cr[0]);
+                _mm256_storeu_ps(p.add(8), cr[1]);
+            }
         }
     }
 }

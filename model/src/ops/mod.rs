@@ -4,6 +4,7 @@ pub mod batch_norm;
 pub mod conv;
 pub mod gemm;
 pub mod pool;
+pub mod timing;
 
 pub use batch_norm::add_relu;
 pub use conv::{conv2d, ConvGeometry};

@@ -1,0 +1,48 @@
+//! Opt-in wall-time counters per kernel (`FER_OP_TIMES=1`), read by `fer bench train` to show
+//! where a training step goes. Off by default: one relaxed atomic load per kernel call.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+pub const NAMES: [&str; 12] = [
+    "conv forward",
+    "conv backward",
+    "batch norm forward",
+    "batch norm backward",
+    "add+relu",
+    "train: forward + losses",
+    "train: backward",
+    "train: optimizer",
+    "  conv: im2col",
+    "  conv: gemm",
+    "  conv: layout copies",
+    "  conv: col2im",
+];
+static TOTALS: [AtomicU64; 12] = [const { AtomicU64::new(0) }; 12];
+
+fn enabled() -> bool {
+    static ON: OnceLock<AtomicBool> = OnceLock::new();
+    ON.get_or_init(|| AtomicBool::new(std::env::var_os("FER_OP_TIMES").is_some()))
+        .load(Ordering::Relaxed)
+}
+
+/// Adds the time `f` takes to counter `slot` (when enabled).
+pub fn timed<R>(slot: usize, f: impl FnOnce() -> R) -> R {
+    if !enabled() {
+        return f();
+    }
+    let t = Instant::now();
+    let r = f();
+    TOTALS[slot].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    r
+}
+
+/// (name, seconds) per counter, and resets them.
+pub fn take() -> Vec<(&'static str, f64)> {
+    NAMES
+        .iter()
+        .zip(&TOTALS)
+        .map(|(n, t)| (*n, t.swap(0, Ordering::Relaxed) as f64 / 1e9))
+        .collect()
+}
