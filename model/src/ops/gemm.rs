@@ -91,9 +91,7 @@ pub fn sgemm(
                 if strip.len() < panels * NR * kc {
                     strip.resize(panels * NR * kc, 0.0);
                 }
-                for (q, dst) in strip.chunks_mut(NR * kc).take(panels).enumerate() {
-                    pack_b(b, j0 + q * NR, n, pc, kc, dst);
-                }
+                pack_b_strip(b, j0, j1, pc, kc, &mut strip[..panels * NR * kc]);
                 for j in (j0..j1).step_by(NR) {
                     let bp = &strip[((j - j0) / NR) * NR * kc..][..NR * kc];
                     for i in (i0..i1).step_by(MR) {
@@ -138,26 +136,52 @@ fn pack_a(a: MatRef, i0: usize, m: usize, pc: usize, kc: usize, dst: &mut [f32])
     }
 }
 
-/// Columns `j0..j0+NR` of B's depth block, as `kc` groups of NR values (zero past n).
-fn pack_b(b: MatRef, j0: usize, n: usize, pc: usize, kc: usize, dst: &mut [f32]) {
-    let cols = NR.min(n - j0);
-    if b.rs == 1 && cols == NR {
-        // Column-major B (a transposed view): read each column as one contiguous run.
-        for q in 0..NR {
-            let col = &b.data[(j0 + q) * b.cs + pc..][..kc];
-            for (p, &v) in col.iter().enumerate() {
-                dst[p * NR + q] = v;
+/// Columns `j0..j1` of B's depth block `pc..pc+kc` as consecutive NR-wide panels, each `kc`
+/// groups of NR values (zero past j1).
+fn pack_b_strip(b: MatRef, j0: usize, j1: usize, pc: usize, kc: usize, strip: &mut [f32]) {
+    let width = j1 - j0;
+    let full = width / NR;
+    if b.cs == 1 {
+        // Row-major B: read each row of the strip as one contiguous run (reading panel by panel
+        // instead walks kc rows at a large, often power-of-two stride, which thrashes the cache).
+        for p in 0..kc {
+            let row = &b.data[(pc + p) * b.rs + j0..][..width];
+            for q in 0..full {
+                strip[q * NR * kc + p * NR..][..NR].copy_from_slice(&row[q * NR..][..NR]);
             }
         }
-        return;
+    } else if b.rs == 1 {
+        // Column-major B (a transposed view): each column is a contiguous run.
+        for q in 0..full {
+            let panel = &mut strip[q * NR * kc..][..NR * kc];
+            for r in 0..NR {
+                let col = &b.data[(j0 + q * NR + r) * b.cs + pc..][..kc];
+                for (p, &v) in col.iter().enumerate() {
+                    panel[p * NR + r] = v;
+                }
+            }
+        }
+    } else {
+        for q in 0..full {
+            let panel = &mut strip[q * NR * kc..][..NR * kc];
+            for p in 0..kc {
+                for r in 0..NR {
+                    panel[p * NR + r] = b.at(pc + p, j0 + q * NR + r);
+                }
+            }
+        }
     }
-    for p in 0..kc {
-        let d = &mut dst[p * NR..][..NR];
-        if b.cs == 1 && cols == NR {
-            d.copy_from_slice(&b.data[(pc + p) * b.rs + j0..][..NR]);
-        } else {
-            for (q, v) in d.iter_mut().enumerate() {
-                *v = if q < cols { b.at(pc + p, j0 + q) } else { 0.0 };
+    if full * NR < width {
+        // The last, partial panel, zero-padded.
+        let cols = width - full * NR;
+        let panel = &mut strip[full * NR * kc..][..NR * kc];
+        for p in 0..kc {
+            for r in 0..NR {
+                panel[p * NR + r] = if r < cols {
+                    b.at(pc + p, j0 + full * NR + r)
+                } else {
+                    0.0
+                };
             }
         }
     }
