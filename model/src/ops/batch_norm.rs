@@ -71,6 +71,28 @@ fn lane_sum_idx(len: usize, f: impl Fn(usize) -> f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// (sum g, sum g * (x - mean)) over one plane, g masked by y > 0 when `relu`; 8 partial sums so
+/// the loop vectorises.
+fn grad_sums(x: &[f32], y: &[f32], g: &[f32], mean: f32, relu: bool) -> (f32, f32) {
+    let (mut s, mut sx) = ([0f32; 8], [0f32; 8]);
+    let mut add = |k: usize, x: f32, y: f32, g: f32| {
+        let g = if relu && y <= 0.0 { 0.0 } else { g };
+        s[k] += g;
+        sx[k] += g * (x - mean);
+    };
+    let full = x.len() / 8 * 8;
+    for i in (0..full).step_by(8) {
+        let (xc, yc, gc) = (&x[i..i + 8], &y[i..i + 8], &g[i..i + 8]);
+        for k in 0..8 {
+            add(k, xc[k], yc[k], gc[k]);
+        }
+    }
+    for i in full..x.len() {
+        add(0, x[i], y[i], g[i]);
+    }
+    (s.iter().sum(), sx.iter().sum())
+}
+
 /// The planes (length `hw`) of channel `c` in a [B, C, HW] buffer.
 fn planes(x: &[f32], b: usize, c: usize, ch: usize, hw: usize) -> impl Iterator<Item = &[f32]> {
     (0..b).map(move |bi| &x[(bi * c + ch) * hw..][..hw])
@@ -197,9 +219,8 @@ impl FusedBatchNorm {
         let (xv, wv) = (slice(xs, xl, "input")?, slice(ws, wl, "weight")?);
         let (yv, gv) = (slice(ys, yl, "output")?, slice(gs, gl, "gradient")?);
         let relu = self.relu;
-        // The gradient reaching the affine output: ReLU passes it where the output is positive.
-        let g_at = |i: usize| if relu && yv[i] <= 0.0 { 0.0 } else { gv[i] };
-        // Per channel: sum of g (bias gradient) and of g * xhat (weight gradient).
+        // Per channel: sum of g (bias gradient) and of g * (x - mean) (weight gradient / inv_std),
+        // where g is the gradient reaching the affine output (ReLU passes it where y > 0).
         let (db, dw): (Vec<f64>, Vec<f64>) = (0..c)
             .into_par_iter()
             .map(|ch| {
@@ -207,46 +228,38 @@ impl FusedBatchNorm {
                 for bi in 0..b {
                     let start = (bi * c + ch) * hw;
                     let (xp, yp, gp) = (&xv[start..][..hw], &yv[start..][..hw], &gv[start..][..hw]);
-                    let m = mean[ch];
-                    let (ps, psx) = if relu {
-                        let g = |i: usize| if yp[i] > 0.0 { gp[i] } else { 0.0 };
-                        (
-                            lane_sum_idx(hw, g),
-                            lane_sum_idx(hw, |i| g(i) * (xp[i] - m)),
-                        )
-                    } else {
-                        (
-                            lane_sum(gp, |v| v),
-                            lane_sum_idx(hw, |i| gp[i] * (xp[i] - m)),
-                        )
-                    };
+                    let (ps, psx) = grad_sums(xp, yp, gp, mean[ch], relu);
                     s += ps as f64;
-                    sx += psx as f64 * inv_std[ch] as f64;
+                    sx += psx as f64;
                 }
-                (s, sx)
+                (s, sx * inv_std[ch] as f64)
             })
             .unzip();
         let n = (b * hw) as f32;
         let batch = matches!(self.stats, BatchStats::Batch);
         let mut dx = vec![0f32; xv.len()];
-        dx.par_chunks_mut(hw).enumerate().for_each(|(p, dxp)| {
-            let ch = p % c;
-            let k = wv[ch] * inv_std[ch];
-            let start = p * hw;
-            if batch {
-                // dx = w * inv_std * (g - mean(g) - xhat * mean(g * xhat))
-                let (mg, mgx) = ((db[ch] as f32) / n, (dw[ch] as f32) / n);
-                for (j, d) in dxp.iter_mut().enumerate() {
-                    let i = start + j;
-                    let xhat = (xv[i] - mean[ch]) * inv_std[ch];
-                    *d = k * (g_at(i) - mg - xhat * mgx);
+        dx.par_chunks_mut(hw)
+            .zip(
+                xv.par_chunks(hw)
+                    .zip(yv.par_chunks(hw).zip(gv.par_chunks(hw))),
+            )
+            .enumerate()
+            .for_each(|(p, (dxp, (xp, (yp, gp))))| {
+                let ch = p % c;
+                let k = wv[ch] * inv_std[ch];
+                // dx = w * inv_std * (g - mean(g) - xhat * mean(g * xhat)) in train mode; the
+                // statistics are constants in eval mode, so there dx = w * inv_std * g.
+                let (mg, mgx) = if batch {
+                    ((db[ch] as f32) / n, (dw[ch] as f32) / n)
+                } else {
+                    (0.0, 0.0)
+                };
+                let (m, is) = (mean[ch], inv_std[ch]);
+                for (d, ((&x, &y), &g)) in dxp.iter_mut().zip(xp.iter().zip(yp).zip(gp)) {
+                    let g = if relu && y <= 0.0 { 0.0 } else { g };
+                    *d = k * (g - mg - (x - m) * is * mgx);
                 }
-            } else {
-                for (j, d) in dxp.iter_mut().enumerate() {
-                    *d = k * g_at(start + j);
-                }
-            }
-        });
+            });
         let dev = x.device();
         let to32 = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
         Ok((

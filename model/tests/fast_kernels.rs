@@ -1,0 +1,311 @@
+//! The f32 CPU fast paths (one-node convolution, batch norm + ReLU, add + ReLU, the GEMM behind
+//! them) against (a) the float64 composed paths, whose gradients `gradients.rs` checks against
+//! finite differences, at float32 tolerance, and (b) finite differences taken in float32
+//! directly, at the looser tolerance float32 differences allow.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var, D};
+use common::{flat, rand_tensor};
+use fer_model::layers::BatchNorm;
+use fer_model::ops::batch_norm::{batch_norm, BatchStats};
+use fer_model::ops::{add_relu, conv2d, matmul, ConvGeometry};
+use fer_model::store::ParamStore;
+
+/// sum(t * R) for a fixed random R, in t's dtype.
+fn project(t: &Tensor, seed: u64) -> Tensor {
+    let r = rand_tensor(t.dims(), seed).to_dtype(t.dtype()).unwrap();
+    (t * r).unwrap().sum_all().unwrap()
+}
+
+/// Value and gradients of the scalar `f(inputs)` with the inputs cast to `dtype`, as f64.
+fn value_and_grads(
+    inputs: &[Tensor],
+    dtype: DType,
+    f: &dyn Fn(&[Tensor]) -> Tensor,
+) -> (f64, Vec<Vec<f64>>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&ts);
+    let grads = out.backward().unwrap();
+    let value = out
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let g = vars
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            flat(
+                grads
+                    .get(v)
+                    .unwrap_or_else(|| panic!("input {i}: no gradient")),
+            )
+        })
+        .collect();
+    (value, g)
+}
+
+/// Worst relative difference (max |a - b| / max |b|) between the f32 fast path and the f64
+/// reference path, over the value and every input's gradient.
+fn fast_vs_reference(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor) -> f64 {
+    let (v32, g32) = value_and_grads(inputs, DType::F32, f);
+    let (v64, g64) = value_and_grads(inputs, DType::F64, f);
+    let mut worst = (v32 - v64).abs() / v64.abs().max(1e-6);
+    for (a, b) in g32.iter().zip(&g64) {
+        let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-6);
+        let diff = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+        worst = worst.max(diff / scale);
+    }
+    worst
+}
+
+/// Central finite differences in f32 (step `eps`) against the f32 analytic gradient, on about
+/// `samples` elements per input: worst max|analytic - numeric| / max|numeric|.
+fn gradcheck_f32(
+    inputs: &[Tensor],
+    f: &dyn Fn(&[Tensor]) -> Tensor,
+    eps: f64,
+    samples: usize,
+) -> f64 {
+    let (_, analytic) = value_and_grads(inputs, DType::F32, f);
+    let mut worst: f64 = 0.0;
+    for (i, input) in inputs.iter().enumerate() {
+        let base = flat(input);
+        let step = (base.len() / samples).max(1);
+        let (mut num_max, mut diff_max) = (0f64, 0f64);
+        for j in (0..base.len()).step_by(step) {
+            let eval = |delta: f64| {
+                let mut b = base.clone();
+                b[j] += delta;
+                let mut args: Vec<Tensor> = inputs
+                    .iter()
+                    .map(|t| t.to_dtype(DType::F32).unwrap())
+                    .collect();
+                args[i] = Tensor::from_vec(b, input.dims(), &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap();
+                f(&args)
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
+            num_max = num_max.max(numeric.abs());
+            diff_max = diff_max.max((numeric - analytic[i][j]).abs());
+        }
+        worst = worst.max(diff_max / num_max.max(1e-6));
+    }
+    worst
+}
+
+/// The geometries of gradients.rs (every one DAN's backbones use) at sizes where the GEMM's
+/// edge panels and several depth blocks are exercised.
+const CONV_CASES: [(usize, usize, (usize, usize), (usize, usize), (usize, usize)); 8] = [
+    (19, 21, (7, 7), (2, 2), (3, 3)), // stem
+    (7, 8, (3, 3), (2, 2), (1, 1)),   // stride 2, mixed parity
+    (4, 5, (3, 3), (2, 2), (1, 1)),
+    (4, 5, (1, 1), (2, 2), (0, 0)), // downsample
+    (9, 6, (3, 3), (1, 1), (1, 1)),
+    (2, 3, (1, 3), (1, 1), (0, 1)), // DAN conv_1x3
+    (2, 3, (3, 1), (1, 1), (1, 0)), // DAN conv_3x1
+    (3, 3, (1, 1), (1, 1), (0, 0)),
+];
+
+#[test]
+fn fused_conv_matches_the_float64_reference_and_finite_differences() {
+    for (i, &(h, w, k, s, p)) in CONV_CASES.iter().enumerate() {
+        // 40 input channels x 9 taps = 360 rows: more than one 256-deep GEMM block.
+        let x = rand_tensor(&[3, 40, h, w], 10 + i as u64);
+        let wt = rand_tensor(&[13, 40, k.0, k.1], 20 + i as u64)
+            .affine(0.1, 0.0)
+            .unwrap();
+        let b = rand_tensor(&[13], 30 + i as u64);
+        let g = ConvGeometry::new(k, s, p);
+        let f = |t: &[Tensor]| project(&conv2d(&t[0], &t[1], Some(&t[2]), g).unwrap(), 7);
+        let err = fast_vs_reference(&[x.clone(), wt.clone(), b.clone()], &f);
+        assert!(
+            err < 1e-5,
+            "conv case {i} ({h}x{w} k{k:?} s{s:?} p{p:?}): f32 vs f64 {err:e}"
+        );
+        let err = gradcheck_f32(&[x, wt, b], &f, 1e-2, 40);
+        assert!(err < 1e-2, "conv case {i}: f32 finite differences {err:e}");
+    }
+}
+
+#[test]
+fn fused_conv_gives_no_gradient_to_an_input_that_does_not_need_one() {
+    let x = rand_tensor(&[2, 3, 8, 8], 1).to_dtype(DType::F32).unwrap(); // a plain tensor
+    let w = Var::from_tensor(&rand_tensor(&[4, 3, 3, 3], 2).to_dtype(DType::F32).unwrap()).unwrap();
+    let y = conv2d(
+        &x,
+        w.as_tensor(),
+        None,
+        ConvGeometry::new((3, 3), (1, 1), (1, 1)),
+    )
+    .unwrap();
+    let grads = project(&y, 3).backward().unwrap();
+    assert!(grads.get(&x).is_none(), "the input got a gradient");
+    assert!(
+        grads.get(w.as_tensor()).is_some(),
+        "the weight got no gradient"
+    );
+}
+
+/// Batch norm (+ ReLU) written out with tensor ops in the input's dtype: the reference.
+fn batch_norm_reference(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Tensor {
+    let c = x.dim(1).unwrap();
+    let xt = x
+        .transpose(0, 1)
+        .unwrap()
+        .contiguous()
+        .unwrap()
+        .reshape((c, ()))
+        .unwrap();
+    let mean = xt.mean_keepdim(D::Minus1).unwrap();
+    let var = xt
+        .broadcast_sub(&mean)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .mean_keepdim(D::Minus1)
+        .unwrap();
+    let mut shape = vec![1usize; x.rank()];
+    shape[1] = c;
+    let shape = shape.as_slice();
+    let y = x
+        .broadcast_sub(&mean.reshape(shape).unwrap())
+        .unwrap()
+        .broadcast_div(
+            &(var + 1e-5)
+                .unwrap()
+                .sqrt()
+                .unwrap()
+                .reshape(shape)
+                .unwrap(),
+        )
+        .unwrap()
+        .broadcast_mul(&w.reshape(shape).unwrap())
+        .unwrap()
+        .broadcast_add(&b.reshape(shape).unwrap())
+        .unwrap();
+    if relu {
+        y.relu().unwrap()
+    } else {
+        y
+    }
+}
+
+#[test]
+fn fused_batch_norm_matches_the_reference_and_finite_differences() {
+    for (dims, relu) in [
+        (vec![4usize, 3, 5, 7], false),
+        (vec![4, 3, 5, 7], true),
+        (vec![6, 5], false), // BatchNorm1d, as in DAN's heads
+        (vec![3, 2, 33], true),
+    ] {
+        let c = dims[1];
+        let x = rand_tensor(&dims, 50).affine(2.0, 0.5).unwrap();
+        let w = rand_tensor(&[c], 51).affine(0.5, 1.0).unwrap();
+        let b = rand_tensor(&[c], 52);
+        let f = |t: &[Tensor]| {
+            let y = if t[0].dtype() == DType::F32 {
+                batch_norm(&t[0], &t[1], &t[2], BatchStats::Batch, 1e-5, relu)
+                    .unwrap()
+                    .0
+            } else {
+                batch_norm_reference(&t[0], &t[1], &t[2], relu)
+            };
+            project(&y, 9)
+        };
+        let err = fast_vs_reference(&[x.clone(), w.clone(), b.clone()], &f);
+        assert!(
+            err < 1e-5,
+            "BN {dims:?} relu={relu}: f32 fused vs f64 reference {err:e}"
+        );
+        if !relu {
+            // (ReLU's kink makes finite differences unreliable; the comparison above covers it.)
+            let err = gradcheck_f32(&[x, w, b], &f, 1e-2, 40);
+            assert!(err < 1e-2, "BN {dims:?}: f32 finite differences {err:e}");
+        }
+    }
+}
+
+#[test]
+fn batch_norm_module_keeps_the_same_running_statistics_and_eval_output_on_both_paths() {
+    let x = rand_tensor(&[8, 3, 4, 5], 60).affine(3.0, 1.0).unwrap();
+    let mut outputs = Vec::new();
+    for dtype in [DType::F32, DType::F64] {
+        let mut store = ParamStore::new(&Device::Cpu, dtype, 0);
+        let bn = BatchNorm::new(&mut store, "bn", 3).unwrap();
+        bn.weight
+            .set(&rand_tensor(&[3], 61).to_dtype(dtype).unwrap())
+            .unwrap();
+        let x = x.to_dtype(dtype).unwrap();
+        bn.forward_relu(&x, true).unwrap();
+        bn.forward(&x, true).unwrap();
+        let eval = bn.forward_relu(&x, false).unwrap();
+        outputs.push((
+            flat(bn.running_mean.as_tensor()),
+            flat(bn.running_var.as_tensor()),
+            flat(&eval),
+            bn.num_batches_tracked
+                .as_tensor()
+                .to_scalar::<i64>()
+                .unwrap(),
+        ));
+    }
+    let (a, b) = (&outputs[0], &outputs[1]);
+    let close = |x: &[f64], y: &[f64]| {
+        x.iter()
+            .zip(y)
+            .all(|(p, q)| (p - q).abs() <= 1e-5 * (1.0 + q.abs()))
+    };
+    assert!(close(&a.0, &b.0), "running mean {:?} vs {:?}", a.0, b.0);
+    assert!(close(&a.1, &b.1), "running var {:?} vs {:?}", a.1, b.1);
+    assert!(close(&a.2, &b.2), "eval output differs");
+    assert_eq!((a.3, b.3), (2, 2));
+    assert!(a.2.iter().all(|&v| v >= 0.0) && a.2.iter().any(|&v| v > 0.0));
+}
+
+#[test]
+fn add_relu_matches_its_composition() {
+    let a = rand_tensor(&[3, 4, 5, 6], 70);
+    let b = rand_tensor(&[3, 4, 5, 6], 71);
+    let f = |t: &[Tensor]| {
+        let y = if t[0].dtype() == DType::F32 {
+            add_relu(&t[0], &t[1]).unwrap()
+        } else {
+            (&t[0] + &t[1]).unwrap().relu().unwrap()
+        };
+        project(&y, 11)
+    };
+    let err = fast_vs_reference(&[a, b], &f);
+    assert!(err < 1e-6, "add_relu: {err:e}");
+}
+
+#[test]
+fn gemm_matmul_and_its_gradients_match_the_float64_product() {
+    // Shapes around the microkernel's 6 x 16 tile and 256-deep blocks, with transposed views.
+    for &(m, k, n) in &[(1, 1, 1), (7, 300, 17), (64, 513, 40)] {
+        let a = rand_tensor(&[m, k], 80);
+        let bt = rand_tensor(&[n, k], 81);
+        let f = |t: &[Tensor]| {
+            let b = t[1].t().unwrap();
+            let y = if t[0].dtype() == DType::F32 {
+                matmul(&t[0], &b).unwrap()
+            } else {
+                t[0].matmul(&b.contiguous().unwrap()).unwrap()
+            };
+            project(&y, 12)
+        };
+        let err = fast_vs_reference(&[a, bt], &f);
+        assert!(err < 1e-5, "matmul {m}x{k}x{n}: {err:e}");
+    }
+}
