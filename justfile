@@ -28,7 +28,7 @@ test:
 # DAN + EAC training step and inference at the reference PyTorch benchmark's settings.
 bench:
     RAYON_NUM_THREADS=2 cargo run -p fer-runner --bin fer -- bench loader
-    RAYON_NUM_THREADS=2 cargo run -p fer-runner --bin fer -- bench train
+    RAYON_NUM_THREADS=2 cargo run -p fer-runner --bin fer -- bench train --reference bench/pytorch_reference.jsonl
 
 # Render the synthetic face set to DIR (ImageFolder layout, labels.csv, contact_sheet.png).
 synth DIR *ARGS:

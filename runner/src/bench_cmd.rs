@@ -35,6 +35,11 @@ pub struct BenchArgs {
     /// reports its own peak memory).
     #[arg(long)]
     pub in_process: bool,
+    /// PyTorch's numbers for the same settings (JSON lines of the reference `bench_torch.py`);
+    /// each result then also gives our throughput as a ratio of PyTorch's. Skipped when the
+    /// file does not exist.
+    #[arg(long, default_value = "bench/pytorch_reference.jsonl")]
+    pub reference: std::path::PathBuf,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -67,7 +72,8 @@ fn train(args: &BenchArgs) -> anyhow::Result<()> {
             );
         };
         if args.in_process || args.settings.len() == 1 {
-            train_setting(name, widths, blocks, size, batch, args.steps)?;
+            let reference = reference_for(&args.reference, name)?;
+            train_setting(name, widths, blocks, size, batch, args.steps, reference)?;
         } else {
             let status = std::process::Command::new(std::env::current_exe()?)
                 .args([
@@ -77,12 +83,41 @@ fn train(args: &BenchArgs) -> anyhow::Result<()> {
                     &args.steps.to_string(),
                     "--settings",
                     name,
+                    "--reference",
                 ])
+                .arg(&args.reference)
                 .status()?;
             anyhow::ensure!(status.success(), "benchmark setting {name} failed");
         }
     }
     Ok(())
+}
+
+/// PyTorch's (train, inference) images/s for `setting` from a JSON-lines reference file, or None
+/// when the file does not exist or has no line for the setting.
+fn reference_for(path: &std::path::Path, setting: &str) -> anyhow::Result<Option<(f64, f64)>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(anyhow::anyhow!("{}: {e}", path.display())),
+    };
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| anyhow::anyhow!("{}:{}: not a JSON line: {e}", path.display(), i + 1))?;
+        if v["setting"] != setting {
+            continue;
+        }
+        let rate = |key: &str| {
+            v[key].as_f64().ok_or_else(|| {
+                anyhow::anyhow!("{}:{}: `{key}` must be a number", path.display(), i + 1)
+            })
+        };
+        return Ok(Some((rate("train_img_per_s")?, rate("infer_img_per_s")?)));
+    }
+    Ok(None)
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -97,6 +132,7 @@ fn train_setting(
     size: usize,
     batch: usize,
     steps: usize,
+    reference: Option<(f64, f64)>,
 ) -> anyhow::Result<()> {
     use candle_core::{DType, Device, Tensor};
     use fer_model::backbone::ResNetConfig;
@@ -157,17 +193,22 @@ fn train_setting(
         }
     }
     let infer_rate = batch as f64 / median(times);
-    println!(
-        "{}",
-        serde_json::json!({
-            "impl": "candle-fer",
-            "setting": name,
-            "train_img_per_s": (train_rate * 100.0).round() / 100.0,
-            "infer_img_per_s": (infer_rate * 100.0).round() / 100.0,
-            "peak_rss_mb": peak_rss_mb(),
-            "threads": rayon::current_num_threads(),
-        })
-    );
+    let round2 = |v: f64| (v * 100.0).round() / 100.0;
+    let mut line = serde_json::json!({
+        "impl": "candle-fer",
+        "setting": name,
+        "train_img_per_s": round2(train_rate),
+        "infer_img_per_s": round2(infer_rate),
+        "peak_rss_mb": peak_rss_mb(),
+        "threads": rayon::current_num_threads(),
+    });
+    if let Some((torch_train, torch_infer)) = reference {
+        line["pytorch_train_img_per_s"] = torch_train.into();
+        line["pytorch_infer_img_per_s"] = torch_infer.into();
+        line["train_vs_pytorch"] = round2(train_rate / torch_train).into();
+        line["infer_vs_pytorch"] = round2(infer_rate / torch_infer).into();
+    }
+    println!("{line}");
     if std::env::var_os("FER_OP_TIMES").is_some() {
         // Per-step seconds by kernel (warm-up step included), to stderr so the JSON stays clean.
         for (name, secs) in op_times {

@@ -404,7 +404,7 @@ impl FusedConv {
         let wv = contiguous_slice(wv, wl, "conv2d")?;
         // dW [O, K] = dY [O, N] x cols^T [N, K]
         let mut dw = vec![0f32; o * k];
-        timed(9, || {
+        timed(12, || {
             sgemm(
                 o,
                 k,
@@ -427,7 +427,7 @@ impl FusedConv {
         // dcols [K, N] = W^T [K, O] x dY [O, N] (into the same buffer), scattered back by
         // col2im. The network's input needs no gradient: skip both.
         let dx = if x.track_op() {
-            timed(9, || {
+            timed(13, || {
                 sgemm(
                     k,
                     n,

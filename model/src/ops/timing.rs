@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
 
-pub const NAMES: [&str; 12] = [
+pub const NAMES: [&str; 14] = [
     "conv forward",
     "conv backward",
     "batch norm forward",
@@ -15,11 +15,13 @@ pub const NAMES: [&str; 12] = [
     "train: backward",
     "train: optimizer",
     "  conv: im2col",
-    "  conv: gemm",
+    "  conv: gemm, forward",
     "  conv: layout copies",
     "  conv: col2im",
+    "  conv: gemm, weight gradient",
+    "  conv: gemm, input gradient",
 ];
-static TOTALS: [AtomicU64; 12] = [const { AtomicU64::new(0) }; 12];
+static TOTALS: [AtomicU64; 14] = [const { AtomicU64::new(0) }; 14];
 
 fn enabled() -> bool {
     static ON: OnceLock<AtomicBool> = OnceLock::new();
