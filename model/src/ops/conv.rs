@@ -9,7 +9,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 
-use super::gemm::{sgemm, MatRef};
+use super::gemm::{sgemm, sgemm_with, BOperand, MatRef, RowSource};
 use super::timing::timed;
 use rayon::prelude::*;
 
@@ -121,42 +121,67 @@ fn valid_range(
     (lo, hi.max(lo))
 }
 
-/// Writes every element of `out` (zeros in the padding), so `out` may hold stale values.
-fn im2col_into<T: Copy + Default + Send + Sync>(x: &[T], d: &Dims, out: &mut [T]) {
+/// `out = cols[r, n0..n0 + out.len()]` of the column matrix of `x`, written in full (zeros in the
+/// padding), so `out` may hold stale values.
+fn cols_row<T: Copy + Default>(x: &[T], d: &Dims, r: usize, n0: usize, out: &mut [T]) {
     let (kh, kw) = d.g.kernel;
     let (sh, sw) = d.g.stride;
     let (ph, pw) = d.g.padding;
+    let (c, i, j) = (r / (kh * kw), (r / kw) % kh, r % kw);
+    let (lo, hi) = valid_range(d.ow, sw, j, pw, d.w);
+    let per_sample = d.oh * d.ow;
+    let end = n0 + out.len();
+    let mut n = n0;
+    while n < end {
+        // One output row (sample b, row oy) from column ox0 on.
+        let (b, rem) = (n / per_sample, n % per_sample);
+        let (oy, ox0) = (rem / d.ow, rem % d.ow);
+        let run = (d.ow - ox0).min(end - n);
+        let dst = &mut out[n - n0..][..run];
+        n += run;
+        let Some(iy) = Dims::src(oy, sh, i, ph, d.h) else {
+            dst.fill(T::default());
+            continue;
+        };
+        let src_row = &x[((b * d.c + c) * d.h + iy) * d.w..][..d.w];
+        // Columns a..z of this run read the input; the rest are padding.
+        let a = lo.clamp(ox0, ox0 + run);
+        let z = hi.clamp(a, ox0 + run);
+        dst[..a - ox0].fill(T::default());
+        dst[z - ox0..].fill(T::default());
+        if a < z {
+            let first = a * sw + j - pw;
+            let dst = &mut dst[a - ox0..z - ox0];
+            if sw == 1 {
+                dst.copy_from_slice(&src_row[first..first + (z - a)]);
+            } else {
+                for (k, v) in dst.iter_mut().enumerate() {
+                    *v = src_row[first + k * sw];
+                }
+            }
+        }
+    }
+}
+
+/// The whole column matrix `[C*kh*kw, B*OH*OW]` into `out` (every element written).
+fn im2col_into<T: Copy + Default + Send + Sync>(x: &[T], d: &Dims, out: &mut [T]) {
     let n = d.cols();
     out[..d.rows() * n]
         .par_chunks_mut(n)
         .enumerate()
-        .for_each(|(row, dst)| {
-            let (c, i, j) = (row / (kh * kw), (row / kw) % kh, row % kw);
-            let (lo, hi) = valid_range(d.ow, sw, j, pw, d.w);
-            for b in 0..d.b {
-                let plane = &x[(b * d.c + c) * d.h * d.w..][..d.h * d.w];
-                for oy in 0..d.oh {
-                    let dst = &mut dst[(b * d.oh + oy) * d.ow..][..d.ow];
-                    let Some(iy) = Dims::src(oy, sh, i, ph, d.h) else {
-                        dst.fill(T::default());
-                        continue;
-                    };
-                    let src_row = &plane[iy * d.w..][..d.w];
-                    dst[..lo].fill(T::default());
-                    dst[hi..].fill(T::default());
-                    if lo < hi {
-                        let first = lo * sw + j - pw;
-                        if sw == 1 {
-                            dst[lo..hi].copy_from_slice(&src_row[first..first + hi - lo]);
-                        } else {
-                            for (k, v) in dst[lo..hi].iter_mut().enumerate() {
-                                *v = src_row[first + k * sw];
-                            }
-                        }
-                    }
-                }
-            }
-        });
+        .for_each(|(row, dst)| cols_row(x, d, row, 0, dst));
+}
+
+/// The column matrix of an f32 input as rows on demand, for the GEMM to gather while packing.
+struct ColsOf<'a> {
+    x: &'a [f32],
+    d: Dims,
+}
+
+impl RowSource for ColsOf<'_> {
+    fn row(&self, r: usize, c0: usize, out: &mut [f32]) {
+        cols_row(self.x, &self.d, r, c0, out)
+    }
 }
 
 fn im2col_slice<T: Copy + Default + Send + Sync>(x: &[T], d: &Dims) -> Vec<T> {
@@ -338,11 +363,10 @@ impl FusedConv {
         let w = f32_slice(ws, wl, "conv2d")?;
         let o = wl.shape().dims()[0];
         let (k, n) = (d.rows(), d.cols());
-        let mut cols = take_scratch(k * n);
-        timed(8, || im2col_into(x, d, &mut cols));
         let mut y2 = take_scratch(o * n); // [O, B*P]
+        let cols = ColsOf { x, d: *d };
         timed(9, || {
-            sgemm(
+            sgemm_with(
                 o,
                 n,
                 k,
@@ -351,17 +375,12 @@ impl FusedConv {
                     rs: k,
                     cs: 1,
                 },
-                MatRef {
-                    data: &cols[..k * n],
-                    rs: n,
-                    cs: 1,
-                },
+                BOperand::Rows(&cols),
                 &mut y2,
                 n,
                 false,
             )
         });
-        give_scratch(cols);
         let mut y = vec![0f32; o * n];
         timed(10, || {
             permute_batch(&y2[..o * n], o, d.b, d.oh * d.ow, false, &mut y)
@@ -396,16 +415,13 @@ impl FusedConv {
         let g = contiguous_slice(gv, gl, "conv2d")?;
         timed(10, || permute_batch(g, o, d.b, p, true, &mut dy_buf));
         let dy = &dy_buf[..o * n];
-        let mut cols = take_scratch(k * n); // [K, N]
-        timed(8, || -> Result<()> {
-            im2col_into(contiguous_slice(xv, xl, "conv2d")?, d, &mut cols);
-            Ok(())
-        })?;
+        let xv = contiguous_slice(xv, xl, "conv2d")?;
         let wv = contiguous_slice(wv, wl, "conv2d")?;
-        // dW [O, K] = dY [O, N] x cols^T [N, K]
+        // dW [O, K] = dY [O, N] x cols^T [N, K], the columns gathered from x while packing.
         let mut dw = vec![0f32; o * k];
+        let cols = ColsOf { x: xv, d: *d };
         timed(12, || {
-            sgemm(
+            sgemm_with(
                 o,
                 k,
                 n,
@@ -414,19 +430,15 @@ impl FusedConv {
                     rs: n,
                     cs: 1,
                 },
-                MatRef {
-                    data: &cols[..k * n],
-                    rs: 1,
-                    cs: n,
-                },
+                BOperand::RowsT(&cols),
                 &mut dw,
                 k,
                 false,
             )
         });
-        // dcols [K, N] = W^T [K, O] x dY [O, N] (into the same buffer), scattered back by
-        // col2im. The network's input needs no gradient: skip both.
+        // dcols [K, N] = W^T [K, O] x dY [O, N], scattered back by col2im. The network's input needs no gradient: skip both.
         let dx = if x.track_op() {
+            let mut dcols = take_scratch(k * n);
             timed(13, || {
                 sgemm(
                     k,
@@ -442,17 +454,17 @@ impl FusedConv {
                         rs: n,
                         cs: 1,
                     },
-                    &mut cols,
+                    &mut dcols,
                     n,
                     false,
                 )
             });
-            let dx = timed(11, || col2im_slice(&cols[..k * n], d));
+            let dx = timed(11, || col2im_slice(&dcols[..k * n], d));
+            give_scratch(dcols);
             Some(Tensor::from_vec(dx, x.shape(), x.device())?)
         } else {
             None
         };
-        give_scratch(cols);
         give_scratch(dy_buf);
         let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
         Ok((dx, Some(dw)))

@@ -36,14 +36,47 @@ impl MatRef<'_> {
     }
 }
 
+/// Produces rows of a matrix on demand: `out = M[r, c0..c0 + out.len()]`. A convolution's column
+/// matrix is one: the GEMM gathers it from the input while packing instead of reading a
+/// materialised im2col buffer (~10x the input) from memory.
+pub trait RowSource: Sync {
+    fn row(&self, r: usize, c0: usize, out: &mut [f32]);
+}
+
+/// The right-hand operand of `sgemm_with`.
+#[derive(Clone, Copy)]
+pub enum BOperand<'a> {
+    Mat(MatRef<'a>),
+    /// B = M, for a row source M [k, n].
+    Rows(&'a dyn RowSource),
+    /// B = M^T, for a row source M [n, k].
+    RowsT(&'a dyn RowSource),
+}
+
 /// `c[m x n] (=|+=) a[m x k] * b[k x n]`, c row-major with leading dimension `ldc`.
 /// `accumulate` adds to c instead of overwriting it.
+#[allow(clippy::too_many_arguments)]
 pub fn sgemm(
     m: usize,
     n: usize,
     k: usize,
     a: MatRef,
     b: MatRef,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    sgemm_with(m, n, k, a, BOperand::Mat(b), c, ldc, accumulate)
+}
+
+/// `sgemm` with B given as a view or as rows produced on demand.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_with(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: BOperand,
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
@@ -76,15 +109,16 @@ pub fn sgemm(
             .enumerate()
             .for_each(|(p, dst)| pack_a(a, p * MR, m, pc, kc, dst));
         let add = accumulate || pc > 0;
-        // Enough tasks to keep every thread busy: narrower column strips when m is small.
-        let tiles_m = m.div_ceil(MC);
-        let want = (4 * rayon::current_num_threads()).div_ceil(tiles_m);
+        // One task per column strip of B, packed once per task (gathering B can cost more than
+        // copying it) and used for every row of A, MC rows at a time so the A block and the
+        // strip share L2. Strips narrow down to NR to give every thread several tasks.
+        let want = 4 * rayon::current_num_threads();
         let nc_task = NC_TASK.min(n.div_ceil(want).next_multiple_of(NR)).max(NR);
         let tiles_n = n.div_ceil(nc_task);
         let a_pack = &a_pack;
-        (0..tiles_m * tiles_n).into_par_iter().for_each(|t| {
-            let (i0, j0) = ((t % tiles_m) * MC, (t / tiles_m) * nc_task);
-            let (i1, j1) = ((i0 + MC).min(m), (j0 + nc_task).min(n));
+        (0..tiles_n).into_par_iter().for_each(|t| {
+            let j0 = t * nc_task;
+            let j1 = (j0 + nc_task).min(n);
             B_STRIP.with(|strip| {
                 let mut strip = strip.borrow_mut();
                 let panels = (j1 - j0).div_ceil(NR);
@@ -92,16 +126,19 @@ pub fn sgemm(
                     strip.resize(panels * NR * kc, 0.0);
                 }
                 pack_b_strip(b, j0, j1, pc, kc, &mut strip[..panels * NR * kc]);
-                for j in (j0..j1).step_by(NR) {
-                    let bp = &strip[((j - j0) / NR) * NR * kc..][..NR * kc];
-                    for i in (i0..i1).step_by(MR) {
-                        let ap = &a_pack[(i / MR) * MR * kc..][..MR * kc];
-                        let (rows, cols) = (MR.min(m - i), NR.min(n - j));
-                        // SAFETY: tiles are disjoint, so no two tasks write the same element of
-                        // c, and (i + rows - 1) * ldc + j + cols <= c.len() was asserted above.
-                        unsafe {
-                            let cp = c_ptr.get().add(i * ldc + j);
-                            micro_tile(kc, ap, bp, cp, ldc, rows, cols, add);
+                for i0 in (0..m).step_by(MC) {
+                    let i1 = (i0 + MC).min(m);
+                    for j in (j0..j1).step_by(NR) {
+                        let bp = &strip[((j - j0) / NR) * NR * kc..][..NR * kc];
+                        for i in (i0..i1).step_by(MR) {
+                            let ap = &a_pack[(i / MR) * MR * kc..][..MR * kc];
+                            let (rows, cols) = (MR.min(m - i), NR.min(n - j));
+                            // SAFETY: strips are disjoint, so no two tasks write the same element
+                            // of c, and (i + rows - 1) * ldc + j + cols <= c.len() was asserted.
+                            unsafe {
+                                let cp = c_ptr.get().add(i * ldc + j);
+                                micro_tile(kc, ap, bp, cp, ldc, rows, cols, add);
+                            }
                         }
                     }
                 }
@@ -138,7 +175,47 @@ fn pack_a(a: MatRef, i0: usize, m: usize, pc: usize, kc: usize, dst: &mut [f32])
 
 /// Columns `j0..j1` of B's depth block `pc..pc+kc` as consecutive NR-wide panels, each `kc`
 /// groups of NR values (zero past j1).
-fn pack_b_strip(b: MatRef, j0: usize, j1: usize, pc: usize, kc: usize, strip: &mut [f32]) {
+fn pack_b_strip(b: BOperand, j0: usize, j1: usize, pc: usize, kc: usize, strip: &mut [f32]) {
+    match b {
+        BOperand::Mat(b) => pack_b_strip_mat(b, j0, j1, pc, kc, strip),
+        BOperand::Rows(src) => {
+            // Row p of the strip is M[pc + p, j0..j1]: produce it, then deal it into the panels.
+            let width = j1 - j0;
+            let mut row = [0f32; NC_TASK];
+            for p in 0..kc {
+                src.row(pc + p, j0, &mut row[..width]);
+                row[width..width.next_multiple_of(NR)].fill(0.0);
+                for (q, chunk) in row[..width.next_multiple_of(NR)]
+                    .chunks_exact(NR)
+                    .enumerate()
+                {
+                    strip[q * NR * kc + p * NR..][..NR].copy_from_slice(chunk);
+                }
+            }
+        }
+        BOperand::RowsT(src) => {
+            // Column j of the strip is M[j, pc..pc + kc].
+            let width = j1 - j0;
+            let mut col = [0f32; KC];
+            for q in 0..width.next_multiple_of(NR) {
+                let panel = &mut strip[(q / NR) * NR * kc..][..NR * kc];
+                let lane = q % NR;
+                if q < width {
+                    src.row(j0 + q, pc, &mut col[..kc]);
+                    for (p, &v) in col[..kc].iter().enumerate() {
+                        panel[p * NR + lane] = v;
+                    }
+                } else {
+                    for p in 0..kc {
+                        panel[p * NR + lane] = 0.0;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn pack_b_strip_mat(b: MatRef, j0: usize, j1: usize, pc: usize, kc: usize, strip: &mut [f32]) {
     let width = j1 - j0;
     let full = width / NR;
     if b.cs == 1 {
