@@ -130,35 +130,41 @@ fn cols_row<T: Copy + Default>(x: &[T], d: &Dims, r: usize, n0: usize, out: &mut
     let (c, i, j) = (r / (kh * kw), (r / kw) % kh, r % kw);
     let (lo, hi) = valid_range(d.ow, sw, j, pw, d.w);
     let per_sample = d.oh * d.ow;
-    let end = n0 + out.len();
-    let mut n = n0;
-    while n < end {
-        // One output row (sample b, row oy) from column ox0 on.
-        let (b, rem) = (n / per_sample, n % per_sample);
-        let (oy, ox0) = (rem / d.ow, rem % d.ow);
-        let run = (d.ow - ox0).min(end - n);
-        let dst = &mut out[n - n0..][..run];
-        n += run;
-        let Some(iy) = Dims::src(oy, sh, i, ph, d.h) else {
-            dst.fill(T::default());
-            continue;
-        };
-        let src_row = &x[((b * d.c + c) * d.h + iy) * d.w..][..d.w];
-        // Columns a..z of this run read the input; the rest are padding.
-        let a = lo.clamp(ox0, ox0 + run);
-        let z = hi.clamp(a, ox0 + run);
-        dst[..a - ox0].fill(T::default());
-        dst[z - ox0..].fill(T::default());
-        if a < z {
-            let first = a * sw + j - pw;
-            let dst = &mut dst[a - ox0..z - ox0];
-            if sw == 1 {
-                dst.copy_from_slice(&src_row[first..first + (z - a)]);
-            } else {
-                for (k, v) in dst.iter_mut().enumerate() {
-                    *v = src_row[first + k * sw];
+    let zero = |v: &mut [T]| v.iter_mut().for_each(|v| *v = T::default());
+    // Walk the output rows (sample b, row oy) that n0.. covers, from column ox0 of the first.
+    let (mut b, rem) = (n0 / per_sample, n0 % per_sample);
+    let (mut oy, mut ox0) = (rem / d.ow, rem % d.ow);
+    let mut done = 0;
+    while done < out.len() {
+        let run = (d.ow - ox0).min(out.len() - done);
+        let dst = &mut out[done..done + run];
+        done += run;
+        if let Some(iy) = Dims::src(oy, sh, i, ph, d.h) {
+            let src_row = &x[((b * d.c + c) * d.h + iy) * d.w..][..d.w];
+            // Columns a..z of this run read the input; the rest are padding.
+            let a = lo.clamp(ox0, ox0 + run);
+            let z = hi.clamp(a, ox0 + run);
+            zero(&mut dst[..a - ox0]);
+            zero(&mut dst[z - ox0..]);
+            if a < z {
+                let first = a * sw + j - pw;
+                let dst = &mut dst[a - ox0..z - ox0];
+                if sw == 1 {
+                    dst.copy_from_slice(&src_row[first..first + (z - a)]);
+                } else {
+                    for (k, v) in dst.iter_mut().enumerate() {
+                        *v = src_row[first + k * sw];
+                    }
                 }
             }
+        } else {
+            zero(dst);
+        }
+        ox0 = 0;
+        oy += 1;
+        if oy == d.oh {
+            oy = 0;
+            b += 1;
         }
     }
 }
