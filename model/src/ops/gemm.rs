@@ -96,27 +96,112 @@ pub fn sgemm_with(
         }
         return;
     }
-    let c_ptr = SendPtr(c.as_mut_ptr());
+    let threads = rayon::current_num_threads();
+    if threads > 1 && k >= 8 * KC && m * n <= SPLIT_K_MAX_OUTPUT {
+        // A deep product with a small result (a weight gradient: k = batch x pixels): split the
+        // depth between the threads, each running the serial GEMM into its own copy of C, then
+        // sum. Parallelising inside every 256-deep block instead pays two thread hand-offs per
+        // block for little work each.
+        let chunk = k.div_ceil(threads).next_multiple_of(KC);
+        let partials: Vec<Vec<f32>> = (0..k.div_ceil(chunk))
+            .into_par_iter()
+            .map(|t| {
+                let mut part = vec![0f32; m * n];
+                let ptr = SendPtr(part.as_mut_ptr());
+                gemm_blocks(
+                    m,
+                    n,
+                    t * chunk,
+                    ((t + 1) * chunk).min(k),
+                    a,
+                    b,
+                    ptr,
+                    n,
+                    false,
+                    false,
+                );
+                part
+            })
+            .collect();
+        c.par_chunks_mut(ldc)
+            .take(m)
+            .enumerate()
+            .for_each(|(i, row)| {
+                for (j, out) in row[..n].iter_mut().enumerate() {
+                    let sum: f32 = partials.iter().map(|p| p[i * n + j]).sum();
+                    *out = if accumulate { *out + sum } else { sum };
+                }
+            });
+        return;
+    }
+    gemm_blocks(
+        m,
+        n,
+        0,
+        k,
+        a,
+        b,
+        SendPtr(c.as_mut_ptr()),
+        ldc,
+        accumulate,
+        true,
+    );
+}
+
+/// Largest m x n (values) for which a deep product is split by depth between threads.
+const SPLIT_K_MAX_OUTPUT: usize = 1 << 20;
+
+/// The depth range `k0..k1` of the product into c (at `c_ptr`, row stride `ldc`), on the rayon
+/// pool when `parallel`, else on this thread.
+///
+/// The caller guarantees that c holds m rows of n values at stride ldc and that nothing else
+/// writes them meanwhile.
+#[allow(clippy::too_many_arguments)]
+fn gemm_blocks(
+    m: usize,
+    n: usize,
+    k0: usize,
+    k1: usize,
+    a: MatRef,
+    b: BOperand,
+    c_ptr: SendPtr,
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+) {
     let m_panels = m.div_ceil(MR);
-    let mut a_pack = vec![0f32; m_panels * MR * KC.min(k)];
-    for pc in (0..k).step_by(KC) {
-        let kc = KC.min(k - pc);
+    let mut a_pack = vec![0f32; m_panels * MR * KC.min(k1 - k0)];
+    for pc in (k0..k1).step_by(KC) {
+        let kc = KC.min(k1 - pc);
         // A's depth block is packed once and shared; each task packs its own strip of B into a
         // per-thread buffer, so the strip is still in L2 when the microkernel reads it.
-        a_pack
-            .par_chunks_mut(MR * kc)
-            .take(m_panels)
-            .enumerate()
-            .for_each(|(p, dst)| pack_a(a, p * MR, m, pc, kc, dst));
-        let add = accumulate || pc > 0;
+        let pack = |(p, dst): (usize, &mut [f32])| pack_a(a, p * MR, m, pc, kc, dst);
+        if parallel {
+            a_pack
+                .par_chunks_mut(MR * kc)
+                .take(m_panels)
+                .enumerate()
+                .for_each(pack);
+        } else {
+            a_pack
+                .chunks_mut(MR * kc)
+                .take(m_panels)
+                .enumerate()
+                .for_each(pack);
+        }
+        let add = accumulate || pc > k0;
         // One task per column strip of B, packed once per task (gathering B can cost more than
         // copying it) and used for every row of A, MC rows at a time so the A block and the
         // strip share L2. Strips narrow down to NR to give every thread several tasks.
-        let want = 4 * rayon::current_num_threads();
+        let want = if parallel {
+            4 * rayon::current_num_threads()
+        } else {
+            1
+        };
         let nc_task = NC_TASK.min(n.div_ceil(want).next_multiple_of(NR)).max(NR);
         let tiles_n = n.div_ceil(nc_task);
         let a_pack = &a_pack;
-        (0..tiles_n).into_par_iter().for_each(|t| {
+        let strip_task = |t: usize| {
             let j0 = t * nc_task;
             let j1 = (j0 + nc_task).min(n);
             B_STRIP.with(|strip| {
@@ -134,7 +219,7 @@ pub fn sgemm_with(
                             let ap = &a_pack[(i / MR) * MR * kc..][..MR * kc];
                             let (rows, cols) = (MR.min(m - i), NR.min(n - j));
                             // SAFETY: strips are disjoint, so no two tasks write the same element
-                            // of c, and (i + rows - 1) * ldc + j + cols <= c.len() was asserted.
+                            // of c, and the caller guarantees c's extent.
                             unsafe {
                                 let cp = c_ptr.get().add(i * ldc + j);
                                 micro_tile(kc, ap, bp, cp, ldc, rows, cols, add);
@@ -143,7 +228,12 @@ pub fn sgemm_with(
                     }
                 }
             });
-        });
+        };
+        if parallel {
+            (0..tiles_n).into_par_iter().for_each(strip_task);
+        } else {
+            (0..tiles_n).for_each(strip_task);
+        }
     }
 }
 
@@ -462,6 +552,8 @@ mod tests {
             (7, 17, 3),
             (13, 33, 300),
             (96, 256, 256),
+            (7, 33, 2600), // split by depth between threads
+            (20, 40, 5000),
             (100, 300, 520),
             (6, 16, 0),
         ] {
