@@ -372,7 +372,38 @@ fn f32_slice_mut<'a>(
     }
 }
 
-const CHUNK: usize = 16384;
+/// `f(&mut t1[i], t2[i], t3[i])` for every element, in parallel chunks: the body of both in-place
+/// Adam passes.
+fn zip3_in_place(
+    s1: &mut candle_core::CpuStorage,
+    l1: &candle_core::Layout,
+    s2: &candle_core::CpuStorage,
+    l2: &candle_core::Layout,
+    s3: &candle_core::CpuStorage,
+    l3: &candle_core::Layout,
+    f: impl Fn(&mut f32, f32, f32) + Sync,
+) -> candle_core::Result<()> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 16384;
+    let (b, c) = (f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+    let a = f32_slice_mut(s1, l1)?;
+    if a.len() != b.len() || a.len() != c.len() {
+        candle_core::bail!(
+            "optimizer: tensors of {}, {} and {} values",
+            a.len(),
+            b.len(),
+            c.len()
+        );
+    }
+    a.par_chunks_mut(CHUNK)
+        .zip(b.par_chunks(CHUNK).zip(c.par_chunks(CHUNK)))
+        .for_each(|(a, (b, c))| {
+            for ((a, &b), &c) in a.iter_mut().zip(b).zip(c) {
+                f(a, b, c);
+            }
+        });
+    Ok(())
+}
 
 /// `m = beta * m + (1 - beta) * g'` in place (m = (1 - beta) * g' on the first step), where g' is
 /// the gradient plus Adam's L2 term, squared for the second moment.
@@ -398,28 +429,20 @@ impl candle_core::InplaceOp3 for MomentUpdate {
         s3: &candle_core::CpuStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        use rayon::prelude::*;
-        let (g, th) = (f32_slice(s2, l2)?, f32_slice(s3, l3)?);
-        let m = f32_slice_mut(s1, l1)?;
-        m.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(th.par_chunks(CHUNK)))
-            .for_each(|(m, (g, th))| {
-                for ((m, &g), &th) in m.iter_mut().zip(g).zip(th) {
-                    let g = if self.wd != 0.0 {
-                        g + (th * self.wd + 0.0)
-                    } else {
-                        g
-                    };
-                    let g = if self.square { g * g } else { g };
-                    let gm = g * self.keep + 0.0;
-                    *m = if self.first {
-                        gm
-                    } else {
-                        (*m * self.beta + 0.0) + gm
-                    };
-                }
-            });
-        Ok(())
+        zip3_in_place(s1, l1, s2, l2, s3, l3, |m, g, th| {
+            let g = if self.wd != 0.0 {
+                g + (th * self.wd + 0.0)
+            } else {
+                g
+            };
+            let g = if self.square { g * g } else { g };
+            let gm = g * self.keep + 0.0;
+            *m = if self.first {
+                gm
+            } else {
+                (*m * self.beta + 0.0) + gm
+            };
+        })
     }
 }
 
@@ -445,22 +468,14 @@ impl candle_core::InplaceOp3 for ParamUpdate {
         s3: &candle_core::CpuStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        use rayon::prelude::*;
-        let (m, v) = (f32_slice(s2, l2)?, f32_slice(s3, l3)?);
-        let th = f32_slice_mut(s1, l1)?;
-        th.par_chunks_mut(CHUNK)
-            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
-            .for_each(|(th, (m, v))| {
-                for ((th, &m), &v) in th.iter_mut().zip(m).zip(v) {
-                    let theta = match self.decay {
-                        Some(f) => *th * f + 0.0,
-                        None => *th,
-                    };
-                    let denom = (v.sqrt() * self.inv_sqrt_bc2 + 0.0) * 1.0 + self.eps;
-                    *th = theta - ((m / denom) * self.step + 0.0);
-                }
-            });
-        Ok(())
+        zip3_in_place(s1, l1, s2, l2, s3, l3, |th, m, v| {
+            let theta = match self.decay {
+                Some(f) => *th * f + 0.0,
+                None => *th,
+            };
+            let denom = (v.sqrt() * self.inv_sqrt_bc2 + 0.0) * 1.0 + self.eps;
+            *th = theta - ((m / denom) * self.step + 0.0);
+        })
     }
 }
 
