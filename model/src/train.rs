@@ -161,8 +161,8 @@ pub fn train_step(
     labels: &Tensor,
     w: LossWeights,
 ) -> anyhow::Result<StepLosses> {
-    use crate::ops::timing::timed;
-    let (graph, losses) = timed(5, || -> anyhow::Result<_> {
+    use crate::ops::timing::{timed, Slot};
+    let (graph, losses) = timed(Slot::StepForward, || -> anyhow::Result<_> {
         let graph = step_graph(model, centers, x, labels, w)?;
         let losses = graph.losses(labels)?;
         Ok((graph, losses))
@@ -172,8 +172,9 @@ pub fn train_step(
         "the training loss is not finite ({}): diverged",
         losses.total
     );
-    let grads: GradStore = timed(6, || graph.total.backward()).context("backward pass")?;
-    timed(7, || optimizer.step(&grads))?;
+    let grads: GradStore =
+        timed(Slot::StepBackward, || graph.total.backward()).context("backward pass")?;
+    timed(Slot::StepOptimizer, || optimizer.step(&grads))?;
     Ok(losses)
 }
 

@@ -10,6 +10,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::timing::{timed, Slot};
+
 /// Which statistics normalise the batch.
 #[derive(Debug, Clone)]
 pub enum BatchStats {
@@ -112,7 +114,9 @@ impl CustomOp3 for FusedBatchNorm {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        super::timing::timed(2, || self.forward(xs, xl, ws, wl, bs, bl))
+        timed(Slot::BatchNormForward, || {
+            self.forward(xs, xl, ws, wl, bs, bl)
+        })
     }
 
     fn bwd(
@@ -123,7 +127,9 @@ impl CustomOp3 for FusedBatchNorm {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        super::timing::timed(3, || self.backward(x, w, bias, res, grad))
+        timed(Slot::BatchNormBackward, || {
+            self.backward(x, w, bias, res, grad)
+        })
     }
 }
 
@@ -311,7 +317,7 @@ impl candle_core::CustomOp2 for AddRelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        super::timing::timed(4, || add_relu_fwd(s1, l1, s2, l2))
+        timed(Slot::AddRelu, || add_relu_fwd(s1, l1, s2, l2))
     }
 
     fn bwd(
@@ -321,7 +327,7 @@ impl candle_core::CustomOp2 for AddRelu {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        super::timing::timed(4, || add_relu_bwd(a, b, res, grad))
+        timed(Slot::AddRelu, || add_relu_bwd(a, b, res, grad))
     }
 }
 

@@ -10,7 +10,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 
 use super::gemm::{sgemm, sgemm_with, BOperand, MatRef, RowSource};
-use super::timing::timed;
+use super::timing::{timed, Slot};
 use rayon::prelude::*;
 
 /// Geometry of one convolution: kernel, stride and zero padding per axis (height, width).
@@ -342,7 +342,7 @@ impl CustomOp2 for FusedConv {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        super::timing::timed(0, || self.forward(xs, xl, ws, wl))
+        timed(Slot::ConvForward, || self.forward(xs, xl, ws, wl))
     }
 
     fn bwd(
@@ -352,7 +352,7 @@ impl CustomOp2 for FusedConv {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        super::timing::timed(1, || self.backward(x, w, res, grad))
+        timed(Slot::ConvBackward, || self.backward(x, w, res, grad))
     }
 }
 
@@ -371,7 +371,7 @@ impl FusedConv {
         let (k, n) = (d.rows(), d.cols());
         let mut y2 = take_scratch(o * n); // [O, B*P]
         let cols = ColsOf { x, d: *d };
-        timed(9, || {
+        timed(Slot::ConvGemmForward, || {
             sgemm_with(
                 o,
                 n,
@@ -388,7 +388,7 @@ impl FusedConv {
             )
         });
         let mut y = vec![0f32; o * n];
-        timed(10, || {
+        timed(Slot::ConvLayoutCopies, || {
             permute_batch(&y2[..o * n], o, d.b, d.oh * d.ow, false, &mut y)
         });
         give_scratch(y2);
@@ -419,14 +419,16 @@ impl FusedConv {
         };
         let mut dy_buf = take_scratch(o * n); // [O, N]
         let g = contiguous_slice(gv, gl, "conv2d")?;
-        timed(10, || permute_batch(g, o, d.b, p, true, &mut dy_buf));
+        timed(Slot::ConvLayoutCopies, || {
+            permute_batch(g, o, d.b, p, true, &mut dy_buf)
+        });
         let dy = &dy_buf[..o * n];
         let xv = contiguous_slice(xv, xl, "conv2d")?;
         let wv = contiguous_slice(wv, wl, "conv2d")?;
         // dW [O, K] = dY [O, N] x cols^T [N, K], the columns gathered from x while packing.
         let mut dw = vec![0f32; o * k];
         let cols = ColsOf { x: xv, d: *d };
-        timed(12, || {
+        timed(Slot::ConvGemmWeightGradient, || {
             sgemm_with(
                 o,
                 k,
@@ -445,7 +447,7 @@ impl FusedConv {
         // dcols [K, N] = W^T [K, O] x dY [O, N], scattered back by col2im. The network's input needs no gradient: skip both.
         let dx = if x.track_op() {
             let mut dcols = take_scratch(k * n);
-            timed(13, || {
+            timed(Slot::ConvGemmInputGradient, || {
                 sgemm(
                     k,
                     n,
@@ -465,7 +467,7 @@ impl FusedConv {
                     false,
                 )
             });
-            let dx = timed(11, || col2im_slice(&dcols[..k * n], d));
+            let dx = timed(Slot::ConvCol2Im, || col2im_slice(&dcols[..k * n], d));
             give_scratch(dcols);
             Some(Tensor::from_vec(dx, x.shape(), x.device())?)
         } else {

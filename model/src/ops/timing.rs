@@ -5,7 +5,27 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Instant;
 
-pub const NAMES: [&str; 14] = [
+/// What a counter measures. Nested slots (indented names) are parts of the slot above them.
+#[derive(Debug, Clone, Copy)]
+pub enum Slot {
+    ConvForward,
+    ConvBackward,
+    BatchNormForward,
+    BatchNormBackward,
+    AddRelu,
+    StepForward,
+    StepBackward,
+    StepOptimizer,
+    ConvGemmForward,
+    ConvLayoutCopies,
+    ConvCol2Im,
+    ConvGemmWeightGradient,
+    ConvGemmInputGradient,
+}
+
+const SLOTS: usize = 13;
+
+pub const NAMES: [&str; SLOTS] = [
     "conv forward",
     "conv backward",
     "batch norm forward",
@@ -14,14 +34,13 @@ pub const NAMES: [&str; 14] = [
     "train: forward + losses",
     "train: backward",
     "train: optimizer",
-    "  conv: im2col",
     "  conv: gemm, forward",
     "  conv: layout copies",
     "  conv: col2im",
     "  conv: gemm, weight gradient",
     "  conv: gemm, input gradient",
 ];
-static TOTALS: [AtomicU64; 14] = [const { AtomicU64::new(0) }; 14];
+static TOTALS: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
 
 fn enabled() -> bool {
     static ON: OnceLock<AtomicBool> = OnceLock::new();
@@ -30,13 +49,13 @@ fn enabled() -> bool {
 }
 
 /// Adds the time `f` takes to counter `slot` (when enabled).
-pub fn timed<R>(slot: usize, f: impl FnOnce() -> R) -> R {
+pub fn timed<R>(slot: Slot, f: impl FnOnce() -> R) -> R {
     if !enabled() {
         return f();
     }
     let t = Instant::now();
     let r = f();
-    TOTALS[slot].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    TOTALS[slot as usize].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
     r
 }
 
