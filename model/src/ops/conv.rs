@@ -356,6 +356,65 @@ impl CustomOp2 for FusedConv {
     }
 }
 
+/// `x` [B, C, H, W] (geometry `d`) correlated with `w` [O, C, kh, kw]: [B, O, OH, OW] values.
+fn conv_forward(x: &[f32], w: &[f32], o: usize, d: &Dims, slot: Slot) -> Vec<f32> {
+    let (k, n) = (d.rows(), d.cols());
+    let mut y2 = take_scratch(o * n); // [O, B*P]
+    let cols = ColsOf { x, d: *d };
+    timed(slot, || {
+        sgemm_with(
+            o,
+            n,
+            k,
+            MatRef {
+                data: w,
+                rs: k,
+                cs: 1,
+            },
+            BOperand::Rows(&cols),
+            &mut y2,
+            n,
+            false,
+        )
+    });
+    let mut y = vec![0f32; o * n];
+    timed(Slot::ConvLayoutCopies, || {
+        permute_batch(&y2[..o * n], o, d.b, d.oh * d.ow, false, &mut y)
+    });
+    give_scratch(y2);
+    y
+}
+
+/// The input gradient of a stride-1 convolution is itself a convolution: the output gradient
+/// correlated with the weights flipped in space and transposed in channels ([C, O, kh, kw]), with
+/// padding k - 1 - p. Computed that way, the GEMM gathers its columns from the gradient and no
+/// column matrix or col2im scatter is needed.
+fn stride1_input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) -> Vec<f32> {
+    let (kh, kw) = d.g.kernel;
+    let (ph, pw) = d.g.padding;
+    let mut wt = vec![0f32; w.len()];
+    for oi in 0..o {
+        for ci in 0..d.c {
+            for i in 0..kh {
+                for j in 0..kw {
+                    wt[((ci * o + oi) * kh + (kh - 1 - i)) * kw + (kw - 1 - j)] =
+                        w[((oi * d.c + ci) * kh + i) * kw + j];
+                }
+            }
+        }
+    }
+    let back = Dims {
+        b: d.b,
+        c: o,
+        h: d.oh,
+        w: d.ow,
+        oh: d.h,
+        ow: d.w,
+        g: ConvGeometry::new(d.g.kernel, (1, 1), (kh - 1 - ph, kw - 1 - pw)),
+    };
+    conv_forward(dy, &wt, d.c, &back, Slot::ConvGemmInputGradient)
+}
+
 impl FusedConv {
     fn forward(
         &self,
@@ -368,30 +427,7 @@ impl FusedConv {
         let x = f32_slice(xs, xl, "conv2d")?;
         let w = f32_slice(ws, wl, "conv2d")?;
         let o = wl.shape().dims()[0];
-        let (k, n) = (d.rows(), d.cols());
-        let mut y2 = take_scratch(o * n); // [O, B*P]
-        let cols = ColsOf { x, d: *d };
-        timed(Slot::ConvGemmForward, || {
-            sgemm_with(
-                o,
-                n,
-                k,
-                MatRef {
-                    data: w,
-                    rs: k,
-                    cs: 1,
-                },
-                BOperand::Rows(&cols),
-                &mut y2,
-                n,
-                false,
-            )
-        });
-        let mut y = vec![0f32; o * n];
-        timed(Slot::ConvLayoutCopies, || {
-            permute_batch(&y2[..o * n], o, d.b, d.oh * d.ow, false, &mut y)
-        });
-        give_scratch(y2);
+        let y = conv_forward(x, w, o, d, Slot::ConvGemmForward);
         Ok((CpuStorage::F32(y), Shape::from((d.b, o, d.oh, d.ow))))
     }
 
@@ -445,7 +481,14 @@ impl FusedConv {
             )
         });
         // dcols [K, N] = W^T [K, O] x dY [O, N], scattered back by col2im. The network's input needs no gradient: skip both.
-        let dx = if x.track_op() {
+        let stride1 =
+            d.g.stride == (1, 1) && d.g.padding.0 < d.g.kernel.0 && d.g.padding.1 < d.g.kernel.1;
+        let dx = if !x.track_op() {
+            None
+        } else if stride1 {
+            let dx = stride1_input_gradient(contiguous_slice(gv, gl, "conv2d")?, wv, o, d);
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+        } else {
             let mut dcols = take_scratch(k * n);
             timed(Slot::ConvGemmInputGradient, || {
                 sgemm(
@@ -470,8 +513,6 @@ impl FusedConv {
             let dx = timed(Slot::ConvCol2Im, || col2im_slice(&dcols[..k * n], d));
             give_scratch(dcols);
             Some(Tensor::from_vec(dx, x.shape(), x.device())?)
-        } else {
-            None
         };
         give_scratch(dy_buf);
         let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
