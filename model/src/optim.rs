@@ -351,27 +351,6 @@ impl FusedAdam {
     }
 }
 
-/// A contiguous f32 CPU slice of an in-place op's argument.
-fn f32_slice<'a>(
-    s: &'a candle_core::CpuStorage,
-    l: &candle_core::Layout,
-) -> candle_core::Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("optimizer: expected a contiguous f32 CPU tensor"),
-    }
-}
-
-fn f32_slice_mut<'a>(
-    s: &'a mut candle_core::CpuStorage,
-    l: &candle_core::Layout,
-) -> candle_core::Result<&'a mut [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (candle_core::CpuStorage::F32(v), Some((a, b))) => Ok(&mut v[a..b]),
-        _ => candle_core::bail!("optimizer: expected a contiguous f32 CPU tensor"),
-    }
-}
-
 /// `f(&mut t1[i], t2[i], t3[i])` for every element, in parallel chunks: the body of both in-place
 /// Adam passes.
 fn zip3_in_place(
@@ -383,10 +362,14 @@ fn zip3_in_place(
     l3: &candle_core::Layout,
     f: impl Fn(&mut f32, f32, f32) + Sync,
 ) -> candle_core::Result<()> {
+    use crate::ops::{f32_contiguous, f32_contiguous_mut};
     use rayon::prelude::*;
     const CHUNK: usize = 16384;
-    let (b, c) = (f32_slice(s2, l2)?, f32_slice(s3, l3)?);
-    let a = f32_slice_mut(s1, l1)?;
+    let (b, c) = (
+        f32_contiguous(s2, l2, "optimizer")?,
+        f32_contiguous(s3, l3, "optimizer")?,
+    );
+    let a = f32_contiguous_mut(s1, l1, "optimizer")?;
     if a.len() != b.len() || a.len() != c.len() {
         candle_core::bail!(
             "optimizer: tensors of {}, {} and {} values",

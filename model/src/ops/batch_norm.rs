@@ -6,10 +6,10 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::f32_contiguous;
 use super::timing::{timed, Slot};
 
 /// Which statistics normalise the batch.
@@ -43,14 +43,6 @@ fn dims(shape: &Shape) -> Result<(usize, usize, usize)> {
         candle_core::bail!("batch_norm: input must be [B, C, ...], got {d:?}");
     }
     Ok((d[0], d[1], d[2..].iter().product()))
-}
-
-fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        (CpuStorage::F32(_), None) => candle_core::bail!("batch_norm: {what} must be contiguous"),
-        (other, _) => candle_core::bail!("batch_norm: {what} must be f32, got {:?}", other.dtype()),
-    }
 }
 
 /// `sum f(v)` over a slice with 8 independent partial sums, so the loop vectorises.
@@ -144,8 +136,11 @@ impl FusedBatchNorm {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (b, c, hw) = dims(xl.shape())?;
-        let x = slice(xs, xl, "input")?;
-        let (w, bias) = (slice(ws, wl, "weight")?, slice(bs, bl, "bias")?);
+        let x = f32_contiguous(xs, xl, "batch_norm input")?;
+        let (w, bias) = (
+            f32_contiguous(ws, wl, "batch_norm weight")?,
+            f32_contiguous(bs, bl, "batch_norm bias")?,
+        );
         if w.len() != c || bias.len() != c {
             candle_core::bail!(
                 "batch_norm: {c} channels but weight {} / bias {}",
@@ -222,8 +217,14 @@ impl FusedBatchNorm {
         else {
             candle_core::bail!("batch_norm backward: expected CPU tensors");
         };
-        let (xv, wv) = (slice(xs, xl, "input")?, slice(ws, wl, "weight")?);
-        let (yv, gv) = (slice(ys, yl, "output")?, slice(gs, gl, "gradient")?);
+        let (xv, wv) = (
+            f32_contiguous(xs, xl, "batch_norm input")?,
+            f32_contiguous(ws, wl, "batch_norm weight")?,
+        );
+        let (yv, gv) = (
+            f32_contiguous(ys, yl, "batch_norm output")?,
+            f32_contiguous(gs, gl, "batch_norm gradient")?,
+        );
         let relu = self.relu;
         // Per channel: sum of g (bias gradient) and of g * (x - mean) (weight gradient / inv_std),
         // where g is the gradient reaching the affine output (ReLU passes it where y > 0).
@@ -338,7 +339,10 @@ fn add_relu_fwd(
     l2: &Layout,
 ) -> Result<(CpuStorage, Shape)> {
     {
-        let (a, b) = (slice(s1, l1, "input")?, slice(s2, l2, "input")?);
+        let (a, b) = (
+            f32_contiguous(s1, l1, "batch_norm input")?,
+            f32_contiguous(s2, l2, "batch_norm input")?,
+        );
         if l1.shape() != l2.shape() {
             candle_core::bail!(
                 "add_relu: shapes {:?} and {:?} differ",
@@ -372,7 +376,10 @@ fn add_relu_bwd(
             let (Storage::Cpu(ys), Storage::Cpu(gs)) = (&*ys, &*gs) else {
                 candle_core::bail!("add_relu backward: expected CPU tensors");
             };
-            let (y, g) = (slice(ys, yl, "output")?, slice(gs, gl, "gradient")?);
+            let (y, g) = (
+                f32_contiguous(ys, yl, "batch_norm output")?,
+                f32_contiguous(gs, gl, "batch_norm gradient")?,
+            );
             let mut out = vec![0f32; g.len()];
             out.par_chunks_mut(4096)
                 .zip(y.par_chunks(4096).zip(g.par_chunks(4096)))

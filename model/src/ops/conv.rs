@@ -11,6 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Stora
 
 use super::gemm::{sgemm, sgemm_with, BOperand, MatRef, RowSource};
 use super::timing::{timed, Slot};
+use super::{contiguous, f32_contiguous};
 use rayon::prelude::*;
 
 /// Geometry of one convolution: kernel, stride and zero padding per axis (height, width).
@@ -238,13 +239,6 @@ where
     out
 }
 
-fn contiguous_slice<'a, T>(data: &'a [T], layout: &Layout, op: &str) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("{op}: input must be contiguous"),
-    }
-}
-
 impl CustomOp1 for Im2Col {
     fn name(&self) -> &'static str {
         "im2col"
@@ -254,12 +248,8 @@ impl CustomOp1 for Im2Col {
         let d = &self.0;
         let shape = Shape::from((d.rows(), d.cols()));
         let out = match s {
-            CpuStorage::F32(v) => {
-                CpuStorage::F32(im2col_slice(contiguous_slice(v, l, "im2col")?, d))
-            }
-            CpuStorage::F64(v) => {
-                CpuStorage::F64(im2col_slice(contiguous_slice(v, l, "im2col")?, d))
-            }
+            CpuStorage::F32(v) => CpuStorage::F32(im2col_slice(contiguous(v, l, "im2col")?, d)),
+            CpuStorage::F64(v) => CpuStorage::F64(im2col_slice(contiguous(v, l, "im2col")?, d)),
             other => candle_core::bail!("im2col: unsupported dtype {:?}", other.dtype()),
         };
         Ok((out, shape))
@@ -279,12 +269,8 @@ impl CustomOp1 for Col2Im {
         let d = &self.0;
         let shape = Shape::from((d.b, d.c, d.h, d.w));
         let out = match s {
-            CpuStorage::F32(v) => {
-                CpuStorage::F32(col2im_slice(contiguous_slice(v, l, "col2im")?, d))
-            }
-            CpuStorage::F64(v) => {
-                CpuStorage::F64(col2im_slice(contiguous_slice(v, l, "col2im")?, d))
-            }
+            CpuStorage::F32(v) => CpuStorage::F32(col2im_slice(contiguous(v, l, "col2im")?, d)),
+            CpuStorage::F64(v) => CpuStorage::F64(col2im_slice(contiguous(v, l, "col2im")?, d)),
             other => candle_core::bail!("col2im: unsupported dtype {:?}", other.dtype()),
         };
         Ok((out, shape))
@@ -301,13 +287,6 @@ impl CustomOp1 for Col2Im {
 /// zero-filled buffer and an add per node, and the big column matrix is never held between the
 /// passes.
 struct FusedConv(Dims);
-
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) => contiguous_slice(v, l, op),
-        other => candle_core::bail!("{op}: expected f32, got {:?}", other.dtype()),
-    }
-}
 
 /// `[O, B*P]` (column `b*P + q`) -> `[B, O, P]`, or back with `inverse`.
 fn permute_batch(src: &[f32], o: usize, b: usize, p: usize, inverse: bool, out: &mut [f32]) {
@@ -424,8 +403,8 @@ impl FusedConv {
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = &self.0;
-        let x = f32_slice(xs, xl, "conv2d")?;
-        let w = f32_slice(ws, wl, "conv2d")?;
+        let x = f32_contiguous(xs, xl, "conv2d")?;
+        let w = f32_contiguous(ws, wl, "conv2d")?;
         let o = wl.shape().dims()[0];
         let y = conv_forward(x, w, o, d, Slot::ConvGemmForward);
         Ok((CpuStorage::F32(y), Shape::from((d.b, o, d.oh, d.ow))))
@@ -454,13 +433,13 @@ impl FusedConv {
             candle_core::bail!("conv2d backward: expected f32 CPU tensors");
         };
         let mut dy_buf = take_scratch(o * n); // [O, N]
-        let g = contiguous_slice(gv, gl, "conv2d")?;
+        let g = contiguous(gv, gl, "conv2d")?;
         timed(Slot::ConvLayoutCopies, || {
             permute_batch(g, o, d.b, p, true, &mut dy_buf)
         });
         let dy = &dy_buf[..o * n];
-        let xv = contiguous_slice(xv, xl, "conv2d")?;
-        let wv = contiguous_slice(wv, wl, "conv2d")?;
+        let xv = contiguous(xv, xl, "conv2d")?;
+        let wv = contiguous(wv, wl, "conv2d")?;
         // dW [O, K] = dY [O, N] x cols^T [N, K], the columns gathered from x while packing.
         let mut dw = vec![0f32; o * k];
         let cols = ColsOf { x: xv, d: *d };
@@ -486,7 +465,7 @@ impl FusedConv {
         let dx = if !x.track_op() {
             None
         } else if stride1 {
-            let dx = stride1_input_gradient(contiguous_slice(gv, gl, "conv2d")?, wv, o, d);
+            let dx = stride1_input_gradient(contiguous(gv, gl, "conv2d")?, wv, o, d);
             Some(Tensor::from_vec(dx, x.shape(), x.device())?)
         } else {
             let mut dcols = take_scratch(k * n);

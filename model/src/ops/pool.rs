@@ -9,6 +9,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::contiguous;
+
 #[derive(Debug, Clone, Copy)]
 struct PoolDims {
     planes: usize,
@@ -48,13 +50,6 @@ impl PoolDims {
 
 struct MaxPool(PoolDims);
 struct MaxPoolBackward(PoolDims);
-
-fn contiguous<'a, T>(data: &'a [T], layout: &Layout) -> Result<&'a [T]> {
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("max_pool2d: input must be contiguous"),
-    }
-}
 
 fn pool_fwd<T: Copy + PartialOrd + Default + Send + Sync>(x: &[T], d: &PoolDims) -> Vec<T> {
     let mut out = vec![T::default(); d.planes * d.oh * d.ow];
@@ -100,8 +95,8 @@ impl CustomOp1 for MaxPool {
         let dims = l.dims();
         let shape = Shape::from((dims[0], dims[1], d.oh, d.ow));
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(pool_fwd(contiguous(v, l)?, d)),
-            CpuStorage::F64(v) => CpuStorage::F64(pool_fwd(contiguous(v, l)?, d)),
+            CpuStorage::F32(v) => CpuStorage::F32(pool_fwd(contiguous(v, l, "max_pool2d")?, d)),
+            CpuStorage::F64(v) => CpuStorage::F64(pool_fwd(contiguous(v, l, "max_pool2d")?, d)),
             other => candle_core::bail!("max_pool2d: unsupported dtype {:?}", other.dtype()),
         };
         Ok((out, shape))
@@ -129,12 +124,16 @@ impl CustomOp2 for MaxPoolBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let d = &self.0;
         let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => {
-                CpuStorage::F32(pool_bwd(contiguous(x, l1)?, contiguous(g, l2)?, d))
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => {
-                CpuStorage::F64(pool_bwd(contiguous(x, l1)?, contiguous(g, l2)?, d))
-            }
+            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(pool_bwd(
+                contiguous(x, l1, "max_pool2d")?,
+                contiguous(g, l2, "max_pool2d")?,
+                d,
+            )),
+            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(pool_bwd(
+                contiguous(x, l1, "max_pool2d")?,
+                contiguous(g, l2, "max_pool2d")?,
+                d,
+            )),
             _ => candle_core::bail!("max_pool2d backward: unsupported dtypes"),
         };
         Ok((out, l1.shape().clone()))
