@@ -161,6 +161,17 @@ pub fn train_step(
     labels: &Tensor,
     w: LossWeights,
 ) -> anyhow::Result<StepLosses> {
+    on_compute_pool(|| train_step_here(model, centers, optimizer, x, labels, w))
+}
+
+fn train_step_here(
+    model: &Dan,
+    centers: &AffinityCenters,
+    optimizer: &mut Optimizer,
+    x: &Tensor,
+    labels: &Tensor,
+    w: LossWeights,
+) -> anyhow::Result<StepLosses> {
     use crate::ops::timing::{timed, Slot};
     let (graph, losses) = timed(Slot::StepForward, || -> anyhow::Result<_> {
         let graph = step_graph(model, centers, x, labels, w)?;
@@ -245,8 +256,10 @@ impl Confusion {
 
 /// Evaluation-mode predictions for a batch.
 pub fn predict(model: &Dan, x: &Tensor) -> anyhow::Result<Vec<u32>> {
-    let out = model.forward(x, false)?;
-    Ok(loss::predictions(&out.logits)?.to_vec1::<u32>()?)
+    on_compute_pool(|| {
+        let out = model.forward(x, false)?;
+        Ok(loss::predictions(&out.logits)?.to_vec1::<u32>()?)
+    })
 }
 
 /// Evaluate over `(images, labels)` batches in eval mode (running BN statistics).
@@ -260,4 +273,15 @@ where
         confusion.add(&y, &predict(model, &x)?)?;
     }
     Ok(confusion.report())
+}
+
+/// Runs `work` on a thread of rayon's global pool and waits for it (inline when already on one).
+///
+/// `work` must not wait for anything that itself needs the pool (the data loader's channel):
+/// with one pool thread that would deadlock. Every kernel splits its work with rayon. Called from a thread outside the pool, each of the
+/// thousands of parallel regions in a training step is handed to the pool and the caller sleeps
+/// until it is done (a futex wake and wait per op, costly for small tensors); called from a pool
+/// thread, the caller works on its share itself and the other threads steal the rest.
+pub fn on_compute_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| work())
 }

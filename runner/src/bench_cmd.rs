@@ -187,7 +187,11 @@ fn train_setting(
     let mut times = Vec::new();
     for i in 0..=steps {
         let t = Instant::now();
-        std::hint::black_box(net.dan.forward(&x, false)?.logits.to_vec2::<f32>()?);
+        // On a pool thread, as `train_step` and `predict` run (`on_compute_pool`).
+        train::on_compute_pool(|| -> anyhow::Result<()> {
+            std::hint::black_box(net.dan.forward(&x, false)?.logits.to_vec2::<f32>()?);
+            Ok(())
+        })?;
         if i > 0 {
             times.push(t.elapsed().as_secs_f64());
         }

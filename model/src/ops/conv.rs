@@ -180,14 +180,97 @@ fn im2col_into<T: Copy + Default + Send + Sync>(x: &[T], d: &Dims, out: &mut [T]
 }
 
 /// The column matrix of an f32 input as rows on demand, for the GEMM to gather while packing.
-struct ColsOf<'a> {
-    x: &'a [f32],
+///
+/// The input is first copied into a zero-padded buffer, so every element of the column matrix is
+/// `xp[pixel_base + tap_offset]` with no bounds or padding test: a row is a few runs (one per
+/// output row) of contiguous (stride 1) or strided reads. The padded copy costs one pass over the
+/// input; the gathers it simplifies read it kh x kw times.
+struct ColsOf {
+    xp: Vec<f32>,
     d: Dims,
+    /// Padded height and width.
+    hp: usize,
+    wp: usize,
+    /// Offset of tap row r = (c, i, j) from a pixel's base: c*Hp*Wp + i*Wp + j.
+    tap_offset: Vec<usize>,
 }
 
-impl RowSource for ColsOf<'_> {
-    fn row(&self, r: usize, c0: usize, out: &mut [f32]) {
-        cols_row(self.x, &self.d, r, c0, out)
+impl ColsOf {
+    fn new(x: &[f32], d: &Dims) -> Self {
+        let (ph, pw) = d.g.padding;
+        let (kh, kw) = d.g.kernel;
+        let (hp, wp) = (d.h + 2 * ph, d.w + 2 * pw);
+        let mut xp = take_scratch(d.b * d.c * hp * wp);
+        let xp_len = d.b * d.c * hp * wp;
+        timed(Slot::ConvLayoutCopies, || {
+            xp[..xp_len]
+                .par_chunks_mut(hp * wp)
+                .zip(x.par_chunks(d.h * d.w))
+                .for_each(|(dst, src)| {
+                    dst[..ph * wp].fill(0.0);
+                    dst[(ph + d.h) * wp..].fill(0.0);
+                    for (y, src_row) in src.chunks_exact(d.w).enumerate() {
+                        let row = &mut dst[(ph + y) * wp..][..wp];
+                        row[..pw].fill(0.0);
+                        row[pw..pw + d.w].copy_from_slice(src_row);
+                        row[pw + d.w..].fill(0.0);
+                    }
+                })
+        });
+        let tap_offset = (0..d.rows())
+            .map(|r| {
+                let (c, i, j) = (r / (kh * kw), (r / kw) % kh, r % kw);
+                (c * hp + i) * wp + j
+            })
+            .collect();
+        ColsOf {
+            xp,
+            d: *d,
+            hp,
+            wp,
+            tap_offset,
+        }
+    }
+}
+
+impl Drop for ColsOf {
+    fn drop(&mut self) {
+        give_scratch(std::mem::take(&mut self.xp));
+    }
+}
+
+impl RowSource for ColsOf {
+    fn row(&self, r: usize, n0: usize, out: &mut [f32]) {
+        let d = &self.d;
+        let (sh, sw) = d.g.stride;
+        let per_sample = d.oh * d.ow;
+        let plane = d.c * self.hp * self.wp;
+        let tap = self.tap_offset[r];
+        // Walk the output rows (sample b, row oy) that n0.. covers, from column ox0 of the first.
+        let (mut b, rem) = (n0 / per_sample, n0 % per_sample);
+        let (mut oy, mut ox0) = (rem / d.ow, rem % d.ow);
+        let mut done = 0;
+        while done < out.len() {
+            let run = (d.ow - ox0).min(out.len() - done);
+            let dst = &mut out[done..done + run];
+            let start = b * plane + oy * sh * self.wp + ox0 * sw + tap;
+            if sw == 1 {
+                let src = &self.xp[start..start + run];
+                dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s);
+            } else {
+                let src = &self.xp[start..start + (run - 1) * sw + 1];
+                dst.iter_mut()
+                    .zip(src.iter().step_by(sw))
+                    .for_each(|(d, &s)| *d = s);
+            }
+            done += run;
+            ox0 = 0;
+            oy += 1;
+            if oy == d.oh {
+                oy = 0;
+                b += 1;
+            }
+        }
     }
 }
 
@@ -339,7 +422,7 @@ impl CustomOp2 for FusedConv {
 fn conv_forward(x: &[f32], w: &[f32], o: usize, d: &Dims, slot: Slot) -> Vec<f32> {
     let (k, n) = (d.rows(), d.cols());
     let mut y2 = take_scratch(o * n); // [O, B*P]
-    let cols = ColsOf { x, d: *d };
+    let cols = ColsOf::new(x, d);
     timed(slot, || {
         sgemm_with(
             o,
@@ -442,7 +525,7 @@ impl FusedConv {
         let wv = contiguous(wv, wl, "conv2d")?;
         // dW [O, K] = dY [O, N] x cols^T [N, K], the columns gathered from x while packing.
         let mut dw = vec![0f32; o * k];
-        let cols = ColsOf { x: xv, d: *d };
+        let cols = ColsOf::new(xv, d);
         timed(Slot::ConvGemmWeightGradient, || {
             sgemm_with(
                 o,

@@ -428,6 +428,12 @@ mod avx2 {
         ldc: usize,
         add: bool,
     ) {
+        // C's rows are far apart (a row is a whole feature map): start fetching them now so the
+        // misses overlap the kc-deep loop instead of stalling the stores at its end.
+        for r in 0..MR {
+            _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc + NR - 1) as *const i8);
+        }
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         for _ in 0..kc {
             let b0 = _mm256_loadu_ps(b);
