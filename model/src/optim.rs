@@ -380,12 +380,19 @@ fn zip3_in_place(
     }
     a.par_chunks_mut(CHUNK)
         .zip(b.par_chunks(CHUNK).zip(c.par_chunks(CHUNK)))
-        .for_each(|(a, (b, c))| {
-            for ((a, &b), &c) in a.iter_mut().zip(b).zip(c) {
-                f(a, b, c);
-            }
-        });
+        .for_each(|(a, (b, c))| zip3_chunk(a, b, c, &f));
     Ok(())
+}
+
+/// The loop of `zip3_in_place` over one chunk. Not inlined: as a function of its own, its slice
+/// arguments are known not to overlap, which lets LLVM vectorise the body (inlined into rayon's
+/// iterator code it stayed scalar, sqrt and division included).
+#[inline(never)]
+fn zip3_chunk<F: Fn(&mut f32, f32, f32)>(a: &mut [f32], b: &[f32], c: &[f32], f: &F) {
+    let (b, c) = (&b[..a.len()], &c[..a.len()]);
+    for i in 0..a.len() {
+        f(&mut a[i], b[i], c[i]);
+    }
 }
 
 /// `m = beta * m + (1 - beta) * g'` in place (m = (1 - beta) * g' on the first step), where g' is
@@ -412,21 +419,37 @@ impl candle_core::InplaceOp3 for MomentUpdate {
         s3: &candle_core::CpuStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        zip3_in_place(s1, l1, s2, l2, s3, l3, |m, g, th| {
-            let g = if self.wd != 0.0 {
-                g + (th * self.wd + 0.0)
-            } else {
-                g
-            };
-            let g = if self.square { g * g } else { g };
-            let gm = g * self.keep + 0.0;
-            *m = if self.first {
-                gm
-            } else {
-                (*m * self.beta + 0.0) + gm
-            };
-        })
+        // One loop per case, each without branches, so that it vectorises.
+        let pass = match (self.first, self.square, self.wd != 0.0) {
+            (false, false, false) => moment_pass::<false, false, false>,
+            (false, false, true) => moment_pass::<false, false, true>,
+            (false, true, false) => moment_pass::<false, true, false>,
+            (false, true, true) => moment_pass::<false, true, true>,
+            (true, false, false) => moment_pass::<true, false, false>,
+            (true, false, true) => moment_pass::<true, false, true>,
+            (true, true, false) => moment_pass::<true, true, false>,
+            (true, true, true) => moment_pass::<true, true, true>,
+        };
+        pass(self, s1, l1, s2, l2, s3, l3)
     }
+}
+
+fn moment_pass<const FIRST: bool, const SQUARE: bool, const DECAY: bool>(
+    op: &MomentUpdate,
+    s1: &mut candle_core::CpuStorage,
+    l1: &candle_core::Layout,
+    s2: &candle_core::CpuStorage,
+    l2: &candle_core::Layout,
+    s3: &candle_core::CpuStorage,
+    l3: &candle_core::Layout,
+) -> candle_core::Result<()> {
+    let (beta, keep, wd) = (op.beta, op.keep, op.wd);
+    zip3_in_place(s1, l1, s2, l2, s3, l3, |m, g, th| {
+        let g = if DECAY { g + (th * wd + 0.0) } else { g };
+        let g = if SQUARE { g * g } else { g };
+        let gm = g * keep + 0.0;
+        *m = if FIRST { gm } else { (*m * beta + 0.0) + gm };
+    })
 }
 
 /// `theta -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)` in place, after AdamW's decay.
@@ -451,14 +474,18 @@ impl candle_core::InplaceOp3 for ParamUpdate {
         s3: &candle_core::CpuStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        zip3_in_place(s1, l1, s2, l2, s3, l3, |th, m, v| {
-            let theta = match self.decay {
-                Some(f) => *th * f + 0.0,
-                None => *th,
-            };
-            let denom = (v.sqrt() * self.inv_sqrt_bc2 + 0.0) * 1.0 + self.eps;
-            *th = theta - ((m / denom) * self.step + 0.0);
-        })
+        let (inv_sqrt_bc2, eps, step) = (self.inv_sqrt_bc2, self.eps, self.step);
+        let update = move |theta: f32, m: f32, v: f32| {
+            let denom = (v.sqrt() * inv_sqrt_bc2 + 0.0) * 1.0 + eps;
+            theta - ((m / denom) * step + 0.0)
+        };
+        // One loop per case, each without branches, so that it vectorises.
+        match self.decay {
+            Some(f) => zip3_in_place(s1, l1, s2, l2, s3, l3, |th, m, v| {
+                *th = update(*th * f + 0.0, m, v)
+            }),
+            None => zip3_in_place(s1, l1, s2, l2, s3, l3, |th, m, v| *th = update(*th, m, v)),
+        }
     }
 }
 

@@ -170,42 +170,49 @@ fn gemm_blocks(
     parallel: bool,
 ) {
     let m_panels = m.div_ceil(MR);
-    let mut a_pack = vec![0f32; m_panels * MR * KC.min(k1 - k0)];
-    for pc in (k0..k1).step_by(KC) {
+    // A is packed once for the whole depth (depth block after depth block, each m_panels panels
+    // of MR x kc) and shared by every task.
+    let mut a_pack = vec![0f32; m_panels * MR * (k1 - k0)];
+    let pack_block = |(bi, dst): (usize, &mut [f32])| {
+        let pc = k0 + bi * KC;
         let kc = KC.min(k1 - pc);
-        // A's depth block is packed once and shared; each task packs its own strip of B into a
-        // per-thread buffer, so the strip is still in L2 when the microkernel reads it.
-        let pack = |(p, dst): (usize, &mut [f32])| pack_a(a, p * MR, m, pc, kc, dst);
-        if parallel {
-            a_pack
-                .par_chunks_mut(MR * kc)
-                .take(m_panels)
-                .enumerate()
-                .for_each(pack);
-        } else {
-            a_pack
-                .chunks_mut(MR * kc)
-                .take(m_panels)
-                .enumerate()
-                .for_each(pack);
+        for (p, panel) in dst.chunks_mut(MR * kc).take(m_panels).enumerate() {
+            pack_a(a, p * MR, m, pc, kc, panel);
         }
-        let add = accumulate || pc > k0;
-        // One task per column strip of B, packed once per task (gathering B can cost more than
-        // copying it) and used for every row of A, MC rows at a time so the A block and the
-        // strip share L2. Strips narrow down to NR to give every thread several tasks.
-        let want = if parallel {
-            4 * rayon::current_num_threads()
-        } else {
-            1
-        };
-        let nc_task = NC_TASK.min(n.div_ceil(want).next_multiple_of(NR)).max(NR);
-        let tiles_n = n.div_ceil(nc_task);
-        let a_pack = &a_pack;
-        let strip_task = |t: usize| {
-            let j0 = t * nc_task;
-            let j1 = (j0 + nc_task).min(n);
-            B_STRIP.with(|strip| {
-                let mut strip = strip.borrow_mut();
+    };
+    if parallel {
+        a_pack
+            .par_chunks_mut(m_panels * MR * KC)
+            .enumerate()
+            .for_each(pack_block);
+    } else {
+        a_pack
+            .chunks_mut(m_panels * MR * KC)
+            .enumerate()
+            .for_each(pack_block);
+    }
+    // One task per column strip of C, which it computes over the whole depth: the strip stays in
+    // L2 from one depth block to the next instead of going out to memory and back. Each depth
+    // block of the strip's B is packed once per task (gathering B can cost more than copying
+    // it) and used for every row of A, MC rows at a time so the A block and the strip share L2.
+    // Strips narrow down to NR to give every thread several tasks.
+    let want = if parallel {
+        4 * rayon::current_num_threads()
+    } else {
+        1
+    };
+    let nc_task = NC_TASK.min(n.div_ceil(want).next_multiple_of(NR)).max(NR);
+    let tiles_n = n.div_ceil(nc_task);
+    let a_pack = &a_pack;
+    let strip_task = |t: usize| {
+        let j0 = t * nc_task;
+        let j1 = (j0 + nc_task).min(n);
+        B_STRIP.with(|strip| {
+            let mut strip = strip.borrow_mut();
+            for pc in (k0..k1).step_by(KC) {
+                let kc = KC.min(k1 - pc);
+                let a_block = &a_pack[m_panels * MR * (pc - k0)..][..m_panels * MR * kc];
+                let add = accumulate || pc > k0;
                 let panels = (j1 - j0).div_ceil(NR);
                 if strip.len() < panels * NR * kc {
                     strip.resize(panels * NR * kc, 0.0);
@@ -216,7 +223,7 @@ fn gemm_blocks(
                     for j in (j0..j1).step_by(NR) {
                         let bp = &strip[((j - j0) / NR) * NR * kc..][..NR * kc];
                         for i in (i0..i1).step_by(MR) {
-                            let ap = &a_pack[(i / MR) * MR * kc..][..MR * kc];
+                            let ap = &a_block[(i / MR) * MR * kc..][..MR * kc];
                             let (rows, cols) = (MR.min(m - i), NR.min(n - j));
                             // SAFETY: strips are disjoint, so no two tasks write the same element
                             // of c, and the caller guarantees c's extent.
@@ -227,13 +234,13 @@ fn gemm_blocks(
                         }
                     }
                 }
-            });
-        };
-        if parallel {
-            (0..tiles_n).into_par_iter().for_each(strip_task);
-        } else {
-            (0..tiles_n).for_each(strip_task);
-        }
+            }
+        });
+    };
+    if parallel {
+        (0..tiles_n).into_par_iter().for_each(strip_task);
+    } else {
+        (0..tiles_n).for_each(strip_task);
     }
 }
 
