@@ -67,6 +67,7 @@ fn lane_sum_idx(len: usize, f: impl Fn(usize) -> f32) -> f32 {
 
 /// (sum g, sum g * (x - mean)) over one plane, g masked by y > 0 when `relu`; 8 partial sums so
 /// the loop vectorises.
+#[inline(never)]
 fn grad_sums(x: &[f32], y: &[f32], g: &[f32], mean: f32, relu: bool) -> (f32, f32) {
     let (mut s, mut sx) = ([0f32; 8], [0f32; 8]);
     let mut add = |k: usize, x: f32, y: f32, g: f32| {
@@ -85,6 +86,61 @@ fn grad_sums(x: &[f32], y: &[f32], g: &[f32], mean: f32, relu: bool) -> (f32, f3
         add(0, x[i], y[i], g[i]);
     }
     (s.iter().sum(), sx.iter().sum())
+}
+
+// The element loops below are functions of their own, not inlined into rayon's closures: there
+// the compiler cannot tell that the slices do not overlap and leaves the loops scalar.
+
+/// `y = relu?(x * scale + shift)` over one plane.
+#[inline(never)]
+fn affine_plane(y: &mut [f32], x: &[f32], scale: f32, shift: f32, relu: bool) {
+    let x = &x[..y.len()];
+    if relu {
+        for i in 0..y.len() {
+            y[i] = (x[i] * scale + shift).max(0.0);
+        }
+    } else {
+        for i in 0..y.len() {
+            y[i] = x[i] * scale + shift;
+        }
+    }
+}
+
+/// `dx = k * (g' - mg - (x - mean) * inv_std * mgx)` over one plane, where g' is g masked by
+/// y > 0 when `relu`; `c = [k, mg, mean, inv_std, mgx]`.
+#[inline(never)]
+fn input_grad_plane(dx: &mut [f32], x: &[f32], y: &[f32], g: &[f32], relu: bool, c: [f32; 5]) {
+    let [k, mg, m, is, mgx] = c;
+    let n = dx.len();
+    let (x, y, g) = (&x[..n], &y[..n], &g[..n]);
+    if relu {
+        for i in 0..n {
+            let g = if y[i] <= 0.0 { 0.0 } else { g[i] };
+            dx[i] = k * (g - mg - (x[i] - m) * is * mgx);
+        }
+    } else {
+        for i in 0..n {
+            dx[i] = k * (g[i] - mg - (x[i] - m) * is * mgx);
+        }
+    }
+}
+
+/// `y = max(a + b, 0)`.
+#[inline(never)]
+fn add_relu_chunk(y: &mut [f32], a: &[f32], b: &[f32]) {
+    let (a, b) = (&a[..y.len()], &b[..y.len()]);
+    for i in 0..y.len() {
+        y[i] = (a[i] + b[i]).max(0.0);
+    }
+}
+
+/// `out = g where y > 0, else 0`.
+#[inline(never)]
+fn relu_grad_chunk(out: &mut [f32], y: &[f32], g: &[f32]) {
+    let (y, g) = (&y[..out.len()], &g[..out.len()]);
+    for i in 0..out.len() {
+        out[i] = if y[i] > 0.0 { g[i] } else { 0.0 };
+    }
 }
 
 /// The planes (length `hw`) of channel `c` in a [B, C, HW] buffer.
@@ -183,15 +239,7 @@ impl FusedBatchNorm {
                 let ch = i % c;
                 let scale = inv_std[ch] * w[ch];
                 let shift = bias[ch] - mean32[ch] * scale;
-                if self.relu {
-                    yp.iter_mut()
-                        .zip(xp)
-                        .for_each(|(y, &x)| *y = (x * scale + shift).max(0.0));
-                } else {
-                    yp.iter_mut()
-                        .zip(xp)
-                        .for_each(|(y, &x)| *y = x * scale + shift);
-                }
+                affine_plane(yp, xp, scale, shift, self.relu);
             });
         *self.saved.lock().expect("batch_norm stats") = (mean32, inv_std, Moments { mean, var });
         Ok((CpuStorage::F32(y), xl.shape().clone()))
@@ -261,11 +309,7 @@ impl FusedBatchNorm {
                 } else {
                     (0.0, 0.0)
                 };
-                let (m, is) = (mean[ch], inv_std[ch]);
-                for (d, ((&x, &y), &g)) in dxp.iter_mut().zip(xp.iter().zip(yp).zip(gp)) {
-                    let g = if relu && y <= 0.0 { 0.0 } else { g };
-                    *d = k * (g - mg - (x - m) * is * mgx);
-                }
+                input_grad_plane(dxp, xp, yp, gp, relu, [k, mg, mean[ch], inv_std[ch], mgx]);
             });
         let dev = x.device();
         let to32 = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
@@ -353,11 +397,7 @@ fn add_relu_fwd(
         let mut y = vec![0f32; a.len()];
         y.par_chunks_mut(4096)
             .zip(a.par_chunks(4096).zip(b.par_chunks(4096)))
-            .for_each(|(y, (a, b))| {
-                y.iter_mut()
-                    .zip(a.iter().zip(b))
-                    .for_each(|(y, (a, b))| *y = (a + b).max(0.0));
-            });
+            .for_each(|(y, (a, b))| add_relu_chunk(y, a, b));
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 }
@@ -383,11 +423,7 @@ fn add_relu_bwd(
             let mut out = vec![0f32; g.len()];
             out.par_chunks_mut(4096)
                 .zip(y.par_chunks(4096).zip(g.par_chunks(4096)))
-                .for_each(|(o, (y, g))| {
-                    o.iter_mut()
-                        .zip(y.iter().zip(g))
-                        .for_each(|(o, (&y, &g))| *o = if y > 0.0 { g } else { 0.0 });
-                });
+                .for_each(|(o, (y, g))| relu_grad_chunk(o, y, g));
             Tensor::from_vec(out, res.shape(), res.device())?
         };
         Ok((Some(g.clone()), Some(g)))

@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Stora
 
 use super::gemm::{sgemm, sgemm_with, BOperand, MatRef, RowSource};
 use super::timing::{timed, Slot};
-use super::{contiguous, f32_contiguous};
+use super::{contiguous, f32_contiguous, give_scratch, take_scratch};
 use rayon::prelude::*;
 
 /// Geometry of one convolution: kernel, stride and zero padding per axis (height, width).
@@ -80,29 +80,6 @@ impl Dims {
 struct Im2Col(Dims);
 /// The adjoint of `Im2Col`: scatter-add `[C*kh*kw, B*OH*OW]` back into `[B, C, H, W]`.
 struct Col2Im(Dims);
-
-/// Large per-call buffers (column matrices, layout copies) are taken from and returned to this
-/// pool: allocating ~30 MB afresh per convolution cost page faults and zero-filling at every
-/// call. Buffers come back with stale contents; every user overwrites all of its elements.
-static SCRATCH: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
-
-fn take_scratch(len: usize) -> Vec<f32> {
-    let mut pool = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
-    // The largest free buffer, so growth happens rarely.
-    let best = (0..pool.len()).max_by_key(|&i| pool[i].len());
-    let mut v = best.map(|i| pool.swap_remove(i)).unwrap_or_default();
-    if v.len() < len {
-        v.resize(len, 0.0);
-    }
-    v
-}
-
-fn give_scratch(v: Vec<f32>) {
-    let mut pool = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
-    if pool.len() < 4 {
-        pool.push(v);
-    }
-}
 
 /// Output positions `lo..hi` along an axis whose tap `tap` lands inside the input (not padding).
 #[inline]

@@ -8,6 +8,7 @@
 //! arbitrary row and column strides, so transposed views need no copy. Without AVX2 + FMA (or off
 //! x86-64) a portable kernel of the same shape computes the same sums.
 
+use super::{give_scratch, take_scratch};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -103,35 +104,33 @@ pub fn sgemm_with(
         // sum. Parallelising inside every 256-deep block instead pays two thread hand-offs per
         // block for little work each.
         let chunk = k.div_ceil(threads).next_multiple_of(KC);
-        let partials: Vec<Vec<f32>> = (0..k.div_ceil(chunk))
-            .into_par_iter()
-            .map(|t| {
-                let mut part = vec![0f32; m * n];
-                let ptr = SendPtr(part.as_mut_ptr());
-                gemm_blocks(
-                    m,
-                    n,
-                    t * chunk,
-                    ((t + 1) * chunk).min(k),
-                    a,
-                    b,
-                    ptr,
-                    n,
-                    false,
-                    false,
-                );
-                part
-            })
+        let chunks = k.div_ceil(chunk);
+        // The first depth chunk goes straight into c; the others into pooled buffers (each
+        // fully overwritten), added to c at the end.
+        let mut partials: Vec<Vec<f32>> = (1..chunks).map(|_| take_scratch(m * n)).collect();
+        let c_ptr = SendPtr(c.as_mut_ptr());
+        let parts: Vec<SendPtr> = partials
+            .iter_mut()
+            .map(|p| SendPtr(p.as_mut_ptr()))
             .collect();
+        (0..chunks).into_par_iter().for_each(|t| {
+            let (k0, k1) = (t * chunk, ((t + 1) * chunk).min(k));
+            if t == 0 {
+                gemm_blocks(m, n, k0, k1, a, b, c_ptr, ldc, accumulate, false);
+            } else {
+                gemm_blocks(m, n, k0, k1, a, b, parts[t - 1], n, false, false);
+            }
+        });
         c.par_chunks_mut(ldc)
             .take(m)
             .enumerate()
             .for_each(|(i, row)| {
-                for (j, out) in row[..n].iter_mut().enumerate() {
-                    let sum: f32 = partials.iter().map(|p| p[i * n + j]).sum();
-                    *out = if accumulate { *out + sum } else { sum };
+                for p in &partials {
+                    let src = &p[i * n..][..n];
+                    row[..n].iter_mut().zip(src).for_each(|(o, s)| *o += s);
                 }
             });
+        partials.into_iter().for_each(give_scratch);
         return;
     }
     gemm_blocks(
@@ -169,10 +168,38 @@ fn gemm_blocks(
     accumulate: bool,
     parallel: bool,
 ) {
+    // Depth is taken in super-blocks of up to KC_SUPER, each computed in full before the next.
+    for s0 in (k0..k1).step_by(KC_SUPER) {
+        let s1 = (s0 + KC_SUPER).min(k1);
+        let add = accumulate || s0 > k0;
+        super_block(m, n, s0, s1, a, b, c_ptr, ldc, add, parallel);
+    }
+}
+
+/// Depth per super-block: its packed A (at most 2 MB for m = 512) and the C strip it updates
+/// stay in cache while the depth blocks inside it go by.
+const KC_SUPER: usize = 4 * KC;
+
+/// `gemm_blocks` over one super-block of depth `k0..k1` (<= KC_SUPER).
+#[allow(clippy::too_many_arguments)]
+fn super_block(
+    m: usize,
+    n: usize,
+    k0: usize,
+    k1: usize,
+    a: MatRef,
+    b: BOperand,
+    c_ptr: SendPtr,
+    ldc: usize,
+    accumulate: bool,
+    parallel: bool,
+) {
     let m_panels = m.div_ceil(MR);
-    // A is packed once for the whole depth (depth block after depth block, each m_panels panels
+    // A is packed once for the super-block (depth block after depth block, each m_panels panels
     // of MR x kc) and shared by every task.
-    let mut a_pack = vec![0f32; m_panels * MR * (k1 - k0)];
+    let a_len = m_panels * MR * (k1 - k0);
+    let mut a_buf = take_scratch(a_len);
+    let a_pack = &mut a_buf[..a_len];
     let pack_block = |(bi, dst): (usize, &mut [f32])| {
         let pc = k0 + bi * KC;
         let kc = KC.min(k1 - pc);
@@ -191,11 +218,11 @@ fn gemm_blocks(
             .enumerate()
             .for_each(pack_block);
     }
-    // One task per column strip of C, which it computes over the whole depth: the strip stays in
-    // L2 from one depth block to the next instead of going out to memory and back. Each depth
-    // block of the strip's B is packed once per task (gathering B can cost more than copying
-    // it) and used for every row of A, MC rows at a time so the A block and the strip share L2.
-    // Strips narrow down to NR to give every thread several tasks.
+    // One task per column strip of C, which it computes over the whole super-block: the strip
+    // stays in L2 from one depth block to the next instead of going out to memory and back.
+    // Each depth block of the strip's B is packed once per task (gathering B can cost more than
+    // copying it) and used for every row of A, MC rows at a time so the A block and the strip
+    // share L2. Strips narrow down to NR to give every thread several tasks.
     let want = if parallel {
         4 * rayon::current_num_threads()
     } else {
@@ -203,7 +230,7 @@ fn gemm_blocks(
     };
     let nc_task = NC_TASK.min(n.div_ceil(want).next_multiple_of(NR)).max(NR);
     let tiles_n = n.div_ceil(nc_task);
-    let a_pack = &a_pack;
+    let a_pack = &*a_pack;
     let strip_task = |t: usize| {
         let j0 = t * nc_task;
         let j1 = (j0 + nc_task).min(n);
@@ -242,6 +269,7 @@ fn gemm_blocks(
     } else {
         (0..tiles_n).for_each(strip_task);
     }
+    give_scratch(a_buf);
 }
 
 thread_local! {

@@ -37,6 +37,36 @@ pub(crate) fn f32_contiguous_mut<'a>(
     }
 }
 
+/// Large per-call buffers (packed operands, column matrices, layout copies) are taken from and
+/// returned to this pool: allocating tens of MB afresh per convolution cost page faults and
+/// zero-filling at every call. Buffers come back with stale contents; every user overwrites all
+/// of the elements it reads.
+static SCRATCH: std::sync::Mutex<Vec<Vec<f32>>> = std::sync::Mutex::new(Vec::new());
+
+/// A buffer of at least `len` values (stale contents).
+pub(crate) fn take_scratch(len: usize) -> Vec<f32> {
+    let mut pool = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
+    // The smallest free buffer that is large enough, else the largest (grown): big buffers are
+    // not spent on small requests.
+    let fits = (0..pool.len())
+        .filter(|&i| pool[i].len() >= len)
+        .min_by_key(|&i| pool[i].len());
+    let pick = fits.or_else(|| (0..pool.len()).max_by_key(|&i| pool[i].len()));
+    let mut v = pick.map(|i| pool.swap_remove(i)).unwrap_or_default();
+    if v.len() < len {
+        v.resize(len, 0.0);
+    }
+    v
+}
+
+/// Returns a buffer from `take_scratch` to the pool.
+pub(crate) fn give_scratch(v: Vec<f32>) {
+    let mut pool = SCRATCH.lock().unwrap_or_else(|e| e.into_inner());
+    if pool.len() < 8 {
+        pool.push(v);
+    }
+}
+
 pub use batch_norm::add_relu;
 pub use conv::{conv2d, ConvGeometry};
 pub use gemm::matmul;
