@@ -232,8 +232,7 @@ impl RowSource for ColsOf {
             let dst = &mut out[done..done + run];
             let start = b * plane + oy * sh * self.wp + ox0 * sw + tap;
             if sw == 1 {
-                let src = &self.xp[start..start + run];
-                dst.iter_mut().zip(src).for_each(|(d, &s)| *d = s);
+                dst.copy_from_slice(&self.xp[start..start + run]);
             } else {
                 let src = &self.xp[start..start + (run - 1) * sw + 1];
                 dst.iter_mut()

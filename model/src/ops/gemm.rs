@@ -290,6 +290,23 @@ impl SendPtr {
 /// Rows `i0..i0+MR` of A's depth block `pc..pc+kc`, as `kc` groups of MR values (zero past m).
 fn pack_a(a: MatRef, i0: usize, m: usize, pc: usize, kc: usize, dst: &mut [f32]) {
     let rows = MR.min(m - i0);
+    let dst = &mut dst[..kc * MR];
+    if rows == MR && a.cs == 1 {
+        // Row-major A: six contiguous row pieces, interleaved.
+        let r: [&[f32]; MR] = std::array::from_fn(|r| &a.data[(i0 + r) * a.rs + pc..][..kc]);
+        for (p, d) in dst.chunks_exact_mut(MR).enumerate() {
+            let d: &mut [f32; MR] = d.try_into().expect("MR values");
+            *d = std::array::from_fn(|q| r[q][p]);
+        }
+        return;
+    }
+    if rows == MR && a.rs == 1 {
+        // Column-major A (a transposed view): each group is a contiguous run.
+        for (p, d) in dst.chunks_exact_mut(MR).enumerate() {
+            d.copy_from_slice(&a.data[(pc + p) * a.cs + i0..][..MR]);
+        }
+        return;
+    }
     for p in 0..kc {
         let d = &mut dst[p * MR..][..MR];
         for (r, v) in d.iter_mut().enumerate() {
