@@ -222,13 +222,15 @@ fn super_block(
     // stays in L2 from one depth block to the next instead of going out to memory and back.
     // Each depth block of the strip's B is packed once per task (gathering B can cost more than
     // copying it) and used for every row of A, MC rows at a time so the A block and the strip
-    // share L2. Strips narrow down to NR to give every thread several tasks.
-    let want = if parallel {
-        4 * rayon::current_num_threads()
+    // share L2. In parallel, the strips are as wide as NC_TASK allows while their number is a
+    // multiple of the thread count (equal shares; few, wide strips reuse each A panel more).
+    let tiles = if parallel {
+        let threads = rayon::current_num_threads();
+        threads * n.div_ceil(threads * NC_TASK)
     } else {
-        1
+        n.div_ceil(NC_TASK)
     };
-    let nc_task = NC_TASK.min(n.div_ceil(want).next_multiple_of(NR)).max(NR);
+    let nc_task = n.div_ceil(tiles).next_multiple_of(NR);
     let tiles_n = n.div_ceil(nc_task);
     let a_pack = &*a_pack;
     let strip_task = |t: usize| {
