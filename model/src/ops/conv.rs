@@ -7,7 +7,9 @@
 //! correct backward. Padding is per axis, so 1x3 and 3x1 kernels need no manual padding.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
+};
 
 use super::gemm::{sgemm, sgemm_with, BOperand, MatRef, RowSource};
 use super::timing::{timed, Slot};
@@ -347,8 +349,18 @@ impl CustomOp1 for Col2Im {
 /// passes.
 struct FusedConv(Dims);
 
-/// `[O, B*P]` (column `b*P + q`) -> `[B, O, P]`, or back with `inverse`.
-fn permute_batch(src: &[f32], o: usize, b: usize, p: usize, inverse: bool, out: &mut [f32]) {
+/// `[O, B*P]` (column `b*P + q`) -> `[B, O, P]`, or back with `inverse`; a `bias` [O] is added
+/// on the way (forward direction only).
+#[allow(clippy::too_many_arguments)]
+fn permute_batch(
+    src: &[f32],
+    o: usize,
+    b: usize,
+    p: usize,
+    inverse: bool,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     out[..src.len()]
         .par_chunks_mut(p)
         .enumerate()
@@ -364,8 +376,20 @@ fn permute_batch(src: &[f32], o: usize, b: usize, p: usize, inverse: bool, out: 
             } else {
                 (oi * b + bi) * p
             };
-            dst.copy_from_slice(&src[from..from + p]);
+            match bias {
+                Some(bias) => add_scalar(dst, &src[from..from + p], bias[oi]),
+                None => dst.copy_from_slice(&src[from..from + p]),
+            }
         });
+}
+
+/// `dst = src + v`; a function of its own so that the loop vectorises.
+#[inline(never)]
+fn add_scalar(dst: &mut [f32], src: &[f32], v: f32) {
+    let src = &src[..dst.len()];
+    for i in 0..dst.len() {
+        dst[i] = src[i] + v;
+    }
 }
 
 impl CustomOp2 for FusedConv {
@@ -380,7 +404,7 @@ impl CustomOp2 for FusedConv {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        timed(Slot::ConvForward, || self.forward(xs, xl, ws, wl))
+        timed(Slot::ConvForward, || self.forward(xs, xl, ws, wl, None))
     }
 
     fn bwd(
@@ -394,8 +418,16 @@ impl CustomOp2 for FusedConv {
     }
 }
 
-/// `x` [B, C, H, W] (geometry `d`) correlated with `w` [O, C, kh, kw]: [B, O, OH, OW] values.
-fn conv_forward(x: &[f32], w: &[f32], o: usize, d: &Dims, slot: Slot) -> Vec<f32> {
+/// `x` [B, C, H, W] (geometry `d`) correlated with `w` [O, C, kh, kw], plus `bias` [O]:
+/// [B, O, OH, OW] values.
+fn conv_forward(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    o: usize,
+    d: &Dims,
+    slot: Slot,
+) -> Vec<f32> {
     let (k, n) = (d.rows(), d.cols());
     let mut y2 = take_scratch(o * n); // [O, B*P]
     let cols = ColsOf::new(x, d);
@@ -417,7 +449,7 @@ fn conv_forward(x: &[f32], w: &[f32], o: usize, d: &Dims, slot: Slot) -> Vec<f32
     });
     let mut y = vec![0f32; o * n];
     timed(Slot::ConvLayoutCopies, || {
-        permute_batch(&y2[..o * n], o, d.b, d.oh * d.ow, false, &mut y)
+        permute_batch(&y2[..o * n], o, d.b, d.oh * d.ow, false, bias, &mut y)
     });
     give_scratch(y2);
     y
@@ -450,7 +482,63 @@ fn stride1_input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) -> Vec<f32>
         ow: d.w,
         g: ConvGeometry::new(d.g.kernel, (1, 1), (kh - 1 - ph, kw - 1 - pw)),
     };
-    conv_forward(dy, &wt, d.c, &back, Slot::ConvGemmInputGradient)
+    conv_forward(dy, &wt, None, d.c, &back, Slot::ConvGemmInputGradient)
+}
+
+/// `FusedConv` plus a bias [O], added in the forward's layout copy; its gradient is the output
+/// gradient summed per channel. One node instead of a convolution and a broadcast add, whose
+/// backward Candle computes with a slow strided reduction.
+struct FusedConvBias(Dims);
+
+impl CustomOp3 for FusedConvBias {
+    fn name(&self) -> &'static str {
+        "conv2d-bias"
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        timed(Slot::ConvForward, || {
+            FusedConv(self.0).forward(xs, xl, ws, wl, Some((bs, bl)))
+        })
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        timed(Slot::ConvBackward, || {
+            let (dx, dw) = FusedConv(self.0).backward(x, w, res, grad)?;
+            let grad = grad.contiguous()?;
+            let (gs, gl) = grad.storage_and_layout();
+            let Storage::Cpu(gs) = &*gs else {
+                candle_core::bail!("conv2d backward: expected a CPU gradient");
+            };
+            let g = f32_contiguous(gs, gl, "conv2d gradient")?;
+            let (o, p) = (b.elem_count(), self.0.oh * self.0.ow);
+            let db: Vec<f32> = (0..o)
+                .into_par_iter()
+                .map(|oi| {
+                    let sum: f64 = (0..self.0.b)
+                        .map(|bi| g[(bi * o + oi) * p..][..p].iter().sum::<f32>() as f64)
+                        .sum();
+                    sum as f32
+                })
+                .collect();
+            Ok((dx, dw, Some(Tensor::from_vec(db, b.shape(), b.device())?)))
+        })
+    }
 }
 
 impl FusedConv {
@@ -460,12 +548,16 @@ impl FusedConv {
         xl: &Layout,
         ws: &CpuStorage,
         wl: &Layout,
+        bias: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let d = &self.0;
         let x = f32_contiguous(xs, xl, "conv2d")?;
         let w = f32_contiguous(ws, wl, "conv2d")?;
         let o = wl.shape().dims()[0];
-        let y = conv_forward(x, w, o, d, Slot::ConvGemmForward);
+        let bias = bias
+            .map(|(bs, bl)| f32_contiguous(bs, bl, "conv2d bias"))
+            .transpose()?;
+        let y = conv_forward(x, w, bias, o, d, Slot::ConvGemmForward);
         Ok((CpuStorage::F32(y), Shape::from((d.b, o, d.oh, d.ow))))
     }
 
@@ -494,7 +586,7 @@ impl FusedConv {
         let mut dy_buf = take_scratch(o * n); // [O, N]
         let g = contiguous(gv, gl, "conv2d")?;
         timed(Slot::ConvLayoutCopies, || {
-            permute_batch(g, o, d.b, p, true, &mut dy_buf)
+            permute_batch(g, o, d.b, p, true, None, &mut dy_buf)
         });
         let dy = &dy_buf[..o * n];
         let xv = contiguous(xv, xl, "conv2d")?;
@@ -586,9 +678,13 @@ pub fn conv2d(
             ow,
             g,
         };
-        if x.dtype() == candle_core::DType::F32 && weight.dtype() == x.dtype() {
-            x.contiguous()?
-                .apply_op2(&weight.contiguous()?, FusedConv(d))?
+        let f32_bias = bias.is_none_or(|b| b.dtype() == x.dtype() && b.dims() == [o]);
+        if x.dtype() == candle_core::DType::F32 && weight.dtype() == x.dtype() && f32_bias {
+            let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+            return match bias {
+                Some(b) => x.apply_op3(&weight, &b.contiguous()?, FusedConvBias(d)),
+                None => x.apply_op2(&weight, FusedConv(d)),
+            };
         } else {
             // f64 (the finite-difference tests): the same computation from differentiable pieces.
             let cols = x.contiguous()?.apply_op1(Im2Col(d))?; // [C*kh*kw, B*OH*OW]
