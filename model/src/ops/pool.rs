@@ -27,24 +27,32 @@ impl PoolDims {
     /// Index (within its plane) of the first maximum of output cell (oy, ox).
     #[inline]
     fn argmax<T: Copy + PartialOrd>(&self, plane: &[T], oy: usize, ox: usize) -> usize {
-        let y0 = (oy * self.s) as isize - self.p as isize;
-        let x0 = (ox * self.s) as isize - self.p as isize;
-        let mut best: Option<(usize, T)> = None;
-        for iy in y0.max(0)..(y0 + self.k as isize).min(self.h as isize) {
-            for ix in x0.max(0)..(x0 + self.k as isize).min(self.w as isize) {
-                let idx = iy as usize * self.w + ix as usize;
-                let v = plane[idx];
-                // NaN propagates like PyTorch (a NaN is taken as the maximum).
-                let better = match best {
-                    None => true,
-                    Some((_, b)) => v > b || v.partial_cmp(&v).is_none(),
-                };
-                if better {
-                    best = Some((idx, v));
+        // The window clipped to the input (padding never wins); it holds at least one element
+        // because the padding is at most half the kernel.
+        let (y0, x0) = (oy * self.s, ox * self.s);
+        let (ys, ye) = (
+            y0.max(self.p) - self.p,
+            (y0 + self.k).min(self.h + self.p) - self.p,
+        );
+        let (xs, xe) = (
+            x0.max(self.p) - self.p,
+            (x0 + self.k).min(self.w + self.p) - self.p,
+        );
+        let mut best_idx = ys * self.w + xs;
+        let mut best = plane[best_idx];
+        for iy in ys..ye {
+            let row = &plane[iy * self.w..][..xe];
+            for (ix, &v) in row.iter().enumerate().skip(xs) {
+                // The first maximum in scan order; a NaN wins and stays (PyTorch propagates it).
+                #[allow(clippy::eq_op)]
+                let is_nan = v != v;
+                if v > best || is_nan {
+                    best = v;
+                    best_idx = iy * self.w + ix;
                 }
             }
         }
-        best.map(|(i, _)| i).unwrap_or(0)
+        best_idx
     }
 }
 
