@@ -65,10 +65,35 @@ fn lane_sum_idx(len: usize, f: impl Fn(usize) -> f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `fn name(args) -> R` calling `body(args)` (an `#[inline(always)]` function) compiled for AVX2
+/// where the CPU has it: its element loops are then vectorised 8 wide instead of the 4 of
+/// x86-64's baseline SSE2 (same operations in the same order, same results).
+macro_rules! avx2_dispatch {
+    ($(#[$attr:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
+        $(#[$attr])*
+        #[inline(never)]
+        fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") {
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                // SAFETY: AVX2 is present.
+                return unsafe { avx2($($arg),*) };
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
+avx2_dispatch!(
 /// (sum g, sum g * (x - mean)) over one plane, g masked by y > 0 when `relu`; 8 partial sums so
 /// the loop vectorises.
-#[inline(never)]
-fn grad_sums(x: &[f32], y: &[f32], g: &[f32], mean: f32, relu: bool) -> (f32, f32) {
+fn grad_sums(x: &[f32], y: &[f32], g: &[f32], mean: f32, relu: bool) -> (f32, f32) = grad_sums_body);
+
+#[inline(always)]
+fn grad_sums_body(x: &[f32], y: &[f32], g: &[f32], mean: f32, relu: bool) -> (f32, f32) {
     let (mut s, mut sx) = ([0f32; 8], [0f32; 8]);
     let mut add = |k: usize, x: f32, y: f32, g: f32| {
         let g = if relu && y <= 0.0 { 0.0 } else { g };
@@ -91,9 +116,12 @@ fn grad_sums(x: &[f32], y: &[f32], g: &[f32], mean: f32, relu: bool) -> (f32, f3
 // The element loops below are functions of their own, not inlined into rayon's closures: there
 // the compiler cannot tell that the slices do not overlap and leaves the loops scalar.
 
+avx2_dispatch!(
 /// `y = relu?(x * scale + shift)` over one plane.
-#[inline(never)]
-fn affine_plane(y: &mut [f32], x: &[f32], scale: f32, shift: f32, relu: bool) {
+fn affine_plane(y: &mut [f32], x: &[f32], scale: f32, shift: f32, relu: bool) -> () = affine_plane_body);
+
+#[inline(always)]
+fn affine_plane_body(y: &mut [f32], x: &[f32], scale: f32, shift: f32, relu: bool) {
     let x = &x[..y.len()];
     if relu {
         for i in 0..y.len() {
@@ -106,10 +134,13 @@ fn affine_plane(y: &mut [f32], x: &[f32], scale: f32, shift: f32, relu: bool) {
     }
 }
 
+avx2_dispatch!(
 /// `dx = k * (g' - mg - (x - mean) * inv_std * mgx)` over one plane, where g' is g masked by
 /// y > 0 when `relu`; `c = [k, mg, mean, inv_std, mgx]`.
-#[inline(never)]
-fn input_grad_plane(dx: &mut [f32], x: &[f32], y: &[f32], g: &[f32], relu: bool, c: [f32; 5]) {
+fn input_grad_plane(dx: &mut [f32], x: &[f32], y: &[f32], g: &[f32], relu: bool, c: [f32; 5]) -> () = input_grad_plane_body);
+
+#[inline(always)]
+fn input_grad_plane_body(dx: &mut [f32], x: &[f32], y: &[f32], g: &[f32], relu: bool, c: [f32; 5]) {
     let [k, mg, m, is, mgx] = c;
     let n = dx.len();
     let (x, y, g) = (&x[..n], &y[..n], &g[..n]);
