@@ -70,6 +70,32 @@ impl Dims {
     fn cols(&self) -> usize {
         self.b * self.oh * self.ow
     }
+    /// Splits columns `n0..n0 + len` of the column matrix into runs along one output row:
+    /// `f(offset, b, oy, ox0, run)` for the run of `run` columns starting at column `ox0` of row
+    /// `oy` of sample `b`, `offset` columns after n0.
+    #[inline(always)]
+    fn for_each_row_run(
+        &self,
+        n0: usize,
+        len: usize,
+        mut f: impl FnMut(usize, usize, usize, usize, usize),
+    ) {
+        let per_sample = self.oh * self.ow;
+        let (mut b, rem) = (n0 / per_sample, n0 % per_sample);
+        let (mut oy, mut ox0) = (rem / self.ow, rem % self.ow);
+        let mut done = 0;
+        while done < len {
+            let run = (self.ow - ox0).min(len - done);
+            f(done, b, oy, ox0, run);
+            done += run;
+            ox0 = 0;
+            oy += 1;
+            if oy == self.oh {
+                oy = 0;
+                b += 1;
+            }
+        }
+    }
     /// Input index of output row `o` at tap `i` along an axis, or None when it falls in the padding.
     #[inline]
     fn src(o: usize, stride: usize, tap: usize, pad: usize, len: usize) -> Option<usize> {
@@ -109,16 +135,9 @@ fn cols_row<T: Copy + Default>(x: &[T], d: &Dims, r: usize, n0: usize, out: &mut
     let (ph, pw) = d.g.padding;
     let (c, i, j) = (r / (kh * kw), (r / kw) % kh, r % kw);
     let (lo, hi) = valid_range(d.ow, sw, j, pw, d.w);
-    let per_sample = d.oh * d.ow;
     let zero = |v: &mut [T]| v.iter_mut().for_each(|v| *v = T::default());
-    // Walk the output rows (sample b, row oy) that n0.. covers, from column ox0 of the first.
-    let (mut b, rem) = (n0 / per_sample, n0 % per_sample);
-    let (mut oy, mut ox0) = (rem / d.ow, rem % d.ow);
-    let mut done = 0;
-    while done < out.len() {
-        let run = (d.ow - ox0).min(out.len() - done);
+    d.for_each_row_run(n0, out.len(), |done, b, oy, ox0, run| {
         let dst = &mut out[done..done + run];
-        done += run;
         if let Some(iy) = Dims::src(oy, sh, i, ph, d.h) {
             let src_row = &x[((b * d.c + c) * d.h + iy) * d.w..][..d.w];
             // Columns a..z of this run read the input; the rest are padding.
@@ -140,13 +159,7 @@ fn cols_row<T: Copy + Default>(x: &[T], d: &Dims, r: usize, n0: usize, out: &mut
         } else {
             zero(dst);
         }
-        ox0 = 0;
-        oy += 1;
-        if oy == d.oh {
-            oy = 0;
-            b += 1;
-        }
-    }
+    });
 }
 
 /// The whole column matrix `[C*kh*kw, B*OH*OW]` into `out` (every element written).
@@ -222,15 +235,9 @@ impl RowSource for ColsOf {
     fn row(&self, r: usize, n0: usize, out: &mut [f32]) {
         let d = &self.d;
         let (sh, sw) = d.g.stride;
-        let per_sample = d.oh * d.ow;
         let plane = d.c * self.hp * self.wp;
         let tap = self.tap_offset[r];
-        // Walk the output rows (sample b, row oy) that n0.. covers, from column ox0 of the first.
-        let (mut b, rem) = (n0 / per_sample, n0 % per_sample);
-        let (mut oy, mut ox0) = (rem / d.ow, rem % d.ow);
-        let mut done = 0;
-        while done < out.len() {
-            let run = (d.ow - ox0).min(out.len() - done);
+        d.for_each_row_run(n0, out.len(), |done, b, oy, ox0, run| {
             let dst = &mut out[done..done + run];
             let start = b * plane + oy * sh * self.wp + ox0 * sw + tap;
             if sw == 1 {
@@ -241,14 +248,7 @@ impl RowSource for ColsOf {
                     .zip(src.iter().step_by(sw))
                     .for_each(|(d, &s)| *d = s);
             }
-            done += run;
-            ox0 = 0;
-            oy += 1;
-            if oy == d.oh {
-                oy = 0;
-                b += 1;
-            }
-        }
+        });
     }
 }
 
