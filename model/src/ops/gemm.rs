@@ -198,8 +198,8 @@ fn super_block(
     // A is packed once for the super-block (depth block after depth block, each m_panels panels
     // of MR x kc) and shared by every task.
     let a_len = m_panels * MR * (k1 - k0);
-    let mut a_buf = take_scratch(a_len);
-    let a_pack = &mut a_buf[..a_len];
+    let mut a_buf = take_scratch(a_len + ALIGN);
+    let a_pack = aligned(&mut a_buf, a_len);
     let pack_block = |(bi, dst): (usize, &mut [f32])| {
         let pc = k0 + bi * KC;
         let kc = KC.min(k1 - pc);
@@ -243,10 +243,11 @@ fn super_block(
                 let a_block = &a_pack[m_panels * MR * (pc - k0)..][..m_panels * MR * kc];
                 let add = accumulate || pc > k0;
                 let panels = (j1 - j0).div_ceil(NR);
-                if strip.len() < panels * NR * kc {
-                    strip.resize(panels * NR * kc, 0.0);
+                if strip.len() < panels * NR * kc + ALIGN {
+                    strip.resize(panels * NR * kc + ALIGN, 0.0);
                 }
-                pack_b_strip(b, j0, j1, pc, kc, &mut strip[..panels * NR * kc]);
+                let strip = aligned(&mut strip[..], panels * NR * kc);
+                pack_b_strip(b, j0, j1, pc, kc, strip);
                 for i0 in (0..m).step_by(MC) {
                     let i1 = (i0 + MC).min(m);
                     for j in (j0..j1).step_by(NR) {
@@ -272,6 +273,17 @@ fn super_block(
         (0..tiles_n).for_each(strip_task);
     }
     give_scratch(a_buf);
+}
+
+/// Values of slack for `aligned`.
+const ALIGN: usize = 16;
+
+/// `len` values of `buf` starting on a 64-byte boundary (`buf` holds `len + ALIGN`): a packed
+/// panel's rows of 16 values then fill whole cache lines instead of straddling two, which would
+/// split the microkernel's vector loads.
+fn aligned(buf: &mut [f32], len: usize) -> &mut [f32] {
+    let skip = buf.as_ptr().align_offset(64).min(ALIGN);
+    &mut buf[skip..][..len]
 }
 
 thread_local! {

@@ -6,7 +6,7 @@
 //! single winner.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::contiguous;
@@ -24,57 +24,92 @@ struct PoolDims {
 }
 
 impl PoolDims {
-    /// Index (within its plane) of the first maximum of output cell (oy, ox).
+    /// Input positions `lo..hi` of window `o` along an axis of length `len`, clipped to the input
+    /// (padding never wins); never empty, because the padding is at most half the kernel.
     #[inline]
-    fn argmax<T: Copy + PartialOrd>(&self, plane: &[T], oy: usize, ox: usize) -> usize {
-        // The window clipped to the input (padding never wins); it holds at least one element
-        // because the padding is at most half the kernel.
-        let (y0, x0) = (oy * self.s, ox * self.s);
-        let (ys, ye) = (
-            y0.max(self.p) - self.p,
-            (y0 + self.k).min(self.h + self.p) - self.p,
-        );
-        let (xs, xe) = (
-            x0.max(self.p) - self.p,
-            (x0 + self.k).min(self.w + self.p) - self.p,
-        );
-        let mut best_idx = ys * self.w + xs;
-        let mut best = plane[best_idx];
-        for iy in ys..ye {
-            let row = &plane[iy * self.w..][..xe];
-            for (ix, &v) in row.iter().enumerate().skip(xs) {
-                // The first maximum in scan order; a NaN wins and stays (PyTorch propagates it).
-                #[allow(clippy::eq_op)]
-                let is_nan = v != v;
-                if v > best || is_nan {
-                    best = v;
-                    best_idx = iy * self.w + ix;
-                }
-            }
-        }
-        best_idx
+    fn window(&self, o: usize, len: usize) -> (usize, usize) {
+        let start = o * self.s;
+        (
+            start.max(self.p) - self.p,
+            (start + self.k).min(len + self.p) - self.p,
+        )
     }
 }
 
 struct MaxPool(PoolDims);
 struct MaxPoolBackward(PoolDims);
 
+/// The running maximum after `v`, by PyTorch's rule: a strictly greater value replaces it (so
+/// the first of equal values stays) and a NaN always does (NaN propagates). Written as a select
+/// so that it compiles without branches: the comparisons are data-dependent and mispredict.
+#[inline(always)]
+fn running_max<T: Copy + PartialOrd>(best: T, v: T) -> T {
+    #[allow(clippy::eq_op)]
+    let take = v > best || v != v;
+    if take {
+        v
+    } else {
+        best
+    }
+}
+
+/// The forward is separable: the maxima of each input row's windows, then of each column of
+/// those. Both keep the earlier value on ties, so the result is the value of the first maximum
+/// in row-major window order, as a direct scan of each window gives.
 fn pool_fwd<T: Copy + PartialOrd + Default + Send + Sync>(x: &[T], d: &PoolDims) -> Vec<T> {
     let mut out = vec![T::default(); d.planes * d.oh * d.ow];
-    out.par_chunks_mut(d.oh * d.ow)
-        .enumerate()
-        .for_each(|(p, dst)| {
+    out.par_chunks_mut(d.oh * d.ow).enumerate().for_each_init(
+        || vec![T::default(); d.h * d.ow],
+        |row_max, (p, dst)| {
             let plane = &x[p * d.h * d.w..][..d.h * d.w];
-            for oy in 0..d.oh {
-                for ox in 0..d.ow {
-                    dst[oy * d.ow + ox] = plane[d.argmax(plane, oy, ox)];
+            for (row, maxima) in plane.chunks_exact(d.w).zip(row_max.chunks_exact_mut(d.ow)) {
+                for (ox, m) in maxima.iter_mut().enumerate() {
+                    let (xs, xe) = d.window(ox, d.w);
+                    *m = row[xs + 1..xe].iter().fold(row[xs], |b, &v| running_max(b, v));
                 }
             }
-        });
+            for (oy, dst) in dst.chunks_exact_mut(d.ow).enumerate() {
+                let (ys, ye) = d.window(oy, d.h);
+                dst.copy_from_slice(&row_max[ys * d.ow..][..d.ow]);
+                for iy in ys + 1..ye {
+                    let below = &row_max[iy * d.ow..][..d.ow];
+                    dst.iter_mut()
+                        .zip(below)
+                        .for_each(|(b, &v)| *b = running_max(*b, v));
+                }
+            }
+        },
+    );
     out
 }
 
-fn pool_bwd<T>(x: &[T], grad: &[T], d: &PoolDims) -> Vec<T>
+/// Index (within its plane) of the window cell that produced the forward's output `y`: the
+/// first cell equal to it in row-major order (the first maximum), or for a NaN output the last
+/// NaN (the rule of `running_max`).
+#[inline]
+fn winner<T: Copy + PartialOrd>(plane: &[T], d: &PoolDims, oy: usize, ox: usize, y: T) -> usize {
+    let ((ys, ye), (xs, xe)) = (d.window(oy, d.h), d.window(ox, d.w));
+    #[allow(clippy::eq_op)]
+    let nan = y != y;
+    let mut last_nan = ys * d.w + xs;
+    for iy in ys..ye {
+        for ix in xs..xe {
+            let v = plane[iy * d.w + ix];
+            if nan {
+                #[allow(clippy::eq_op)]
+                if v != v {
+                    last_nan = iy * d.w + ix;
+                }
+            } else if v == y {
+                return iy * d.w + ix;
+            }
+        }
+    }
+    last_nan
+}
+
+/// Routes each output's gradient to its window's winner; `y` is the forward's output.
+fn pool_bwd<T>(x: &[T], y: &[T], grad: &[T], d: &PoolDims) -> Vec<T>
 where
     T: Copy + PartialOrd + Default + Send + Sync + std::ops::AddAssign,
 {
@@ -84,9 +119,11 @@ where
         .for_each(|(p, dst)| {
             let plane = &x[p * d.h * d.w..][..d.h * d.w];
             let g = &grad[p * d.oh * d.ow..][..d.oh * d.ow];
+            let y = &y[p * d.oh * d.ow..][..d.oh * d.ow];
             for oy in 0..d.oh {
                 for ox in 0..d.ow {
-                    dst[d.argmax(plane, oy, ox)] += g[oy * d.ow + ox];
+                    let o = oy * d.ow + ox;
+                    dst[winner(plane, d, oy, ox, y[o])] += g[o];
                 }
             }
         });
@@ -110,38 +147,48 @@ impl CustomOp1 for MaxPool {
         Ok((out, shape))
     }
 
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(arg.apply_op2_no_bwd(
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(arg.apply_op3_no_bwd(
+            &res.contiguous()?,
             &grad.contiguous()?,
             &MaxPoolBackward(self.0),
         )?))
     }
 }
 
-impl CustomOp2 for MaxPoolBackward {
+impl CustomOp3 for MaxPoolBackward {
     fn name(&self) -> &'static str {
         "max_pool2d_padded_backward"
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn cpu_fwd(
         &self,
         s1: &CpuStorage,
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = &self.0;
-        let out = match (s1, s2) {
-            (CpuStorage::F32(x), CpuStorage::F32(g)) => CpuStorage::F32(pool_bwd(
-                contiguous(x, l1, "max_pool2d")?,
-                contiguous(g, l2, "max_pool2d")?,
-                d,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(g)) => CpuStorage::F64(pool_bwd(
-                contiguous(x, l1, "max_pool2d")?,
-                contiguous(g, l2, "max_pool2d")?,
-                d,
-            )),
+        let out = match (s1, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(g)) => {
+                CpuStorage::F32(pool_bwd(
+                    contiguous(x, l1, "max_pool2d")?,
+                    contiguous(y, l2, "max_pool2d")?,
+                    contiguous(g, l3, "max_pool2d")?,
+                    d,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(y), CpuStorage::F64(g)) => {
+                CpuStorage::F64(pool_bwd(
+                    contiguous(x, l1, "max_pool2d")?,
+                    contiguous(y, l2, "max_pool2d")?,
+                    contiguous(g, l3, "max_pool2d")?,
+                    d,
+                ))
+            }
             _ => candle_core::bail!("max_pool2d backward: unsupported dtypes"),
         };
         Ok((out, l1.shape().clone()))
@@ -180,5 +227,82 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
         cpu.contiguous()?
             .apply_op1(MaxPool(d))?
             .to_device(x.device())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The definition: scan each window in row-major order, keeping the first maximum, a NaN
+    /// always replacing it.
+    fn scan_argmax(plane: &[f32], d: &PoolDims, oy: usize, ox: usize) -> usize {
+        let ((ys, ye), (xs, xe)) = (d.window(oy, d.h), d.window(ox, d.w));
+        let mut best_idx = ys * d.w + xs;
+        for iy in ys..ye {
+            for ix in xs..xe {
+                let (v, best) = (plane[iy * d.w + ix], plane[best_idx]);
+                if v > best || v.is_nan() {
+                    best_idx = iy * d.w + ix;
+                }
+            }
+        }
+        best_idx
+    }
+
+    #[test]
+    fn separable_forward_and_winner_search_match_a_direct_window_scan() {
+        // Few distinct values (ties everywhere), signed zeros and NaNs; odd and even sizes.
+        let value = |i: usize| {
+            let r = (i as u32).wrapping_mul(2654435761) >> 24; // 0..256, well mixed
+            match r {
+                0..=29 => f32::NAN,
+                30..=99 => -1.0,
+                100..=149 => 0.5,
+                150..=199 => 0.0,
+                _ => -0.0,
+            }
+        };
+        for &(h, w, k, s, p) in &[
+            (7, 8, 3, 2, 1),
+            (8, 8, 3, 2, 1),
+            (5, 3, 3, 2, 1),
+            (9, 9, 3, 2, 0),
+            (6, 7, 2, 2, 0),
+        ] {
+            let d = PoolDims {
+                planes: 3,
+                h,
+                w,
+                oh: (h + 2 * p - k) / s + 1,
+                ow: (w + 2 * p - k) / s + 1,
+                k,
+                s,
+                p,
+            };
+            let x: Vec<f32> = (0..d.planes * h * w)
+                .map(value)
+                .collect();
+            let g: Vec<f32> = (0..d.planes * d.oh * d.ow).map(|i| i as f32 + 1.0).collect();
+            let y = pool_fwd(&x, &d);
+            let dx = pool_bwd(&x, &y, &g, &d);
+            let mut want_dx = vec![0f32; x.len()];
+            for pl in 0..d.planes {
+                let plane = &x[pl * h * w..][..h * w];
+                for oy in 0..d.oh {
+                    for ox in 0..d.ow {
+                        let o = pl * d.oh * d.ow + oy * d.ow + ox;
+                        let idx = scan_argmax(plane, &d, oy, ox);
+                        assert_eq!(
+                            y[o].to_bits(),
+                            plane[idx].to_bits(),
+                            "{h}x{w} k{k} s{s} p{p}: output {o}"
+                        );
+                        want_dx[pl * h * w + idx] += g[o];
+                    }
+                }
+            }
+            assert_eq!(dx, want_dx, "{h}x{w} k{k} s{s} p{p}: gradient routing");
+        }
     }
 }
