@@ -11,7 +11,7 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
 };
 
-use super::gemm::{sgemm, sgemm_with, BOperand, MatRef, RowSource};
+use super::gemm::{sgemm, sgemm_with, BOperand, MatRef, PanelSource, KC, NR};
 use super::timing::{timed, Slot};
 use super::{contiguous, f32_contiguous, give_scratch, take_scratch};
 use rayon::prelude::*;
@@ -171,12 +171,13 @@ fn im2col_into<T: Copy + Default + Send + Sync>(x: &[T], d: &Dims, out: &mut [T]
         .for_each(|(row, dst)| cols_row(x, d, row, 0, dst));
 }
 
-/// The column matrix of an f32 input as rows on demand, for the GEMM to gather while packing.
+/// The column matrix of an f32 input, packed on demand straight into the GEMM's panel layout
+/// (as B in the forward and the stride-1 input gradient, as B^T in the weight gradient).
 ///
 /// The input is first copied into a zero-padded buffer, so every element of the column matrix is
-/// `xp[pixel_base + tap_offset]` with no bounds or padding test: a row is a few runs (one per
-/// output row) of contiguous (stride 1) or strided reads. The padded copy costs one pass over the
-/// input; the gathers it simplifies read it kh x kw times.
+/// `xp[pixel_base + tap_offset]` with no bounds or padding test: along a row of the column matrix
+/// the pixels of one output row are consecutive (stride 1) or evenly spaced input positions. The
+/// padded copy costs one pass over the input; the gathers it simplifies read it kh x kw times.
 struct ColsOf {
     xp: Vec<f32>,
     d: Dims,
@@ -187,13 +188,31 @@ struct ColsOf {
     tap_offset: Vec<usize>,
 }
 
+/// Up to NR consecutive columns of the column matrix that read evenly spaced input positions,
+/// up to the next segment's `col`: column `col + t` (counted from the first packed column) reads
+/// `xp[base + t * sw + tap]`.
+#[derive(Clone, Copy)]
+struct Segment {
+    col: usize,
+    base: usize,
+}
+
+/// Each thread's scratch for the transposed packing: NR rows of up to KC + NR values.
+const ROWS_T_STRIDE: usize = KC + NR;
+thread_local! {
+    static ROWS_T: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl ColsOf {
     fn new(x: &[f32], d: &Dims) -> Self {
         let (ph, pw) = d.g.padding;
         let (kh, kw) = d.g.kernel;
         let (hp, wp) = (d.h + 2 * ph, d.w + 2 * pw);
-        let mut xp = take_scratch(d.b * d.c * hp * wp);
         let xp_len = d.b * d.c * hp * wp;
+        // Packing copies whole NR-wide groups, which may read up to NR * sw values past a
+        // segment's end: the slack keeps those reads inside the buffer (their values are
+        // overwritten or unused).
+        let mut xp = take_scratch(xp_len + NR * d.g.stride.1);
         timed(Slot::ConvLayoutCopies, || {
             xp[..xp_len]
                 .par_chunks_mut(hp * wp)
@@ -223,6 +242,39 @@ impl ColsOf {
             tap_offset,
         }
     }
+
+    /// Columns `n0..n0 + len` of the column matrix as segments that neither cross an output row
+    /// nor (counting from n0) a multiple of NR.
+    fn segments(&self, n0: usize, len: usize) -> Vec<Segment> {
+        let d = &self.d;
+        let (sh, sw) = d.g.stride;
+        let plane = d.c * self.hp * self.wp;
+        let mut segs = Vec::with_capacity(len / NR + len / d.ow.max(1) + 2);
+        d.for_each_row_run(n0, len, |done, b, oy, ox0, run| {
+            let (mut col, mut base, end) = (done, b * plane + oy * sh * self.wp + ox0 * sw, done + run);
+            while col < end {
+                let len = (NR - col % NR).min(end - col);
+                segs.push(Segment { col, base });
+                col += len;
+                base += len * sw;
+            }
+        });
+        segs
+    }
+
+    /// `dst[0..NR] = xp[base + tap + t * sw]` for t in 0..NR: a whole group even where the
+    /// segment is shorter (the caller overwrites or ignores the excess).
+    #[inline(always)]
+    fn group(&self, at: usize, dst: &mut [f32]) {
+        let sw = self.d.g.stride.1;
+        let dst: &mut [f32; NR] = (&mut dst[..NR]).try_into().expect("NR values");
+        if sw == 1 {
+            *dst = self.xp[at..at + NR].try_into().expect("NR values");
+        } else {
+            let src = &self.xp[at..at + (NR - 1) * sw + 1];
+            *dst = std::array::from_fn(|t| src[t * sw]);
+        }
+    }
 }
 
 impl Drop for ColsOf {
@@ -231,24 +283,71 @@ impl Drop for ColsOf {
     }
 }
 
-impl RowSource for ColsOf {
-    fn row(&self, r: usize, n0: usize, out: &mut [f32]) {
-        let d = &self.d;
-        let (sh, sw) = d.g.stride;
-        let plane = d.c * self.hp * self.wp;
-        let tap = self.tap_offset[r];
-        d.for_each_row_run(n0, out.len(), |done, b, oy, ox0, run| {
-            let dst = &mut out[done..done + run];
-            let start = b * plane + oy * sh * self.wp + ox0 * sw + tap;
-            if sw == 1 {
-                dst.copy_from_slice(&self.xp[start..start + run]);
-            } else {
-                let src = &self.xp[start..start + (run - 1) * sw + 1];
-                dst.iter_mut()
-                    .zip(src.iter().step_by(sw))
-                    .for_each(|(d, &s)| *d = s);
+impl PanelSource for ColsOf {
+    /// B = the column matrix [K, N]: panel rows are taps, lanes are pixels. Each segment of a
+    /// panel is one NR-wide copy per tap; segments go in lane order, so the excess of one copy
+    /// is overwritten by the next (or by the next row, or lands in the strip's slack).
+    fn pack(&self, j0: usize, j1: usize, pc: usize, kc: usize, strip: &mut [f32]) {
+        let width = j1 - j0;
+        let segs = self.segments(j0, width);
+        let mut first = 0;
+        for (q, lanes) in (0..width).step_by(NR).map(|c| (c / NR, (width - c).min(NR))) {
+            let count = segs[first..].iter().take_while(|s| s.col / NR == q).count();
+            let panel_segs = &segs[first..first + count];
+            first += count;
+            let panel = &mut strip[q * NR * kc..][..NR * kc + NR];
+            for (p, &tap) in self.tap_offset[pc..pc + kc].iter().enumerate() {
+                let row = &mut panel[p * NR..][..2 * NR];
+                for s in panel_segs {
+                    self.group(s.base + tap, &mut row[s.col % NR..]);
+                }
+                row[lanes..NR].fill(0.0);
+            }
+        }
+    }
+}
+
+/// The column matrix's transpose [N, K] as B: panel rows are pixels, lanes are taps.
+struct ColsOfT<'a>(&'a ColsOf);
+
+impl PanelSource for ColsOfT<'_> {
+    /// Each lane (tap) is gathered as a row over the depth's pixels into a scratch block of NR
+    /// rows, with one NR-wide copy per segment (in order, so each copy's excess is overwritten
+    /// by the next); the block is then transposed into the panel.
+    fn pack(&self, j0: usize, j1: usize, pc: usize, kc: usize, strip: &mut [f32]) {
+        let cols = self.0;
+        let segs = cols.segments(pc, kc);
+        ROWS_T.with(|block| {
+            let mut block = block.borrow_mut();
+            block.resize(NR * ROWS_T_STRIDE, 0.0);
+            for (q, panel) in strip[..(j1 - j0).div_ceil(NR) * NR * kc]
+                .chunks_exact_mut(NR * kc)
+                .enumerate()
+            {
+                for (lane, row) in block.chunks_exact_mut(ROWS_T_STRIDE).enumerate() {
+                    let r = j0 + q * NR + lane;
+                    if r < j1 {
+                        let tap = cols.tap_offset[r];
+                        for s in &segs {
+                            cols.group(s.base + tap, &mut row[s.col..]);
+                        }
+                    } else {
+                        row[..kc].fill(0.0);
+                    }
+                }
+                transpose_block(&block, kc, panel);
             }
         });
+    }
+}
+
+/// `panel[p * NR + lane] = block[lane * ROWS_T_STRIDE + p]` for p < kc.
+#[inline(never)]
+fn transpose_block(block: &[f32], kc: usize, panel: &mut [f32]) {
+    let rows: [&[f32]; NR] = std::array::from_fn(|l| &block[l * ROWS_T_STRIDE..][..kc]);
+    for (p, dst) in panel.chunks_exact_mut(NR).take(kc).enumerate() {
+        let dst: &mut [f32; NR] = dst.try_into().expect("NR values");
+        *dst = std::array::from_fn(|l| rows[l][p]);
     }
 }
 
@@ -441,7 +540,7 @@ fn conv_forward(
                 rs: k,
                 cs: 1,
             },
-            BOperand::Rows(&cols),
+            BOperand::Packed(&cols),
             &mut y2,
             n,
             false,
@@ -615,7 +714,7 @@ impl FusedConv {
                     rs: n,
                     cs: 1,
                 },
-                BOperand::RowsT(&cols),
+                BOperand::Packed(&ColsOfT(&cols)),
                 &mut dw,
                 k,
                 false,

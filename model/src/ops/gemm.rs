@@ -14,9 +14,10 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 const MR: usize = 6;
-const NR: usize = 16;
+/// Width of a packed B panel.
+pub(crate) const NR: usize = 16;
 /// Depth of one packed block: an A panel (6 KB) and a B panel (16 KB) stay in L1 together.
-const KC: usize = 256;
+pub(crate) const KC: usize = 256;
 /// Rows of A per task: the packed A block (96 KB) stays in L2.
 const MC: usize = 96;
 /// Columns of B per task: its packed part (256 KB) stays in L2 while the A panels stream past.
@@ -37,21 +38,21 @@ impl MatRef<'_> {
     }
 }
 
-/// Produces rows of a matrix on demand: `out = M[r, c0..c0 + out.len()]`. A convolution's column
-/// matrix is one: the GEMM gathers it from the input while packing instead of reading a
-/// materialised im2col buffer (~10x the input) from memory.
-pub trait RowSource: Sync {
-    fn row(&self, r: usize, c0: usize, out: &mut [f32]);
+/// A right-hand operand that packs itself. A convolution's column matrix is one: it is gathered
+/// from the input straight into the panel layout instead of being materialised (~10x the input)
+/// and then packed.
+pub trait PanelSource: Sync {
+    /// Columns `j0..j1` of B's depth block `pc..pc + kc` as consecutive NR-wide panels, each `kc`
+    /// groups of NR values, zero past j1. `strip` has NR values of slack past the last panel,
+    /// which may be overwritten.
+    fn pack(&self, j0: usize, j1: usize, pc: usize, kc: usize, strip: &mut [f32]);
 }
 
 /// The right-hand operand of `sgemm_with`.
 #[derive(Clone, Copy)]
 pub enum BOperand<'a> {
     Mat(MatRef<'a>),
-    /// B = M, for a row source M [k, n].
-    Rows(&'a dyn RowSource),
-    /// B = M^T, for a row source M [n, k].
-    RowsT(&'a dyn RowSource),
+    Packed(&'a dyn PanelSource),
 }
 
 /// `c[m x n] (=|+=) a[m x k] * b[k x n]`, c row-major with leading dimension `ldc`.
@@ -243,11 +244,15 @@ fn super_block(
                 let a_block = &a_pack[m_panels * MR * (pc - k0)..][..m_panels * MR * kc];
                 let add = accumulate || pc > k0;
                 let panels = (j1 - j0).div_ceil(NR);
-                if strip.len() < panels * NR * kc + ALIGN {
-                    strip.resize(panels * NR * kc + ALIGN, 0.0);
+                // NR values of slack for a PanelSource.
+                if strip.len() < panels * NR * kc + NR + ALIGN {
+                    strip.resize(panels * NR * kc + NR + ALIGN, 0.0);
                 }
-                let strip = aligned(&mut strip[..], panels * NR * kc);
-                pack_b_strip(b, j0, j1, pc, kc, strip);
+                let strip = aligned(&mut strip[..], panels * NR * kc + NR);
+                match b {
+                    BOperand::Mat(b) => pack_b_strip(b, j0, j1, pc, kc, strip),
+                    BOperand::Packed(src) => src.pack(j0, j1, pc, kc, strip),
+                }
                 for i0 in (0..m).step_by(MC) {
                     let i1 = (i0 + MC).min(m);
                     for j in (j0..j1).step_by(NR) {
@@ -331,47 +336,7 @@ fn pack_a(a: MatRef, i0: usize, m: usize, pc: usize, kc: usize, dst: &mut [f32])
 
 /// Columns `j0..j1` of B's depth block `pc..pc+kc` as consecutive NR-wide panels, each `kc`
 /// groups of NR values (zero past j1).
-fn pack_b_strip(b: BOperand, j0: usize, j1: usize, pc: usize, kc: usize, strip: &mut [f32]) {
-    match b {
-        BOperand::Mat(b) => pack_b_strip_mat(b, j0, j1, pc, kc, strip),
-        BOperand::Rows(src) => {
-            // Row p of the strip is M[pc + p, j0..j1]: produce it, then deal it into the panels.
-            let width = j1 - j0;
-            let mut row = [0f32; NC_TASK];
-            for p in 0..kc {
-                src.row(pc + p, j0, &mut row[..width]);
-                row[width..width.next_multiple_of(NR)].fill(0.0);
-                for (q, chunk) in row[..width.next_multiple_of(NR)]
-                    .chunks_exact(NR)
-                    .enumerate()
-                {
-                    strip[q * NR * kc + p * NR..][..NR].copy_from_slice(chunk);
-                }
-            }
-        }
-        BOperand::RowsT(src) => {
-            // Column j of the strip is M[j, pc..pc + kc].
-            let width = j1 - j0;
-            let mut col = [0f32; KC];
-            for q in 0..width.next_multiple_of(NR) {
-                let panel = &mut strip[(q / NR) * NR * kc..][..NR * kc];
-                let lane = q % NR;
-                if q < width {
-                    src.row(j0 + q, pc, &mut col[..kc]);
-                    for (p, &v) in col[..kc].iter().enumerate() {
-                        panel[p * NR + lane] = v;
-                    }
-                } else {
-                    for p in 0..kc {
-                        panel[p * NR + lane] = 0.0;
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn pack_b_strip_mat(b: MatRef, j0: usize, j1: usize, pc: usize, kc: usize, strip: &mut [f32]) {
+fn pack_b_strip(b: MatRef, j0: usize, j1: usize, pc: usize, kc: usize, strip: &mut [f32]) {
     let width = j1 - j0;
     let full = width / NR;
     if b.cs == 1 {
