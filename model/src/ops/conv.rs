@@ -251,7 +251,8 @@ impl ColsOf {
         let plane = d.c * self.hp * self.wp;
         let mut segs = Vec::with_capacity(len / NR + len / d.ow.max(1) + 2);
         d.for_each_row_run(n0, len, |done, b, oy, ox0, run| {
-            let (mut col, mut base, end) = (done, b * plane + oy * sh * self.wp + ox0 * sw, done + run);
+            let (mut col, mut base, end) =
+                (done, b * plane + oy * sh * self.wp + ox0 * sw, done + run);
             while col < end {
                 let len = (NR - col % NR).min(end - col);
                 segs.push(Segment { col, base });
@@ -284,25 +285,36 @@ impl Drop for ColsOf {
 }
 
 impl PanelSource for ColsOf {
-    /// B = the column matrix [K, N]: panel rows are taps, lanes are pixels. Each segment of a
-    /// panel is one NR-wide copy per tap; segments go in lane order, so the excess of one copy
-    /// is overwritten by the next (or by the next row, or lands in the strip's slack).
     fn pack(&self, j0: usize, j1: usize, pc: usize, kc: usize, strip: &mut [f32]) {
-        let width = j1 - j0;
-        let segs = self.segments(j0, width);
-        let mut first = 0;
-        for (q, lanes) in (0..width).step_by(NR).map(|c| (c / NR, (width - c).min(NR))) {
-            let count = segs[first..].iter().take_while(|s| s.col / NR == q).count();
-            let panel_segs = &segs[first..first + count];
-            first += count;
-            let panel = &mut strip[q * NR * kc..][..NR * kc + NR];
-            for (p, &tap) in self.tap_offset[pc..pc + kc].iter().enumerate() {
-                let row = &mut panel[p * NR..][..2 * NR];
-                for s in panel_segs {
-                    self.group(s.base + tap, &mut row[s.col % NR..]);
-                }
-                row[lanes..NR].fill(0.0);
+        pack_cols(self, j0, j1, pc, kc, strip)
+    }
+}
+
+avx2_dispatch!(
+/// B = the column matrix [K, N]: panel rows are taps, lanes are pixels. Each segment of a panel
+/// is one NR-wide copy per tap; segments go in lane order, so the excess of one copy is
+/// overwritten by the next (or by the next row, or lands in the strip's slack).
+fn pack_cols(cols: &ColsOf, j0: usize, j1: usize, pc: usize, kc: usize, strip: &mut [f32]) -> () = pack_cols_body);
+
+#[inline(always)]
+fn pack_cols_body(cols: &ColsOf, j0: usize, j1: usize, pc: usize, kc: usize, strip: &mut [f32]) {
+    let width = j1 - j0;
+    let segs = cols.segments(j0, width);
+    let mut first = 0;
+    for (q, lanes) in (0..width)
+        .step_by(NR)
+        .map(|c| (c / NR, (width - c).min(NR)))
+    {
+        let count = segs[first..].iter().take_while(|s| s.col / NR == q).count();
+        let panel_segs = &segs[first..first + count];
+        first += count;
+        let panel = &mut strip[q * NR * kc..][..NR * kc + NR];
+        for (p, &tap) in cols.tap_offset[pc..pc + kc].iter().enumerate() {
+            let row = &mut panel[p * NR..][..2 * NR];
+            for s in panel_segs {
+                cols.group(s.base + tap, &mut row[s.col % NR..]);
             }
+            row[lanes..NR].fill(0.0);
         }
     }
 }
@@ -311,43 +323,122 @@ impl PanelSource for ColsOf {
 struct ColsOfT<'a>(&'a ColsOf);
 
 impl PanelSource for ColsOfT<'_> {
-    /// Each lane (tap) is gathered as a row over the depth's pixels into a scratch block of NR
-    /// rows, with one NR-wide copy per segment (in order, so each copy's excess is overwritten
-    /// by the next); the block is then transposed into the panel.
     fn pack(&self, j0: usize, j1: usize, pc: usize, kc: usize, strip: &mut [f32]) {
-        let cols = self.0;
-        let segs = cols.segments(pc, kc);
         ROWS_T.with(|block| {
             let mut block = block.borrow_mut();
             block.resize(NR * ROWS_T_STRIDE, 0.0);
-            for (q, panel) in strip[..(j1 - j0).div_ceil(NR) * NR * kc]
-                .chunks_exact_mut(NR * kc)
-                .enumerate()
-            {
-                for (lane, row) in block.chunks_exact_mut(ROWS_T_STRIDE).enumerate() {
-                    let r = j0 + q * NR + lane;
-                    if r < j1 {
-                        let tap = cols.tap_offset[r];
-                        for s in &segs {
-                            cols.group(s.base + tap, &mut row[s.col..]);
-                        }
-                    } else {
-                        row[..kc].fill(0.0);
-                    }
+            pack_cols_t(self.0, j0, j1, pc, kc, strip, &mut block)
+        })
+    }
+}
+
+avx2_dispatch!(
+/// Each lane (tap) is gathered as a row over the depth's pixels into a scratch block of NR rows,
+/// with one NR-wide copy per segment (in order, so each copy's excess is overwritten by the
+/// next); the block is then transposed into the panel.
+fn pack_cols_t(cols: &ColsOf, j0: usize, j1: usize, pc: usize, kc: usize, strip: &mut [f32], block: &mut [f32]) -> () = pack_cols_t_body);
+
+#[inline(always)]
+fn pack_cols_t_body(
+    cols: &ColsOf,
+    j0: usize,
+    j1: usize,
+    pc: usize,
+    kc: usize,
+    strip: &mut [f32],
+    block: &mut [f32],
+) {
+    let segs = cols.segments(pc, kc);
+    for (q, panel) in strip[..(j1 - j0).div_ceil(NR) * NR * kc]
+        .chunks_exact_mut(NR * kc)
+        .enumerate()
+    {
+        for (lane, row) in block.chunks_exact_mut(ROWS_T_STRIDE).enumerate() {
+            let r = j0 + q * NR + lane;
+            if r < j1 {
+                let tap = cols.tap_offset[r];
+                for s in &segs {
+                    cols.group(s.base + tap, &mut row[s.col..]);
                 }
-                transpose_block(&block, kc, panel);
+            } else {
+                row[..kc].fill(0.0);
             }
-        });
+        }
+        transpose_block(block, kc, panel);
     }
 }
 
 /// `panel[p * NR + lane] = block[lane * ROWS_T_STRIDE + p]` for p < kc.
-#[inline(never)]
+#[inline(always)]
 fn transpose_block(block: &[f32], kc: usize, panel: &mut [f32]) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx") {
+        done = kc / 8 * 8;
+        let (block, panel) = (&block[..NR * ROWS_T_STRIDE], &mut panel[..NR * kc]);
+        for p0 in (0..done).step_by(8) {
+            for l0 in [0, 8] {
+                // SAFETY: AVX is present; rows l0..l0 + 8 of the block hold values p0..p0 + 8
+                // (p0 + 8 <= kc <= ROWS_T_STRIDE), and panel rows p0..p0 + 8 hold lanes
+                // l0..l0 + 8 (lane + 8 <= NR, row < kc).
+                unsafe {
+                    transpose8x8(
+                        block.as_ptr().add(l0 * ROWS_T_STRIDE + p0),
+                        ROWS_T_STRIDE,
+                        panel.as_mut_ptr().add(p0 * NR + l0),
+                        NR,
+                    )
+                };
+            }
+        }
+    }
     let rows: [&[f32]; NR] = std::array::from_fn(|l| &block[l * ROWS_T_STRIDE..][..kc]);
-    for (p, dst) in panel.chunks_exact_mut(NR).take(kc).enumerate() {
+    for (p, dst) in panel.chunks_exact_mut(NR).take(kc).enumerate().skip(done) {
         let dst: &mut [f32; NR] = dst.try_into().expect("NR values");
         *dst = std::array::from_fn(|l| rows[l][p]);
+    }
+}
+
+/// `dst[p * dst_stride + l] = src[l * src_stride + p]` for an 8 x 8 block: unpacks, shuffles and
+/// lane swaps instead of 64 scalar moves.
+///
+/// # Safety
+/// AVX must be present; `src` must hold 8 rows of 8 values at `src_stride`, `dst` 8 rows of 8
+/// at `dst_stride`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose8x8(src: *const f32, src_stride: usize, dst: *mut f32, dst_stride: usize) {
+    use std::arch::x86_64::*;
+    let r: [__m256; 8] = std::array::from_fn(|l| _mm256_loadu_ps(src.add(l * src_stride)));
+    // Pairs of rows interleaved, then pairs of pairs, then the 128-bit halves exchanged.
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    let out = [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ];
+    for (p, v) in out.into_iter().enumerate() {
+        _mm256_storeu_ps(dst.add(p * dst_stride), v);
     }
 }
 
@@ -577,7 +668,10 @@ fn stride1_input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) -> Vec<f32>
                 let src = &w[(oi * d.c + c0) * taps..][..group * taps];
                 for (cg, src) in src.chunks_exact(taps).enumerate() {
                     let block = &mut dst[(cg * o + oi) * taps..][..taps];
-                    block.iter_mut().zip(src.iter().rev()).for_each(|(t, &v)| *t = v);
+                    block
+                        .iter_mut()
+                        .zip(src.iter().rev())
+                        .for_each(|(t, &v)| *t = v);
                 }
             }
         });
@@ -590,7 +684,14 @@ fn stride1_input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) -> Vec<f32>
         ow: d.w,
         g: ConvGeometry::new(d.g.kernel, (1, 1), (kh - 1 - ph, kw - 1 - pw)),
     };
-    let dx = conv_forward(dy, &wt[..w.len()], None, d.c, &back, Slot::ConvGemmInputGradient);
+    let dx = conv_forward(
+        dy,
+        &wt[..w.len()],
+        None,
+        d.c,
+        &back,
+        Slot::ConvGemmInputGradient,
+    );
     give_scratch(wt);
     dx
 }

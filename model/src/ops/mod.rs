@@ -1,5 +1,27 @@
 //! Differentiable ops that Candle lacks or gets wrong (see ARCHITECTURE.md, "Candle defects").
 
+/// `fn name(args) -> R` calling `body(args)` (an `#[inline(always)]` function) compiled for AVX2
+/// where the CPU has it: its element loops are then vectorised 8 wide instead of the 4 of
+/// x86-64's baseline SSE2 (same operations in the same order, same results).
+macro_rules! avx2_dispatch {
+    ($(#[$attr:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
+        $(#[$attr])*
+        #[inline(never)]
+        fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") {
+                #[target_feature(enable = "avx2")]
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                // SAFETY: AVX2 is present.
+                return unsafe { avx2($($arg),*) };
+            }
+            $body($($arg),*)
+        }
+    };
+}
+
 pub mod batch_norm;
 pub mod conv;
 pub mod gemm;

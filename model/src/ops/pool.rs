@@ -65,7 +65,9 @@ fn pool_fwd<T: Copy + PartialOrd + Default + Send + Sync>(x: &[T], d: &PoolDims)
             for (row, maxima) in plane.chunks_exact(d.w).zip(row_max.chunks_exact_mut(d.ow)) {
                 for (ox, m) in maxima.iter_mut().enumerate() {
                     let (xs, xe) = d.window(ox, d.w);
-                    *m = row[xs + 1..xe].iter().fold(row[xs], |b, &v| running_max(b, v));
+                    *m = row[xs + 1..xe]
+                        .iter()
+                        .fold(row[xs], |b, &v| running_max(b, v));
                 }
             }
             for (oy, dst) in dst.chunks_exact_mut(d.ow).enumerate() {
@@ -280,10 +282,10 @@ mod tests {
                 s,
                 p,
             };
-            let x: Vec<f32> = (0..d.planes * h * w)
-                .map(value)
+            let x: Vec<f32> = (0..d.planes * h * w).map(value).collect();
+            let g: Vec<f32> = (0..d.planes * d.oh * d.ow)
+                .map(|i| i as f32 + 1.0)
                 .collect();
-            let g: Vec<f32> = (0..d.planes * d.oh * d.ow).map(|i| i as f32 + 1.0).collect();
             let y = pool_fwd(&x, &d);
             let dx = pool_bwd(&x, &y, &g, &d);
             let mut want_dx = vec![0f32; x.len()];
