@@ -306,8 +306,12 @@ impl SendPtr {
     }
 }
 
+avx2_dispatch!(
 /// Rows `i0..i0+MR` of A's depth block `pc..pc+kc`, as `kc` groups of MR values (zero past m).
-fn pack_a(a: MatRef, i0: usize, m: usize, pc: usize, kc: usize, dst: &mut [f32]) {
+fn pack_a(a: MatRef, i0: usize, m: usize, pc: usize, kc: usize, dst: &mut [f32]) -> () = pack_a_body);
+
+#[inline(always)]
+fn pack_a_body(a: MatRef, i0: usize, m: usize, pc: usize, kc: usize, dst: &mut [f32]) {
     let rows = MR.min(m - i0);
     let dst = &mut dst[..kc * MR];
     if rows == MR && a.cs == 1 {
@@ -334,9 +338,13 @@ fn pack_a(a: MatRef, i0: usize, m: usize, pc: usize, kc: usize, dst: &mut [f32])
     }
 }
 
+avx2_dispatch!(
 /// Columns `j0..j1` of B's depth block `pc..pc+kc` as consecutive NR-wide panels, each `kc`
 /// groups of NR values (zero past j1).
-fn pack_b_strip(b: MatRef, j0: usize, j1: usize, pc: usize, kc: usize, strip: &mut [f32]) {
+fn pack_b_strip(b: MatRef, j0: usize, j1: usize, pc: usize, kc: usize, strip: &mut [f32]) -> () = pack_b_strip_body);
+
+#[inline(always)]
+fn pack_b_strip_body(b: MatRef, j0: usize, j1: usize, pc: usize, kc: usize, strip: &mut [f32]) {
     let width = j1 - j0;
     let full = width / NR;
     if b.cs == 1 {
