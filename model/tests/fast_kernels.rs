@@ -140,6 +140,18 @@ fn fused_conv_matches_the_float64_reference_and_finite_differences() {
 }
 
 #[test]
+fn stride1_input_gradient_over_several_depth_blocks_matches_the_float64_reference() {
+    // 40 output channels x 9 taps = 360: the input gradient's depth (o, tap) crosses a 256-deep
+    // block boundary inside a channel's taps, with 7 input channels (a partial 6-row panel).
+    let x = rand_tensor(&[2, 7, 6, 5], 60);
+    let wt = rand_tensor(&[40, 7, 3, 3], 61).affine(0.1, 0.0).unwrap();
+    let g = ConvGeometry::new((3, 3), (1, 1), (1, 1));
+    let f = |t: &[Tensor]| project(&conv2d(&t[0], &t[1], None, g).unwrap(), 5);
+    let err = fast_vs_reference(&[x, wt], &f);
+    assert!(err < 1e-5, "f32 vs f64 {err:e}");
+}
+
+#[test]
 fn fused_conv_gives_no_gradient_to_an_input_that_does_not_need_one() {
     let x = rand_tensor(&[2, 3, 8, 8], 1).to_dtype(DType::F32).unwrap(); // a plain tensor
     let w = Var::from_tensor(&rand_tensor(&[4, 3, 3, 3], 2).to_dtype(DType::F32).unwrap()).unwrap();

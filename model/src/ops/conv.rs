@@ -11,7 +11,9 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
 };
 
-use super::gemm::{sgemm, sgemm_with, BOperand, MatRef, PanelSource, KC, NR};
+use super::gemm::{
+    sgemm, sgemm_with, AOperand, APanelSource, BOperand, MatRef, PanelSource, KC, MR, NR,
+};
 use super::timing::{timed, Slot};
 use super::{contiguous, f32_contiguous, give_scratch, take_scratch};
 use rayon::prelude::*;
@@ -612,7 +614,19 @@ impl CustomOp2 for FusedConv {
 /// [B, O, OH, OW] values.
 fn conv_forward(
     x: &[f32],
-    w: &[f32],
+    w: AOperand,
+    bias: Option<&[f32]>,
+    o: usize,
+    d: &Dims,
+    slot: Slot,
+) -> Vec<f32> {
+    conv_forward_cols(ColsOf::new(x, d), w, bias, o, d, slot)
+}
+
+/// `conv_forward` with the column source given.
+fn conv_forward_cols(
+    cols: ColsOf,
+    w: AOperand,
     bias: Option<&[f32]>,
     o: usize,
     d: &Dims,
@@ -620,22 +634,8 @@ fn conv_forward(
 ) -> Vec<f32> {
     let (k, n) = (d.rows(), d.cols());
     let mut y2 = take_scratch(o * n); // [O, B*P]
-    let cols = ColsOf::new(x, d);
     timed(slot, || {
-        sgemm_with(
-            o,
-            n,
-            k,
-            MatRef {
-                data: w,
-                rs: k,
-                cs: 1,
-            },
-            BOperand::Packed(&cols),
-            &mut y2,
-            n,
-            false,
-        )
+        sgemm_with(o, n, k, w, BOperand::Packed(&cols), &mut y2, n, false)
     });
     let mut y = vec![0f32; o * n];
     timed(Slot::ConvLayoutCopies, || {
@@ -648,33 +648,11 @@ fn conv_forward(
 /// The input gradient of a stride-1 convolution is itself a convolution: the output gradient
 /// correlated with the weights flipped in space and transposed in channels ([C, O, kh, kw]), with
 /// padding k - 1 - p. Computed that way, the GEMM gathers its columns from the gradient and no
-/// column matrix or col2im scatter is needed.
+/// column matrix or col2im scatter is needed. The flip is never materialised: the depth index
+/// (o, s) pairs the weights' tap s with the gradient's tap kh*kw - 1 - s (`FlippedWeights`).
 fn stride1_input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) -> Vec<f32> {
     let (kh, kw) = d.g.kernel;
     let (ph, pw) = d.g.padding;
-    // Flipping both spatial axes reverses each flattened kh x kw block. Channels go in groups
-    // of 16, so that both the reads (runs of 16 blocks of a row of w) and the writes (16
-    // sequential streams) stay within cache lines.
-    const GROUP: usize = 16;
-    let taps = kh * kw;
-    let mut wt = take_scratch(w.len());
-    wt[..w.len()]
-        .par_chunks_mut(GROUP * o * taps)
-        .enumerate()
-        .for_each(|(g, dst)| {
-            let c0 = g * GROUP;
-            let group = dst.len() / (o * taps);
-            for oi in 0..o {
-                let src = &w[(oi * d.c + c0) * taps..][..group * taps];
-                for (cg, src) in src.chunks_exact(taps).enumerate() {
-                    let block = &mut dst[(cg * o + oi) * taps..][..taps];
-                    block
-                        .iter_mut()
-                        .zip(src.iter().rev())
-                        .for_each(|(t, &v)| *t = v);
-                }
-            }
-        });
     let back = Dims {
         b: d.b,
         c: o,
@@ -684,16 +662,54 @@ fn stride1_input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) -> Vec<f32>
         ow: d.w,
         g: ConvGeometry::new(d.g.kernel, (1, 1), (kh - 1 - ph, kw - 1 - pw)),
     };
-    let dx = conv_forward(
-        dy,
-        &wt[..w.len()],
+    let mut cols = ColsOf::new(dy, &back);
+    let taps = kh * kw;
+    for group in cols.tap_offset.chunks_exact_mut(taps) {
+        group.reverse();
+    }
+    let wt = FlippedWeights { w, c: d.c, taps };
+    conv_forward_cols(
+        cols,
+        AOperand::Packed(&wt),
         None,
         d.c,
         &back,
         Slot::ConvGemmInputGradient,
-    );
-    give_scratch(wt);
-    dx
+    )
+}
+
+/// The weights [O, C, kh, kw] as the matrix [C, O*kh*kw] whose element (c, (o, s)) is
+/// w[o, c, tap s]: the transposed (not flipped) weights, read in place while packing.
+struct FlippedWeights<'a> {
+    w: &'a [f32],
+    c: usize,
+    taps: usize,
+}
+
+impl APanelSource for FlippedWeights<'_> {
+    fn pack(&self, i0: usize, m: usize, pc: usize, kc: usize, dst: &mut [f32]) {
+        let rows = MR.min(m - i0);
+        let dst = &mut dst[..kc * MR];
+        // Depth pc + p is (o, s) = ((pc + p) / taps, (pc + p) % taps); walk it one o at a time.
+        let mut p = 0;
+        while p < kc {
+            let (oi, s0) = ((pc + p) / self.taps, (pc + p) % self.taps);
+            let run = (self.taps - s0).min(kc - p);
+            for r in 0..MR {
+                if r < rows {
+                    let src = &self.w[(oi * self.c + i0 + r) * self.taps + s0..][..run];
+                    for (t, &v) in src.iter().enumerate() {
+                        dst[(p + t) * MR + r] = v;
+                    }
+                } else {
+                    for t in 0..run {
+                        dst[(p + t) * MR + r] = 0.0;
+                    }
+                }
+            }
+            p += run;
+        }
+    }
 }
 
 /// `FusedConv` plus a bias [O], added in the forward's layout copy; its gradient is the output
@@ -768,6 +784,12 @@ impl FusedConv {
         let bias = bias
             .map(|(bs, bl)| f32_contiguous(bs, bl, "conv2d bias"))
             .transpose()?;
+        let k = d.rows();
+        let w = AOperand::Mat(MatRef {
+            data: w,
+            rs: k,
+            cs: 1,
+        });
         let y = conv_forward(x, w, bias, o, d, Slot::ConvGemmForward);
         Ok((CpuStorage::F32(y), Shape::from((d.b, o, d.oh, d.ow))))
     }
@@ -810,11 +832,11 @@ impl FusedConv {
                 o,
                 k,
                 n,
-                MatRef {
+                AOperand::Mat(MatRef {
                     data: dy,
                     rs: n,
                     cs: 1,
-                },
+                }),
                 BOperand::Packed(&ColsOfT(&cols)),
                 &mut dw,
                 k,

@@ -13,7 +13,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-const MR: usize = 6;
+/// Height of a packed A panel.
+pub(crate) const MR: usize = 6;
 /// Width of a packed B panel.
 pub(crate) const NR: usize = 16;
 /// Depth of one packed block: an A panel (6 KB) and a B panel (16 KB) stay in L1 together.
@@ -48,6 +49,20 @@ pub trait PanelSource: Sync {
     fn pack(&self, j0: usize, j1: usize, pc: usize, kc: usize, strip: &mut [f32]);
 }
 
+/// A left-hand operand that packs itself (see `PanelSource`).
+pub trait APanelSource: Sync {
+    /// Rows `i0..i0 + MR` of A's depth block `pc..pc + kc` as `kc` groups of MR values, zero
+    /// past row m (the layout `pack_a` produces).
+    fn pack(&self, i0: usize, m: usize, pc: usize, kc: usize, dst: &mut [f32]);
+}
+
+/// The left-hand operand of `sgemm_with`.
+#[derive(Clone, Copy)]
+pub enum AOperand<'a> {
+    Mat(MatRef<'a>),
+    Packed(&'a dyn APanelSource),
+}
+
 /// The right-hand operand of `sgemm_with`.
 #[derive(Clone, Copy)]
 pub enum BOperand<'a> {
@@ -68,7 +83,16 @@ pub fn sgemm(
     ldc: usize,
     accumulate: bool,
 ) {
-    sgemm_with(m, n, k, a, BOperand::Mat(b), c, ldc, accumulate)
+    sgemm_with(
+        m,
+        n,
+        k,
+        AOperand::Mat(a),
+        BOperand::Mat(b),
+        c,
+        ldc,
+        accumulate,
+    )
 }
 
 /// `sgemm` with B given as a view or as rows produced on demand.
@@ -77,7 +101,7 @@ pub fn sgemm_with(
     m: usize,
     n: usize,
     k: usize,
-    a: MatRef,
+    a: AOperand,
     b: BOperand,
     c: &mut [f32],
     ldc: usize,
@@ -162,7 +186,7 @@ fn gemm_blocks(
     n: usize,
     k0: usize,
     k1: usize,
-    a: MatRef,
+    a: AOperand,
     b: BOperand,
     c_ptr: SendPtr,
     ldc: usize,
@@ -188,7 +212,7 @@ fn super_block(
     n: usize,
     k0: usize,
     k1: usize,
-    a: MatRef,
+    a: AOperand,
     b: BOperand,
     c_ptr: SendPtr,
     ldc: usize,
@@ -205,7 +229,10 @@ fn super_block(
         let pc = k0 + bi * KC;
         let kc = KC.min(k1 - pc);
         for (p, panel) in dst.chunks_mut(MR * kc).take(m_panels).enumerate() {
-            pack_a(a, p * MR, m, pc, kc, panel);
+            match a {
+                AOperand::Mat(a) => pack_a(a, p * MR, m, pc, kc, panel),
+                AOperand::Packed(src) => src.pack(p * MR, m, pc, kc, panel),
+            }
         }
     };
     if parallel {
