@@ -12,7 +12,7 @@ use candle_core::{
 };
 
 use super::gemm::{
-    sgemm, sgemm_with, AOperand, APanelSource, BOperand, MatRef, PanelSource, KC, MR, NR,
+    sgemm, sgemm_with, AOperand, APanelSource, BOperand, CLayout, MatRef, PanelSource, KC, MR, NR,
 };
 use super::timing::{timed, Slot};
 use super::{contiguous, f32_contiguous, give_scratch, take_scratch};
@@ -534,54 +534,22 @@ impl CustomOp1 for Col2Im {
     }
 }
 
-/// The whole f32 CPU convolution as one graph node: im2col, our GEMM, and the permute to NCHW in
-/// the forward; the column matrix is rebuilt in the backward instead of being kept alive, and
+/// The whole f32 CPU convolution as one graph node: the column matrix packed by the GEMM, which
+/// writes NCHW directly, in the forward; the column matrix is rebuilt in the backward instead of being kept alive, and
 /// both gradients are computed directly. One node instead of five saves Candle's backward a
 /// zero-filled buffer and an add per node, and the big column matrix is never held between the
 /// passes.
 struct FusedConv(Dims);
 
-/// `[O, B*P]` (column `b*P + q`) -> `[B, O, P]`, or back with `inverse`; a `bias` [O] is added
-/// on the way (forward direction only).
-#[allow(clippy::too_many_arguments)]
-fn permute_batch(
-    src: &[f32],
-    o: usize,
-    b: usize,
-    p: usize,
-    inverse: bool,
-    bias: Option<&[f32]>,
-    out: &mut [f32],
-) {
+/// `[B, O, P]` -> `[O, B*P]` (column `b*P + q`): the output gradient as the GEMMs' operand.
+fn channel_major(src: &[f32], o: usize, b: usize, p: usize, out: &mut [f32]) {
     out[..src.len()]
         .par_chunks_mut(p)
         .enumerate()
         .for_each(|(row, dst)| {
-            // `row` indexes the destination's rows of length p.
-            let (bi, oi) = if inverse {
-                (row % b, row / b) // dst [O, B*P]: row = o*B + b
-            } else {
-                (row / o, row % o) // dst [B, O, P]: row = b*O + o
-            };
-            let from = if inverse {
-                (bi * o + oi) * p
-            } else {
-                (oi * b + bi) * p
-            };
-            match bias {
-                Some(bias) => add_scalar(dst, &src[from..from + p], bias[oi]),
-                None => dst.copy_from_slice(&src[from..from + p]),
-            }
+            let (oi, bi) = (row / b, row % b); // out row = o*B + b
+            dst.copy_from_slice(&src[(bi * o + oi) * p..][..p]);
         });
-}
-
-/// `dst = src + v`; a function of its own so that the loop vectorises.
-#[inline(never)]
-fn add_scalar(dst: &mut [f32], src: &[f32], v: f32) {
-    let src = &src[..dst.len()];
-    for i in 0..dst.len() {
-        dst[i] = src[i] + v;
-    }
 }
 
 impl CustomOp2 for FusedConv {
@@ -632,16 +600,38 @@ fn conv_forward_cols(
     d: &Dims,
     slot: Slot,
 ) -> Vec<f32> {
-    let (k, n) = (d.rows(), d.cols());
-    let mut y2 = take_scratch(o * n); // [O, B*P]
+    let (k, n, p) = (d.rows(), d.cols(), d.oh * d.ow);
+    // The GEMM writes [B, O, P] directly (column b*P + q of the [O, B*P] product is pixel q of
+    // sample b), adding to the bias when there is one.
+    let mut y = match bias {
+        Some(bias) => {
+            let mut y = Vec::with_capacity(o * n);
+            for _ in 0..d.b {
+                for &v in bias {
+                    y.extend(std::iter::repeat_n(v, p));
+                }
+            }
+            y
+        }
+        None => vec![0f32; o * n],
+    };
+    let layout = CLayout {
+        ldc: p,
+        group: p,
+        group_stride: o * p,
+    };
     timed(slot, || {
-        sgemm_with(o, n, k, w, BOperand::Packed(&cols), &mut y2, n, false)
+        sgemm_with(
+            o,
+            n,
+            k,
+            w,
+            BOperand::Packed(&cols),
+            &mut y,
+            layout,
+            bias.is_some(),
+        )
     });
-    let mut y = vec![0f32; o * n];
-    timed(Slot::ConvLayoutCopies, || {
-        permute_batch(&y2[..o * n], o, d.b, d.oh * d.ow, false, bias, &mut y)
-    });
-    give_scratch(y2);
     y
 }
 
@@ -712,7 +702,7 @@ impl APanelSource for FlippedWeights<'_> {
     }
 }
 
-/// `FusedConv` plus a bias [O], added in the forward's layout copy; its gradient is the output
+/// `FusedConv` plus a bias [O], which the forward's GEMM adds to; its gradient is the output
 /// gradient summed per channel. One node instead of a convolution and a broadcast add, whose
 /// backward Candle computes with a slow strided reduction.
 struct FusedConvBias(Dims);
@@ -819,7 +809,7 @@ impl FusedConv {
         let mut dy_buf = take_scratch(o * n); // [O, N]
         let g = contiguous(gv, gl, "conv2d")?;
         timed(Slot::ConvLayoutCopies, || {
-            permute_batch(g, o, d.b, p, true, None, &mut dy_buf)
+            channel_major(g, o, d.b, p, &mut dy_buf)
         });
         let dy = &dy_buf[..o * n];
         let xv = contiguous(xv, xl, "conv2d")?;
@@ -839,7 +829,7 @@ impl FusedConv {
                 }),
                 BOperand::Packed(&ColsOfT(&cols)),
                 &mut dw,
-                k,
+                CLayout::rows(k),
                 false,
             )
         });

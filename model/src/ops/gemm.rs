@@ -70,6 +70,51 @@ pub enum BOperand<'a> {
     Packed(&'a dyn PanelSource),
 }
 
+/// Where element (i, j) of C lives: `c[(j / group) * group_stride + i * ldc + j % group]`. A
+/// row-major C is a single group. A convolution's NCHW output [B, O, P] is one group of P
+/// columns per sample (ldc = P, group_stride = O * P), so the GEMM writes it directly instead of
+/// a [O, B*P] result being permuted in another pass.
+#[derive(Clone, Copy, Debug)]
+pub struct CLayout {
+    pub ldc: usize,
+    pub group: usize,
+    pub group_stride: usize,
+}
+
+impl CLayout {
+    /// Row-major with leading dimension `ldc`.
+    pub fn rows(ldc: usize) -> Self {
+        CLayout {
+            ldc,
+            group: usize::MAX,
+            group_stride: 0,
+        }
+    }
+
+    #[inline]
+    fn at(&self, i: usize, j: usize) -> usize {
+        (j / self.group) * self.group_stride + i * self.ldc + j % self.group
+    }
+
+    /// Checks that m x n elements land at distinct offsets inside `len` values: rows of a group
+    /// do not overlap, nor do groups, and the last element is the furthest.
+    fn check(&self, m: usize, n: usize, len: usize) {
+        let width = self.group.min(n);
+        assert!(
+            self.ldc >= width || m == 1,
+            "sgemm: rows of C overlap ({self:?})"
+        );
+        assert!(
+            n <= self.group || self.group_stride >= (m - 1) * self.ldc + width,
+            "sgemm: groups of C overlap ({self:?})"
+        );
+        assert!(
+            self.at(m - 1, n - 1) < len,
+            "sgemm: output buffer too small"
+        );
+    }
+}
+
 /// `c[m x n] (=|+=) a[m x k] * b[k x n]`, c row-major with leading dimension `ldc`.
 /// `accumulate` adds to c instead of overwriting it.
 #[allow(clippy::too_many_arguments)]
@@ -90,12 +135,12 @@ pub fn sgemm(
         AOperand::Mat(a),
         BOperand::Mat(b),
         c,
-        ldc,
+        CLayout::rows(ldc),
         accumulate,
     )
 }
 
-/// `sgemm` with B given as a view or as rows produced on demand.
+/// `sgemm` with operands given as views or packing themselves, and C in any `CLayout`.
 #[allow(clippy::too_many_arguments)]
 pub fn sgemm_with(
     m: usize,
@@ -104,21 +149,20 @@ pub fn sgemm_with(
     a: AOperand,
     b: BOperand,
     c: &mut [f32],
-    ldc: usize,
+    cl: CLayout,
     accumulate: bool,
 ) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!(
-        c.len() >= (m - 1) * ldc + n,
-        "sgemm: output buffer too small"
-    );
+    cl.check(m, n, c.len());
     if k == 0 {
         if !accumulate {
-            c.par_chunks_mut(ldc)
-                .take(m)
-                .for_each(|row| row[..n].fill(0.0));
+            for i in 0..m {
+                for j in 0..n {
+                    c[cl.at(i, j)] = 0.0;
+                }
+            }
         }
         return;
     }
@@ -141,20 +185,28 @@ pub fn sgemm_with(
         (0..chunks).into_par_iter().for_each(|t| {
             let (k0, k1) = (t * chunk, ((t + 1) * chunk).min(k));
             if t == 0 {
-                gemm_blocks(m, n, k0, k1, a, b, c_ptr, ldc, accumulate, false);
+                gemm_blocks(m, n, k0, k1, a, b, c_ptr, cl, accumulate, false);
             } else {
-                gemm_blocks(m, n, k0, k1, a, b, parts[t - 1], n, false, false);
+                let plain = CLayout::rows(n);
+                gemm_blocks(m, n, k0, k1, a, b, parts[t - 1], plain, false, false);
             }
         });
-        c.par_chunks_mut(ldc)
-            .take(m)
-            .enumerate()
-            .for_each(|(i, row)| {
+        (0..m).into_par_iter().for_each(|i| {
+            // Row i of C as runs that are contiguous in c (one per group).
+            let mut j = 0;
+            while j < n {
+                let len = (cl.group - j % cl.group).min(n - j);
+                // SAFETY: `check` guarantees that (i, j..j + len) are distinct in-bounds offsets
+                // of c, and no other task writes row i.
+                let row =
+                    unsafe { std::slice::from_raw_parts_mut(c_ptr.get().add(cl.at(i, j)), len) };
                 for p in &partials {
-                    let src = &p[i * n..][..n];
-                    row[..n].iter_mut().zip(src).for_each(|(o, s)| *o += s);
+                    let src = &p[i * n + j..][..len];
+                    row.iter_mut().zip(src).for_each(|(o, s)| *o += s);
                 }
-            });
+                j += len;
+            }
+        });
         partials.into_iter().for_each(give_scratch);
         return;
     }
@@ -166,7 +218,7 @@ pub fn sgemm_with(
         a,
         b,
         SendPtr(c.as_mut_ptr()),
-        ldc,
+        cl,
         accumulate,
         true,
     );
@@ -175,11 +227,11 @@ pub fn sgemm_with(
 /// Largest m x n (values) for which a deep product is split by depth between threads.
 const SPLIT_K_MAX_OUTPUT: usize = 1 << 20;
 
-/// The depth range `k0..k1` of the product into c (at `c_ptr`, row stride `ldc`), on the rayon
+/// The depth range `k0..k1` of the product into c (at `c_ptr`, laid out by `cl`), on the rayon
 /// pool when `parallel`, else on this thread.
 ///
-/// The caller guarantees that c holds m rows of n values at stride ldc and that nothing else
-/// writes them meanwhile.
+/// The caller guarantees that c holds every (i, j) of `cl` (`CLayout::check`) and that nothing
+/// else writes them meanwhile.
 #[allow(clippy::too_many_arguments)]
 fn gemm_blocks(
     m: usize,
@@ -189,7 +241,7 @@ fn gemm_blocks(
     a: AOperand,
     b: BOperand,
     c_ptr: SendPtr,
-    ldc: usize,
+    cl: CLayout,
     accumulate: bool,
     parallel: bool,
 ) {
@@ -197,7 +249,7 @@ fn gemm_blocks(
     for s0 in (k0..k1).step_by(KC_SUPER) {
         let s1 = (s0 + KC_SUPER).min(k1);
         let add = accumulate || s0 > k0;
-        super_block(m, n, s0, s1, a, b, c_ptr, ldc, add, parallel);
+        super_block(m, n, s0, s1, a, b, c_ptr, cl, add, parallel);
     }
 }
 
@@ -215,7 +267,7 @@ fn super_block(
     a: AOperand,
     b: BOperand,
     c_ptr: SendPtr,
-    ldc: usize,
+    cl: CLayout,
     accumulate: bool,
     parallel: bool,
 ) {
@@ -289,10 +341,7 @@ fn super_block(
                             let (rows, cols) = (MR.min(m - i), NR.min(n - j));
                             // SAFETY: strips are disjoint, so no two tasks write the same element
                             // of c, and the caller guarantees c's extent.
-                            unsafe {
-                                let cp = c_ptr.get().add(i * ldc + j);
-                                micro_tile(kc, ap, bp, cp, ldc, rows, cols, add);
-                            }
+                            unsafe { c_tile(kc, ap, bp, c_ptr, cl, i, j, rows, cols, add) };
                         }
                     }
                 }
@@ -416,6 +465,39 @@ fn pack_b_strip_body(b: MatRef, j0: usize, j1: usize, pc: usize, kc: usize, stri
                     0.0
                 };
             }
+        }
+    }
+}
+
+/// The MR x NR block of C at (i, j) from packed panels; a block whose columns straddle two groups
+/// of the layout is computed into a buffer and stored column by column.
+///
+/// # Safety
+/// c must hold (i..i + rows, j..j + cols) in layout `cl`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn c_tile(
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+    c: SendPtr,
+    cl: CLayout,
+    i: usize,
+    j: usize,
+    rows: usize,
+    cols: usize,
+    add: bool,
+) {
+    if j % cl.group + cols <= cl.group {
+        return micro_tile(kc, a, b, c.get().add(cl.at(i, j)), cl.ldc, rows, cols, add);
+    }
+    let mut acc = [0f32; MR * NR];
+    kernel(kc, a, b, acc.as_mut_ptr(), NR, false);
+    for t in 0..cols {
+        for r in 0..rows {
+            let p = c.get().add(cl.at(i + r, j + t));
+            let v = acc[r * NR + t];
+            *p = if add { *p + v } else { v };
         }
     }
 }
@@ -663,6 +745,67 @@ mod tests {
             }
             sgemm(m, n, k, av, bv, &mut c, ldc, false);
             assert!((c[0] as f64 - expected[0]).abs() <= 1e-4 * (1.0 + expected[0].abs()));
+        }
+    }
+
+    #[test]
+    fn writes_a_grouped_layout_including_straddling_tiles_and_split_depth() {
+        // C [m, groups * group] stored as groups of `group` columns, each an m x group block at
+        // stride ldc, blocks `group_stride` apart with a gap that must stay untouched.
+        let (m, group, groups) = (7, 37, 3);
+        let n = group * groups;
+        for k in [300, 2600] {
+            let a = values(m * k, 3);
+            let b = values(k * n, 4);
+            let (av, bv) = (
+                MatRef {
+                    data: &a,
+                    rs: k,
+                    cs: 1,
+                },
+                MatRef {
+                    data: &b,
+                    rs: n,
+                    cs: 1,
+                },
+            );
+            let expected = naive(m, n, k, av, bv);
+            let cl = CLayout {
+                ldc: group,
+                group,
+                group_stride: m * group + 5,
+            };
+            for accumulate in [false, true] {
+                let mut c = vec![0.5f32; groups * cl.group_stride];
+                sgemm_with(
+                    m,
+                    n,
+                    k,
+                    AOperand::Mat(av),
+                    BOperand::Mat(bv),
+                    &mut c,
+                    cl,
+                    accumulate,
+                );
+                let base = if accumulate { 0.5 } else { 0.0 };
+                for g in 0..groups {
+                    let block = &c[g * cl.group_stride..][..cl.group_stride];
+                    for i in 0..m {
+                        for q in 0..group {
+                            let got = block[i * group + q] as f64;
+                            let want = expected[i * n + g * group + q] + base;
+                            assert!(
+                                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                "k {k} group {g} ({i},{q}): {got} vs {want}"
+                            );
+                        }
+                    }
+                    assert!(
+                        block[m * group..].iter().all(|&v| v == 0.5),
+                        "k {k}: wrote into the gap after group {g}"
+                    );
+                }
+            }
         }
     }
 }
