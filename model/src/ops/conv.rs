@@ -552,6 +552,46 @@ fn channel_major(src: &[f32], o: usize, b: usize, p: usize, out: &mut [f32]) {
         });
 }
 
+/// The output gradient [B, O, P] as the matrix [O, B*P] (column `b*P + q`), packed as A in place.
+struct ChannelRows<'a> {
+    g: &'a [f32],
+    o: usize,
+    p: usize,
+}
+
+impl APanelSource for ChannelRows<'_> {
+    fn pack(&self, i0: usize, m: usize, pc: usize, kc: usize, dst: &mut [f32]) {
+        let rows = MR.min(m - i0);
+        let dst = &mut dst[..kc * MR];
+        // Depth pc + t is pixel q of sample b; walk it one sample's run at a time.
+        let mut t = 0;
+        while t < kc {
+            let (b, q) = ((pc + t) / self.p, (pc + t) % self.p);
+            let run = (self.p - q).min(kc - t);
+            let dst = &mut dst[t * MR..(t + run) * MR];
+            if rows == MR {
+                let src: [&[f32]; MR] =
+                    std::array::from_fn(|r| &self.g[(b * self.o + i0 + r) * self.p + q..][..run]);
+                for (u, d) in dst.chunks_exact_mut(MR).enumerate() {
+                    let d: &mut [f32; MR] = d.try_into().expect("MR values");
+                    *d = std::array::from_fn(|r| src[r][u]);
+                }
+            } else {
+                for (u, d) in dst.chunks_exact_mut(MR).enumerate() {
+                    for (r, v) in d.iter_mut().enumerate() {
+                        *v = if r < rows {
+                            self.g[(b * self.o + i0 + r) * self.p + q + u]
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+            t += run;
+        }
+    }
+}
+
 impl CustomOp2 for FusedConv {
     fn name(&self) -> &'static str {
         "conv2d"
@@ -806,15 +846,11 @@ impl FusedConv {
         else {
             candle_core::bail!("conv2d backward: expected f32 CPU tensors");
         };
-        let mut dy_buf = take_scratch(o * n); // [O, N]
         let g = contiguous(gv, gl, "conv2d")?;
-        timed(Slot::ConvLayoutCopies, || {
-            channel_major(g, o, d.b, p, &mut dy_buf)
-        });
-        let dy = &dy_buf[..o * n];
         let xv = contiguous(xv, xl, "conv2d")?;
         let wv = contiguous(wv, wl, "conv2d")?;
-        // dW [O, K] = dY [O, N] x cols^T [N, K], the columns gathered from x while packing.
+        // dW [O, K] = dY [O, N] x cols^T [N, K], dY read in its NCHW layout and the columns
+        // gathered from x, both while packing.
         let mut dw = vec![0f32; o * k];
         let cols = ColsOf::new(xv, d);
         timed(Slot::ConvGemmWeightGradient, || {
@@ -822,26 +858,27 @@ impl FusedConv {
                 o,
                 k,
                 n,
-                AOperand::Mat(MatRef {
-                    data: dy,
-                    rs: n,
-                    cs: 1,
-                }),
+                AOperand::Packed(&ChannelRows { g, o, p }),
                 BOperand::Packed(&ColsOfT(&cols)),
                 &mut dw,
                 CLayout::rows(k),
                 false,
             )
         });
-        // dcols [K, N] = W^T [K, O] x dY [O, N], scattered back by col2im. The network's input needs no gradient: skip both.
+        // The network's input needs no gradient.
         let stride1 =
             d.g.stride == (1, 1) && d.g.padding.0 < d.g.kernel.0 && d.g.padding.1 < d.g.kernel.1;
         let dx = if !x.track_op() {
             None
         } else if stride1 {
-            let dx = stride1_input_gradient(contiguous(gv, gl, "conv2d")?, wv, o, d);
+            let dx = stride1_input_gradient(g, wv, o, d);
             Some(Tensor::from_vec(dx, x.shape(), x.device())?)
         } else {
+            // dcols [K, N] = W^T [K, O] x dY [O, N], scattered back by col2im.
+            let mut dy = take_scratch(o * n);
+            timed(Slot::ConvLayoutCopies, || {
+                channel_major(g, o, d.b, p, &mut dy)
+            });
             let mut dcols = take_scratch(k * n);
             timed(Slot::ConvGemmInputGradient, || {
                 sgemm(
@@ -854,7 +891,7 @@ impl FusedConv {
                         cs: k,
                     },
                     MatRef {
-                        data: dy,
+                        data: &dy[..o * n],
                         rs: n,
                         cs: 1,
                     },
@@ -865,9 +902,9 @@ impl FusedConv {
             });
             let dx = timed(Slot::ConvCol2Im, || col2im_slice(&dcols[..k * n], d));
             give_scratch(dcols);
+            give_scratch(dy);
             Some(Tensor::from_vec(dx, x.shape(), x.device())?)
         };
-        give_scratch(dy_buf);
         let dw = Tensor::from_vec(dw, w.shape(), w.device())?;
         Ok((dx, Some(dw)))
     }
