@@ -552,26 +552,29 @@ fn channel_major(src: &[f32], o: usize, b: usize, p: usize, out: &mut [f32]) {
         });
 }
 
-/// The output gradient [B, O, P] as the matrix [O, B*P] (column `b*P + q`), packed as A in place.
-struct ChannelRows<'a> {
-    g: &'a [f32],
-    o: usize,
-    p: usize,
+/// A matrix [R, G * blocks] stored as consecutive [R, G] blocks, packed as A in place: element
+/// (i, p) is `data[((p / g) * rows + i) * g + p % g]`. The output gradient [B, O, P] is the matrix
+/// [O, B*P] (column `b*P + q`) this way, and the weights [O, C, kh, kw] the matrix [C, O*kh*kw]
+/// (column (o, tap)).
+struct BlockRows<'a> {
+    data: &'a [f32],
+    rows: usize,
+    g: usize,
 }
 
-impl APanelSource for ChannelRows<'_> {
+impl APanelSource for BlockRows<'_> {
     fn pack(&self, i0: usize, m: usize, pc: usize, kc: usize, dst: &mut [f32]) {
         let rows = MR.min(m - i0);
         let dst = &mut dst[..kc * MR];
-        // Depth pc + t is pixel q of sample b; walk it one sample's run at a time.
+        // Depth pc + t is column q of block b; walk it one block's run at a time.
         let mut t = 0;
         while t < kc {
-            let (b, q) = ((pc + t) / self.p, (pc + t) % self.p);
-            let run = (self.p - q).min(kc - t);
+            let (b, q) = ((pc + t) / self.g, (pc + t) % self.g);
+            let run = (self.g - q).min(kc - t);
             let dst = &mut dst[t * MR..(t + run) * MR];
+            let at = |r: usize| (b * self.rows + i0 + r) * self.g + q;
             if rows == MR {
-                let src: [&[f32]; MR] =
-                    std::array::from_fn(|r| &self.g[(b * self.o + i0 + r) * self.p + q..][..run]);
+                let src: [&[f32]; MR] = std::array::from_fn(|r| &self.data[at(r)..][..run]);
                 for (u, d) in dst.chunks_exact_mut(MR).enumerate() {
                     let d: &mut [f32; MR] = d.try_into().expect("MR values");
                     *d = std::array::from_fn(|r| src[r][u]);
@@ -579,11 +582,7 @@ impl APanelSource for ChannelRows<'_> {
             } else {
                 for (u, d) in dst.chunks_exact_mut(MR).enumerate() {
                     for (r, v) in d.iter_mut().enumerate() {
-                        *v = if r < rows {
-                            self.g[(b * self.o + i0 + r) * self.p + q + u]
-                        } else {
-                            0.0
-                        };
+                        *v = if r < rows { self.data[at(r) + u] } else { 0.0 };
                     }
                 }
             }
@@ -679,7 +678,7 @@ fn conv_forward_cols(
 /// correlated with the weights flipped in space and transposed in channels ([C, O, kh, kw]), with
 /// padding k - 1 - p. Computed that way, the GEMM gathers its columns from the gradient and no
 /// column matrix or col2im scatter is needed. The flip is never materialised: the depth index
-/// (o, s) pairs the weights' tap s with the gradient's tap kh*kw - 1 - s (`FlippedWeights`).
+/// (o, s) pairs the weights' tap s with the gradient's tap kh*kw - 1 - s.
 fn stride1_input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) -> Vec<f32> {
     let (kh, kw) = d.g.kernel;
     let (ph, pw) = d.g.padding;
@@ -697,7 +696,12 @@ fn stride1_input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) -> Vec<f32>
     for group in cols.tap_offset.chunks_exact_mut(taps) {
         group.reverse();
     }
-    let wt = FlippedWeights { w, c: d.c, taps };
+    // The transposed (not flipped) weights: (c, (o, s)) is w[o, c, tap s].
+    let wt = BlockRows {
+        data: w,
+        rows: d.c,
+        g: taps,
+    };
     conv_forward_cols(
         cols,
         AOperand::Packed(&wt),
@@ -706,40 +710,6 @@ fn stride1_input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) -> Vec<f32>
         &back,
         Slot::ConvGemmInputGradient,
     )
-}
-
-/// The weights [O, C, kh, kw] as the matrix [C, O*kh*kw] whose element (c, (o, s)) is
-/// w[o, c, tap s]: the transposed (not flipped) weights, read in place while packing.
-struct FlippedWeights<'a> {
-    w: &'a [f32],
-    c: usize,
-    taps: usize,
-}
-
-impl APanelSource for FlippedWeights<'_> {
-    fn pack(&self, i0: usize, m: usize, pc: usize, kc: usize, dst: &mut [f32]) {
-        let rows = MR.min(m - i0);
-        let dst = &mut dst[..kc * MR];
-        // Depth pc + p is (o, s) = ((pc + p) / taps, (pc + p) % taps); walk it one o at a time.
-        let mut p = 0;
-        while p < kc {
-            let (oi, s0) = ((pc + p) / self.taps, (pc + p) % self.taps);
-            let run = (self.taps - s0).min(kc - p);
-            for r in 0..MR {
-                if r < rows {
-                    let src = &self.w[(oi * self.c + i0 + r) * self.taps + s0..][..run];
-                    for (t, &v) in src.iter().enumerate() {
-                        dst[(p + t) * MR + r] = v;
-                    }
-                } else {
-                    for t in 0..run {
-                        dst[(p + t) * MR + r] = 0.0;
-                    }
-                }
-            }
-            p += run;
-        }
-    }
 }
 
 /// `FusedConv` plus a bias [O], which the forward's GEMM adds to; its gradient is the output
@@ -858,7 +828,11 @@ impl FusedConv {
                 o,
                 k,
                 n,
-                AOperand::Packed(&ChannelRows { g, o, p }),
+                AOperand::Packed(&BlockRows {
+                    data: g,
+                    rows: o,
+                    g: p,
+                }),
                 BOperand::Packed(&ColsOfT(&cols)),
                 &mut dw,
                 CLayout::rows(k),
