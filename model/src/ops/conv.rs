@@ -617,21 +617,9 @@ impl CustomOp2 for FusedConv {
     }
 }
 
-/// `x` [B, C, H, W] (geometry `d`) correlated with `w` [O, C, kh, kw], plus `bias` [O]:
-/// [B, O, OH, OW] values.
+/// The input behind `cols` (geometry `d`) correlated with `w` as the matrix [O, C*kh*kw], plus
+/// `bias` [O]: [B, O, OH, OW] values.
 fn conv_forward(
-    x: &[f32],
-    w: AOperand,
-    bias: Option<&[f32]>,
-    o: usize,
-    d: &Dims,
-    slot: Slot,
-) -> Vec<f32> {
-    conv_forward_cols(ColsOf::new(x, d), w, bias, o, d, slot)
-}
-
-/// `conv_forward` with the column source given.
-fn conv_forward_cols(
     cols: ColsOf,
     w: AOperand,
     bias: Option<&[f32]>,
@@ -702,7 +690,7 @@ fn stride1_input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) -> Vec<f32>
         rows: d.c,
         g: taps,
     };
-    conv_forward_cols(
+    conv_forward(
         cols,
         AOperand::Packed(&wt),
         None,
@@ -790,7 +778,7 @@ impl FusedConv {
             rs: k,
             cs: 1,
         });
-        let y = conv_forward(x, w, bias, o, d, Slot::ConvGemmForward);
+        let y = conv_forward(ColsOf::new(x, d), w, bias, o, d, Slot::ConvGemmForward);
         Ok((CpuStorage::F32(y), Shape::from((d.b, o, d.oh, d.ow))))
     }
 
