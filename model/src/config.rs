@@ -43,6 +43,41 @@ impl ModelSection {
     }
 }
 
+/// A validation split carved from the training split (seeded by `streams.split`), for choosing
+/// an epoch without looking at the test split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Validation {
+    /// Share of each class's training samples moved to validation.
+    pub fraction: f64,
+}
+
+/// The random streams of a run. Each defaults to the run's `seed`; set one to hold that stream
+/// fixed while `seed` varies (e.g. the same validation split for every seed). Label noise has
+/// its own `noise.seed` and the synthetic images their own `data.seed`: neither follows `seed`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SeedStreams {
+    /// Initial weights (backbone, heads, classifier, affinity centers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<u64>,
+    /// The order of samples in each epoch (shuffle or class-balanced draws).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<u64>,
+    /// The random augmentation of each (epoch, sample).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub augment: Option<u64>,
+    /// Which training samples go to the validation split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<u64>,
+}
+
+impl SeedStreams {
+    pub fn is_default(&self) -> bool {
+        *self == SeedStreams::default()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
@@ -67,6 +102,13 @@ pub struct RunConfig {
     pub batch: usize,
     #[serde(default)]
     pub seed: u64,
+    /// Per-stream seeds overriding `seed` (left out of the config when none is set, so older
+    /// trial keys do not change).
+    #[serde(default, skip_serializing_if = "SeedStreams::is_default")]
+    pub streams: SeedStreams,
+    /// A validation split carved from the training split (none when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<Validation>,
     #[serde(default = "default_device")]
     pub device: String,
 }
@@ -86,35 +128,56 @@ impl RunConfig {
     pub fn embedded_default() -> Self {
         Self {
             model: ModelSection {
-                backbone: BackboneConfig::ResNet(ResNetConfig::basic(
-                    [8, 16, 32, 64],
-                    [1, 1, 1, 1],
-                )),
+                backbone: BackboneConfig::ResNet(ResNetConfig {
+                    strides: [1, 2, 2, 1],
+                    ..ResNetConfig::basic([8, 16, 32, 64], [1, 1, 1, 1])
+                }),
                 pretrained: None,
                 heads: 4,
                 classes: 7,
                 num_centers: None,
             },
-            losses: LossWeights::default(),
+            losses: LossWeights {
+                consistency_rampup_epochs: 5.0,
+                ..LossWeights::default()
+            },
             data: DataSpec::Synthetic(SynthConfig {
                 difficulty: 0.2,
-                image_size: 48,
-                train: 1400,
-                test: 700,
+                image_size: 64,
+                train: 1600,
+                test: 1400,
                 seed: 0,
                 balance: ClassBalance::Balanced,
             }),
             noise: None,
-            input_size: 48,
+            input_size: 64,
             augment: None,
             sampling: Sampling::Shuffle,
-            optimizer: OptimizerConfig::adam(2e-3),
-            schedule: Schedule::Exponential { gamma: 0.9 },
-            epochs: 5,
-            batch: 32,
+            optimizer: OptimizerConfig::adam(4e-3),
+            schedule: Schedule::Cosine {
+                warmup_epochs: 1.0,
+                min_lr: 0.0,
+            },
+            epochs: 20,
+            batch: 16,
             seed: 0,
+            streams: SeedStreams::default(),
+            validation: Some(Validation { fraction: 0.125 }),
             device: "cpu".into(),
         }
+    }
+
+    pub fn init_seed(&self) -> u64 {
+        self.streams.init.unwrap_or(self.seed)
+    }
+    pub fn order_seed(&self) -> u64 {
+        self.streams.order.unwrap_or(self.seed)
+    }
+    pub fn augment_seed(&self) -> u64 {
+        self.streams.augment.unwrap_or(self.seed)
+    }
+    pub fn split_seed(&self) -> u64 {
+        self.streams.split.unwrap_or(self.seed)
     }
 
     pub fn augment(&self) -> AugmentConfig {
@@ -171,6 +234,10 @@ impl RunConfig {
             ("affinity", self.losses.affinity),
             ("partition", self.losses.partition),
             ("consistency", self.losses.consistency),
+            (
+                "consistency_rampup_epochs",
+                self.losses.consistency_rampup_epochs,
+            ),
         ] {
             ensure!(
                 w.is_finite() && w >= 0.0,
@@ -181,6 +248,29 @@ impl RunConfig {
             self.optimizer.base_lr() > 0.0,
             "optimizer.lr: must be positive"
         );
+        if let Schedule::Cosine {
+            warmup_epochs,
+            min_lr,
+        } = self.schedule
+        {
+            ensure!(
+                warmup_epochs.is_finite() && warmup_epochs >= 0.0 && warmup_epochs < self.epochs as f64,
+                "schedule.warmup_epochs: must be at least 0 and less than epochs ({}), got {warmup_epochs}",
+                self.epochs
+            );
+            ensure!(
+                min_lr.is_finite() && min_lr >= 0.0 && min_lr <= self.optimizer.base_lr(),
+                "schedule.min_lr: must be between 0 and optimizer.lr ({}), got {min_lr}",
+                self.optimizer.base_lr()
+            );
+        }
+        if let Some(v) = &self.validation {
+            ensure!(
+                v.fraction > 0.0 && v.fraction < 1.0,
+                "validation.fraction: must be in (0, 1), got {}",
+                v.fraction
+            );
+        }
         Ok(())
     }
 }

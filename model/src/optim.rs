@@ -76,7 +76,11 @@ impl OptimizerConfig {
     }
 }
 
-/// Learning rate as a function of the number of completed epochs (stepped once per epoch).
+/// Learning rate as a function of training progress. `constant`, `exponential` and `step` are
+/// stepped once per epoch (PyTorch's `ExponentialLR` / `StepLR` called after each epoch);
+/// `cosine` is updated every step: a linear warm-up from 0 over `warmup_epochs`, then a cosine
+/// from the base rate down to `min_lr` at the end of the last epoch (`CosineAnnealingLR` after
+/// `LinearLR`, per step).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Schedule {
@@ -90,11 +94,51 @@ pub enum Schedule {
         step_size: usize,
         gamma: f64,
     },
+    Cosine {
+        #[serde(default)]
+        warmup_epochs: f64,
+        #[serde(default)]
+        min_lr: f64,
+    },
 }
 
 impl Schedule {
+    /// The rate for step `step` (0-based) of epoch `epoch` (0-based) in a run of `epochs`
+    /// epochs of `steps` steps each.
+    pub fn lr_at_step(
+        &self,
+        base: f64,
+        epochs: usize,
+        epoch: usize,
+        step: usize,
+        steps: usize,
+    ) -> f64 {
+        match self {
+            Schedule::Cosine {
+                warmup_epochs,
+                min_lr,
+            } => {
+                let steps = steps.max(1) as f64;
+                // Progress at the end of this step, so the first step already has a rate > 0.
+                let t = epoch as f64 * steps + step as f64 + 1.0;
+                let warm = warmup_epochs * steps;
+                let total = epochs as f64 * steps;
+                if t <= warm {
+                    base * t / warm
+                } else {
+                    let p = ((t - warm) / (total - warm).max(1.0)).min(1.0);
+                    min_lr + (base - min_lr) * 0.5 * (1.0 + (std::f64::consts::PI * p).cos())
+                }
+            }
+            _ => self.lr_at(base, epoch),
+        }
+    }
+
+    /// The rate of epoch `epoch` for the per-epoch schedules (the base rate for `cosine`,
+    /// which depends on the step: see `lr_at_step`).
     pub fn lr_at(&self, base: f64, epoch: usize) -> f64 {
         match self {
+            Schedule::Cosine { .. } => base,
             Schedule::Constant => base,
             Schedule::Exponential { gamma } => base * gamma.powi(epoch as i32),
             Schedule::Step { step_size, gamma } => {

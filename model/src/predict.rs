@@ -69,6 +69,7 @@ pub fn dan_config_from_state(
         widths,
         blocks,
         bottleneck,
+        ..ResNetConfig::resnet18()
     });
     Ok((
         DanConfig {

@@ -20,6 +20,17 @@ pub struct LossWeights {
     pub partition: f64,
     /// lambda3, flip attention consistency (thesis: 4; EAC's own default: 5).
     pub consistency: f64,
+    /// Epochs over which lambda3 ramps up linearly (per step) to `consistency`, starting at
+    /// consistency / (ramp steps) on the first step so the term never leaves the graph; 0 (the
+    /// papers, and the default) applies the full weight from the first step. A ramp-up is the
+    /// usual schedule of consistency losses trained from scratch (Laine & Aila 2017); DAN and EAC
+    /// start from pretrained weights instead. Left out of the config when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub consistency_rampup_epochs: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 impl Default for LossWeights {
@@ -28,7 +39,21 @@ impl Default for LossWeights {
             affinity: 1.0,
             partition: 1.0,
             consistency: 4.0,
+            consistency_rampup_epochs: 0.0,
         }
+    }
+}
+
+impl LossWeights {
+    /// The weights of step `step` (0-based) of epoch `epoch`, `steps` steps per epoch.
+    pub fn at_step(&self, epoch: usize, step: usize, steps: usize) -> LossWeights {
+        let ramp = self.consistency_rampup_epochs * steps.max(1) as f64;
+        let t = (epoch * steps.max(1) + step + 1) as f64;
+        let mut w = *self;
+        if ramp > 0.0 && t < ramp {
+            w.consistency = self.consistency * t / ramp;
+        }
+        w
     }
 }
 

@@ -31,9 +31,18 @@ pub struct EpochMetrics {
     pub train_accuracy: f64,
     pub test_accuracy: f64,
     pub test_balanced_accuracy: f64,
-    /// Only with label noise: of the flipped training samples, the share predicted as the
-    /// noisy label (memorised) and as the clean one.
+    /// Eval-mode accuracy on the validation split against its (possibly noisy) labels; only
+    /// with `validation`.
+    #[serde(default)]
+    pub val_accuracy: Option<f64>,
+    /// Only with label noise: after the epoch, in eval mode on the un-augmented training set,
+    /// of the flipped training samples the share predicted as the noisy label (memorised) and
+    /// as the clean one.
     pub memorisation: Option<Memorisation>,
+    /// The same shares from the train-mode predictions made during the epoch (a moving model
+    /// on augmented inputs, the dropped last batch excluded): a running figure only.
+    #[serde(default)]
+    pub memorisation_running: Option<Memorisation>,
     pub train_seconds: f64,
     pub eval_seconds: f64,
     pub train_img_per_s: f64,
@@ -80,9 +89,17 @@ pub fn run(
     config.validate()?;
     let dev = device::select(&config.device)?;
     let mut train_set = data::load(&config.data, Split::Train)?;
+    // Noise first, over the whole training split, so a sample's noisy label does not depend on
+    // the validation fraction; validation then holds the labels a researcher would have.
     if let Some(noise) = &config.noise {
         train_set.apply_noise(noise)?;
     }
+    let val_set = match &config.validation {
+        Some(v) => Some(Arc::new(
+            train_set.split_off_validation(v.fraction, config.split_seed())?,
+        )),
+        None => None,
+    };
     let test_set = data::load(&config.data, Split::Test)?;
     anyhow::ensure!(
         train_set.classes() == config.model.classes,
@@ -106,7 +123,7 @@ pub fn run(
         config.model.centers(),
         &dev,
         DType::F32,
-        config.seed,
+        config.init_seed(),
     )?;
     if let Some(path) = &config.model.pretrained {
         checkpoint::load_pretrained_backbone(path, &config.model.backbone, &net)?;
@@ -144,16 +161,15 @@ pub fn run(
     let aug = config.augment();
 
     for epoch in start_epoch..config.epochs {
-        opt.lr = config.schedule.lr_at(config.optimizer.base_lr(), epoch);
         let started = Instant::now();
-        let order = epoch_order(&train_set, config.sampling, config.seed, epoch);
+        let order = epoch_order(&train_set, config.sampling, config.order_seed(), epoch);
         let rx = batches(
             train_set.clone(),
             order,
             config.batch,
             Some(aug.clone()),
             config.input_size,
-            config.seed,
+            config.augment_seed(),
             epoch,
             true,
             2,
@@ -164,9 +180,17 @@ pub fn run(
         let (mut clean, mut noisy, mut predicted) = (Vec::new(), Vec::new(), Vec::new());
         for (step, batch) in rx.into_iter().enumerate() {
             let batch = batch?;
+            opt.lr = config.schedule.lr_at_step(
+                config.optimizer.base_lr(),
+                config.epochs,
+                epoch,
+                step,
+                steps,
+            );
             let x = batch.images(&dev)?;
             let y = batch.label_tensor(&dev)?;
-            let l = train::train_step(&net.dan, &net.centers, &mut opt, &x, &y, config.losses)
+            let weights = config.losses.at_step(epoch, step, steps);
+            let l = train::train_step(&net.dan, &net.centers, &mut opt, &x, &y, weights)
                 .with_context(|| format!("epoch {} step {}", epoch + 1, step + 1))?;
             for (acc, v) in sums
                 .iter_mut()
@@ -192,6 +216,18 @@ pub fn run(
         let train_seconds = started.elapsed().as_secs_f64();
         let eval_started = Instant::now();
         let eval = evaluate_set(&net, &test_set, config)?;
+        let val_accuracy = match &val_set {
+            Some(v) => Some(accuracy(&predict_set(&net, v, config)?, &v.labels())),
+            None => None,
+        };
+        let memorisation_eval = match &config.noise {
+            Some(_) => Some(memorisation(
+                &train_set.clean_labels(),
+                &train_set.labels(),
+                &predict_set(&net, &train_set, config)?,
+            )),
+            None => None,
+        };
         let n = steps.max(1) as f64;
         let metrics = EpochMetrics {
             epoch: epoch + 1,
@@ -204,7 +240,9 @@ pub fn run(
             train_accuracy: correct as f64 / seen.max(1) as f64,
             test_accuracy: eval.accuracy,
             test_balanced_accuracy: eval.balanced_accuracy,
-            memorisation: config
+            val_accuracy,
+            memorisation: memorisation_eval,
+            memorisation_running: config
                 .noise
                 .as_ref()
                 .map(|_| memorisation(&clean, &noisy, &predicted)),
@@ -232,12 +270,24 @@ pub fn run(
     Ok(())
 }
 
-/// Evaluation-mode accuracy on a whole split.
+/// Evaluation-mode accuracy on a whole split, against its clean labels.
 pub fn evaluate_set(
     net: &DanEac,
     set: &Arc<DataSet>,
     config: &RunConfig,
 ) -> anyhow::Result<EvalReport> {
+    let pred = predict_set(net, set, config)?;
+    let mut confusion = Confusion::new(config.model.classes);
+    confusion.add(&set.clean_labels(), &pred)?;
+    Ok(confusion.report())
+}
+
+/// Evaluation-mode predictions (eval transform, no augmentation) for every sample, in order.
+pub fn predict_set(
+    net: &DanEac,
+    set: &Arc<DataSet>,
+    config: &RunConfig,
+) -> anyhow::Result<Vec<u32>> {
     let dev = net.store.device().clone();
     let order: Vec<usize> = (0..set.len()).collect();
     let rx = batches(
@@ -251,11 +301,16 @@ pub fn evaluate_set(
         false,
         2,
     );
-    let mut confusion = Confusion::new(config.model.classes);
+    let mut out = Vec::with_capacity(set.len());
     for batch in rx {
         let batch = batch?;
-        let pred = train::predict(&net.dan, &batch.images(&dev)?)?;
-        confusion.add(&batch.clean_labels, &pred)?;
+        out.extend(train::predict(&net.dan, &batch.images(&dev)?)?);
     }
-    Ok(confusion.report())
+    Ok(out)
+}
+
+/// Share of predictions equal to the labels.
+fn accuracy(predicted: &[u32], labels: &[u32]) -> f64 {
+    let hits = predicted.iter().zip(labels).filter(|(p, l)| p == l).count();
+    hits as f64 / labels.len().max(1) as f64
 }

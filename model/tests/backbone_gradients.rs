@@ -55,15 +55,29 @@ fn layer_norm_softmax_gelu_and_avg_pool_match_finite_differences() {
     assert!(s.iter().all(|v| (v - 1.0).abs() < 1e-12));
 }
 
-/// Tiny variants of the three new backbones, with the input size each takes.
+/// Tiny variants of the three new backbones and of the embedded default's stride-16 ResNet
+/// layout (here with stride-1 stages changing width and no stem pool), with the input size each
+/// takes.
 fn tiny_backbones() -> Vec<(&'static str, BackboneConfig, usize)> {
     vec![
+        (
+            "resnet_strided",
+            BackboneConfig::ResNet(ResNetConfig {
+                widths: [4, 6, 8, 16],
+                blocks: [1, 1, 1, 1],
+                strides: [1, 1, 2, 1],
+                stem_pool: false,
+                ..ResNetConfig::resnet18()
+            }),
+            16,
+        ),
         (
             "resnet50",
             BackboneConfig::ResNet(ResNetConfig {
                 widths: [4, 4, 4, 4],
                 blocks: [1, 2, 1, 1],
                 bottleneck: true,
+                ..ResNetConfig::resnet18()
             }),
             32,
         ),
@@ -144,7 +158,14 @@ fn every_backbone_parameter_receives_a_gradient() {
 
 #[test]
 fn backbone_gradients_match_finite_differences() {
-    let picks: [&[&str]; 3] = [
+    let picks: [&[&str]; 4] = [
+        &[
+            "features.0.weight",
+            "features.5.0.conv1.weight",
+            "features.5.0.downsample.0.weight",
+            "features.7.0.conv2.weight",
+            "features.7.0.downsample.1.weight",
+        ],
         &[
             "features.0.weight",
             "features.4.0.conv3.weight",

@@ -405,7 +405,8 @@ fn backbone_configs_presets_errors_and_stable_serialisation() {
         BackboneConfig::ResNet(ResNetConfig {
             widths: [8, 16, 32, 64],
             blocks: [3, 4, 6, 3],
-            bottleneck: true
+            bottleneck: true,
+            ..ResNetConfig::resnet18()
         })
     );
     assert_eq!(r50.out_channels(), 256);
@@ -496,6 +497,7 @@ fn pretrained_torchvision_checkpoints_load_into_dan() {
         widths: [4, 4, 8, 16],
         blocks: [1, 1, 1, 1],
         bottleneck: true,
+        ..ResNetConfig::resnet18()
     });
     for (tag, config, probe_tv, probe_dan) in [
         (
@@ -583,5 +585,108 @@ fn pretrained_torchvision_checkpoints_load_into_dan() {
             e.contains("unexpected key features.encoder.extra.weight"),
             "{tag}: {e}"
         );
+    }
+}
+
+#[test]
+fn resnet_stage_strides_and_stem_pool_change_the_grid_not_the_parameters() {
+    let parse = |j: &str| serde_json::from_str::<BackboneConfig>(j).unwrap();
+    let tv = parse(r#"{"widths":[8,16,32,64],"blocks":[1,1,1,1]}"#);
+    let s8 = parse(r#"{"widths":[8,16,32,64],"blocks":[1,1,1,1],"strides":[1,1,2,1]}"#);
+    let no_pool = parse(
+        r#"{"widths":[8,16,32,64],"blocks":[1,1,1,1],"strides":[1,2,2,1],"stem_pool":false}"#,
+    );
+    // torchvision's layout: total stride 32; 56 px -> 2 x 2. Stride 8: 56 px -> 7 x 7.
+    assert_eq!(tv.feature_size(56).unwrap(), (2, 2));
+    assert_eq!(s8.feature_size(56).unwrap(), (7, 7));
+    assert_eq!(s8.feature_size(48).unwrap(), (6, 6));
+    assert_eq!(no_pool.feature_size(56).unwrap(), (7, 7));
+    // The torchvision layout serialises without the new fields (old trial keys stay valid); the
+    // others keep theirs and round-trip.
+    assert!(!serde_json::to_string(&tv).unwrap().contains("strides"));
+    assert_eq!(parse(&serde_json::to_string(&s8).unwrap()), s8);
+    assert_eq!(parse(&serde_json::to_string(&no_pool).unwrap()), no_pool);
+    assert!(s8.describe().contains("strides [1, 1, 2, 1]"));
+    let bad = serde_json::from_str::<BackboneConfig>(
+        r#"{"widths":[8,16,32,64],"blocks":[1,1,1,1],"strides":[1,3,2,1]}"#,
+    )
+    .unwrap();
+    assert!(bad.validate().unwrap_err().to_string().contains("1 or 2"));
+    // The presets take the switches too.
+    let r50 = parse(r#"{"arch":"resnet50","width":0.125,"strides":[1,2,2,1]}"#);
+    assert_eq!(r50.feature_size(64).unwrap(), (4, 4));
+    assert_eq!(r50.out_channels(), 256);
+    let e = serde_json::from_str::<BackboneConfig>(r#"{"arch":"resnet18","strides":[1,2]}"#)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("four stage strides"), "{e}");
+
+    let build = |c: &BackboneConfig| {
+        let mut store = ParamStore::new(&Device::Cpu, DType::F32, 0);
+        let net = Backbone::new(&mut store, "", TrunkNames::Torchvision, c, None).unwrap();
+        let names: Vec<(String, Vec<usize>)> = store
+            .entries()
+            .iter()
+            .map(|e| (e.name.clone(), e.var.dims().to_vec()))
+            .collect();
+        (net, names)
+    };
+    let (tv_net, tv_names) = build(&tv);
+    for c in [&s8, &no_pool] {
+        let (net, names) = build(c);
+        assert_eq!(names, tv_names, "same state-dict keys and shapes");
+        let x = Tensor::ones((2, 3, 56, 56), DType::F32, &Device::Cpu).unwrap();
+        let (h, w) = c.feature_size(56).unwrap();
+        assert_eq!(net.forward(&x, true).unwrap().dims(), &[2, 64, h, w]);
+    }
+    let x = Tensor::ones((2, 3, 56, 56), DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(tv_net.forward(&x, true).unwrap().dims(), &[2, 64, 2, 2]);
+}
+
+#[test]
+fn zero_init_residual_zeroes_the_last_bn_of_each_branch_and_nothing_else() {
+    let parse = |j: &str| serde_json::from_str::<BackboneConfig>(j).unwrap();
+    for (plain, zeroed, last) in [
+        (
+            r#"{"arch":"resnet18","width":0.125}"#,
+            r#"{"arch":"resnet18","width":0.125,"zero_init_residual":true}"#,
+            ".bn2.weight",
+        ),
+        (
+            r#"{"arch":"resnet50","width":0.0625}"#,
+            r#"{"arch":"resnet50","width":0.0625,"zero_init_residual":true}"#,
+            ".bn3.weight",
+        ),
+    ] {
+        let state = |c: &BackboneConfig| {
+            let mut store = ParamStore::new(&Device::Cpu, DType::F32, 3);
+            Backbone::new(&mut store, "", TrunkNames::Torchvision, c, None).unwrap();
+            store.state().unwrap()
+        };
+        let (a, b) = (state(&parse(plain)), state(&parse(zeroed)));
+        assert_eq!(a.len(), b.len());
+        let mut zeroed_count = 0;
+        for (k, ta) in &a {
+            let (va, vb) = (flat(ta), flat(&b[k]));
+            let is_last = k.starts_with("layer") && k.ends_with(last);
+            if is_last {
+                zeroed_count += 1;
+                assert!(vb.iter().all(|&v| v == 0.0), "{k} starts at 0");
+                assert!(
+                    va.iter().all(|&v| v == 1.0),
+                    "{k} starts at 1 without the switch"
+                );
+            } else {
+                assert_eq!(va, vb, "{k} is unchanged by the switch");
+            }
+        }
+        // One residual branch per block: ResNet-18 has 8 blocks, ResNet-50 16.
+        assert_eq!(zeroed_count, if last == ".bn2.weight" { 8 } else { 16 });
+        assert!(serde_json::to_string(&parse(zeroed))
+            .unwrap()
+            .contains("zero_init_residual"));
+        assert!(!serde_json::to_string(&parse(plain))
+            .unwrap()
+            .contains("zero_init"));
     }
 }

@@ -318,6 +318,7 @@ fn switched_off_terms_leave_no_gradient() {
         affinity: 0.0,
         partition: 0.0,
         consistency: 0.0,
+        ..LossWeights::default()
     };
     let before = net
         .store
@@ -346,6 +347,7 @@ fn switched_off_terms_leave_no_gradient() {
         affinity: 0.0,
         partition: 0.0,
         consistency: 4.0,
+        ..LossWeights::default()
     };
     let graph = train::step_graph(&net.dan, &net.centers, &x, &y, w).unwrap();
     let lc_grads = graph.consistency.unwrap().backward().unwrap();

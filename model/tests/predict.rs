@@ -46,6 +46,7 @@ fn architecture_comes_from_the_tensor_shapes() {
                 widths: [4, 4, 8, 16],
                 blocks: [1, 2, 1, 1],
                 bottleneck: true,
+                ..ResNetConfig::resnet18()
             }),
             heads: 3,
             classes: 8,

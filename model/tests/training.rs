@@ -348,3 +348,62 @@ fn rand_suffix() -> u64 {
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
 }
+
+#[test]
+fn cosine_schedule_warms_up_then_decays_to_its_floor() {
+    let s = Schedule::Cosine {
+        warmup_epochs: 1.0,
+        min_lr: 1e-4,
+    };
+    let (base, epochs, steps) = (2e-3, 5, 10);
+    let lr = |e: usize, k: usize| s.lr_at_step(base, epochs, e, k, steps);
+    // Linear warm-up over the first 10 steps, reaching the base rate at the end of epoch 1.
+    assert!((lr(0, 0) - base / 10.0).abs() < 1e-15);
+    assert!((lr(0, 4) - base / 2.0).abs() < 1e-15);
+    assert!((lr(0, 9) - base).abs() < 1e-15);
+    // Then a half cosine over the remaining 40 steps: the midpoint is halfway to the floor,
+    // the last step is the floor, and the rate never rises after the warm-up.
+    let mid = lr(2, 9);
+    assert!((mid - (1e-4 + (base - 1e-4) * 0.5)).abs() < 1e-12, "{mid}");
+    assert!((lr(4, 9) - 1e-4).abs() < 1e-15);
+    let all: Vec<f64> = (0..epochs)
+        .flat_map(|e| (0..steps).map(move |k| (e, k)))
+        .map(|(e, k)| lr(e, k))
+        .collect();
+    assert!(all[9..].windows(2).all(|w| w[1] <= w[0] + 1e-18));
+    // No warm-up: the first step is already at (almost) the base rate.
+    let plain = Schedule::Cosine {
+        warmup_epochs: 0.0,
+        min_lr: 0.0,
+    };
+    assert!(plain.lr_at_step(1.0, 2, 0, 0, 100) > 0.999);
+    // The per-epoch schedules ignore the step.
+    let exp = Schedule::Exponential { gamma: 0.5 };
+    assert_eq!(exp.lr_at_step(1.0, 9, 2, 7, 10), 0.25);
+}
+
+#[test]
+fn consistency_rampup_grows_lambda3_linearly_and_never_drops_the_term() {
+    let w = fer_model::train::LossWeights {
+        consistency_rampup_epochs: 2.0,
+        ..Default::default()
+    };
+    let steps = 10;
+    // 20 ramp steps: the first step has 1/20 of lambda3, the 20th the full weight, then it stays.
+    assert!((w.at_step(0, 0, steps).consistency - 4.0 / 20.0).abs() < 1e-12);
+    assert!((w.at_step(0, 9, steps).consistency - 2.0).abs() < 1e-12);
+    assert_eq!(w.at_step(1, 9, steps).consistency, 4.0);
+    assert_eq!(w.at_step(5, 3, steps).consistency, 4.0);
+    for e in 0..3 {
+        for k in 0..steps {
+            let c = w.at_step(e, k, steps).consistency;
+            assert!(c > 0.0 && c <= 4.0, "the term stays in the graph: {c}");
+        }
+    }
+    // The other weights do not ramp; without a ramp lambda3 is constant (the papers).
+    assert_eq!(w.at_step(0, 0, steps).affinity, 1.0);
+    let plain = fer_model::train::LossWeights::default();
+    assert_eq!(plain.at_step(0, 0, steps), plain);
+    // Left out of the serialised config when 0 (old trial keys stay valid).
+    assert!(!serde_json::to_string(&plain).unwrap().contains("rampup"));
+}

@@ -5,6 +5,7 @@ mod data_cmd;
 mod predict_cmd;
 mod report;
 mod scheduler;
+mod stats;
 mod store;
 mod sweep;
 mod sweep_cmd;

@@ -441,18 +441,29 @@ async fn record_line(
                 ("train", "img_per_s", "train_img_per_s"),
                 ("test", "accuracy", "test_accuracy"),
                 ("test", "balanced_accuracy", "test_balanced_accuracy"),
+                ("val", "accuracy", "val_accuracy"),
             ] {
                 if let Some(x) = f(key) {
                     values.push((split, name, x));
                 }
             }
-            if let Some(m) = v["memorisation"].as_object() {
-                for (name, key) in [
-                    ("memorised_noisy", "predicted_noisy"),
-                    ("memorised_clean", "predicted_clean"),
-                ] {
-                    if let Some(x) = m.get(key).and_then(|x| x.as_f64()) {
-                        values.push(("train", name, x));
+            // Eval-mode memorisation after the epoch, and the running figure of the epoch's
+            // train-mode predictions under its own names.
+            for (field, names) in [
+                ("memorisation", ["memorised_noisy", "memorised_clean"]),
+                (
+                    "memorisation_running",
+                    ["memorised_noisy_running", "memorised_clean_running"],
+                ),
+            ] {
+                if let Some(m) = v[field].as_object() {
+                    for (name, key) in names
+                        .into_iter()
+                        .zip(["predicted_noisy", "predicted_clean"])
+                    {
+                        if let Some(x) = m.get(key).and_then(|x| x.as_f64()) {
+                            values.push(("train", name, x));
+                        }
                     }
                 }
             }
@@ -470,21 +481,6 @@ async fn record_line(
         None => store.event(Some(attempt), "stdout", line).await?,
     }
     Ok(())
-}
-
-/// Mean, sample standard deviation and count.
-pub fn mean_std(xs: &[f64]) -> (f64, f64, usize) {
-    let n = xs.len();
-    if n == 0 {
-        return (f64::NAN, f64::NAN, 0);
-    }
-    let mean = xs.iter().sum::<f64>() / n as f64;
-    let std = if n > 1 {
-        (xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
-    } else {
-        0.0
-    };
-    (mean, std, n)
 }
 
 /// Final test accuracy grouped by the swept params (seed aside): mean ± std over seeds, n.
@@ -512,11 +508,14 @@ pub fn summary_table(results: &[crate::store::TrialResult]) -> String {
     let mut rows: Vec<_> = groups.into_iter().collect();
     rows.sort_by_key(|a| natural_key(&a.0));
     for (label, accs) in rows {
-        let (m, s, n) = mean_std(&accs);
+        let Some(st) = crate::stats::Stat::of(&accs) else {
+            continue;
+        };
         out.push_str(&format!(
-            "{label} | {:.2} ± {:.2} % | {n}\n",
-            100.0 * m,
-            100.0 * s
+            "{label} | {:.2} ± {:.2} % | {}\n",
+            100.0 * st.mean,
+            100.0 * st.std,
+            st.n
         ));
     }
     out

@@ -192,27 +192,56 @@ pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
     .fetch_all(&store.pool)
     .await?;
     println!(
-        "{:<10} {:<16} {:<12} {:>8} {:>9}  params / error",
-        "sweep", "trial", "status", "attempts", "test acc"
+        "{:<10} {:<16} {:<12} {:>8} {:>9} {:<13}  params / error",
+        "sweep", "trial", "status", "attempts", "test acc", "plateau"
     );
+    let mut undertrained = 0;
     for r in rows {
         let status: Option<String> = r.get(3);
         let acc: Option<f64> = r.get(7);
         let error: Option<String> = r.get(5);
         let class: Option<String> = r.get(4);
+        let key: String = r.get(1);
+        // The plateau rule (mean of the last 3 test epochs within 1 point of the best), for
+        // completed trials.
+        let plateau = if status.as_deref() == Some("completed") {
+            let curve: Vec<f64> = crate::report::trial_metrics(&store, &key)
+                .await?
+                .remove(&("test".to_string(), "accuracy".to_string()))
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(_, a)| a)
+                .collect();
+            match crate::stats::plateau(&curve) {
+                Some(p) if p.undertrained => {
+                    undertrained += 1;
+                    "UNDERTRAINED"
+                }
+                Some(_) => "yes",
+                None => "-",
+            }
+        } else {
+            "-"
+        };
         println!(
-            "{:<10} {:<16} {:<12} {:>8} {:>9}  {}{}",
+            "{:<10} {:<16} {:<12} {:>8} {:>9} {:<13}  {}{}",
             r.get::<String, _>(0),
-            &r.get::<String, _>(1)[..16],
+            &key[..16],
             status.unwrap_or_else(|| "pending".into()),
             r.get::<i64, _>(6),
             acc.map(|a| format!("{:.2}%", 100.0 * a))
                 .unwrap_or_else(|| "-".into()),
+            plateau,
             r.get::<String, _>(2),
             match (class, error) {
                 (Some(c), Some(e)) => format!("  [{c}] {e}"),
                 _ => String::new(),
             }
+        );
+    }
+    if undertrained > 0 {
+        println!(
+            "\n{undertrained} finished trial(s) UNDERTRAINED: the mean test accuracy of their last 3 epochs is more than 1 point below their best epoch (still rising or unsettled); train them longer before reading their accuracy as a result."
         );
     }
     Ok(())

@@ -103,3 +103,19 @@ fn train(args: TrainArgs, started: &mut bool) -> anyhow::Result<()> {
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use fer_model::config::RunConfig;
+
+    /// `experiments/base.yaml` is the embedded default written out: what `fer train` runs
+    /// without a config is what every embedded sweep inherits.
+    #[test]
+    fn base_yaml_is_the_embedded_default() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/base.yaml");
+        let base: RunConfig = crate::yaml::read(&path).unwrap();
+        assert_eq!(base, RunConfig::embedded_default());
+        base.validate().unwrap();
+    }
+}

@@ -25,6 +25,8 @@ report:
     - {label: \"1\", where: {model.heads: 1}, thesis: 87.88, published: {\"Paper\": 80.5}}
     - {label: \"2\", where: {model.heads: 2}, thesis: 89.07}
     - {label: \"Peer\", thesis: 70.25}
+  contrasts:
+    - {rows: [\"2\", \"1\"]}
 ";
 
 fn sql(db: &Path, query: &str) -> String {
@@ -97,11 +99,11 @@ fn table_csv_and_figures_from_the_database() {
         "{out}"
     );
     assert!(
-        out.contains("| 1 | 20.50 ± 0.71 (n=2) | 87.88 | 80.50 |"),
+        out.contains("| 1 | 20.50 ± 0.71 (n=2) †2 | 87.88 | 80.50 |"),
         "{out}"
     );
     assert!(
-        out.contains("| 2 | 30.50 ± 0.71 (n=2) | 89.07 |  |"),
+        out.contains("| 2 | 30.50 ± 0.71 (n=2) †2 | 89.07 |  |"),
         "{out}"
     );
     assert!(out.contains("| Peer |  | 70.25 |  |"), "{out}");
@@ -111,7 +113,7 @@ fn table_csv_and_figures_from_the_database() {
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(
         lines[0],
-        "row,column,protocol,n,expected,mean,std,min,max,final_mean,best_mean,last5_mean,balanced_mean,thesis,published: Paper"
+        "row,column,protocol,n,expected,mean,std,min,max,final_mean,best_mean,last5_mean,balanced_mean,undertrained,thesis,published: Paper"
     );
     // Mean of the last 5 (here both) epochs: heads 1 -> 0.175, 0.185.
     let row1: Vec<&str> = lines[1].split(',').collect();
@@ -132,8 +134,9 @@ fn table_csv_and_figures_from_the_database() {
             "18.0000"
         ]
     );
-    assert_eq!(row1[13], "87.8800");
-    assert_eq!(row1[14], "80.5000");
+    assert_eq!(row1[13], "2", "both trials of 2 epochs are undertrained");
+    assert_eq!(row1[14], "87.8800");
+    assert_eq!(row1[15], "80.5000");
     assert!(lines
         .iter()
         .any(|l| l.starts_with("Peer,") && l.contains(",70.2500,")));
@@ -143,6 +146,13 @@ fn table_csv_and_figures_from_the_database() {
     assert!(md.contains("Protocol: **final**"));
     assert!(md.contains("synthetic faces (difficulty 0.2"));
     assert!(!md.contains("## Missing results"));
+    // Paired by seed: heads 2 - heads 1 is 10 points for both seeds.
+    assert!(
+        md.contains("| 2 − 1 | 2 | +10.00 | [+10.00, +10.00] | **yes** | 2 (has 2) |"),
+        "{md}"
+    );
+    assert!(md.contains("**4 of 4 trials are undertrained**"), "{md}");
+    assert!(md.contains("not a finding until they converge"), "{md}");
     for f in ["t.png", "t.svg", "README.md"] {
         assert!(reports.join(f).is_file(), "{f}");
     }
@@ -167,7 +177,7 @@ fn protocol_selection() {
     assert!(o.status.success(), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     // Mean of epochs 1 and 2: heads 2 -> 0.275, 0.285.
-    assert!(out.contains("| 2 | 28.00 ± 0.71 (n=2) |"), "{out}");
+    assert!(out.contains("| 2 | 28.00 ± 0.71 (n=2) †2 |"), "{out}");
     let md = std::fs::read_to_string(d.join("reports/t.md")).unwrap();
     assert!(md.contains("Protocol: **last5**"));
     // Best epoch: make epoch 1 the best (0.75, 0.76 for heads 2), unlike the final epoch.
@@ -177,10 +187,10 @@ fn protocol_selection() {
     );
     let o = report(&d, &["--protocol", "best"]);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("| 2 | 75.50 ± 0.71 (n=2) |"), "{out}");
+    assert!(out.contains("| 2 | 75.50 ± 0.71 (n=2) †2 |"), "{out}");
     let o = report(&d, &["--protocol", "final"]);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("| 2 | 30.50 ± 0.71 (n=2) |"), "{out}");
+    assert!(out.contains("| 2 | 30.50 ± 0.71 (n=2) †2 |"), "{out}");
 }
 
 #[test]
@@ -217,7 +227,7 @@ fn a_missing_cell_is_listed_and_fails_unless_allowed() {
     let o = report(&d, &["--allow-missing"]);
     assert!(o.status.success(), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("| 2 | 30.00 (n=1 of 2) | 89.07 |"), "{out}");
+    assert!(out.contains("| 2 | 30.00 (n=1 of 2) †1 | 89.07 |"), "{out}");
     let md = std::fs::read_to_string(d.join("reports/t.md")).unwrap();
     assert!(md.contains("## Missing results"));
     assert!(md.contains(&key[..16]));

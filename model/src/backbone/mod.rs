@@ -21,7 +21,7 @@ use crate::store::ParamStore;
 
 /// Which backbone, and its size. In a config file: `{widths, blocks[, bottleneck]}` (a ResNet,
 /// the historical form), or `{arch: NAME, ...}` with NAME one of `resnet18`, `resnet50` (optional
-/// `width` multiplier), `inception_v3` (optional `width`), `vit_b_32` (optional overrides of
+/// `width` multiplier, `strides`, `stem_pool`, `zero_init_residual`), `inception_v3` (optional `width`), `vit_b_32` (optional overrides of
 /// `image_size`, `patch_size`, `hidden_dim`, `num_layers`, `num_heads`, `mlp_dim`), or `vit`
 /// (all of those given). Presets are expanded, so equal networks have equal configs.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,10 +54,19 @@ impl BackboneConfig {
     pub fn describe(&self) -> String {
         match self {
             BackboneConfig::ResNet(c) => format!(
-                "resnet widths {:?} blocks {:?}{}",
+                "resnet widths {:?} blocks {:?}{}{}",
                 c.widths,
                 c.blocks,
-                if c.bottleneck { " bottleneck" } else { "" }
+                if c.bottleneck { " bottleneck" } else { "" },
+                if c.is_torchvision_layout() {
+                    String::new()
+                } else {
+                    format!(
+                        " strides {:?}{}",
+                        c.strides,
+                        if c.stem_pool { "" } else { " no stem pool" }
+                    )
+                }
             ),
             BackboneConfig::InceptionV3(c) => format!("inception_v3 x{}", c.width),
             BackboneConfig::Vit(c) => format!(
@@ -71,16 +80,12 @@ impl BackboneConfig {
     /// backbone cannot take it.
     pub fn feature_size(&self, size: usize) -> anyhow::Result<(usize, usize)> {
         match self {
-            BackboneConfig::ResNet(_) => {
+            BackboneConfig::ResNet(c) => {
                 ensure!(
                     size >= 16,
                     "resnet: input of {size} px is too small (at least 16)"
                 );
-                // conv1 s2, maxpool s2, then three stride-2 stages.
-                let mut s = size;
-                for (k, st, p) in [(7, 2, 3), (3, 2, 1), (3, 2, 1), (3, 2, 1), (3, 2, 1)] {
-                    s = (s + 2 * p - k) / st + 1;
-                }
+                let s = c.feature_side(size);
                 Ok((s, s))
             }
             BackboneConfig::InceptionV3(_) => inception::feature_size(size).map(|s| (s, s)),
@@ -108,6 +113,11 @@ impl BackboneConfig {
                     c.blocks.iter().all(|&b| b > 0),
                     "resnet: every stage needs at least one block, got {:?}",
                     c.blocks
+                );
+                ensure!(
+                    c.strides.iter().all(|&s| (1..=2).contains(&s)),
+                    "resnet: strides: every stage stride must be 1 or 2, got {:?}",
+                    c.strides
                 );
             }
             BackboneConfig::InceptionV3(c) => {
@@ -162,22 +172,48 @@ impl BackboneConfig {
             }
             Ok(())
         };
-        let scaled_resnet = |base: ResNetConfig, w: f64| ResNetConfig {
-            widths: base.widths.map(|c| scaled(c, w)),
-            ..base
+        // A ResNet preset takes a width multiplier and the layout switches (strides, stem pool).
+        let resnet_preset = |map: &mut serde_json::Map<String, Value>,
+                             base: ResNetConfig,
+                             arch: &str|
+         -> anyhow::Result<ResNetConfig> {
+            let w = width(map)?;
+            let strides = match map.remove("strides") {
+                None => base.strides,
+                Some(v) => serde_json::from_value(v.clone()).map_err(|_| {
+                    anyhow::anyhow!(
+                        "strides: expected four stage strides like [1, 2, 2, 1], got {v}"
+                    )
+                })?,
+            };
+            let mut flag = |key: &str, default: bool| match map.remove(key) {
+                None => Ok(default),
+                Some(Value::Bool(b)) => Ok(b),
+                Some(v) => Err(anyhow::anyhow!("{key}: expected true or false, got {v}")),
+            };
+            let stem_pool = flag("stem_pool", base.stem_pool)?;
+            let zero_init_residual = flag("zero_init_residual", base.zero_init_residual)?;
+            no_more(map, arch, "width, strides, stem_pool, zero_init_residual")?;
+            Ok(ResNetConfig {
+                widths: base.widths.map(|c| scaled(c, w)),
+                strides,
+                stem_pool,
+                zero_init_residual,
+                ..base
+            })
         };
         Ok(match arch.as_deref() {
             None | Some("resnet") => BackboneConfig::ResNet(serde_json::from_value(Value::Object(map))?),
-            Some("resnet18") => {
-                let w = width(&mut map)?;
-                no_more(&map, "resnet18", "width")?;
-                BackboneConfig::ResNet(scaled_resnet(ResNetConfig::resnet18(), w))
-            }
-            Some("resnet50") => {
-                let w = width(&mut map)?;
-                no_more(&map, "resnet50", "width")?;
-                BackboneConfig::ResNet(scaled_resnet(ResNetConfig::resnet50(), w))
-            }
+            Some("resnet18") => BackboneConfig::ResNet(resnet_preset(
+                &mut map,
+                ResNetConfig::resnet18(),
+                "resnet18",
+            )?),
+            Some("resnet50") => BackboneConfig::ResNet(resnet_preset(
+                &mut map,
+                ResNetConfig::resnet50(),
+                "resnet50",
+            )?),
             Some("inception_v3") => {
                 let w = width(&mut map)?;
                 no_more(&map, "inception_v3", "width")?;

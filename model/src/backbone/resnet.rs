@@ -59,6 +59,25 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// torchvision's stage strides: layer1 keeps the stem's resolution, layer2..4 halve it.
+pub const TORCHVISION_STRIDES: [usize; 4] = [1, 2, 2, 2];
+
+fn torchvision_strides() -> [usize; 4] {
+    TORCHVISION_STRIDES
+}
+
+fn is_torchvision_strides(s: &[usize; 4]) -> bool {
+    *s == TORCHVISION_STRIDES
+}
+
 /// Stage widths and block counts. ResNet-18 is `[64,128,256,512]` x `[2,2,2,2]`; ResNet-50 is
 /// the same widths x `[3,4,6,3]` with bottleneck blocks (4x expansion: 2048 output channels).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +89,23 @@ pub struct ResNetConfig {
     /// config when false, so older configs keep their trial keys.
     #[serde(default, skip_serializing_if = "is_false")]
     pub bottleneck: bool,
+    /// Stride of each stage's first block (torchvision: `[1, 2, 2, 2]`, total stride 32). A
+    /// CPU-sized input keeps a useful feature map with a smaller total stride, e.g. `[1, 1, 2, 1]`
+    /// (total 8: 56 px -> 7 x 7, the thesis's grid at 224 px). Parameter names and shapes do not
+    /// depend on it. Left out of the serialised config when torchvision's.
+    #[serde(
+        default = "torchvision_strides",
+        skip_serializing_if = "is_torchvision_strides"
+    )]
+    pub strides: [usize; 4],
+    /// The stem's 3x3 stride-2 max pool (torchvision: on). Left out when on.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub stem_pool: bool,
+    /// torchvision's `zero_init_residual`: the last BN of every residual branch starts with
+    /// weight 0, so each block starts as its shortcut (Goyal et al. 2017). Off in torchvision and
+    /// the papers; a deep trunk trained from scratch at a small width needs it. Left out when off.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub zero_init_residual: bool,
 }
 
 impl ResNetConfig {
@@ -78,6 +114,9 @@ impl ResNetConfig {
             widths: [64, 128, 256, 512],
             blocks: [2, 2, 2, 2],
             bottleneck: false,
+            strides: TORCHVISION_STRIDES,
+            stem_pool: true,
+            zero_init_residual: false,
         }
     }
 
@@ -86,6 +125,9 @@ impl ResNetConfig {
             widths: [64, 128, 256, 512],
             blocks: [3, 4, 6, 3],
             bottleneck: true,
+            strides: TORCHVISION_STRIDES,
+            stem_pool: true,
+            zero_init_residual: false,
         }
     }
 
@@ -95,6 +137,9 @@ impl ResNetConfig {
             widths,
             blocks,
             bottleneck: false,
+            strides: TORCHVISION_STRIDES,
+            stem_pool: true,
+            zero_init_residual: false,
         }
     }
 
@@ -109,6 +154,24 @@ impl ResNetConfig {
     /// Channels of the last feature map.
     pub fn out_channels(&self) -> usize {
         self.widths[3] * self.expansion()
+    }
+
+    /// The torchvision layout (stage strides `[1, 2, 2, 2]`, stem pool on)?
+    pub fn is_torchvision_layout(&self) -> bool {
+        self.strides == TORCHVISION_STRIDES && self.stem_pool
+    }
+
+    /// Side of the feature map for a square input of `size` px.
+    pub fn feature_side(&self, size: usize) -> usize {
+        let out = |s: usize, k: usize, st: usize, p: usize| (s + 2 * p - k) / st + 1;
+        let mut s = out(size, 7, 2, 3);
+        if self.stem_pool {
+            s = out(s, 3, 2, 1);
+        }
+        for &st in &self.strides {
+            s = out(s, 3, st, 1);
+        }
+        s
     }
 }
 
@@ -187,6 +250,11 @@ impl BasicBlock {
             bn2,
             downsample,
         })
+    }
+
+    /// The BN whose output joins the shortcut.
+    fn last_bn(&self) -> &BatchNorm {
+        &self.bn2
     }
 
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
@@ -271,6 +339,13 @@ enum Block {
 }
 
 impl Block {
+    fn last_bn(&self) -> &BatchNorm {
+        match self {
+            Block::Basic(b) => b.last_bn(),
+            Block::Bottleneck(b) => &b.bns[2],
+        }
+    }
+
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match self {
             Block::Basic(b) => b.forward(x, train),
@@ -305,6 +380,11 @@ impl ResNet {
             "resnet: every stage needs at least one block, got {:?}",
             config.blocks
         );
+        ensure!(
+            config.strides.iter().all(|&s| (1..=2).contains(&s)),
+            "resnet: every stage stride must be 1 or 2, got {:?}",
+            config.strides
+        );
         let at = |m: &str| join(prefix, &names.module(m));
         let w0 = config.widths[0];
         let stem = ConvGeometry::new((7, 7), (2, 2), (3, 3));
@@ -324,7 +404,7 @@ impl ResNet {
             let layer_name = at(&format!("layer{}", stage + 1));
             let mut blocks = Vec::new();
             for j in 0..count {
-                let stride = if stage > 0 && j == 0 { 2 } else { 1 };
+                let stride = if j == 0 { config.strides[stage] } else { 1 };
                 let name = join(&layer_name, &j.to_string());
                 if config.bottleneck {
                     blocks.push(Block::Bottleneck(Bottleneck::new(
@@ -339,6 +419,14 @@ impl ResNet {
                 }
             }
             layers.push(blocks);
+        }
+        if config.zero_init_residual {
+            // Set after creation: a constant init draws nothing from the store's generator, so
+            // every other initial weight is the same as without the switch.
+            for block in layers.iter().flatten() {
+                let w = &block.last_bn().weight;
+                w.set(&w.as_tensor().zeros_like()?)?;
+            }
         }
         let fc = match classifier {
             Some(n) => Some(Linear::default_init(store, &join(prefix, "fc"), cin, n)?),
@@ -364,7 +452,9 @@ impl ResNet {
     /// The last feature map F: [B, widths[3], h, w].
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut y = self.bn1.forward_relu(&self.conv1.forward(x)?, train)?;
-        y = max_pool2d(&y, 3, 2, 1)?;
+        if self.config.stem_pool {
+            y = max_pool2d(&y, 3, 2, 1)?;
+        }
         for layer in &self.layers {
             for block in layer {
                 y = block.forward(&y, train)?;

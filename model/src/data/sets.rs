@@ -125,6 +125,57 @@ impl DataSet {
         c
     }
 
+    /// Move a seeded, class-stratified `fraction` of the samples (at least one per class that
+    /// has two or more) into a validation set sharing this set's images. Strata are the labels
+    /// training sees (noisy ones when noise was applied first), as a researcher would split.
+    pub fn split_off_validation(&mut self, fraction: f64, seed: u64) -> anyhow::Result<DataSet> {
+        use rand::seq::SliceRandom;
+        use rand::SeedableRng;
+        anyhow::ensure!(
+            fraction > 0.0 && fraction < 1.0,
+            "validation.fraction: must be in (0, 1), got {fraction}"
+        );
+        let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); self.classes()];
+        for (i, s) in self.samples.iter().enumerate() {
+            by_class[s.label as usize].push(i);
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5A11_D0A7_10F0_0001);
+        let mut to_val = vec![false; self.samples.len()];
+        for members in &mut by_class {
+            members.shuffle(&mut rng);
+            let k = (members.len() as f64 * fraction).round() as usize;
+            let k = if members.len() >= 2 {
+                k.clamp(1, members.len() - 1)
+            } else {
+                0
+            };
+            for &i in &members[..k] {
+                to_val[i] = true;
+            }
+        }
+        let (mut train, mut val) = (Vec::new(), Vec::new());
+        for (s, v) in std::mem::take(&mut self.samples).into_iter().zip(to_val) {
+            if v {
+                val.push(s)
+            } else {
+                train.push(s)
+            }
+        }
+        self.samples = train;
+        anyhow::ensure!(
+            !val.is_empty() && !self.samples.is_empty(),
+            "validation.fraction {fraction}: the training split of {} samples cannot be split",
+            val.len() + self.samples.len()
+        );
+        Ok(DataSet {
+            name: format!("{} (validation)", self.name),
+            class_names: self.class_names.clone(),
+            samples: val,
+            memory: self.memory.clone(),
+            skipped: Vec::new(),
+        })
+    }
+
     /// Apply label noise (train split only; the caller never passes the test split).
     pub fn apply_noise(&mut self, spec: &NoiseSpec) -> anyhow::Result<()> {
         match spec {

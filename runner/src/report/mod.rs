@@ -56,19 +56,39 @@ pub struct Outcome {
     pub best_accuracy: f64,
     pub last5_accuracy: f64,
     pub balanced_accuracy: Option<f64>,
+    /// Test accuracy at the epoch with the best validation accuracy (the first such epoch);
+    /// None without a validation split.
+    pub val_selected_accuracy: Option<f64>,
+    /// Mean test accuracy of the last 3 epochs, and whether the trial failed the plateau rule.
+    pub last3_accuracy: f64,
+    pub undertrained: bool,
     pub epochs: i64,
     pub git_commit: Option<String>,
     pub git_dirty: bool,
 }
 
 impl Outcome {
-    pub fn accuracy(&self, protocol: Protocol) -> f64 {
+    /// The trial's accuracy under `protocol`; None for `best_val` without a validation split.
+    pub fn accuracy(&self, protocol: Protocol) -> Option<f64> {
         match protocol {
-            Protocol::Final => self.final_accuracy,
-            Protocol::Best => self.best_accuracy,
-            Protocol::Last5 => self.last5_accuracy,
+            Protocol::Final => Some(self.final_accuracy),
+            Protocol::Best => Some(self.best_accuracy),
+            Protocol::Last5 => Some(self.last5_accuracy),
+            Protocol::BestVal => self.val_selected_accuracy,
         }
     }
+}
+
+/// Test accuracy at the first epoch of highest validation accuracy (curves as (epoch, value)).
+pub fn val_selected(test: &[(i64, f64)], val: &[(i64, f64)]) -> Option<f64> {
+    let mut best: Option<(i64, f64)> = None;
+    for &(e, v) in val {
+        if best.is_none_or(|(_, b)| v > b) {
+            best = Some((e, v));
+        }
+    }
+    let (epoch, _) = best?;
+    test.iter().find(|(e, _)| *e == epoch).map(|(_, a)| *a)
 }
 
 /// A trial the sweep expects whose result is not in the database, and why.
@@ -80,29 +100,7 @@ pub struct Missing {
     pub status: String,
 }
 
-/// Mean, sample standard deviation (0 for one value) and count, in percent.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Stat {
-    pub mean: f64,
-    pub std: f64,
-    pub n: usize,
-}
-
-impl Stat {
-    pub fn of(values: &[f64]) -> Option<Stat> {
-        let n = values.len();
-        if n == 0 {
-            return None;
-        }
-        let mean = values.iter().sum::<f64>() / n as f64;
-        let std = if n > 1 {
-            (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt()
-        } else {
-            0.0
-        };
-        Some(Stat { mean, std, n })
-    }
-}
+pub use crate::stats::Stat;
 
 /// One (row, column) cell with trials: what the sweep expects and what the database has.
 #[derive(Debug, Clone)]
@@ -120,10 +118,20 @@ impl Cell {
         let v: Vec<f64> = self
             .done
             .iter()
-            .map(|o| 100.0 * o.accuracy(protocol))
+            .filter_map(|o| o.accuracy(protocol).map(|a| 100.0 * a))
             .collect();
         Stat::of(&v)
     }
+}
+
+/// A contrast between two cells, paired by seed (accuracy points).
+#[derive(Debug, Clone)]
+pub struct Contrast {
+    pub label: String,
+    /// None when the cells share no completed seed.
+    pub paired: Option<crate::stats::Paired>,
+    /// Undertrained trials among the two cells' trials.
+    pub undertrained: usize,
 }
 
 /// Everything a report renders.
@@ -173,6 +181,78 @@ impl Report {
         rows.iter()
             .map(|&r| self.cell(r, column).and_then(|c| c.stat(self.protocol)))
             .collect()
+    }
+
+    /// Every contrast of the spec, per column (row contrasts) or per row (column contrasts),
+    /// paired by seed over the trials both cells completed (accuracy points).
+    pub fn contrasts(&self) -> Vec<Contrast> {
+        let mut out = Vec::new();
+        let row_of = |l: &str| self.spec.rows.iter().position(|r| r.label == l);
+        let col_of = |l: &str| self.columns.iter().position(|c| c.label == l);
+        for c in &self.spec.contrasts {
+            let pairs: Vec<((usize, usize), (usize, usize), String)> = match (&c.rows, &c.columns) {
+                (Some([a, b]), _) => {
+                    let (Some(ra), Some(rb)) = (row_of(a), row_of(b)) else {
+                        continue;
+                    };
+                    (0..self.columns.len())
+                        .map(|k| {
+                            let label = format!("{a} − {b}{}", self.column_suffix(k));
+                            ((ra, k), (rb, k), label)
+                        })
+                        .collect()
+                }
+                (None, Some([a, b])) => {
+                    let (Some(ca), Some(cb)) = (col_of(a), col_of(b)) else {
+                        continue;
+                    };
+                    (0..self.spec.rows.len())
+                        .filter(|&r| self.spec.rows[r].filter.is_some())
+                        .map(|r| {
+                            let label = format!("{a} − {b}: {}", self.spec.rows[r].label);
+                            ((r, ca), (r, cb), label)
+                        })
+                        .collect()
+                }
+                _ => continue,
+            };
+            for ((ra, ca), (rb, cb), label) in pairs {
+                let (Some(x), Some(y)) = (self.cell(ra, ca), self.cell(rb, cb)) else {
+                    continue;
+                };
+                let by_seed = |cell: &Cell| -> BTreeMap<u64, f64> {
+                    cell.done
+                        .iter()
+                        .filter_map(|o| o.accuracy(self.protocol).map(|a| (o.seed, 100.0 * a)))
+                        .collect()
+                };
+                let (xa, yb) = (by_seed(x), by_seed(y));
+                let seeds: Vec<u64> = xa.keys().filter(|s| yb.contains_key(s)).copied().collect();
+                let a: Vec<f64> = seeds.iter().map(|s| xa[s]).collect();
+                let b: Vec<f64> = seeds.iter().map(|s| yb[s]).collect();
+                let undertrained = x
+                    .done
+                    .iter()
+                    .chain(&y.done)
+                    .filter(|o| o.undertrained)
+                    .count();
+                out.push(Contrast {
+                    label,
+                    paired: crate::stats::Paired::of(&a, &b),
+                    undertrained,
+                });
+            }
+        }
+        out
+    }
+
+    /// Completed trials that failed the plateau rule.
+    pub fn undertrained(&self) -> usize {
+        self.cells
+            .iter()
+            .flat_map(|c| &c.done)
+            .filter(|o| o.undertrained)
+            .count()
     }
 
     pub fn missing(&self) -> impl Iterator<Item = (&Cell, &Missing)> {
@@ -305,6 +385,16 @@ async fn outcomes(
         if let Some(r) = row {
             let final_accuracy: Option<f64> = r.get(1);
             if let Some(final_accuracy) = final_accuracy {
+                let curves = trial_metrics(store, key).await?;
+                let curve = |split: &str| {
+                    curves
+                        .get(&(split.to_string(), "accuracy".to_string()))
+                        .cloned()
+                        .unwrap_or_default()
+                };
+                let (test, val) = (curve("test"), curve("val"));
+                let values: Vec<f64> = test.iter().map(|(_, a)| *a).collect();
+                let plateau = crate::stats::plateau(&values);
                 done.insert(
                     key.to_string(),
                     Outcome {
@@ -314,6 +404,9 @@ async fn outcomes(
                         best_accuracy: r.get::<Option<f64>, _>(2).unwrap_or(final_accuracy),
                         last5_accuracy: r.get::<Option<f64>, _>(3).unwrap_or(final_accuracy),
                         balanced_accuracy: r.get(4),
+                        val_selected_accuracy: val_selected(&test, &val),
+                        last3_accuracy: plateau.map_or(final_accuracy, |p| p.last_mean),
+                        undertrained: plateau.is_none_or(|p| p.undertrained),
                         epochs: r.get(5),
                         git_commit: r.get(6),
                         git_dirty: r.get::<Option<i64>, _>(7).unwrap_or(0) != 0,
@@ -600,6 +693,9 @@ mod tests {
             best_accuracy: acc + 0.1,
             last5_accuracy: acc - 0.1,
             balanced_accuracy: None,
+            val_selected_accuracy: None,
+            last3_accuracy: acc - 0.05,
+            undertrained: false,
             epochs: 3,
             git_commit: None,
             git_dirty: false,
@@ -663,13 +759,6 @@ mod tests {
             render::ours(&cells[0], cells[0].stat(Protocol::Final)),
             "50.00 (n=1 of 2)"
         );
-    }
-
-    #[test]
-    fn sample_standard_deviation() {
-        let s = Stat::of(&[70.0, 80.0, 90.0]).unwrap();
-        assert_eq!((s.mean, s.std, s.n), (80.0, 10.0, 3));
-        assert_eq!(Stat::of(&[]), None);
     }
 
     #[test]

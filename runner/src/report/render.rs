@@ -11,17 +11,98 @@ use super::{Cell, Report, Stat};
 use crate::store::Store;
 
 /// "85.71 ± 4.43 (n=3)"; "n=2 of 3" when trials are missing; "missing (0 of 3)" when none ran.
+/// A cell holding an undertrained trial gets a dagger ("† 2" = two of its trials).
 pub fn ours(cell: &Cell, stat: Option<Stat>) -> String {
     let of = if cell.done.len() < cell.expected {
         format!(" of {}", cell.expected)
     } else {
         String::new()
     };
+    let under = cell.done.iter().filter(|o| o.undertrained).count();
+    let dagger = if under > 0 {
+        format!(" †{under}")
+    } else {
+        String::new()
+    };
     match stat {
         None => format!("missing (0{of})"),
-        Some(s) if s.n == 1 => format!("{:.2} (n=1{of})", s.mean),
-        Some(s) => format!("{:.2} ± {:.2} (n={}{of})", s.mean, s.std, s.n),
+        Some(s) if s.n == 1 => format!("{:.2} (n=1{of}){dagger}", s.mean),
+        Some(s) => format!("{:.2} ± {:.2} (n={}{of}){dagger}", s.mean, s.std, s.n),
     }
+}
+
+/// Pairs a contrast's interval would need to exclude 0 at most (the table says "> 200").
+const SEEDS_CAP: usize = 200;
+
+/// The contrasts table and what it supports, in words.
+pub fn contrasts_section(report: &Report) -> Option<String> {
+    let contrasts = report.contrasts();
+    if contrasts.is_empty() {
+        return None;
+    }
+    let mut md = String::from(
+        "## Contrasts
+
+",
+    );
+    md.push_str(
+        "Each contrast pairs the two cells' trials by seed (same seed: same initial weights, data order and augmentation) \
+and gives the mean difference in accuracy points with a 95 % confidence interval (Student's t over the paired \
+differences, n − 1 degrees of freedom). A difference is **resolved** only when its interval excludes 0. \
+\"Seeds to resolve\": the pairs a 95 % interval would need to exclude 0 if the observed mean difference and its \
+spread held.\n\n",
+    );
+    md.push_str(
+        "| Contrast | Pairs | Mean difference (points) | 95 % CI | Resolved | Seeds to resolve |\n",
+    );
+    md.push_str("|---|---|---|---|---|---|\n");
+    let mut words = Vec::new();
+    for c in &contrasts {
+        let Some(p) = c.paired else {
+            md.push_str(&format!(
+                "| {} | 0 | | | no (no shared seed) | |\n",
+                c.label
+            ));
+            continue;
+        };
+        let ci =
+            p.ci.map(|(lo, hi)| format!("[{lo:+.2}, {hi:+.2}]"))
+                .unwrap_or_else(|| "(one pair)".into());
+        let resolved = if p.resolved() { "**yes**" } else { "no" };
+        let seeds = match p.seeds_to_resolve(SEEDS_CAP) {
+            None => "—".to_string(),
+            Some(n) if n >= SEEDS_CAP => format!("> {}", SEEDS_CAP - 1),
+            Some(n) if p.resolved() => format!("{n} (has {})", p.n),
+            Some(n) => n.to_string(),
+        };
+        md.push_str(&format!(
+            "| {} | {} | {:+.2} | {ci} | {resolved} | {seeds} |\n",
+            c.label, p.n, p.mean
+        ));
+        let caveat = if c.undertrained > 0 {
+            format!(
+                " ({} of its trials undertrained: not a finding until they converge)",
+                c.undertrained
+            )
+        } else {
+            String::new()
+        };
+        words.push(if p.resolved() {
+            format!(
+                "- {}: resolved, {:+.2} points (95 % CI {ci}, n = {}){caveat}.",
+                c.label, p.mean, p.n
+            )
+        } else {
+            format!(
+                "- {}: not resolved — the interval {ci} includes 0 (n = {}); this sweep does not show a difference{caveat}.",
+                c.label, p.n
+            )
+        });
+    }
+    md.push_str("\n**What the numbers support**\n\n");
+    md.push_str(&words.join("\n"));
+    md.push('\n');
+    Some(md)
 }
 
 fn num(x: Option<f64>) -> String {
@@ -223,6 +304,17 @@ pub fn markdown(
     if let Some(t) = &spec.thesis_setting {
         let _ = writeln!(md, "- **Thesis and published numbers**: {t}.");
     }
+    let total: usize = report.cells.iter().map(|c| c.done.len()).sum();
+    let under = report.undertrained();
+    let _ = writeln!(
+        md,
+        "- **Convergence**: {}",
+        if under == 0 {
+            format!("all {total} trials reached a plateau (the mean test accuracy of their last 3 epochs is within 1 point of their best epoch).")
+        } else {
+            format!("**{under} of {total} trials are undertrained** (the mean test accuracy of their last 3 epochs is more than 1 point below their best epoch; cells marked †N hold N of them): those cells are not findings.")
+        }
+    );
     let _ = writeln!(
         md,
         "- **Code version of the trials**: {}.",
@@ -257,6 +349,9 @@ pub fn markdown(
     for (title, file) in curves {
         let _ = writeln!(md, "![{title}]({file}.png)\n\n([SVG]({file}.svg))\n");
     }
+    if let Some(section) = contrasts_section(report) {
+        let _ = writeln!(md, "{section}");
+    }
     let missing = missing_lines(report);
     if !missing.is_empty() {
         let _ = writeln!(md, "## Missing results\n\nThese trials of the sweep have no completed result; their cells show how many of the expected trials they hold.\n");
@@ -266,8 +361,8 @@ pub fn markdown(
         let _ = writeln!(md);
     }
     let _ = writeln!(md, "## Trials\n");
-    let _ = writeln!(md, "| Cell | Seed | Trial | Final (%) | Best (%) | Last 5 (%) | Balanced (%) | Epochs | Code | Pictures |");
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "| Cell | Seed | Trial | Final (%) | Best (%) | Last 3 (%) | Plateau | Last 5 (%) | Best-val epoch's test (%) | Balanced (%) | Epochs | Code | Pictures |");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for cell in &report.cells {
         let label = report.cell_label(cell);
         let mut done: Vec<_> = cell.done.iter().collect();
@@ -284,11 +379,14 @@ pub fn markdown(
             }
             let _ = writeln!(
                 md,
-                "| {label} | {} | `{short}` | {:.2} | {:.2} | {:.2} | {} | {} | `{}`{} | {} |",
+                "| {label} | {} | `{short}` | {:.2} | {:.2} | {:.2} | {} | {:.2} | {} | {} | {} | `{}`{} | {} |",
                 o.seed,
                 100.0 * o.final_accuracy,
                 100.0 * o.best_accuracy,
+                100.0 * o.last3_accuracy,
+                if o.undertrained { "**undertrained**" } else { "yes" },
                 100.0 * o.last5_accuracy,
+                num(o.val_selected_accuracy.map(|a| 100.0 * a)),
                 num(o.balanced_accuracy.map(|b| 100.0 * b)),
                 o.epochs,
                 o.git_commit
@@ -337,6 +435,7 @@ pub fn csv(report: &Report) -> String {
         "best_mean",
         "last5_mean",
         "balanced_mean",
+        "undertrained",
         "thesis",
     ]
     .iter()
@@ -366,7 +465,7 @@ pub fn csv(report: &Report) -> String {
                 .map(|c| {
                     c.done
                         .iter()
-                        .map(|o| 100.0 * o.accuracy(report.protocol))
+                        .filter_map(|o| o.accuracy(report.protocol).map(|a| 100.0 * a))
                         .collect()
                 })
                 .unwrap_or_default();
@@ -393,6 +492,8 @@ pub fn csv(report: &Report) -> String {
                 f(mean_of(Protocol::Best)),
                 f(mean_of(Protocol::Last5)),
                 f(balanced),
+                cell.map(|c| c.done.iter().filter(|o| o.undertrained).count().to_string())
+                    .unwrap_or_default(),
                 f(thesis),
             ];
             fields.extend(published.into_iter().map(f));

@@ -34,6 +34,20 @@ pub struct ReportSpec {
     /// Free text printed under the table.
     #[serde(default)]
     pub notes: Option<String>,
+    /// The comparisons the thesis makes, each paired over seeds (e.g. 4 heads vs 1).
+    #[serde(default)]
+    pub contrasts: Vec<ContrastSpec>,
+}
+
+/// One comparison: `rows: [A, B]` is row A minus row B in every column; `columns: [A, B]` is
+/// column A minus column B in every row. Labels are the rows' / columns' labels.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ContrastSpec {
+    #[serde(default)]
+    pub rows: Option<[String; 2]>,
+    #[serde(default)]
+    pub columns: Option<[String; 2]>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -46,6 +60,8 @@ pub enum Protocol {
     Best,
     /// Mean over the last 5 epochs (EAC's protocol).
     Last5,
+    /// The test accuracy of the epoch with the best validation accuracy (no peeking at test).
+    BestVal,
 }
 
 impl Protocol {
@@ -54,6 +70,7 @@ impl Protocol {
             Protocol::Final => "final",
             Protocol::Best => "best",
             Protocol::Last5 => "last5",
+            Protocol::BestVal => "best_val",
         }
     }
 
@@ -62,6 +79,9 @@ impl Protocol {
             Protocol::Final => "test accuracy after the final epoch",
             Protocol::Best => "best test accuracy over epochs (DAN's protocol)",
             Protocol::Last5 => "mean test accuracy of the last 5 epochs (EAC's protocol)",
+            Protocol::BestVal => {
+                "test accuracy at the epoch of best validation accuracy (the epoch chosen without the test set)"
+            }
         }
     }
 }
@@ -210,6 +230,47 @@ impl ReportSpec {
         }
         if self.rows.is_empty() {
             return Err("report: needs at least one row".into());
+        }
+        for (i, c) in self.contrasts.iter().enumerate() {
+            let (labels, kind, known): ([String; 2], &str, Vec<&str>) = match (&c.rows, &c.columns) {
+                (Some(r), None) => (
+                    r.clone(),
+                    "row",
+                    self.rows
+                        .iter()
+                        .filter(|r| r.filter.is_some())
+                        .map(|r| r.label.as_str())
+                        .collect(),
+                ),
+                (None, Some(k)) => (
+                    k.clone(),
+                    "column",
+                    columns.iter().map(|c| c.label.as_str()).collect(),
+                ),
+                _ => {
+                    return Err(format!(
+                        "report.contrasts[{i}]: give exactly one of `rows: [A, B]` or `columns: [A, B]`"
+                    ))
+                }
+            };
+            for l in &labels {
+                if !known.contains(&l.as_str()) {
+                    return Err(format!(
+                        "report.contrasts[{i}]: no {kind} labelled {l:?} with trials (known: {})",
+                        known
+                            .iter()
+                            .map(|k| format!("{k:?}"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+            }
+            if labels[0] == labels[1] {
+                return Err(format!(
+                    "report.contrasts[{i}]: compares {:?} with itself",
+                    labels[0]
+                ));
+            }
         }
         Ok(())
     }
