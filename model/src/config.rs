@@ -13,6 +13,10 @@ use crate::data::{DataSpec, NoiseSpec};
 use crate::optim::{OptimizerConfig, Schedule};
 use crate::train::LossWeights;
 
+/// The largest model input side accepted anywhere (config, `fer predict --input-size`): 4.5x the
+/// largest the papers use (Inception-v3's 299 px); a batch of 64 such images is already 800 MB.
+pub const MAX_INPUT_SIZE: usize = 1344;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
@@ -196,10 +200,17 @@ impl RunConfig {
         );
         ensure!(self.epochs >= 1, "epochs: must be at least 1");
         ensure!(
-            self.input_size >= 16,
-            "input_size: must be at least 16 px, got {}",
+            (16..=MAX_INPUT_SIZE).contains(&self.input_size),
+            "input_size: must be between 16 and {MAX_INPUT_SIZE} px, got {}",
             self.input_size
         );
+        if let DataSpec::Synthetic(s) = &self.data {
+            ensure!(
+                (16..=MAX_INPUT_SIZE).contains(&s.image_size),
+                "data.image_size: must be between 16 and {MAX_INPUT_SIZE} px, got {}",
+                s.image_size
+            );
+        }
         ensure!(self.model.heads >= 1, "model.heads: must be at least 1");
         ensure!(
             self.model.centers() >= 2,

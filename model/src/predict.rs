@@ -118,6 +118,15 @@ impl Predictor {
         classes_order: Option<&str>,
         input_size: Option<usize>,
     ) -> anyhow::Result<Self> {
+        if let Some(size) = input_size {
+            let max = crate::config::MAX_INPUT_SIZE;
+            // Small sizes are checked against the backbone below; a huge one must fail before
+            // any buffer is sized from it.
+            anyhow::ensure!(
+                size <= max,
+                "input size {size}: too large (at most {max} px)"
+            );
+        }
         let p = Self::load_unchecked(path, classes_order, input_size)?;
         // The same size rule as training (e.g. a ResNet needs at least 16 px).
         p.net

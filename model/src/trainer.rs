@@ -108,6 +108,14 @@ pub fn run(
         train_set.name,
         train_set.classes()
     );
+    // Labels index one class list: both splits must name the same classes in the same order.
+    anyhow::ensure!(
+        train_set.class_names == test_set.class_names,
+        "the data set {}: its training classes {:?} differ from its test classes {:?}",
+        train_set.name,
+        train_set.class_names,
+        test_set.class_names
+    );
     anyhow::ensure!(
         train_set.len() >= config.batch,
         "the training split has {} samples, fewer than one batch of {}",

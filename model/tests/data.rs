@@ -480,3 +480,80 @@ fn loader_drops_the_last_short_batch_and_reports_errors() {
     let sizes: Vec<usize> = rx.iter().map(|b| b.unwrap().len()).collect();
     assert_eq!(sizes, vec![8, 8, 5]);
 }
+
+#[test]
+fn label_files_strip_a_bom_and_refuse_conflicting_lines() {
+    let root = tempdir("raf-bom");
+    for name in ["train_00001", "train_00002", "train_00003", "test_0001"] {
+        write_jpg(&root.join(format!("Image/aligned/{name}_aligned.jpg")), 10);
+    }
+    let spec = DataSpec::RafDb {
+        root: root.clone(),
+        skip_bad: false,
+    };
+    let list = root.join("EmoLabel/list_patition_label.txt");
+    // A BOM before the first line used to make that line's name "\u{feff}train_00001.jpg",
+    // which matched no split prefix: the sample was silently dropped.
+    write(
+        &list,
+        "\u{feff}train_00001.jpg 5\ntrain_00002.jpg 1\ntrain_00003.jpg 2\ntest_0001.jpg 7\n",
+    );
+    assert_eq!(
+        data::load(&spec, Split::Train).unwrap().labels(),
+        vec![4, 0, 1]
+    );
+    // An identical repeated line is dropped (each image once); a conflicting one is an error
+    // naming both lines.
+    write(
+        &list,
+        "train_00001.jpg 5\ntrain_00002.jpg 1\ntrain_00001.jpg 5\ntrain_00003.jpg 2\ntest_0001.jpg 7\n",
+    );
+    assert_eq!(
+        data::load(&spec, Split::Train).unwrap().labels(),
+        vec![4, 0, 1]
+    );
+    write(
+        &list,
+        "train_00001.jpg 5\ntrain_00002.jpg 1\ntrain_00003.jpg 2\ntrain_00002.jpg 3\ntest_0001.jpg 7\n",
+    );
+    let err = data::load(&spec, Split::Train).err().unwrap().to_string();
+    assert!(
+        err.contains("list_patition_label.txt:4")
+            && err.contains("train_00002.jpg is labelled 3 here but 1 on line 2"),
+        "{err}"
+    );
+    // EAC's noise files are read the same way.
+    let noise_file = root.join("EmoLabel/noise01.txt");
+    write(
+        &noise_file,
+        "\u{feff}train_00001.jpg 2\ntrain_00002.jpg 1\n",
+    );
+    let lines = noise::read_label_file(&noise_file).unwrap();
+    assert_eq!(lines[0].0, "train_00001.jpg");
+}
+
+#[test]
+fn image_folder_splits_must_share_their_classes() {
+    let root = tempdir("folder-mismatch");
+    // test/ lacks class a: its c1 images would have been scored as label 0.
+    for (split, class) in [("train", "a"), ("train", "c1"), ("test", "c1")] {
+        write_jpg(&root.join(format!("{split}/{class}/x.jpg")), 5);
+    }
+    let spec = DataSpec::ImageFolder {
+        root: root.clone(),
+        skip_bad: false,
+    };
+    for split in [Split::Train, Split::Test] {
+        let err = data::load(&spec, split).err().unwrap().to_string();
+        assert!(
+            err.contains("must have the same class folders")
+                && err.contains("missing in test/: a")
+                && err.contains("missing in train/: none"),
+            "{err}"
+        );
+    }
+    write_jpg(&root.join("test/a/y.jpg"), 7);
+    let test = data::load(&spec, Split::Test).unwrap();
+    assert_eq!(test.class_names, vec!["a", "c1"]);
+    assert_eq!(test.labels(), vec![0, 1]);
+}

@@ -99,6 +99,16 @@ fn bad_configs_are_refused_with_the_field_named() {
     let mut c = tiny();
     c.batch = 1;
     assert!(c.validate().unwrap_err().to_string().starts_with("batch:"));
+    // Sizes are bounded before anything is allocated from them.
+    for huge in [20_000, usize::MAX] {
+        let mut c = tiny();
+        c.input_size = huge;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("input_size: must be between 16 and 1344"),
+            "{e}"
+        );
+    }
     let mut c = tiny();
     c.model.classes = 8;
     let err = trainer::run(&c, &dir("classes"), &mut |_| Ok(()))

@@ -200,6 +200,10 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
                     return TrialEnd::Interrupted;
                 }
                 let _permit = slot_ready.acquire().await.expect("semaphore");
+                // A trial that waited for a slot while the sweep was stopped never starts.
+                if *cancel.borrow() {
+                    return TrialEnd::Interrupted;
+                }
                 let slot = free.lock().await.pop().expect("a free slot per permit");
                 {
                     let mut c = counts.lock().await;
@@ -246,6 +250,8 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
             result
         });
     }
+    // SIGTERM (kill, systemd, Slurm) stops the sweep the way Ctrl-C does.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             joined = tasks.join_next() => {
@@ -260,6 +266,10 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
             }
             _ = tokio::signal::ctrl_c(), if !*cancel_tx.borrow() => {
                 eprintln!("\ninterrupted: stopping running trials (they resume from their checkpoints next time)");
+                let _ = cancel_tx.send(true);
+            }
+            _ = sigterm.recv(), if !*cancel_tx.borrow() => {
+                eprintln!("\nterminated (SIGTERM): stopping running trials (they resume from their checkpoints next time)");
                 let _ = cancel_tx.send(true);
             }
         }
@@ -469,11 +479,7 @@ async fn record_line(
             }
             store.epoch_metrics(attempt, epoch, &values).await?;
             store
-                .event(
-                    Some(attempt),
-                    "confusion",
-                    &serde_json::json!({"epoch": epoch, "confusion": v["confusion"]}).to_string(),
-                )
+                .confusion_once(attempt, epoch, &v["confusion"])
                 .await?;
             bar.set_position(epoch as u64);
         }

@@ -71,6 +71,23 @@ impl Store {
         Ok(Self { pool })
     }
 
+    /// Open an existing database for reading only (no migration, no file created), or None when
+    /// there is none yet: what `fer sweep --dry-run` looks at.
+    pub async fn open_read_only(path: &Path) -> anyhow::Result<Option<Self>> {
+        if !path.is_file() {
+            return Ok(None);
+        }
+        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+            .read_only(true)
+            .busy_timeout(std::time::Duration::from_secs(30));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts)
+            .await
+            .with_context(|| format!("opening database {} read-only", path.display()))?;
+        Ok(Some(Self { pool }))
+    }
+
     pub async fn upsert_sweep(
         &self,
         name: &str,
@@ -255,6 +272,31 @@ impl Store {
             .bind(payload)
             .execute(&self.pool)
             .await?;
+        Ok(())
+    }
+
+    /// Record an epoch's confusion matrix once per trial: a resumed attempt re-reports the epochs
+    /// of its checkpoint, whose matrices an earlier attempt may already have recorded.
+    pub async fn confusion_once(
+        &self,
+        attempt: i64,
+        epoch: i64,
+        confusion: &serde_json::Value,
+    ) -> anyhow::Result<()> {
+        let payload = serde_json::json!({"epoch": epoch, "confusion": confusion}).to_string();
+        sqlx::query(
+            "INSERT INTO events (attempt_id, kind, payload)
+             SELECT ?1, 'confusion', ?3
+             WHERE NOT EXISTS (
+                 SELECT 1 FROM events e JOIN attempts a ON a.id = e.attempt_id
+                 WHERE a.trial_key = (SELECT trial_key FROM attempts WHERE id = ?1)
+                   AND e.kind = 'confusion' AND json_extract(e.payload, '$.epoch') = ?2)",
+        )
+        .bind(attempt)
+        .bind(epoch)
+        .bind(payload)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 

@@ -162,13 +162,29 @@ pub fn trial_key(config_json: &Value, seed: u64, code_version: Option<&str>) -> 
     format!("{a:016x}{b:016x}")
 }
 
+/// A sweep name: 1-100 characters from letters, digits, `-`, `_` and `.`, not starting with `.`.
+pub fn valid_sweep_name(name: &str) -> Result<(), String> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.is_empty() || name.len() > 100 {
+        return Err(format!(
+            "{name:?} must be 1 to 100 characters long (letters, digits, '-', '_', '.')"
+        ));
+    }
+    if name.starts_with('.') || !name.chars().all(ok_char) {
+        return Err(format!(
+            "{name:?} is not a valid sweep name: use letters, digits, '-', '_' and '.' (not first); it names a folder under --runs-dir"
+        ));
+    }
+    Ok(())
+}
+
 /// Read and expand a sweep file. Every error names the file (and line:column where it can).
 pub fn load(
     path: &Path,
     profile: Option<&str>,
     code_version: Option<&str>,
 ) -> anyhow::Result<Sweep> {
-    let text = std::fs::read_to_string(path)
+    let text = fer_model::data::read_text(path)
         .with_context(|| format!("{}: cannot read sweep file", path.display()))?;
     let spec: SweepFile = crate::yaml::parse(path, &text)?;
     let name = spec.name.clone().unwrap_or_else(|| {
@@ -188,6 +204,12 @@ pub fn load(
             None => anyhow::anyhow!("{}: {msg}", path.display()),
         }
     };
+    // The name becomes a folder under --runs-dir and a key in the store: a plain word only,
+    // so `name: ../../x` cannot write outside the runs folder.
+    if let Err(why) = valid_sweep_name(&name) {
+        let needle = if spec.name.is_some() { "name" } else { "" };
+        return Err(err_at(needle, format!("name: {why}")));
+    }
     if spec.seeds.is_empty() {
         return Err(err_at("seeds", "seeds: needs at least one seed".into()));
     }
@@ -259,6 +281,36 @@ pub fn load(
             }
         }
         sets = next;
+    }
+    // The device is the slot's (--jobs / --gpus): a sweep over it would be overwritten.
+    let axes: Vec<&String> = spec
+        .grid
+        .keys()
+        .chain(spec.zip.iter().flat_map(|g| g.keys()))
+        .collect();
+    if axes.iter().any(|a| a.as_str() == "device") {
+        return Err(err_at(
+            "device",
+            "device: cannot be a sweep axis; `fer sweep` gives each trial its slot's device (--jobs for CPU slots, --gpus for GPUs)".into(),
+        ));
+    }
+    // An exclude matches the sweep's axes only: a key that is no axis (a typo) would exclude
+    // nothing, silently.
+    for (i, ex) in spec.exclude.iter().enumerate() {
+        for k in ex.keys() {
+            if !axes.contains(&k) {
+                return Err(err_at(
+                    k,
+                    format!(
+                        "exclude[{i}]: `{k}` is not an axis of this sweep (axes: {})",
+                        axes.iter()
+                            .map(|a| a.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        }
     }
     let excludes: Vec<BTreeMap<String, Value>> = spec
         .exclude
@@ -345,8 +397,9 @@ pub fn load(
         );
     }
     if let Some(report) = &spec.report {
+        let configs: Vec<&Value> = trials.iter().map(|t| &t.config_json).collect();
         report
-            .validate(&trials[0].config_json)
+            .validate(&configs)
             .map_err(|e| err_at("report:", e))?;
     }
     Ok(Sweep {

@@ -42,7 +42,8 @@ pub struct RunsArgs {
     /// Only this sweep.
     #[arg(long)]
     pub sweep: Option<String>,
-    /// Only trials whose latest attempt has this status (completed, failed, interrupted, running).
+    /// Only trials whose latest attempt has this status (completed, failed, interrupted, running,
+    /// or pending: never started).
     #[arg(long)]
     pub status: Option<String>,
 }
@@ -74,6 +75,33 @@ fn hostname() -> String {
 pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
     let git = git_version();
     let sweep = sweep::load(&args.file, args.profile.as_deref(), git.0.as_deref())?;
+    if args.dry_run {
+        // Look, do not touch: no database is created, no attempt is marked, no trial recorded.
+        let planned = match Store::open_read_only(&args.db).await? {
+            Some(store) => scheduler::plan_all(&sweep, &store).await?,
+            None => sweep
+                .trials
+                .iter()
+                .map(|t| (t.clone(), scheduler::Action::Run))
+                .collect(),
+        };
+        println!(
+            "sweep {} ({} trials, file {})",
+            sweep.name,
+            planned.len(),
+            args.file.display()
+        );
+        println!("{:<18} {:<32} params", "trial", "action");
+        for (t, a) in &planned {
+            println!(
+                "{:<18} {:<32} {}",
+                &t.key[..16],
+                a.label(),
+                serde_json::to_string(&t.params)?
+            );
+        }
+        return Ok(());
+    }
     let store = Store::open(&args.db).await?;
     let host = hostname();
     let recovered = store.recover_stale(&host).await?;
@@ -94,25 +122,6 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
                 &serde_json::to_value(&t.params)?,
             )
             .await?;
-    }
-    if args.dry_run {
-        let planned = scheduler::plan_all(&sweep, &store).await?;
-        println!(
-            "sweep {} ({} trials, file {})",
-            sweep.name,
-            planned.len(),
-            args.file.display()
-        );
-        println!("{:<18} {:<32} params", "trial", "action");
-        for (t, a) in &planned {
-            println!(
-                "{:<18} {:<32} {}",
-                &t.key[..16],
-                a.label(),
-                serde_json::to_string(&t.params)?
-            );
-        }
-        return Ok(());
     }
     let log_dir = args.runs_dir.join(&sweep.name);
     std::fs::create_dir_all(&log_dir)?;
@@ -153,10 +162,33 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
         );
     }
     if outcome.interrupted {
-        std::process::exit(130);
+        std::process::exit(EXIT_INTERRUPTED);
+    }
+    // Trials that ended failed, in this run or before it (no retries left): the sweep did not
+    // produce all its results, so a script or CI job must not read it as a success.
+    let planned = scheduler::plan_all(&sweep, &store).await?;
+    let failed = planned
+        .iter()
+        .filter(|(_, a)| *a == scheduler::Action::GiveUp || *a == scheduler::Action::Retry)
+        .count();
+    if failed > 0 {
+        eprintln!(
+            "{failed} trial(s) of sweep {} ended failed (exit status {EXIT_TRIALS_FAILED})",
+            sweep.name
+        );
+        std::process::exit(EXIT_TRIALS_FAILED);
     }
     Ok(())
 }
+
+/// `fer sweep` exit statuses: 0 every trial completed; 1 an error of the sweep itself (bad file,
+/// database); 3 some trials ended failed (`fer runs --status failed`); 130 interrupted (Ctrl-C or
+/// SIGTERM: running trials stopped and marked interrupted, waiting ones never started).
+pub const EXIT_TRIALS_FAILED: i32 = 3;
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// Statuses an attempt can have (the `attempts.status` check constraint), and `pending`.
+const STATUSES: [&str; 5] = ["completed", "failed", "interrupted", "running", "pending"];
 
 fn init_log(path: &Path) -> anyhow::Result<()> {
     let file = std::fs::OpenOptions::new()
@@ -178,6 +210,33 @@ pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
         );
     }
     let store = Store::open(&args.db).await?;
+    if let Some(st) = &args.status {
+        if !STATUSES.contains(&st.as_str()) {
+            anyhow::bail!(
+                "--status {st:?}: not a trial status (one of: {})",
+                STATUSES.join(", ")
+            );
+        }
+    }
+    if let Some(name) = &args.sweep {
+        let known: Vec<String> = sqlx::query("SELECT name FROM sweeps ORDER BY name")
+            .fetch_all(&store.pool)
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        if !known.contains(name) {
+            anyhow::bail!(
+                "--sweep {name:?}: no such sweep in {} (sweeps: {})",
+                args.db.display(),
+                if known.is_empty() {
+                    "none yet".to_string()
+                } else {
+                    known.join(", ")
+                }
+            );
+        }
+    }
     let rows = sqlx::query(
         "SELECT s.name, t.key, st.params_json, a.status, a.failure_class, a.error,
                 (SELECT COUNT(*) FROM attempts x WHERE x.trial_key = t.key) AS attempts,

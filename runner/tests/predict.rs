@@ -181,6 +181,22 @@ fn bad_inputs_are_clear_errors() {
         "{}",
         text(&o)
     );
+    // Huge sizes are refused before anything is allocated (they used to panic or abort).
+    for size in ["18446744073709551615", "20000", "100000"] {
+        let o = fer()
+            .arg("predict")
+            .arg(&pth)
+            .arg(photo("astronaut.png"))
+            .args(["--input-size", size])
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(1), "{size}: {}", text(&o));
+        assert!(
+            text(&o).contains("too large (at most 1344 px)"),
+            "{}",
+            text(&o)
+        );
+    }
     let missing = d.join("nope.jpg");
     let e = run(&[&pth, &missing]);
     assert!(e.contains("nope.jpg: no such image file"), "{e}");

@@ -146,6 +146,41 @@ fn sweep_errors_name_file_line_and_column() {
             "s.yaml:3:3",
             "batch: must be at least 2",
         ),
+        // YAML would let the second key win silently.
+        (
+            "base: base.yaml\ngrid:\n  model.heads: [1, 2]\n  model.heads: [4]\n",
+            "s.yaml:3:3",
+            "duplicate key `model.heads` (at lines 3 and 4)",
+        ),
+        (
+            "base: base.yaml\noverrides:\n  epochs: 3\n  epochs: 4\n",
+            "s.yaml:3:3",
+            "duplicate key `epochs` (at lines 3 and 4)",
+        ),
+        // A byte-order mark is not a second document.
+        (
+            "\u{feff}base: base.yaml\ngrid:\n  batch: [1]\n",
+            "s.yaml:3:3",
+            "batch: must be at least 2",
+        ),
+        // A misspelled exclude key would exclude nothing: an error naming the axes.
+        (
+            "base: base.yaml\ngrid:\n  model.heads: [1, 2]\nexclude: [{model.haeds: 2}]\n",
+            "s.yaml:4:",
+            "`model.haeds` is not an axis of this sweep (axes: model.heads)",
+        ),
+        // The device is the slot's: it cannot be swept.
+        (
+            "base: base.yaml\ngrid:\n  device: [cpu, \"cuda:7\"]\n",
+            "s.yaml:3:3",
+            "device: cannot be a sweep axis",
+        ),
+        // A report filter key that no trial has.
+        (
+            "base: base.yaml\ngrid:\n  model.heads: [1, 2]\nreport:\n  title: t\n  rows:\n    - {label: a, where: {model.haeds: 1}}\n",
+            "s.yaml:",
+            "`model.haeds` is not a config key of any trial",
+        ),
     ];
     for (i, (sweep_text, location, what)) in cases.iter().enumerate() {
         let (d, f) = setup(&format!("err{i}"), sweep_text);
@@ -162,6 +197,9 @@ fn rerun_is_idempotent_and_results_are_queryable() {
         "idem",
         "base: base.yaml\ngrid:\n  model.heads: [1, 2]\nseeds: [0]\n",
     );
+    // A dry run on no database creates none.
+    assert!(dry_run_rows(&d, &f).iter().all(|r| r.contains(" run ")));
+    assert!(!d.join("r.db").exists(), "--dry-run created the database");
     let first = sweep(&d, &f, &[]);
     assert!(first.status.success(), "{}", text(&first));
     assert!(
@@ -177,6 +215,25 @@ fn rerun_is_idempotent_and_results_are_queryable() {
         text(&second)
     );
     assert_eq!(sql(&d, "SELECT COUNT(*) FROM attempts"), "2");
+    // A dry run reads the database and writes nothing: a running attempt of a dead runner stays
+    // as it is (a real run would mark it interrupted).
+    sql(&d, "PRAGMA wal_checkpoint(TRUNCATE); UPDATE attempts SET status = 'running', runner_pid = 999999999 WHERE id = 1; PRAGMA wal_checkpoint(TRUNCATE);");
+    let before = std::fs::read(d.join("r.db")).unwrap();
+    let rows = dry_run_rows(&d, &f);
+    assert_eq!(
+        std::fs::read(d.join("r.db")).unwrap(),
+        before,
+        "--dry-run wrote to the database"
+    );
+    assert_eq!(
+        sql(&d, "SELECT status FROM attempts WHERE id = 1"),
+        "running"
+    );
+    sql(&d, "UPDATE attempts SET status = 'completed' WHERE id = 1");
+    assert!(
+        rows.iter().any(|r| r.contains("skip: running elsewhere")),
+        "{rows:?}"
+    );
     assert!(dry_run_rows(&d, &f)
         .iter()
         .all(|r| r.contains("skip: done")));
@@ -213,6 +270,7 @@ fn crashing_trial_is_recorded_and_retried_by_policy() {
     let (d, f) = setup("crash", "base: base.yaml\noverrides: {optimizer: {kind: sgd, lr: 1.0e30}}\nretry: {max_attempts: 2}\n");
     let o = sweep(&d, &f, &[]);
     assert!(text(&o).contains("0 completed, 1 failed"), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(3), "failed trials: exit status 3");
     assert_eq!(
         sql(
             &d,
@@ -250,6 +308,60 @@ fn crashing_trial_is_recorded_and_retried_by_policy() {
         "{}",
         text(&o)
     );
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "a sweep whose trial stays failed is not a success"
+    );
+    // Unknown filter values are errors that list the valid ones.
+    let runs = |args: &[&str]| {
+        fer()
+            .arg("runs")
+            .args(args)
+            .arg("--db")
+            .arg(d.join("r.db"))
+            .output()
+            .unwrap()
+    };
+    let o = runs(&["--status", "bogus"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--status \"bogus\"") && err.contains("completed, failed"),
+        "{err}"
+    );
+    let o = runs(&["--sweep", "nonexistent"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("no such sweep") && err.contains("sweeps: s"),
+        "{err}"
+    );
+    assert!(runs(&["--status", "pending"]).status.success());
+}
+
+#[test]
+fn sweep_names_cannot_leave_the_runs_folder() {
+    for (i, bad) in ["../../x", "a/b", ".hidden", ""].into_iter().enumerate() {
+        let (d, f) = setup(
+            &format!("name{i}"),
+            &format!("name: \"{bad}\"\nbase: base.yaml\n"),
+        );
+        let o = sweep(&d, &f, &[]);
+        assert!(!o.status.success(), "{bad:?} accepted");
+        let err = text(&o);
+        assert!(
+            err.contains("s.yaml")
+                && (err.contains("not a valid sweep name") || err.contains("1 to 100 characters")),
+            "{err}"
+        );
+        let outside = d.parent().unwrap().join("x");
+        assert!(
+            !outside.exists() && !d.join("runs").exists(),
+            "nothing written for {bad:?}"
+        );
+        assert!(!d.join("r.db").exists(), "no database for {bad:?}");
+    }
 }
 
 #[test]
@@ -262,6 +374,7 @@ fn config_errors_are_never_retried_and_no_value_reaches_a_shell() {
     let (d, f) = setup("shell", &sweep_text);
     let o = sweep(&d, &f, &[]);
     assert!(text(&o).contains("1 failed"), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(3));
     assert!(!marker.exists(), "a sweep value was executed by a shell");
     assert_eq!(
         sql(&d, "SELECT COUNT(*) FROM attempts"),
@@ -310,6 +423,15 @@ fn a_killed_sweep_resumes_and_completes_every_trial_once() {
         ),
         "8",
         "duplicate metric rows"
+    );
+    // One confusion matrix per trial and epoch, also for the epochs a resumed attempt replays.
+    assert_eq!(
+        sql(
+            &d,
+            "SELECT COUNT(*) || ' ' || COUNT(DISTINCT a.trial_key || ':' || json_extract(e.payload, '$.epoch')) FROM events e JOIN attempts a ON a.id = e.attempt_id WHERE e.kind = 'confusion'"
+        ),
+        "8 8",
+        "duplicate confusion events"
     );
 }
 
@@ -405,4 +527,37 @@ fn ctrl_c_stops_children_marks_attempts_interrupted_and_the_next_run_resumes() {
         ),
         "12"
     );
+}
+
+#[test]
+fn sigterm_stops_the_sweep_like_ctrl_c_and_waiting_trials_never_start() {
+    let (d, f) = setup(
+        "term",
+        "base: base.yaml\noverrides: {epochs: 6, data.train: 56}\ngrid:\n  model.heads: [1, 2, 4]\n",
+    );
+    let mut child = fer()
+        .arg("sweep")
+        .arg(&f)
+        .arg("--db")
+        .arg(d.join("r.db"))
+        .arg("--runs-dir")
+        .arg(d.join("runs"))
+        .args(["--jobs", "1"])
+        .spawn()
+        .unwrap();
+    wait_for_first_epoch(&d);
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "SIGTERM is handled, not fatal");
+    // The running trial is interrupted; the two waiting for the one slot never started.
+    assert_eq!(
+        sql(&d, "SELECT status FROM attempts"),
+        "interrupted",
+        "exactly one attempt, marked interrupted"
+    );
+    // The next run resumes it and runs the rest.
+    let o = sweep(&d, &f, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(sql(&d, "SELECT COUNT(*) FROM latest_completed"), "3");
 }

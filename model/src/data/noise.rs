@@ -36,7 +36,7 @@ pub fn symmetric(clean: &[u32], classes: usize, rate: f64, seed: u64) -> anyhow:
 /// EAC's `noise0X.txt`: RAF-DB's training lines (`name label`, labels 1..7) in the clean file's
 /// order. Returns (name, 0-based label) per line; errors name the file and line.
 pub fn read_label_file(path: &Path) -> anyhow::Result<Vec<(String, u32)>> {
-    let text = std::fs::read_to_string(path)
+    let text = super::read_text(path)
         .with_context(|| format!("{}: cannot read noise file", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {

@@ -246,10 +246,7 @@ pub fn load(spec: &DataSpec, split: Split) -> anyhow::Result<DataSet> {
             skip_bad,
         } => finish(affectnet(root, *classes, split)?, *skip_bad),
         DataSpec::Fer2013 { csv, ferplus } => fer2013(csv, ferplus.as_deref(), split),
-        DataSpec::ImageFolder { root, skip_bad } => finish(
-            image_folder(&root.join(split_dir(split, "train", "test")), root)?,
-            *skip_bad,
-        ),
+        DataSpec::ImageFolder { root, skip_bad } => finish(image_folder(root, split)?, *skip_bad),
     }
 }
 
@@ -353,10 +350,14 @@ fn rafdb(root: &Path, split: Split) -> anyhow::Result<FileSet> {
         bail!("RAF-DB root {} does not exist", root.display());
     }
     let list = root.join("EmoLabel/list_patition_label.txt");
-    let text = std::fs::read_to_string(&list)
+    let text = super::read_text(&list)
         .with_context(|| format!("RAF-DB label file {} cannot be read", list.display()))?;
     let prefix = split_dir(split, "train_", "test_");
     let mut entries = Vec::new();
+    // Each image once: an identical repeated line is dropped (and counted), a second line with
+    // another label for the same image is an error.
+    let mut seen: BTreeMap<String, (u32, usize)> = BTreeMap::new();
+    let mut repeated = 0;
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() {
@@ -372,6 +373,16 @@ fn rafdb(root: &Path, split: Split) -> anyhow::Result<FileSet> {
             .ok()
             .filter(|l| (1..=7).contains(l))
             .with_context(|| format!("{origin}: unknown label {label:?} (expected 1..7)"))?;
+        if let Some(&(first_label, first_line)) = seen.get(name) {
+            if first_label != label {
+                bail!(
+                    "{origin}: {name} is labelled {label} here but {first_label} on line {first_line}: conflicting labels for one image",
+                );
+            }
+            repeated += 1;
+            continue;
+        }
+        seen.insert(name.to_string(), (label, i + 1));
         if !name.starts_with(prefix) {
             continue;
         }
@@ -382,6 +393,12 @@ fn rafdb(root: &Path, split: Split) -> anyhow::Result<FileSet> {
             label - 1,
             origin,
         ));
+    }
+    if repeated > 0 && split == Split::Train {
+        eprintln!(
+            "warning: {}: {repeated} repeated line(s) with the same image and label ignored",
+            list.display()
+        );
     }
     Ok(FileSet {
         name: "rafdb".into(),
@@ -431,7 +448,8 @@ fn sorted_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-fn image_folder(dir: &Path, root: &Path) -> anyhow::Result<FileSet> {
+/// The class folders of one ImageFolder split, sorted.
+fn class_folders(dir: &Path, root: &Path) -> anyhow::Result<Vec<String>> {
     if !dir.is_dir() {
         bail!(
             "ImageFolder split {} does not exist (expected {}/train/<class>/ and {}/test/<class>/)",
@@ -440,33 +458,66 @@ fn image_folder(dir: &Path, root: &Path) -> anyhow::Result<FileSet> {
             root.display()
         );
     }
-    let mut classes: Vec<PathBuf> = std::fs::read_dir(dir)?
+    let mut classes: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot list", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.is_dir())
+        .map(|p| {
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .to_string()
+        })
         .collect();
     classes.sort();
     if classes.is_empty() {
         bail!("{}: no class folders", dir.display());
     }
+    Ok(classes)
+}
+
+/// `root/{train,test}/<class>/*`. Class indices come from one list that both splits must share:
+/// a class folder missing from one split would shift every later label of the other.
+fn image_folder(root: &Path, split: Split) -> anyhow::Result<FileSet> {
+    let train = class_folders(&root.join("train"), root)?;
+    let test = class_folders(&root.join("test"), root)?;
+    if train != test {
+        let missing = |a: &[String], b: &[String]| -> String {
+            let m: Vec<&str> = a
+                .iter()
+                .filter(|c| !b.contains(c))
+                .map(|c| c.as_str())
+                .collect();
+            if m.is_empty() {
+                "none".into()
+            } else {
+                m.join(", ")
+            }
+        };
+        bail!(
+            "ImageFolder {}: train/ and test/ must have the same class folders (class indices are their sorted names); missing in test/: {}; missing in train/: {}",
+            root.display(),
+            missing(&train, &test),
+            missing(&test, &train)
+        );
+    }
+    let dir = root.join(split_dir(split, "train", "test"));
     let mut entries = Vec::new();
-    for (label, class_dir) in classes.iter().enumerate() {
-        for path in sorted_files(class_dir)? {
+    for (label, class) in train.iter().enumerate() {
+        let class_dir = dir.join(class);
+        for path in sorted_files(&class_dir)? {
             entries.push((path, label as u32, class_dir.display().to_string()));
         }
     }
-    let class_names = classes
-        .iter()
-        .map(|p| p.file_name().unwrap().to_string_lossy().to_string())
-        .collect();
     Ok(FileSet {
         name: format!("image_folder({})", root.display()),
-        class_names,
+        class_names: train,
         entries,
     })
 }
 
 fn fer2013(csv: &Path, ferplus: Option<&Path>, split: Split) -> anyhow::Result<DataSet> {
-    let text = std::fs::read_to_string(csv)
+    let text = super::read_text(csv)
         .with_context(|| format!("FER2013 csv {} cannot be read", csv.display()))?;
     let mut lines = text.lines().enumerate();
     let header = lines.next().map(|(_, h)| h.trim()).unwrap_or("");
@@ -555,7 +606,7 @@ fn fer2013(csv: &Path, ferplus: Option<&Path>, split: Split) -> anyhow::Result<D
 
 /// FERPlus majority labels per FER2013 row (None when the majority is contempt / unknown / NF).
 fn read_ferplus(path: &Path) -> anyhow::Result<Vec<Option<u32>>> {
-    let text = std::fs::read_to_string(path)
+    let text = super::read_text(path)
         .with_context(|| format!("FERPlus file {} cannot be read", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate().skip(1) {

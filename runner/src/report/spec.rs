@@ -183,16 +183,23 @@ impl ReportSpec {
     }
 
     /// Checks that YAML types alone cannot express. Errors name the row and field.
-    pub fn validate(&self, config: &Value) -> Result<(), String> {
+    pub fn validate(&self, configs: &[&Value]) -> Result<(), String> {
         let columns = self.columns();
+        // A filter key must lead somewhere in at least one trial's config (a misspelled key
+        // would match nothing, or everything when its value is null).
         let known = |key: &str| -> Result<(), String> {
+            if configs.iter().any(|c| lookup(c, key).is_some()) {
+                return Ok(());
+            }
             let top = key.split('.').next().unwrap_or(key);
-            if config.get(top).is_none() {
+            if configs.iter().all(|c| c.get(top).is_none()) {
                 return Err(format!(
                     "report: `{key}` is not a config key (no `{top}` in the run config)"
                 ));
             }
-            Ok(())
+            Err(format!(
+                "report: `{key}` is not a config key of any trial of the sweep (check its spelling)"
+            ))
         };
         for c in &columns {
             for k in c.filter.keys() {
