@@ -178,12 +178,37 @@ pub fn valid_sweep_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The most trials a sweep may expand to unless the user raises it (`fer sweep --max-trials`).
+pub const DEFAULT_MAX_TRIALS: usize = 10_000;
+/// Sweep files are short; a larger one is a mistake (a generated grid) to refuse before parsing.
+const MAX_SWEEP_FILE_BYTES: u64 = 1 << 20;
+
 /// Read and expand a sweep file. Every error names the file (and line:column where it can).
 pub fn load(
     path: &Path,
     profile: Option<&str>,
     code_version: Option<&str>,
 ) -> anyhow::Result<Sweep> {
+    load_capped(path, profile, code_version, DEFAULT_MAX_TRIALS)
+}
+
+/// `load` with an explicit cap on the number of trials.
+pub fn load_capped(
+    path: &Path,
+    profile: Option<&str>,
+    code_version: Option<&str>,
+    max_trials: usize,
+) -> anyhow::Result<Sweep> {
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("{}: cannot read sweep file", path.display()))?
+        .len();
+    if size > MAX_SWEEP_FILE_BYTES {
+        bail!(
+            "{}: {size} bytes; a sweep file may have at most {} (list values in the file, not data)",
+            path.display(),
+            MAX_SWEEP_FILE_BYTES
+        );
+    }
     let text = fer_model::data::read_text(path)
         .with_context(|| format!("{}: cannot read sweep file", path.display()))?;
     let spec: SweepFile = crate::yaml::parse(path, &text)?;
@@ -240,6 +265,31 @@ pub fn load(
         set_dotted(&mut base, k, to_json(v)?).map_err(|e| err_at(k, e.to_string()))?;
     }
 
+    // Count before expanding: a huge grid must fail here, not after filling memory.
+    let count = spec
+        .grid
+        .values()
+        .map(|v| v.len().max(1))
+        .chain(
+            spec.zip
+                .iter()
+                .map(|g| g.values().next().map_or(1, |v| v.len().max(1))),
+        )
+        .try_fold(1usize, |n, k| n.checked_mul(k))
+        .and_then(|n| n.checked_add(spec.include.len()))
+        .and_then(|n| n.checked_mul(spec.seeds.len()));
+    match count {
+        Some(n) if n <= max_trials => {}
+        _ => {
+            return Err(err_at(
+                "grid",
+                format!(
+                    "the sweep expands to {} trials, more than the limit of {max_trials} (raise it with --max-trials)",
+                    count.map_or("too many".to_string(), |n| n.to_string())
+                ),
+            ))
+        }
+    }
     // Param sets: grid x zip groups, then exclude, then include.
     let mut sets: Vec<BTreeMap<String, Value>> = vec![BTreeMap::new()];
     for (axis, values) in &spec.grid {

@@ -33,6 +33,9 @@ pub struct SweepArgs {
     /// Where trial run directories go.
     #[arg(long, default_value = "runs")]
     pub runs_dir: PathBuf,
+    /// The most trials the sweep may expand to (checked before expanding).
+    #[arg(long, default_value_t = sweep::DEFAULT_MAX_TRIALS)]
+    pub max_trials: usize,
 }
 
 #[derive(Args, Debug)]
@@ -74,7 +77,12 @@ fn hostname() -> String {
 
 pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
     let git = git_version();
-    let sweep = sweep::load(&args.file, args.profile.as_deref(), git.0.as_deref())?;
+    let sweep = sweep::load_capped(
+        &args.file,
+        args.profile.as_deref(),
+        git.0.as_deref(),
+        args.max_trials,
+    )?;
     if args.dry_run {
         // Look, do not touch: no database is created, no attempt is marked, no trial recorded.
         let planned = match Store::open_read_only(&args.db).await? {

@@ -169,6 +169,12 @@ fn sweep_errors_name_file_line_and_column() {
             "s.yaml:4:",
             "`model.haeds` is not an axis of this sweep (axes: model.heads)",
         ),
+        // A grid too large is refused before it is expanded.
+        (
+            "base: base.yaml\ngrid:\n  model.heads: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n  batch: [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]\n  epochs: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n  seed: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]\n",
+            "s.yaml:2:1",
+            "expands to 11000 trials, more than the limit of 10000 (raise it with --max-trials)",
+        ),
         // The device is the slot's: it cannot be swept.
         (
             "base: base.yaml\ngrid:\n  device: [cpu, \"cuda:7\"]\n",
@@ -189,6 +195,14 @@ fn sweep_errors_name_file_line_and_column() {
         let t = text(&o);
         assert!(t.contains(location) && t.contains(what), "case {i}: {t}");
     }
+    // A generated 2 MB grid is refused before it is parsed.
+    let values: Vec<String> = (0..300_000).map(|i| i.to_string()).collect();
+    let (d, f) = setup(
+        "err-huge",
+        &format!("base: base.yaml\ngrid:\n  seed: [{}]\n", values.join(", ")),
+    );
+    let t = text(&sweep(&d, &f, &["--dry-run"]));
+    assert!(t.contains("a sweep file may have at most 1048576"), "{t}");
 }
 
 #[test]

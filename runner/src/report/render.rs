@@ -224,9 +224,18 @@ pub fn data_summary(report: &Report) -> String {
         None => "several data sets (see the columns)".to_string(),
     };
     let mut parts = vec![data];
-    if let Some(w) = get(s, "model.backbone.widths") {
+    if let Some(f) = get(s, "validation.fraction") {
+        let pct = f.parse::<f64>().map(|f| 100.0 * f).unwrap_or(f64::NAN);
         parts.push(format!(
-            "ResNet widths {w}, blocks {}",
+            "{pct:.1} % of the training images held out per class for validation"
+        ));
+    }
+    if let Some(w) = get(s, "model.backbone.widths") {
+        let strides = get(s, "model.backbone.strides")
+            .map(|st| format!(", stage strides {st}"))
+            .unwrap_or_default();
+        parts.push(format!(
+            "ResNet widths {w}, blocks {}{strides}",
             get(s, "model.backbone.blocks").unwrap_or("?")
         ));
     }
