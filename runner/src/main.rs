@@ -3,6 +3,7 @@
 mod bench_cmd;
 mod data_cmd;
 mod predict_cmd;
+mod preflight;
 mod report;
 mod scheduler;
 mod stats;

@@ -92,19 +92,26 @@ impl Action {
         }
     }
 
-    fn runs(self) -> bool {
+    pub fn runs(self) -> bool {
         matches!(self, Action::Run | Action::Resume | Action::Retry)
     }
 }
 
-pub fn plan(state: &TrialState, interrupted: bool, max_attempts: usize) -> Action {
+/// A trial's action. Setup (`config`) failures never use up retries: the next run tries again
+/// (and fails fast while the setup is still wrong). `retry_failed` re-arms trials whose retries
+/// are used up.
+pub fn plan(
+    state: &TrialState,
+    interrupted: bool,
+    max_attempts: usize,
+    retry_failed: bool,
+) -> Action {
     if state.completed {
         Action::SkipDone
     } else if state.running {
         Action::SkipRunning
     } else if state.failed_attempts > 0 {
-        if state.last_failure.as_deref() == Some("config") || state.failed_attempts >= max_attempts
-        {
+        if state.failed_runs >= max_attempts && !retry_failed {
             Action::GiveUp
         } else {
             Action::Retry
@@ -117,6 +124,8 @@ pub fn plan(state: &TrialState, interrupted: bool, max_attempts: usize) -> Actio
 }
 
 pub struct Options {
+    /// Run failed trials again even when their retries are used up (`--retry-failed`).
+    pub retry_failed: bool,
     pub runs_dir: PathBuf,
     pub slots: Vec<Slot>,
     pub git: (Option<String>, Option<bool>),
@@ -132,7 +141,11 @@ pub struct Outcome {
 }
 
 /// The trials with their planned action, in sweep order.
-pub async fn plan_all(sweep: &Sweep, store: &Store) -> anyhow::Result<Vec<(Trial, Action)>> {
+pub async fn plan_all(
+    sweep: &Sweep,
+    store: &Store,
+    retry_failed: bool,
+) -> anyhow::Result<Vec<(Trial, Action)>> {
     let mut out = Vec::new();
     for t in &sweep.trials {
         let state = store.trial_state(&t.key).await?;
@@ -144,14 +157,19 @@ pub async fn plan_all(sweep: &Sweep, store: &Store) -> anyhow::Result<Vec<(Trial
         .await?;
         out.push((
             t.clone(),
-            plan(&state, interrupted > 0, sweep.spec.retry.max_attempts),
+            plan(
+                &state,
+                interrupted > 0,
+                sweep.spec.retry.max_attempts,
+                retry_failed,
+            ),
         ));
     }
     Ok(out)
 }
 
 pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<Outcome> {
-    let planned = plan_all(sweep, store).await?;
+    let planned = plan_all(sweep, store, opts.retry_failed).await?;
     let todo: Vec<Trial> = planned
         .iter()
         .filter(|(_, a)| a.runs())
@@ -241,8 +259,10 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
                 if !matches!(end, TrialEnd::Failed) {
                     break;
                 }
+                // Within one run the loop gives at most max_attempts tries; across runs the
+                // store's count of failed runs does (unless re-armed with --retry-failed).
                 let state = store.trial_state(&trial.key).await.unwrap_or_default();
-                if state.failed_attempts >= max_attempts {
+                if state.failed_runs >= max_attempts && !opts.retry_failed {
                     break;
                 }
             }

@@ -22,6 +22,9 @@ pub struct TrialState {
     pub completed: bool,
     pub running: bool,
     pub failed_attempts: usize,
+    /// Failed attempts that count against the retry budget: every class but `config` (a setup
+    /// error says nothing about the trial, and is fixed outside it).
+    pub failed_runs: usize,
     /// Failure class of the latest failed attempt (crash / signal / config).
     pub last_failure: Option<String>,
 }
@@ -167,7 +170,11 @@ impl Store {
                 "running" => s.running = true,
                 "failed" => {
                     s.failed_attempts += 1;
-                    s.last_failure = r.get(1);
+                    let class: Option<String> = r.get(1);
+                    if class.as_deref() != Some("config") {
+                        s.failed_runs += 1;
+                    }
+                    s.last_failure = class;
                 }
                 _ => {}
             }

@@ -33,6 +33,9 @@ pub struct SweepArgs {
     /// Where trial run directories go.
     #[arg(long, default_value = "runs")]
     pub runs_dir: PathBuf,
+    /// Run failed trials again even when their retries are used up (after fixing the cause).
+    #[arg(long)]
+    pub retry_failed: bool,
     /// The most trials the sweep may expand to (checked before expanding).
     #[arg(long, default_value_t = sweep::DEFAULT_MAX_TRIALS)]
     pub max_trials: usize,
@@ -86,7 +89,7 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
     if args.dry_run {
         // Look, do not touch: no database is created, no attempt is marked, no trial recorded.
         let planned = match Store::open_read_only(&args.db).await? {
-            Some(store) => scheduler::plan_all(&sweep, &store).await?,
+            Some(store) => scheduler::plan_all(&sweep, &store, args.retry_failed).await?,
             None => sweep
                 .trials
                 .iter()
@@ -113,6 +116,21 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
     let store = Store::open(&args.db).await?;
     let host = hostname();
     let recovered = store.recover_stale(&host).await?;
+    // Data, noise files and weights the trials to run share: checked once, before any starts.
+    {
+        let planned = scheduler::plan_all(&sweep, &store, args.retry_failed).await?;
+        let to_run: Vec<&sweep::Trial> = planned
+            .iter()
+            .filter(|(_, a)| a.runs())
+            .map(|(t, _)| t)
+            .collect();
+        crate::preflight::check(&to_run).map_err(|e| {
+            crate::train_cmd::SetupError(e.context(format!(
+                "setup check of sweep {} failed before any trial started (nothing was recorded against a trial; fix it and run the sweep again)",
+                sweep.name
+            )))
+        })?;
+    }
     let sweep_id = store
         .upsert_sweep(
             &sweep.name,
@@ -141,6 +159,7 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
         &sweep,
         &store,
         Options {
+            retry_failed: args.retry_failed,
             runs_dir: args.runs_dir.clone(),
             slots,
             git,
@@ -174,7 +193,7 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
     }
     // Trials that ended failed, in this run or before it (no retries left): the sweep did not
     // produce all its results, so a script or CI job must not read it as a success.
-    let planned = scheduler::plan_all(&sweep, &store).await?;
+    let planned = scheduler::plan_all(&sweep, &store, false).await?;
     let failed = planned
         .iter()
         .filter(|(_, a)| *a == scheduler::Action::GiveUp || *a == scheduler::Action::Retry)

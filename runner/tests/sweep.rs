@@ -379,25 +379,104 @@ fn sweep_names_cannot_leave_the_runs_folder() {
 }
 
 #[test]
-fn config_errors_are_never_retried_and_no_value_reaches_a_shell() {
+fn a_setup_error_stops_the_sweep_once_and_no_value_reaches_a_shell() {
     let marker = std::env::temp_dir().join(format!("fer-pwned-{}", std::process::id()));
     let sweep_text = format!(
-        "base: base.yaml\noverrides:\n  data: {{kind: raf_db, root: \"$(touch {m}); touch {m} `touch {m}`\"}}\nretry: {{max_attempts: 3}}\n",
+        "base: base.yaml\noverrides:\n  data: {{kind: raf_db, root: \"$(touch {m}); touch {m} `touch {m}`\"}}\ngrid:\n  model.heads: [1, 2]\nretry: {{max_attempts: 3}}\n",
         m = marker.display()
     );
     let (d, f) = setup("shell", &sweep_text);
     let o = sweep(&d, &f, &[]);
-    assert!(text(&o).contains("1 failed"), "{}", text(&o));
-    assert_eq!(o.status.code(), Some(3));
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let t = text(&o);
+    assert!(
+        t.contains("setup check of sweep s failed before any trial started")
+            && t.contains("does not exist"),
+        "{t}"
+    );
+    assert_eq!(t.matches("does not exist").count(), 1, "reported once: {t}");
     assert!(!marker.exists(), "a sweep value was executed by a shell");
     assert_eq!(
         sql(&d, "SELECT COUNT(*) FROM attempts"),
-        "1",
-        "config errors are not retried"
+        "0",
+        "no trial started"
     );
+}
+
+#[test]
+fn setup_failures_use_no_retry_and_retry_failed_rearms_trials() {
+    // A data folder that appears only after the first run.
+    let (d, _) = setup(
+        "late-data",
+        "base: base.yaml\noverrides:\n  data: {kind: image_folder, root: faces}\nretry: {max_attempts: 1}\n",
+    );
+    let o = fer()
+        .current_dir(&d)
+        .args(["sweep", "s.yaml", "--db", "r.db", "--runs-dir", "runs"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let o = fer()
+        .current_dir(&d)
+        .args([
+            "data",
+            "synth",
+            "--out",
+            "faces",
+            "--image-size",
+            "32",
+            "--train",
+            "28",
+            "--test",
+            "14",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let o = fer()
+        .current_dir(&d)
+        .args(["sweep", "s.yaml", "--db", "r.db", "--runs-dir", "runs"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "the fixed setup runs: {}", text(&o));
+    assert_eq!(sql(&d, "SELECT COUNT(*) FROM latest_completed"), "1");
+
+    // A trial-level setup error (found by the trial itself) is recorded as `config`, is not
+    // retried within the run, and does not use up the retry budget: the next run tries again.
+    let (d, f2) = setup(
+        "cfg",
+        "base: base.yaml\noverrides: {model.classes: 8}\nretry: {max_attempts: 1}\n",
+    );
+    for run in 1..=2 {
+        let o = sweep(&d, &f2, &[]);
+        assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+        assert_eq!(
+            sql(
+                &d,
+                "SELECT COUNT(*) FROM attempts WHERE failure_class = 'config' AND exit_code = 2"
+            ),
+            run.to_string()
+        );
+    }
+    // A crash uses up the budget; --retry-failed re-arms it.
+    let (d, f3) = setup(
+        "rearm",
+        "base: base.yaml\noverrides: {optimizer: {kind: sgd, lr: 1.0e30}}\nretry: {max_attempts: 1}\n",
+    );
+    assert_eq!(sweep(&d, &f3, &[]).status.code(), Some(3));
+    let o = sweep(&d, &f3, &[]);
+    assert!(
+        text(&o).contains("0 completed, 0 failed, 1 skipped"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(sql(&d, "SELECT COUNT(*) FROM attempts"), "1");
+    let o = sweep(&d, &f3, &["--retry-failed"]);
+    assert!(text(&o).contains("0 completed, 1 failed"), "{}", text(&o));
     assert_eq!(
-        sql(&d, "SELECT failure_class || ' ' || exit_code FROM attempts"),
-        "config 2"
+        sql(&d, "SELECT COUNT(*) FROM attempts"),
+        "2",
+        "re-armed: one more attempt"
     );
 }
 
