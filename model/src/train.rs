@@ -203,11 +203,9 @@ fn train_step_here(
         let losses = graph.losses(labels)?;
         Ok((graph, losses))
     })?;
-    anyhow::ensure!(
-        losses.total.is_finite(),
-        "the training loss is not finite ({}): diverged",
-        losses.total
-    );
+    if !losses.total.is_finite() {
+        return Err(crate::trainer::Divergence { loss: losses.total }.into());
+    }
     let grads: GradStore =
         timed(Slot::StepBackward, || graph.total.backward()).context("backward pass")?;
     timed(Slot::StepOptimizer, || optimizer.step(&grads))?;

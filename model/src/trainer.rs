@@ -52,6 +52,38 @@ pub struct EpochMetrics {
     pub replayed: bool,
 }
 
+/// A training input that cannot be used (an image that does not decode, a non-image file in
+/// the data): fixing the data fixes it, so retrying the trial as it is cannot.
+#[derive(Debug)]
+pub struct DataError(pub anyhow::Error);
+
+impl std::fmt::Display for DataError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for DataError {}
+
+/// The training loss became NaN or infinite: the setting diverged (retrying the same seed
+/// diverges again; the sweep's retry policy decides whether it is tried again).
+#[derive(Debug)]
+pub struct Divergence {
+    pub loss: f64,
+}
+
+impl std::fmt::Display for Divergence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the training loss is not finite ({}): diverged",
+            self.loss
+        )
+    }
+}
+
+impl std::error::Error for Divergence {}
+
 /// Progress reported while a run trains.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -187,7 +219,7 @@ pub fn run(
         let (mut correct, mut seen) = (0usize, 0usize);
         let (mut clean, mut noisy, mut predicted) = (Vec::new(), Vec::new(), Vec::new());
         for (step, batch) in rx.into_iter().enumerate() {
-            let batch = batch?;
+            let batch = batch.map_err(|e| anyhow::Error::new(DataError(e)))?;
             opt.lr = config.schedule.lr_at_step(
                 config.optimizer.base_lr(),
                 config.epochs,
@@ -311,7 +343,7 @@ pub fn predict_set(
     );
     let mut out = Vec::with_capacity(set.len());
     for batch in rx {
-        let batch = batch?;
+        let batch = batch.map_err(|e| anyhow::Error::new(DataError(e)))?;
         out.extend(train::predict(&net.dan, &batch.images(&dev)?)?);
     }
     Ok(out)

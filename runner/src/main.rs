@@ -94,9 +94,13 @@ fn main() {
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");
-        // Errors found before training started (bad config, missing data) are not worth a retry.
+        // The exit status tells the runner the failure's class (see scheduler::EXIT_*).
         let code = if err.is::<train_cmd::SetupError>() {
             scheduler::EXIT_CONFIG_ERROR
+        } else if err.is::<fer_model::trainer::DataError>() {
+            scheduler::EXIT_DATA_ERROR
+        } else if err.is::<fer_model::trainer::Divergence>() {
+            scheduler::EXIT_DIVERGED
         } else {
             1
         };

@@ -126,6 +126,8 @@ pub fn plan(
 pub struct Options {
     /// Run failed trials again even when their retries are used up (`--retry-failed`).
     pub retry_failed: bool,
+    /// Retry a diverged trial like a crash (`retry.divergence` of the sweep file).
+    pub retry_divergence: bool,
     pub runs_dir: PathBuf,
     pub slots: Vec<Slot>,
     pub git: (Option<String>, Option<bool>),
@@ -249,7 +251,7 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
                     c.2 -= 1;
                     match end {
                         TrialEnd::Completed => c.0 += 1,
-                        TrialEnd::Failed | TrialEnd::ConfigError => c.1 += 1,
+                        TrialEnd::Failed | TrialEnd::NotRetried => c.1 += 1,
                         _ => {}
                     }
                     overall.set_message(format!("done {} running {} failed {}", c.0, c.2, c.1));
@@ -302,7 +304,8 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
 enum TrialEnd {
     Completed,
     Failed,
-    ConfigError,
+    /// Failed in a way a retry of the same trial cannot fix (setup, data, by default divergence).
+    NotRetried,
     Interrupted,
     /// Another runner holds (or finished) the trial.
     Busy,
@@ -310,7 +313,12 @@ enum TrialEnd {
 
 /// Exit status of `fer train` for an error found before training started (bad config, missing
 /// data): retrying cannot help.
+/// `fer train` exit statuses the runner classifies by: 2 a setup error (config, missing data;
+/// found before training), 4 divergence (a non-finite loss), 5 a data error during training (an
+/// image that does not decode). Anything else non-zero is a crash, a signal is a signal.
 pub const EXIT_CONFIG_ERROR: i32 = 2;
+pub const EXIT_DIVERGED: i32 = 4;
+pub const EXIT_DATA_ERROR: i32 = 5;
 
 #[allow(clippy::too_many_arguments)]
 async fn run_attempt(
@@ -402,7 +410,16 @@ async fn run_attempt(
     } else if status.success() {
         (TrialEnd::Completed, "completed", None)
     } else if status.code() == Some(EXIT_CONFIG_ERROR) {
-        (TrialEnd::ConfigError, "failed", Some("config"))
+        (TrialEnd::NotRetried, "failed", Some("config"))
+    } else if status.code() == Some(EXIT_DATA_ERROR) {
+        (TrialEnd::NotRetried, "failed", Some("data"))
+    } else if status.code() == Some(EXIT_DIVERGED) {
+        let end = if opts.retry_divergence {
+            TrialEnd::Failed
+        } else {
+            TrialEnd::NotRetried
+        };
+        (end, "failed", Some("divergence"))
     } else if status.signal().is_some() {
         (TrialEnd::Failed, "failed", Some("signal"))
     } else {

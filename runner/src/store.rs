@@ -22,8 +22,8 @@ pub struct TrialState {
     pub completed: bool,
     pub running: bool,
     pub failed_attempts: usize,
-    /// Failed attempts that count against the retry budget: every class but `config` (a setup
-    /// error says nothing about the trial, and is fixed outside it).
+    /// Failed attempts that count against the retry budget: every class but `config` and `data`
+    /// (those say nothing about the trial, and are fixed outside it).
     pub failed_runs: usize,
     /// Failure class of the latest failed attempt (crash / signal / config).
     pub last_failure: Option<String>,
@@ -171,7 +171,7 @@ impl Store {
                 "failed" => {
                     s.failed_attempts += 1;
                     let class: Option<String> = r.get(1);
-                    if class.as_deref() != Some("config") {
+                    if !matches!(class.as_deref(), Some("config" | "data")) {
                         s.failed_runs += 1;
                     }
                     s.last_failure = class;

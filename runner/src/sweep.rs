@@ -77,9 +77,14 @@ impl Default for Resources {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Retry {
-    /// Attempts for a trial that crashed or was killed by a signal (config errors: never retried).
+    /// Attempts for a trial that crashed or was killed by a signal (setup and data errors: never
+    /// retried, and they use up no attempt).
     #[serde(default = "three")]
     pub max_attempts: usize,
+    /// Retry a trial whose loss diverged (NaN / inf) like a crash; off by default, as the same
+    /// seed diverges again unless something changed.
+    #[serde(default)]
+    pub divergence: bool,
 }
 
 fn three() -> usize {
@@ -88,7 +93,10 @@ fn three() -> usize {
 
 impl Default for Retry {
     fn default() -> Self {
-        Self { max_attempts: 3 }
+        Self {
+            max_attempts: 3,
+            divergence: false,
+        }
     }
 }
 

@@ -160,6 +160,7 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
         &store,
         Options {
             retry_failed: args.retry_failed,
+            retry_divergence: sweep.spec.retry.divergence,
             runs_dir: args.runs_dir.clone(),
             slots,
             git,

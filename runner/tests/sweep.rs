@@ -279,16 +279,25 @@ fn rerun_is_idempotent_and_results_are_queryable() {
 }
 
 #[test]
-fn crashing_trial_is_recorded_and_retried_by_policy() {
-    // lr 1e30 diverges after training starts: a crash (exit 1), retried up to max_attempts.
-    let (d, f) = setup("crash", "base: base.yaml\noverrides: {optimizer: {kind: sgd, lr: 1.0e30}}\nretry: {max_attempts: 2}\n");
+fn a_diverged_trial_is_classed_and_retried_only_by_policy() {
+    // lr 1e30 diverges after training starts: its own class, not retried by default...
+    let (d, f) = setup("diverge", "base: base.yaml\noverrides: {optimizer: {kind: sgd, lr: 1.0e30}}\nretry: {max_attempts: 2}\n");
+    let o = sweep(&d, &f, &[]);
+    assert!(text(&o).contains("0 completed, 1 failed"), "{}", text(&o));
+    assert_eq!(
+        sql(&d, "SELECT failure_class || ' ' || exit_code FROM attempts"),
+        "divergence 4",
+        "one attempt: a diverged seed is not retried unless the sweep asks"
+    );
+    // ... and retried up to max_attempts with `retry: {divergence: true}`.
+    let (d, f) = setup("crash", "base: base.yaml\noverrides: {optimizer: {kind: sgd, lr: 1.0e30}}\nretry: {max_attempts: 2, divergence: true}\n");
     let o = sweep(&d, &f, &[]);
     assert!(text(&o).contains("0 completed, 1 failed"), "{}", text(&o));
     assert_eq!(o.status.code(), Some(3), "failed trials: exit status 3");
     assert_eq!(
         sql(
             &d,
-            "SELECT COUNT(*) FROM attempts WHERE status = 'failed' AND failure_class = 'crash'"
+            "SELECT COUNT(*) FROM attempts WHERE status = 'failed' AND failure_class = 'divergence'"
         ),
         "2"
     );
@@ -302,7 +311,7 @@ fn crashing_trial_is_recorded_and_retried_by_policy() {
         .unwrap();
     let listing = String::from_utf8_lossy(&runs.stdout);
     assert!(
-        listing.contains("[crash]") && listing.contains("not finite"),
+        listing.contains("[divergence]") && listing.contains("not finite"),
         "{listing}"
     );
     let runs = fer()
@@ -400,6 +409,55 @@ fn a_setup_error_stops_the_sweep_once_and_no_value_reaches_a_shell() {
         sql(&d, "SELECT COUNT(*) FROM attempts"),
         "0",
         "no trial started"
+    );
+}
+
+#[test]
+fn an_undecodable_image_is_a_data_error_never_retried() {
+    let (d, _) = setup(
+        "bad-image",
+        "base: base.yaml\noverrides:\n  data: {kind: image_folder, root: faces}\nretry: {max_attempts: 3}\n",
+    );
+    let o = fer()
+        .current_dir(&d)
+        .args([
+            "data",
+            "synth",
+            "--out",
+            "faces",
+            "--image-size",
+            "32",
+            "--train",
+            "28",
+            "--test",
+            "14",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    // A file that is no image among the training images: present (the setup check passes),
+    // undecodable when the loader reaches it.
+    let class_dir = std::fs::read_dir(d.join("faces/train"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::write(class_dir.join("zz_notes.png"), "not an image").unwrap();
+    let o = fer()
+        .current_dir(&d)
+        .args(["sweep", "s.yaml", "--db", "r.db", "--runs-dir", "runs"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert_eq!(
+        sql(&d, "SELECT failure_class || ' ' || exit_code FROM attempts"),
+        "data 5",
+        "one attempt, classed as a data error"
+    );
+    assert!(
+        sql(&d, "SELECT error FROM attempts").contains("zz_notes.png: cannot decode image"),
+        "the error names the file"
     );
 }
 
