@@ -91,6 +91,28 @@ impl Store {
         Ok(Some(Self { pool }))
     }
 
+    /// Open a database to read it (`fer runs`, `fer report`): read-only when its schema is
+    /// current, so reading never changes the file (nor needs write permission); migrated first
+    /// when it was made by an older `fer`.
+    pub async fn open_for_reading(path: &Path) -> anyhow::Result<Self> {
+        let Some(store) = Self::open_read_only(path).await? else {
+            anyhow::bail!("{}: no such database", path.display());
+        };
+        // No migration table: an empty file (a new database) or another program's; opening it
+        // normally migrates the first and names the second.
+        let applied: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success = 1")
+                .fetch_one(&store.pool)
+                .await
+                .unwrap_or(None);
+        let latest = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+        if applied.unwrap_or(0) >= latest {
+            return Ok(store);
+        }
+        drop(store);
+        Self::open(path).await
+    }
+
     pub async fn upsert_sweep(
         &self,
         name: &str,

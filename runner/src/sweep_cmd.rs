@@ -237,7 +237,7 @@ pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
             args.db.display()
         );
     }
-    let store = Store::open(&args.db).await?;
+    let store = Store::open_for_reading(&args.db).await?;
     if let Some(st) = &args.status {
         if !STATUSES.contains(&st.as_str()) {
             anyhow::bail!(

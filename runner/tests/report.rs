@@ -90,7 +90,21 @@ fn filled(tag: &str) -> std::path::PathBuf {
 #[test]
 fn table_csv_and_figures_from_the_database() {
     let d = filled("report-ok");
+    // Reading results never writes the database (it opens read-only).
+    sql(&d.join("r.db"), "PRAGMA wal_checkpoint(TRUNCATE);");
+    let before = std::fs::read(d.join("r.db")).unwrap();
     let o = report(&d, &[]);
+    let runs = fer()
+        .args(["runs", "--db"])
+        .arg(d.join("r.db"))
+        .output()
+        .unwrap();
+    assert!(runs.status.success(), "{}", text(&runs));
+    assert_eq!(
+        std::fs::read(d.join("r.db")).unwrap(),
+        before,
+        "reading changed the database"
+    );
     assert!(o.status.success(), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     // Final epoch (2): heads 1 -> 0.20, 0.21; heads 2 -> 0.30, 0.31. Sample std of 2 values 1 % apart: 0.71.

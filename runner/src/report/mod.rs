@@ -517,7 +517,7 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
             file.display()
         );
     }
-    let store = Store::open(&args.db).await?;
+    let store = Store::open_for_reading(&args.db).await?;
     let report = gather(
         &store,
         &sweep.base_name,
