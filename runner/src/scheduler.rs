@@ -128,6 +128,8 @@ pub struct Options {
     pub retry_failed: bool,
     /// Retry a diverged trial like a crash (`retry.divergence` of the sweep file).
     pub retry_divergence: bool,
+    /// The results database, named when writing to it fails.
+    pub db: PathBuf,
     pub runs_dir: PathBuf,
     pub slots: Vec<Slot>,
     pub git: (Option<String>, Option<bool>),
@@ -140,6 +142,8 @@ pub struct Outcome {
     pub failed: usize,
     pub skipped: usize,
     pub interrupted: bool,
+    /// Writing to the results store failed: the sweep was stopped (the error is on stderr).
+    pub store_error: Option<String>,
 }
 
 /// The trials with their planned action, in sweep order.
@@ -195,6 +199,8 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
     let free = Arc::new(Mutex::new(opts.slots.clone()));
     let slot_ready = Arc::new(tokio::sync::Semaphore::new(opts.slots.len()));
     let (cancel_tx, cancel_rx) = watch::channel(false);
+    let cancel_tx = Arc::new(cancel_tx);
+    let store_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
     let counts = Arc::new(Mutex::new((0usize, 0usize, 0usize))); // done, failed, running
     let threads = sweep.spec.resources.threads_per_trial;
     let max_attempts = sweep.spec.retry.max_attempts;
@@ -212,6 +218,7 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
             overall.clone(),
             opts.clone(),
         );
+        let (stop, store_error) = (cancel_tx.clone(), store_error.clone());
         let run_dir = opts.runs_dir.join(&sweep.name).join(&trial.key[..16]);
         tasks.spawn(async move {
             let mut result = TrialEnd::Failed;
@@ -242,10 +249,27 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
                 )
                 .await;
                 free.lock().await.push(slot);
-                let end = end.unwrap_or_else(|e| {
-                    tracing::error!(trial = %trial.key, "runner error: {e:#}");
-                    TrialEnd::Failed
-                });
+                let end = match end {
+                    Ok(end) => end,
+                    Err(e) => {
+                        // The store cannot be written (disk or database full, I/O error): every
+                        // further result would be lost, so the whole sweep stops, loudly.
+                        tracing::error!(trial = %trial.key, "runner error: {e:#}");
+                        let msg = format!("{e:#}");
+                        let mut first = store_error.lock().await;
+                        if first.is_none() {
+                            overall.suspend(|| {
+                                eprintln!(
+                                    "error: writing the results store {} failed: {msg}; stopping the sweep (running trials resume from their checkpoints next time)",
+                                    opts.db.display()
+                                )
+                            });
+                            *first = Some(msg);
+                        }
+                        let _ = stop.send(true);
+                        TrialEnd::Interrupted
+                    }
+                };
                 {
                     let mut c = counts.lock().await;
                     c.2 -= 1;
@@ -297,6 +321,7 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
         }
     }
     overall.finish_and_clear();
+    outcome.store_error = store_error.lock().await.clone();
     Ok(outcome)
 }
 

@@ -161,6 +161,7 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
         Options {
             retry_failed: args.retry_failed,
             retry_divergence: sweep.spec.retry.divergence,
+            db: args.db.clone(),
             runs_dir: args.runs_dir.clone(),
             slots,
             git,
@@ -181,6 +182,13 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
             ""
         }
     );
+    if let Some(e) = &outcome.store_error {
+        anyhow::bail!(
+            "sweep {} stopped: the results store {} could not be written ({e})",
+            sweep.name,
+            args.db.display()
+        );
+    }
     let results = store.results(&sweep.name).await?;
     println!("{}", scheduler::summary_table(&results));
     if outcome.failed > 0 {

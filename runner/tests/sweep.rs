@@ -712,3 +712,47 @@ fn sigterm_stops_the_sweep_like_ctrl_c_and_waiting_trials_never_start() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(sql(&d, "SELECT COUNT(*) FROM latest_completed"), "3");
 }
+
+#[test]
+fn a_store_write_error_stops_the_sweep_loudly() {
+    let (d, f) = setup(
+        "store-full",
+        "base: base.yaml\ngrid:\n  model.heads: [1, 2, 4]\n",
+    );
+    // Create the database with another sweep, then make every metric write fail as a full
+    // disk would.
+    std::fs::write(
+        d.join("empty.yaml"),
+        "base: base.yaml\nseeds: [9]\noverrides: {epochs: 1}\n",
+    )
+    .unwrap();
+    let o = sweep(&d, &d.join("empty.yaml"), &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    sql(
+        &d,
+        "CREATE TRIGGER full BEFORE INSERT ON metrics BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;",
+    );
+    let o = fer()
+        .arg("sweep")
+        .arg(&f)
+        .arg("--db")
+        .arg(d.join("r.db"))
+        .arg("--runs-dir")
+        .arg(d.join("runs"))
+        .args(["--jobs", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("writing the results store")
+            && err.contains("r.db")
+            && err.contains("disk is full"),
+        "{err}"
+    );
+    // The first trial hit the error; the others, waiting for the one slot, never started.
+    assert_eq!(
+        sql(&d, "SELECT COUNT(*) FROM attempts a JOIN sweep_trials st ON st.trial_key = a.trial_key JOIN sweeps s ON s.id = st.sweep_id WHERE s.name = 's'"),
+        "1"
+    );
+}
