@@ -84,6 +84,38 @@ impl std::fmt::Display for Divergence {
 
 impl std::error::Error for Divergence {}
 
+/// The disk (or quota) of the run directory is full: no trial on it can save a checkpoint
+/// until space is freed, so the runner stops the sweep instead of spending retries.
+#[derive(Debug)]
+pub struct ResourceError(pub anyhow::Error);
+
+impl std::fmt::Display for ResourceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for ResourceError {}
+
+/// `e` as a `ResourceError` when an I/O error in its chain says the disk or quota is full.
+pub fn classify_io(e: anyhow::Error) -> anyhow::Error {
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    let full = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+            ) || matches!(io.raw_os_error(), Some(ENOSPC | EDQUOT))
+        })
+    });
+    if full {
+        anyhow::Error::new(ResourceError(e))
+    } else {
+        e
+    }
+}
+
 /// Progress reported while a run trains.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -301,7 +333,7 @@ pub fn run(
             "input_size": config.input_size,
             "history": history,
         });
-        checkpoint::save(&ckpt, &net, Some(&opt), epoch + 1, extra)?;
+        checkpoint::save(&ckpt, &net, Some(&opt), epoch + 1, extra).map_err(classify_io)?;
         on_event(&Event::Epoch(metrics))?;
     }
     on_event(&Event::Finished {

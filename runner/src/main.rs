@@ -101,6 +101,8 @@ fn main() {
             scheduler::EXIT_DATA_ERROR
         } else if err.is::<fer_model::trainer::Divergence>() {
             scheduler::EXIT_DIVERGED
+        } else if err.is::<fer_model::trainer::ResourceError>() {
+            scheduler::EXIT_RESOURCE
         } else {
             1
         };

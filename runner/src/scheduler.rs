@@ -250,6 +250,22 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
                 .await;
                 free.lock().await.push(slot);
                 let end = match end {
+                    Ok(TrialEnd::Resource) => {
+                        let mut first = store_error.lock().await;
+                        if first.is_none() {
+                            let msg = format!(
+                                "trial {} could not write to its run directory {}: no space left (disk or quota full)",
+                                &trial.key[..16],
+                                run_dir.display()
+                            );
+                            overall.suspend(|| {
+                                eprintln!("error: {msg}; stopping the sweep: free space, then run it again (no retry was used)")
+                            });
+                            *first = Some(msg);
+                        }
+                        let _ = stop.send(true);
+                        TrialEnd::Resource
+                    }
                     Ok(end) => end,
                     Err(e) => {
                         // The store cannot be written (disk or database full, I/O error): every
@@ -264,7 +280,10 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
                                     opts.db.display()
                                 )
                             });
-                            *first = Some(msg);
+                            *first = Some(format!(
+                                "the results store {} could not be written: {msg}",
+                                opts.db.display()
+                            ));
                         }
                         let _ = stop.send(true);
                         TrialEnd::Interrupted
@@ -306,6 +325,7 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
                     Some(Ok(TrialEnd::Completed)) => outcome.completed += 1,
                     Some(Ok(TrialEnd::Busy)) => outcome.skipped += 1,
                     Some(Ok(TrialEnd::Interrupted)) => outcome.interrupted = true,
+                    Some(Ok(TrialEnd::Resource)) => outcome.failed += 1,
                     Some(Ok(_)) => outcome.failed += 1,
                     Some(Err(e)) => return Err(e.into()),
                 }
@@ -331,6 +351,8 @@ enum TrialEnd {
     Failed,
     /// Failed in a way a retry of the same trial cannot fix (setup, data, by default divergence).
     NotRetried,
+    /// The disk or quota is full: the sweep stops.
+    Resource,
     Interrupted,
     /// Another runner holds (or finished) the trial.
     Busy,
@@ -344,6 +366,8 @@ enum TrialEnd {
 pub const EXIT_CONFIG_ERROR: i32 = 2;
 pub const EXIT_DIVERGED: i32 = 4;
 pub const EXIT_DATA_ERROR: i32 = 5;
+/// 6: the run directory's disk or quota is full: the whole sweep stops (no retry can succeed).
+pub const EXIT_RESOURCE: i32 = 6;
 
 #[allow(clippy::too_many_arguments)]
 async fn run_attempt(
@@ -436,6 +460,8 @@ async fn run_attempt(
         (TrialEnd::Completed, "completed", None)
     } else if status.code() == Some(EXIT_CONFIG_ERROR) {
         (TrialEnd::NotRetried, "failed", Some("config"))
+    } else if status.code() == Some(EXIT_RESOURCE) {
+        (TrialEnd::Resource, "failed", Some("resource"))
     } else if status.code() == Some(EXIT_DATA_ERROR) {
         (TrialEnd::NotRetried, "failed", Some("data"))
     } else if status.code() == Some(EXIT_DIVERGED) {

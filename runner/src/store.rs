@@ -193,7 +193,7 @@ impl Store {
                 "failed" => {
                     s.failed_attempts += 1;
                     let class: Option<String> = r.get(1);
-                    if !matches!(class.as_deref(), Some("config" | "data")) {
+                    if !matches!(class.as_deref(), Some("config" | "data" | "resource")) {
                         s.failed_runs += 1;
                     }
                     s.last_failure = class;

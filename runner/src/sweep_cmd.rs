@@ -183,11 +183,7 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
         }
     );
     if let Some(e) = &outcome.store_error {
-        anyhow::bail!(
-            "sweep {} stopped: the results store {} could not be written ({e})",
-            sweep.name,
-            args.db.display()
-        );
+        anyhow::bail!("sweep {} stopped: {e}", sweep.name);
     }
     let results = store.results(&sweep.name).await?;
     println!("{}", scheduler::summary_table(&results));

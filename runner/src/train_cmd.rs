@@ -73,7 +73,8 @@ fn train(args: TrainArgs, started: &mut bool) -> anyhow::Result<()> {
         let line = serde_json::to_string(event)?;
         if let Event::Epoch(m) = event {
             if !m.replayed {
-                writeln!(metrics, "{line}")?;
+                writeln!(metrics, "{line}")
+                    .map_err(|e| fer_model::trainer::classify_io(e.into()))?;
             }
         }
         // A parent that died closes the pipe: the write fails and this run stops at its

@@ -756,3 +756,49 @@ fn a_store_write_error_stops_the_sweep_loudly() {
         "1"
     );
 }
+
+#[test]
+fn a_full_disk_stops_the_sweep_without_spending_retries() {
+    let (d, f) = setup(
+        "disk-full",
+        "base: base.yaml\ngrid:\n  model.heads: [1, 2, 4]\nretry: {max_attempts: 3}\n",
+    );
+    // The runs folder on a 96 KiB file system: the first checkpoint does not fit.
+    let runs = d.join("runs");
+    std::fs::create_dir_all(&runs).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=96k", "tmpfs"])
+        .arg(&runs)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED a_full_disk_stops_the_sweep_without_spending_retries: cannot mount a tmpfs here (needs root)");
+        return;
+    }
+    let o = fer()
+        .arg("sweep")
+        .arg(&f)
+        .arg("--db")
+        .arg(d.join("r.db"))
+        .arg("--runs-dir")
+        .arg(&runs)
+        .args(["--jobs", "1"])
+        .output()
+        .unwrap();
+    let _ = Command::new("umount").arg(&runs).status();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("no space left") && err.contains("stopping the sweep"),
+        "{err}"
+    );
+    // One attempt, classed `resource`; the other trials never started, and nothing was retried.
+    assert_eq!(
+        sql(&d, "SELECT failure_class || ' ' || exit_code FROM attempts"),
+        "resource 6"
+    );
+    // With space again, the same trials run (the failure used up no retry).
+    let o = sweep(&d, &f, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(sql(&d, "SELECT COUNT(*) FROM latest_completed"), "3");
+}
