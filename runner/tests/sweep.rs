@@ -48,6 +48,26 @@ fn dry_run_rows(dir: &Path, file: &Path) -> Vec<String> {
         .collect()
 }
 
+/// `fer sweep s.yaml` run inside `d` (for sweeps whose data paths are relative).
+fn sweep_in_dir(d: &Path) -> Output {
+    fer()
+        .current_dir(d)
+        .args(["sweep", "s.yaml", "--db", "r.db", "--runs-dir", "runs"])
+        .output()
+        .unwrap()
+}
+
+/// Tiny synthetic faces rendered as an ImageFolder at `d/faces`.
+fn synth_faces(d: &Path) {
+    let o = fer()
+        .current_dir(d)
+        .args(["data", "synth", "--out", "faces", "--image-size", "32"])
+        .args(["--train", "28", "--test", "14"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+}
+
 /// A sweep running in the background with two CPU slots.
 fn spawn_sweep(dir: &Path, file: &Path) -> std::process::Child {
     fer()
@@ -418,23 +438,7 @@ fn an_undecodable_image_is_a_data_error_never_retried() {
         "bad-image",
         "base: base.yaml\noverrides:\n  data: {kind: image_folder, root: faces}\nretry: {max_attempts: 3}\n",
     );
-    let o = fer()
-        .current_dir(&d)
-        .args([
-            "data",
-            "synth",
-            "--out",
-            "faces",
-            "--image-size",
-            "32",
-            "--train",
-            "28",
-            "--test",
-            "14",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
+    synth_faces(&d);
     // A file that is no image among the training images: present (the setup check passes),
     // undecodable when the loader reaches it.
     let class_dir = std::fs::read_dir(d.join("faces/train"))
@@ -444,11 +448,7 @@ fn an_undecodable_image_is_a_data_error_never_retried() {
         .unwrap()
         .path();
     std::fs::write(class_dir.join("zz_notes.png"), "not an image").unwrap();
-    let o = fer()
-        .current_dir(&d)
-        .args(["sweep", "s.yaml", "--db", "r.db", "--runs-dir", "runs"])
-        .output()
-        .unwrap();
+    let o = sweep_in_dir(&d);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     assert_eq!(
         sql(&d, "SELECT failure_class || ' ' || exit_code FROM attempts"),
@@ -468,34 +468,10 @@ fn setup_failures_use_no_retry_and_retry_failed_rearms_trials() {
         "late-data",
         "base: base.yaml\noverrides:\n  data: {kind: image_folder, root: faces}\nretry: {max_attempts: 1}\n",
     );
-    let o = fer()
-        .current_dir(&d)
-        .args(["sweep", "s.yaml", "--db", "r.db", "--runs-dir", "runs"])
-        .output()
-        .unwrap();
+    let o = sweep_in_dir(&d);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    let o = fer()
-        .current_dir(&d)
-        .args([
-            "data",
-            "synth",
-            "--out",
-            "faces",
-            "--image-size",
-            "32",
-            "--train",
-            "28",
-            "--test",
-            "14",
-        ])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    let o = fer()
-        .current_dir(&d)
-        .args(["sweep", "s.yaml", "--db", "r.db", "--runs-dir", "runs"])
-        .output()
-        .unwrap();
+    synth_faces(&d);
+    let o = sweep_in_dir(&d);
     assert!(o.status.success(), "the fixed setup runs: {}", text(&o));
     assert_eq!(sql(&d, "SELECT COUNT(*) FROM latest_completed"), "1");
 
@@ -732,16 +708,7 @@ fn a_store_write_error_stops_the_sweep_loudly() {
         &d,
         "CREATE TRIGGER full BEFORE INSERT ON metrics BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END;",
     );
-    let o = fer()
-        .arg("sweep")
-        .arg(&f)
-        .arg("--db")
-        .arg(d.join("r.db"))
-        .arg("--runs-dir")
-        .arg(d.join("runs"))
-        .args(["--jobs", "1"])
-        .output()
-        .unwrap();
+    let o = sweep(&d, &f, &["--jobs", "1"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
