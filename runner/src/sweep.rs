@@ -121,8 +121,45 @@ pub struct Sweep {
     pub trials: Vec<Trial>,
 }
 
+/// A YAML value as JSON. `.nan` and `.inf` have no JSON form (they would become null): no
+/// config field takes them, so they are refused here with the key path that holds them.
 fn to_json(v: &serde_yaml_ng::Value) -> anyhow::Result<Value> {
+    if let Some(at) = non_finite(v, "") {
+        bail!("{at}: .nan / .inf is not a value any config field takes");
+    }
     Ok(serde_json::to_value(v)?)
+}
+
+/// The dotted path of the first non-finite number in `v`, if any.
+fn non_finite(v: &serde_yaml_ng::Value, at: &str) -> Option<String> {
+    use serde_yaml_ng::Value as Y;
+    let join = |k: &str| {
+        if at.is_empty() {
+            k.to_string()
+        } else {
+            format!("{at}.{k}")
+        }
+    };
+    match v {
+        Y::Number(n) if n.as_f64().is_some_and(|f| !f.is_finite()) => Some(if at.is_empty() {
+            "value".into()
+        } else {
+            at.to_string()
+        }),
+        Y::Sequence(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| non_finite(x, &join(&i.to_string()))),
+        Y::Mapping(m) => m.iter().find_map(|(k, x)| {
+            let key = k
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("{k:?}"));
+            non_finite(x, &join(&key))
+        }),
+        Y::Tagged(t) => non_finite(&t.value, at),
+        _ => None,
+    }
 }
 
 /// Set `dotted.key` in a JSON object tree, creating maps on the way.
@@ -150,6 +187,15 @@ fn locate(text: &str, needle: &str) -> Option<(usize, usize)> {
     text.lines()
         .enumerate()
         .find_map(|(i, l)| l.find(needle).map(|c| (i + 1, c + 1)))
+}
+
+/// An error at the line and column of a YAML key path (`["overrides", "epochs"]`) in `text`, or
+/// at the deepest part of the path that is found.
+fn at_path(text: &str, path: &[&str], file: &Path, msg: &str) -> anyhow::Error {
+    match crate::yaml::locate_path(text, path) {
+        Some((l, c)) => anyhow::anyhow!("{}:{l}:{c}: {msg}", file.display()),
+        None => anyhow::anyhow!("{}: {msg}", file.display()),
+    }
 }
 
 /// FNV-1a 64: a stable hash (std's hasher may change between Rust releases).
@@ -255,7 +301,13 @@ pub fn load_capped(
     let base_path = path.parent().unwrap_or(Path::new(".")).join(&spec.base);
     let base_yaml: serde_yaml_ng::Value =
         crate::yaml::read(&base_path).map_err(|e| err_at("base", format!("base config: {e:#}")))?;
-    let mut base = to_json(&base_yaml)?;
+    let mut base = to_json(&base_yaml).map_err(|e| {
+        let msg = e.to_string();
+        let key = msg.split(':').next().unwrap_or("");
+        let base_text = fer_model::data::read_text(&base_path).unwrap_or_default();
+        let parts: Vec<&str> = key.split('.').collect();
+        at_path(&base_text, &parts, &base_path, &msg)
+    })?;
     let mut overrides = spec.overrides.clone();
     if let Some(p) = profile {
         let extra = spec.profiles.get(p).ok_or_else(|| {
@@ -270,7 +322,9 @@ pub fn load_capped(
         overrides.extend(extra.clone());
     }
     for (k, v) in &overrides {
-        set_dotted(&mut base, k, to_json(v)?).map_err(|e| err_at(k, e.to_string()))?;
+        let v =
+            to_json(v).map_err(|e| at_path(&text, &["overrides", k], path, &format!("{k}.{e}")))?;
+        set_dotted(&mut base, k, v).map_err(|e| err_at(k, e.to_string()))?;
     }
 
     // Count before expanding: a huge grid must fail here, not after filling memory.
@@ -311,7 +365,10 @@ pub fn load_capped(
         for set in &sets {
             for v in values {
                 let mut s = set.clone();
-                s.insert(axis.clone(), to_json(v)?);
+                let v = to_json(v).map_err(|e| {
+                    at_path(&text, &["grid", axis], path, &format!("grid.{axis}: {e}"))
+                })?;
+                s.insert(axis.clone(), v);
                 next.push(s);
             }
         }
@@ -333,7 +390,9 @@ pub fn load_capped(
             for i in 0..len {
                 let mut s = set.clone();
                 for (k, vals) in group {
-                    s.insert(k.clone(), to_json(&vals[i])?);
+                    let v = to_json(&vals[i])
+                        .map_err(|e| at_path(&text, &["zip"], path, &format!("zip {k}: {e}")))?;
+                    s.insert(k.clone(), v);
                 }
                 next.push(s);
             }
@@ -401,17 +460,34 @@ pub fn load_capped(
                 set_dotted(&mut cfg, k, v.clone()).map_err(|e| err_at(k, e.to_string()))?;
             }
             set_dotted(&mut cfg, "seed", Value::from(seed))?;
-            let config: RunConfig = serde_json::from_value(cfg.clone()).map_err(|e| {
-                let axis = set
+            let config: RunConfig = serde_path_to_error::deserialize(cfg.clone()).map_err(|e| {
+                let field = e.path().to_string();
+                let msg = crate::yaml::explain(&e.inner().to_string());
+                // Where the failing value came from: an axis of this trial, an override
+                // (the most specific covering key), else the base config.
+                let covers = |k: &str| field == k || field.starts_with(&format!("{k}."));
+                let what = format!(
+                    "{field}: {msg} (trial {})",
+                    serde_json::to_string(&set).unwrap_or_default()
+                );
+                if let Some(axis) = set.keys().find(|k| covers(k)) {
+                    let section = if spec.grid.contains_key(axis) {
+                        "grid"
+                    } else {
+                        "zip"
+                    };
+                    return at_path(&text, &[section, axis], path, &what);
+                }
+                if let Some(k) = overrides
                     .keys()
-                    .find(|k| e.to_string().contains(k.rsplit('.').next().unwrap_or(k)));
-                err_at(
-                    axis.map(|s| s.as_str()).unwrap_or("base"),
-                    format!(
-                        "trial {}: {e}",
-                        serde_json::to_string(&set).unwrap_or_default()
-                    ),
-                )
+                    .filter(|k| covers(k))
+                    .max_by_key(|k| k.len())
+                {
+                    return at_path(&text, &["overrides", k], path, &what);
+                }
+                let base_text = fer_model::data::read_text(&base_path).unwrap_or_default();
+                let parts: Vec<&str> = field.split('.').collect();
+                at_path(&base_text, &parts, &base_path, &what)
             })?;
             config.validate().map_err(|e| {
                 err_at(

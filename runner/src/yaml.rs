@@ -137,8 +137,75 @@ pub fn read<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     parse(path, &text)
 }
 
+/// Messages of serde that say less than they could, said plainly.
+pub fn explain(msg: &str) -> String {
+    if msg.contains("untagged enum NoiseSpec") {
+        return "expected {rate: R, seed: S} (symmetric noise) or {file: PATH} (an EAC noise file), or null"
+            .into();
+    }
+    msg.replace("floating point `NaN`", "NaN (`.nan`)")
+        .replace("floating point `inf`", "infinity (`.inf`)")
+}
+
+/// Line and column (1-based) of the key at `path` in a YAML text: each part is looked for inside
+/// the block (deeper indentation) or flow mapping (`{a: .., b: ..}` on the line) of the previous
+/// one, so a comment or another section that mentions the key does not match. Falls back to the
+/// deepest part found.
+pub fn locate_path(text: &str, path: &[&str]) -> Option<(usize, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let key_at = |line: &str, key: &str, from: usize| -> Option<usize> {
+        // A block key (`key:` after indentation or `- `) or a flow key (`{key:` / `, key:`).
+        let code = line.split(" #").next().unwrap_or(line);
+        let t = code.trim_start();
+        let start = indent(code);
+        let t2 = t.trim_start_matches("- ");
+        let dash = t.len() - t2.len();
+        for quoted in [key.to_string(), format!("\"{key}\""), format!("'{key}'")] {
+            let k = format!("{quoted}:");
+            if start + dash >= from && t2.starts_with(&k) {
+                return Some(start + dash);
+            }
+            for open in ["{", ", ", "{ "] {
+                if let Some(i) = code[from.min(code.len())..].find(&format!("{open}{k}")) {
+                    return Some(from.min(code.len()) + i + open.len());
+                }
+            }
+        }
+        None
+    };
+    let (mut line, mut col, mut found) = (0usize, 0usize, None);
+    let mut parent_indent: Option<usize> = None;
+    for (depth, part) in path.iter().enumerate() {
+        let mut hit = None;
+        // The first part is searched from the top; later ones from the parent's line on, while
+        // the block lasts (a line indented no deeper than the parent ends it).
+        for (i, l) in lines.iter().enumerate().skip(line) {
+            if l.trim().is_empty() || l.trim_start().starts_with('#') {
+                continue;
+            }
+            if depth > 0 && i > line && parent_indent.is_some_and(|p| indent(l) <= p) {
+                break;
+            }
+            let from = if depth > 0 && i == line { col + 1 } else { 0 };
+            if let Some(c) = key_at(l, part, from) {
+                if depth == 0 && indent(l) != 0 {
+                    continue;
+                }
+                hit = Some((i, c));
+                break;
+            }
+        }
+        let Some((i, c)) = hit else { break };
+        parent_indent = Some(indent(lines[i]));
+        (line, col) = (i, c);
+        found = Some((i + 1, c + 1));
+    }
+    found
+}
+
 pub fn located(path: &Path, e: &serde_yaml_ng::Error) -> anyhow::Error {
-    let msg = e.to_string();
+    let msg = explain(&e.to_string());
     // The library appends " at line L column C"; we lead with it instead.
     let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
     match e.location() {

@@ -166,6 +166,28 @@ fn sweep_errors_name_file_line_and_column() {
             "s.yaml:3:3",
             "batch: must be at least 2",
         ),
+        // A wrong type names the field and points at the override that set it.
+        (
+            "base: base.yaml\noverrides:\n  epochs: \"one\"\n",
+            "s.yaml:3:3",
+            "epochs: invalid type: string \"one\", expected usize",
+        ),
+        // Located by the YAML path, not by the first mention (here a comment above).
+        (
+            "base: base.yaml\n# optimizer: tuned below\noverrides:\n  optimizer:\n    kind: adam\n    lrr: 2\n",
+            "s.yaml:4:3",
+            "optimizer: unknown field `lrr`",
+        ),
+        (
+            "base: base.yaml\ngrid:\n  noise: [null, {rat: 0.3, seed: 1}]\n",
+            "s.yaml:3:3",
+            "noise: expected {rate: R, seed: S} (symmetric noise) or {file: PATH}",
+        ),
+        (
+            "base: base.yaml\noverrides: {optimizer: {kind: adam, lr: .nan}}\n",
+            "s.yaml:2:13",
+            "optimizer.lr: .nan / .inf is not a value any config field takes",
+        ),
         // YAML would let the second key win silently.
         (
             "base: base.yaml\ngrid:\n  model.heads: [1, 2]\n  model.heads: [4]\n",
