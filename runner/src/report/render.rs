@@ -318,7 +318,9 @@ pub fn markdown(
     let _ = writeln!(
         md,
         "- **Convergence**: {}",
-        if under == 0 {
+        if total == 0 {
+            "no completed trials yet.".to_string()
+        } else if under == 0 {
             format!("all {total} trials reached a plateau (the mean test accuracy of their last 3 epochs is within 1 point of their best epoch).")
         } else {
             format!("**{under} of {total} trials are undertrained** (the mean test accuracy of their last 3 epochs is more than 1 point below their best epoch; cells marked †N hold N of them): those cells are not findings.")
