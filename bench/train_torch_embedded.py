@@ -7,8 +7,8 @@ map at 64 px), a per-step cosine schedule with linear warm-up and a per-step ram
 trunk by changing the reference's strides (parameter shapes do not depend on them) and runs the
 same schedule, otherwise it is the reference's training loop (its augmentation, Adam, losses).
 
-  fer data synth --out /tmp/synth64 --difficulty 0.2 --image-size 64 --train 1400 --test 1400 --seed 0
-  python3 bench/train_torch_embedded.py /tmp/synth64 --seeds 0,1,2,3,4 --epochs 20
+  fer data synth --out data/synth64 --difficulty 0.2 --image-size 64 --train 1400 --test 1400 --seed 0
+  python3 bench/train_torch_embedded.py data/synth64 --seeds 0,1,2,3,4 --epochs 20
 
 Prints one JSON line per seed (final / best test accuracy, the per-epoch curve) and a summary.
 """

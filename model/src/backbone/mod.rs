@@ -103,23 +103,7 @@ impl BackboneConfig {
 
     pub fn validate(&self) -> anyhow::Result<()> {
         match self {
-            BackboneConfig::ResNet(c) => {
-                ensure!(
-                    c.widths.iter().all(|&w| w > 0),
-                    "resnet: every stage width must be positive, got {:?}",
-                    c.widths
-                );
-                ensure!(
-                    c.blocks.iter().all(|&b| b > 0),
-                    "resnet: every stage needs at least one block, got {:?}",
-                    c.blocks
-                );
-                ensure!(
-                    c.strides.iter().all(|&s| (1..=2).contains(&s)),
-                    "resnet: strides: every stage stride must be 1 or 2, got {:?}",
-                    c.strides
-                );
-            }
+            BackboneConfig::ResNet(c) => c.validate()?,
             BackboneConfig::InceptionV3(c) => {
                 ensure!(
                     c.width > 0.0 && c.width <= 4.0,

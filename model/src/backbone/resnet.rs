@@ -156,6 +156,26 @@ impl ResNetConfig {
         self.widths[3] * self.expansion()
     }
 
+    /// The checks serde cannot express (the message names the field).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        ensure!(
+            self.widths.iter().all(|&w| w > 0),
+            "resnet: every stage width must be positive, got {:?}",
+            self.widths
+        );
+        ensure!(
+            self.blocks.iter().all(|&b| b > 0),
+            "resnet: every stage needs at least one block, got {:?}",
+            self.blocks
+        );
+        ensure!(
+            self.strides.iter().all(|&s| (1..=2).contains(&s)),
+            "resnet: strides: every stage stride must be 1 or 2, got {:?}",
+            self.strides
+        );
+        Ok(())
+    }
+
     /// The torchvision layout (stage strides `[1, 2, 2, 2]`, stem pool on)?
     pub fn is_torchvision_layout(&self) -> bool {
         self.strides == TORCHVISION_STRIDES && self.stem_pool
@@ -370,21 +390,7 @@ impl ResNet {
         config: &ResNetConfig,
         classifier: Option<usize>,
     ) -> anyhow::Result<Self> {
-        ensure!(
-            config.widths.iter().all(|&w| w > 0),
-            "resnet: every stage width must be positive, got {:?}",
-            config.widths
-        );
-        ensure!(
-            config.blocks.iter().all(|&b| b > 0),
-            "resnet: every stage needs at least one block, got {:?}",
-            config.blocks
-        );
-        ensure!(
-            config.strides.iter().all(|&s| (1..=2).contains(&s)),
-            "resnet: every stage stride must be 1 or 2, got {:?}",
-            config.strides
-        );
+        config.validate()?;
         let at = |m: &str| join(prefix, &names.module(m));
         let w0 = config.widths[0];
         let stem = ConvGeometry::new((7, 7), (2, 2), (3, 3));
