@@ -204,7 +204,13 @@ fn train_step_here(
         Ok((graph, losses))
     })?;
     if !losses.total.is_finite() {
-        return Err(crate::trainer::Divergence { loss: losses.total }.into());
+        return Err(crate::trainer::classified(
+            crate::trainer::FailureClass::Divergence,
+            anyhow::anyhow!(
+                "the training loss is not finite ({}): diverged",
+                losses.total
+            ),
+        ));
     }
     let grads: GradStore =
         timed(Slot::StepBackward, || graph.total.backward()).context("backward pass")?;

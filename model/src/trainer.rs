@@ -52,52 +52,50 @@ pub struct EpochMetrics {
     pub replayed: bool,
 }
 
-/// A training input that cannot be used (an image that does not decode, a non-image file in
-/// the data): fixing the data fixes it, so retrying the trial as it is cannot.
-#[derive(Debug)]
-pub struct DataError(pub anyhow::Error);
+/// The failures the runner must tell apart, because it treats them differently (retry or not,
+/// stop the sweep or not). Anything unclassified is a crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureClass {
+    /// Found before training started (config, data set): retrying cannot fix it.
+    Setup,
+    /// A training input that cannot be used (an image that does not decode, a non-image file
+    /// in the data): fixing the data fixes it, retrying the trial as it is cannot.
+    Data,
+    /// The training loss became NaN or infinite: the same seed diverges again; the sweep's
+    /// retry policy decides whether it is tried again.
+    Divergence,
+    /// The disk (or quota) of the run directory is full: no trial on it can save a checkpoint
+    /// until space is freed, so the runner stops the sweep instead of spending retries.
+    Resource,
+}
 
-impl std::fmt::Display for DataError {
+/// An error with its class; `anyhow::Error::downcast_ref::<Classified>()` finds it under any
+/// context added later.
+#[derive(Debug)]
+pub struct Classified {
+    pub class: FailureClass,
+    pub error: anyhow::Error,
+}
+
+impl std::fmt::Display for Classified {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:#}", self.0)
+        write!(f, "{:#}", self.error)
     }
 }
 
-impl std::error::Error for DataError {}
+impl std::error::Error for Classified {}
 
-/// The training loss became NaN or infinite: the setting diverged (retrying the same seed
-/// diverges again; the sweep's retry policy decides whether it is tried again).
-#[derive(Debug)]
-pub struct Divergence {
-    pub loss: f64,
+/// `error` marked as a failure of `class`.
+pub fn classified(class: FailureClass, error: anyhow::Error) -> anyhow::Error {
+    anyhow::Error::new(Classified { class, error })
 }
 
-impl std::fmt::Display for Divergence {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "the training loss is not finite ({}): diverged",
-            self.loss
-        )
-    }
+/// The class of `error`, if it was classified.
+pub fn failure_class(error: &anyhow::Error) -> Option<FailureClass> {
+    error.downcast_ref::<Classified>().map(|c| c.class)
 }
 
-impl std::error::Error for Divergence {}
-
-/// The disk (or quota) of the run directory is full: no trial on it can save a checkpoint
-/// until space is freed, so the runner stops the sweep instead of spending retries.
-#[derive(Debug)]
-pub struct ResourceError(pub anyhow::Error);
-
-impl std::fmt::Display for ResourceError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:#}", self.0)
-    }
-}
-
-impl std::error::Error for ResourceError {}
-
-/// `e` as a `ResourceError` when an I/O error in its chain says the disk or quota is full.
+/// `e` classed as `Resource` when an I/O error in its chain says the disk or quota is full.
 pub fn classify_io(e: anyhow::Error) -> anyhow::Error {
     const ENOSPC: i32 = 28;
     const EDQUOT: i32 = 122;
@@ -110,7 +108,7 @@ pub fn classify_io(e: anyhow::Error) -> anyhow::Error {
         })
     });
     if full {
-        anyhow::Error::new(ResourceError(e))
+        classified(FailureClass::Resource, e)
     } else {
         e
     }
@@ -251,7 +249,7 @@ pub fn run(
         let (mut correct, mut seen) = (0usize, 0usize);
         let (mut clean, mut noisy, mut predicted) = (Vec::new(), Vec::new(), Vec::new());
         for (step, batch) in rx.into_iter().enumerate() {
-            let batch = batch.map_err(|e| anyhow::Error::new(DataError(e)))?;
+            let batch = batch.map_err(|e| classified(FailureClass::Data, e))?;
             opt.lr = config.schedule.lr_at_step(
                 config.optimizer.base_lr(),
                 config.epochs,
@@ -375,7 +373,7 @@ pub fn predict_set(
     );
     let mut out = Vec::with_capacity(set.len());
     for batch in rx {
-        let batch = batch.map_err(|e| anyhow::Error::new(DataError(e)))?;
+        let batch = batch.map_err(|e| classified(FailureClass::Data, e))?;
         out.extend(train::predict(&net.dan, &batch.images(&dev)?)?);
     }
     Ok(out)

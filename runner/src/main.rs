@@ -16,6 +16,7 @@ mod yaml;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use fer_model::trainer::FailureClass;
 
 // Training allocates and frees large tensors every op; mimalloc reuses them instead of
 // returning pages to the OS (measured: much less system time than glibc malloc).
@@ -95,16 +96,12 @@ fn main() {
     if let Err(err) = result {
         eprintln!("error: {err:#}");
         // The exit status tells the runner the failure's class (see scheduler::EXIT_*).
-        let code = if err.is::<train_cmd::SetupError>() {
-            scheduler::EXIT_CONFIG_ERROR
-        } else if err.is::<fer_model::trainer::DataError>() {
-            scheduler::EXIT_DATA_ERROR
-        } else if err.is::<fer_model::trainer::Divergence>() {
-            scheduler::EXIT_DIVERGED
-        } else if err.is::<fer_model::trainer::ResourceError>() {
-            scheduler::EXIT_RESOURCE
-        } else {
-            1
+        let code = match fer_model::trainer::failure_class(&err) {
+            Some(FailureClass::Setup) => scheduler::EXIT_CONFIG_ERROR,
+            Some(FailureClass::Data) => scheduler::EXIT_DATA_ERROR,
+            Some(FailureClass::Divergence) => scheduler::EXIT_DIVERGED,
+            Some(FailureClass::Resource) => scheduler::EXIT_RESOURCE,
+            None => 1,
         };
         std::process::exit(code);
     }

@@ -125,7 +125,7 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
             .map(|(t, _)| t)
             .collect();
         crate::preflight::check(&to_run).map_err(|e| {
-            crate::train_cmd::SetupError(e.context(format!(
+            fer_model::trainer::classified(fer_model::trainer::FailureClass::Setup, e.context(format!(
                 "setup check of sweep {} failed before any trial started (nothing was recorded against a trial; fix it and run the sweep again)",
                 sweep.name
             )))

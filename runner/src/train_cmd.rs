@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use fer_model::config::RunConfig;
-use fer_model::trainer::{self, Event};
+use fer_model::trainer::{self, classified, Event, FailureClass};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -25,23 +25,12 @@ pub struct TrainArgs {
     pub quiet: bool,
 }
 
-/// An error before the first training step (config, data set): retrying cannot fix it.
-#[derive(Debug)]
-pub struct SetupError(pub anyhow::Error);
-
-impl std::fmt::Display for SetupError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:#}", self.0)
-    }
-}
-
-impl std::error::Error for SetupError {}
-
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     let mut started = false;
     let result = train(args, &mut started);
     match result {
-        Err(e) if !started => Err(SetupError(e).into()),
+        // An error before the first training step (config, data set): retrying cannot fix it.
+        Err(e) if !started => Err(classified(FailureClass::Setup, e)),
         other => other,
     }
 }
