@@ -135,33 +135,14 @@ pub fn restore(
     Ok(meta)
 }
 
-/// The `model_state_dict` of an official DAN release `.pth` (or a bare state dict), on the CPU.
-/// Other top-level entries (`iter`, `optimizer_state_dict`) are ignored.
+/// The state dict of an official DAN release `.pth` (its `model_state_dict`), or of any other
+/// weights file [`crate::weights`] reads, on the CPU.
 pub fn read_pth_state_dict(path: &Path) -> anyhow::Result<HashMap<String, Tensor>> {
-    if !path.is_file() {
-        bail!("{}: no such checkpoint file", path.display());
+    let state = crate::weights::read_state_dict(path)?;
+    if state.tensors.is_empty() {
+        bail!("{}: the state dict holds no tensors", path.display());
     }
-    let open = |key: Option<&str>| candle_core::pickle::PthTensors::new(path, key);
-    let pth = match open(Some("model_state_dict")) {
-        Ok(p) if !p.tensor_infos().is_empty() => p,
-        _ => open(None).with_context(|| {
-            format!("{}: not a PyTorch checkpoint (zip pickle)", path.display())
-        })?,
-    };
-    let mut out = HashMap::new();
-    for name in pth.tensor_infos().keys() {
-        let t = pth
-            .get(name)?
-            .with_context(|| format!("{}: tensor {name} could not be read", path.display()))?;
-        out.insert(name.clone(), t);
-    }
-    if out.is_empty() {
-        bail!(
-            "{}: no tensors found (expected a dict with model_state_dict)",
-            path.display()
-        );
-    }
-    Ok(out)
+    Ok(state.tensors)
 }
 
 /// Load official DAN weights into a network. The release holds no affinity centers (DAN#15),
@@ -182,24 +163,38 @@ pub fn load_dan_pth(path: &Path, net: &DanEac) -> anyhow::Result<()> {
         .load_state(&state, &path.display().to_string(), &|_| false)
 }
 
-/// Load a torchvision-format backbone checkpoint (`.pth` / `.pt` or `.safetensors`) into a
-/// network's backbone. Classifier keys (fc, AuxLogits, heads) may be present or not; every other
-/// backbone key must be there with its shape, and nothing else may be.
+/// Load a pretrained backbone (any format [`crate::weights`] reads, torchvision's key names)
+/// into a network's backbone. Classifier keys (fc, AuxLogits, heads) may be present or not;
+/// every other backbone key must be there with its shape, and nothing else may be. A missing
+/// BN `num_batches_tracked` is fine (files from before PyTorch 0.4.1, and EAC's pickle, have
+/// none; PyTorch's own loader fills it the same way): the counter starts at 0.
 pub fn load_pretrained_backbone(
     path: &Path,
     backbone: &crate::backbone::BackboneConfig,
     net: &DanEac,
 ) -> anyhow::Result<()> {
-    let is_pth = path.extension().is_some_and(|e| e == "pth" || e == "pt");
-    let state = if is_pth {
-        read_pth_state_dict(path)?
-    } else {
-        read_safetensors(path)?
-    };
-    let mapped: HashMap<String, Tensor> =
-        crate::backbone::torchvision_to_dan(backbone, state.into_iter().collect())
+    let file = crate::weights::read_state_dict(path)?;
+    if file.container == crate::weights::Container::NumpyPickle {
+        if let crate::backbone::BackboneConfig::ResNet(c) = backbone {
+            anyhow::ensure!(
+                c.caffe,
+                "model.pretrained {}: a pickle of numpy arrays is EAC's VGGFace2 format, trained in the Caffe-ported ResNet layout (stride on the first 1x1 of each bottleneck, ceil-mode stem pool); use model.backbone.arch: resnet50_caffe (or caffe: true)",
+                path.display()
+            );
+        }
+    }
+    let mut mapped: HashMap<String, Tensor> =
+        crate::backbone::torchvision_to_dan(backbone, file.tensors.into_iter().collect())
             .into_iter()
             .collect();
+    for e in net.store.entries() {
+        if e.name.starts_with("features.")
+            && e.name.ends_with("num_batches_tracked")
+            && !mapped.contains_key(&e.name)
+        {
+            mapped.insert(e.name.clone(), Tensor::new(0i64, &Device::Cpu)?);
+        }
+    }
     net.store.load_subset(
         &mapped,
         &format!("model.pretrained {}", path.display()),

@@ -21,9 +21,10 @@ pub const MAX_INPUT_SIZE: usize = 1344;
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     pub backbone: BackboneConfig,
-    /// A torchvision-format checkpoint (`.pth` or `.safetensors`) for the backbone: classifier
-    /// keys may be missing or present (ignored); any other missing, unexpected or mis-shaped key
-    /// is an error.
+    /// Pretrained backbone weights with torchvision's key names, in any format `fer_model::weights`
+    /// reads (torch.save zip or legacy, the state dict bare or under `state_dict` /
+    /// `model_state_dict`, EAC's pickle of numpy arrays, safetensors): classifier keys may be
+    /// missing or present (ignored); any other missing, unexpected or mis-shaped key is an error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pretrained: Option<std::path::PathBuf>,
     pub heads: usize,
@@ -34,9 +35,29 @@ pub struct ModelSection {
 }
 
 impl ModelSection {
+    /// The network this section builds, with what the pretrained file decides resolved: EAC's
+    /// pickle of numpy arrays holds weights of the Caffe-ported ResNet, so a ResNet loading one
+    /// is built in that layout; Inception-v3's unset `transform_input` is on exactly when
+    /// pretrained weights are loaded (torchvision's rule). The resolved config is what the
+    /// checkpoint records.
     pub fn dan_config(&self) -> DanConfig {
+        let mut backbone = self.backbone.clone();
+        match &mut backbone {
+            BackboneConfig::ResNet(c) => {
+                let numpy = self
+                    .pretrained
+                    .as_deref()
+                    .and_then(|p| crate::weights::sniff(p).ok())
+                    == Some(crate::weights::Container::NumpyPickle);
+                c.caffe |= numpy;
+            }
+            BackboneConfig::InceptionV3(c) => {
+                c.transform_input = Some(c.transform_input.unwrap_or(self.pretrained.is_some()));
+            }
+            BackboneConfig::Vit(_) => {}
+        }
         DanConfig {
-            backbone: self.backbone.clone(),
+            backbone,
             heads: self.heads,
             classes: self.classes,
         }

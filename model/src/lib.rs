@@ -18,6 +18,7 @@ pub mod predict;
 pub mod store;
 pub mod train;
 pub mod trainer;
+pub mod weights;
 
 pub use dan::{Dan, DanConfig, DanOutput};
 pub use network::DanEac;

@@ -307,7 +307,7 @@ fn heat(v: f32) -> [f32; 3] {
 /// The crop (resized to `size`) with a map, bilinearly upsampled and min-max normalised, blended
 /// over it as a heat map.
 pub fn overlay(crop: &Image, map: &[Vec<f32>], size: usize) -> Image {
-    let base = crop.resize(size, size);
+    let base = crop.resize_pil(size, size);
     let (h, w) = (map.len(), map.first().map(|r| r.len()).unwrap_or(0));
     let flat: Vec<f32> = map.iter().flatten().copied().collect();
     let (lo, hi) = flat

@@ -196,7 +196,7 @@ pub fn run(
         config.init_seed(),
     )?;
     if let Some(path) = &config.model.pretrained {
-        checkpoint::load_pretrained_backbone(path, &config.model.backbone, &net)?;
+        checkpoint::load_pretrained_backbone(path, &net.dan.config.backbone, &net)?;
     }
     let mut opt = net.optimizer(config.optimizer.clone());
     std::fs::create_dir_all(dir)

@@ -83,7 +83,7 @@ fn tiny_backbones() -> Vec<(&'static str, BackboneConfig, usize)> {
         ),
         (
             "inception_v3",
-            BackboneConfig::InceptionV3(InceptionConfig { width: 1.0 / 32.0 }),
+            BackboneConfig::InceptionV3(InceptionConfig::new(1.0 / 32.0)),
             75,
         ),
         (

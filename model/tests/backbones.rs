@@ -50,7 +50,14 @@ fn config_for(case: &Value) -> BackboneConfig {
     match case["architecture"].as_str().unwrap() {
         "resnet18" => BackboneConfig::ResNet(ResNetConfig::resnet18()),
         "resnet50" => BackboneConfig::ResNet(ResNetConfig::resnet50()),
-        "inception_v3" => BackboneConfig::InceptionV3(InceptionConfig { width: 1.0 }),
+        "resnet50_caffe" => BackboneConfig::ResNet(ResNetConfig {
+            caffe: true,
+            ..ResNetConfig::resnet50()
+        }),
+        "inception_v3" => BackboneConfig::InceptionV3(InceptionConfig {
+            width: 1.0,
+            transform_input: kw["transform_input"].as_bool(),
+        }),
         "vit_b_32" => BackboneConfig::Vit(VitConfig::vit_b_32()),
         a if a.starts_with("vit") => BackboneConfig::Vit(VitConfig {
             image_size: kw["image_size"].as_u64().unwrap() as usize,

@@ -557,3 +557,41 @@ fn image_folder_splits_must_share_their_classes() {
     assert_eq!(test.class_names, vec!["a", "c1"]);
     assert_eq!(test.labels(), vec![0, 1]);
 }
+
+/// `Image::resize_pil` against PIL's own output (`fixtures/resize/`, made by its generate.py):
+/// up- and down-scaling at odd sizes and a 512 px photo, pixel for pixel.
+#[test]
+fn resize_matches_pil_bilinear_pixel_for_pixel() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/resize");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let cases = cases["cases"].as_array().unwrap();
+    assert!(cases.len() >= 8);
+    for case in cases {
+        let src = Image::open(&dir.join(case["source"].as_str().unwrap())).unwrap();
+        let (w, h) = (
+            case["width"].as_u64().unwrap() as usize,
+            case["height"].as_u64().unwrap() as usize,
+        );
+        let want = image::open(dir.join(case["reference"].as_str().unwrap()))
+            .unwrap()
+            .to_rgb8();
+        let got = src.resize_pil(w, h).to_rgb8();
+        assert_eq!((got.width(), got.height()), (w as u32, h as u32));
+        let diffs: Vec<i32> = got
+            .as_raw()
+            .iter()
+            .zip(want.as_raw())
+            .map(|(&a, &b)| (a as i32 - b as i32).abs())
+            .collect();
+        let worst = diffs.iter().max().copied().unwrap();
+        let off = diffs.iter().filter(|&&d| d > 0).count();
+        assert_eq!(
+            (worst, off),
+            (0, 0),
+            "{} -> {w}x{h}: {off} of {} values differ from PIL (worst by {worst})",
+            case["source"],
+            diffs.len()
+        );
+    }
+}

@@ -107,7 +107,7 @@ pub fn contact_sheet(rows: &[Vec<Image>], size: usize, path: &Path) -> anyhow::R
     sheet.data.fill(1.0);
     for (r, row) in rows.iter().enumerate() {
         for (c, img) in row.iter().enumerate() {
-            let img = img.resize(size, size);
+            let img = img.resize_pil(size, size);
             for ch in 0..3 {
                 for y in 0..size {
                     for x in 0..size {

@@ -164,7 +164,7 @@ fn explain(
         written.push(path.display().to_string());
         Ok(())
     };
-    let mut panels = vec![input.resize(size, size)];
+    let mut panels = vec![input.resize_pil(size, size)];
     panels.extend(p.head_maps.iter().map(|map| overlay(input, map, size)));
     panels.push(overlay(input, &p.cam, size));
     save(format!("{base}_input.png"), panels[0].clone())?;

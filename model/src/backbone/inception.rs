@@ -19,9 +19,35 @@ const BN_EPS: f64 = 1e-3;
 pub struct InceptionConfig {
     /// Channel multiplier of every conv (1 = torchvision's Inception-v3).
     pub width: f64,
+    /// torchvision's `transform_input`: re-normalise an ImageNet-normalised input to the
+    /// [-1, 1] scaling Google's weights were trained with. torchvision turns it on when it loads
+    /// those weights; here unset means the same (on exactly when `model.pretrained` is given,
+    /// resolved by `ModelSection::dan_config`), and a backbone built without a config says off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transform_input: Option<bool>,
+}
+
+/// torchvision's `Inception3._transform_input`: per channel, x * (std / 0.5) + (mean - 0.5) / 0.5.
+fn transform_input(x: &Tensor) -> Result<Tensor> {
+    const MEAN: [f64; 3] = [0.485, 0.456, 0.406];
+    const STD: [f64; 3] = [0.229, 0.224, 0.225];
+    let channels = (0..3)
+        .map(|c| {
+            x.narrow(1, c, 1)?
+                .affine(STD[c] / 0.5, (MEAN[c] - 0.5) / 0.5)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&channels, 1)
 }
 
 impl InceptionConfig {
+    pub fn new(width: f64) -> Self {
+        Self {
+            width,
+            transform_input: None,
+        }
+    }
+
     pub fn out_channels(&self) -> usize {
         let s = |c| scaled(c, self.width);
         s(320) + 2 * s(384) + 2 * s(384) + s(192)
@@ -346,7 +372,11 @@ impl InceptionV3 {
         if let Err(e) = feature_size(size) {
             candle_core::bail!("{e}");
         }
-        let mut y = x.clone();
+        let mut y = if self.config.transform_input == Some(true) {
+            transform_input(x)?
+        } else {
+            x.clone()
+        };
         for (conv, pool) in &self.stem {
             y = conv.forward(&y, train)?;
             if *pool {

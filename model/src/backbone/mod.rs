@@ -20,8 +20,10 @@ pub use vit::{Vit, VitConfig};
 use crate::store::ParamStore;
 
 /// Which backbone, and its size. In a config file: `{widths, blocks[, bottleneck]}` (a ResNet,
-/// the historical form), or `{arch: NAME, ...}` with NAME one of `resnet18`, `resnet50` (optional
-/// `width` multiplier, `strides`, `stem_pool`, `zero_init_residual`), `inception_v3` (optional `width`), `vit_b_32` (optional overrides of
+/// the historical form), or `{arch: NAME, ...}` with NAME one of `resnet18`, `resnet50`,
+/// `resnet50_caffe` (EAC's Caffe-ported layout; each takes an optional `width` multiplier,
+/// `strides`, `stem_pool`, `zero_init_residual`, `caffe`), `inception_v3` (optional `width`,
+/// `transform_input`), `vit_b_32` (optional overrides of
 /// `image_size`, `patch_size`, `hidden_dim`, `num_layers`, `num_heads`, `mlp_dim`), or `vit`
 /// (all of those given). Presets are expanded, so equal networks have equal configs.
 #[derive(Debug, Clone, PartialEq)]
@@ -54,10 +56,11 @@ impl BackboneConfig {
     pub fn describe(&self) -> String {
         match self {
             BackboneConfig::ResNet(c) => format!(
-                "resnet widths {:?} blocks {:?}{}{}",
+                "resnet widths {:?} blocks {:?}{}{}{}",
                 c.widths,
                 c.blocks,
                 if c.bottleneck { " bottleneck" } else { "" },
+                if c.caffe { " caffe" } else { "" },
                 if c.is_torchvision_layout() {
                     String::new()
                 } else {
@@ -119,7 +122,12 @@ impl BackboneConfig {
     fn to_value(&self) -> Value {
         match self {
             BackboneConfig::ResNet(c) => serde_json::to_value(c).expect("plain struct"),
-            BackboneConfig::InceptionV3(c) => json!({"arch": "inception_v3", "width": c.width}),
+            BackboneConfig::InceptionV3(c) => match c.transform_input {
+                None => json!({"arch": "inception_v3", "width": c.width}),
+                Some(t) => {
+                    json!({"arch": "inception_v3", "width": c.width, "transform_input": t})
+                }
+            },
             BackboneConfig::Vit(c) => {
                 let mut v = serde_json::to_value(c).expect("plain struct");
                 v["arch"] = json!("vit");
@@ -130,7 +138,7 @@ impl BackboneConfig {
 
     fn from_value(v: Value) -> anyhow::Result<Self> {
         let Value::Object(mut map) = v else {
-            bail!("expected a map (widths/blocks, or arch: resnet18 | resnet50 | inception_v3 | vit_b_32 | vit)");
+            bail!("expected a map (widths/blocks, or arch: resnet18 | resnet50 | resnet50_caffe | inception_v3 | vit_b_32 | vit)");
         };
         let arch = match map.remove("arch") {
             None => None,
@@ -177,12 +185,18 @@ impl BackboneConfig {
             };
             let stem_pool = flag("stem_pool", base.stem_pool)?;
             let zero_init_residual = flag("zero_init_residual", base.zero_init_residual)?;
-            no_more(map, arch, "width, strides, stem_pool, zero_init_residual")?;
+            let caffe = flag("caffe", base.caffe)?;
+            no_more(
+                map,
+                arch,
+                "width, strides, stem_pool, zero_init_residual, caffe",
+            )?;
             Ok(ResNetConfig {
                 widths: base.widths.map(|c| scaled(c, w)),
                 strides,
                 stem_pool,
                 zero_init_residual,
+                caffe,
                 ..base
             })
         };
@@ -198,10 +212,26 @@ impl BackboneConfig {
                 ResNetConfig::resnet50(),
                 "resnet50",
             )?),
+            Some("resnet50_caffe") => BackboneConfig::ResNet(resnet_preset(
+                &mut map,
+                ResNetConfig {
+                    caffe: true,
+                    ..ResNetConfig::resnet50()
+                },
+                "resnet50_caffe",
+            )?),
             Some("inception_v3") => {
                 let w = width(&mut map)?;
-                no_more(&map, "inception_v3", "width")?;
-                BackboneConfig::InceptionV3(InceptionConfig { width: w })
+                let transform_input = match map.remove("transform_input") {
+                    None => None,
+                    Some(Value::Bool(b)) => Some(b),
+                    Some(v) => bail!("transform_input: expected true or false, got {v}"),
+                };
+                no_more(&map, "inception_v3", "width, transform_input")?;
+                BackboneConfig::InceptionV3(InceptionConfig {
+                    width: w,
+                    transform_input,
+                })
             }
             Some("vit_b_32") => {
                 let mut v = serde_json::to_value(VitConfig::vit_b_32())?;
@@ -212,7 +242,7 @@ impl BackboneConfig {
                 BackboneConfig::Vit(serde_json::from_value(v)?)
             }
             Some("vit") => BackboneConfig::Vit(serde_json::from_value(Value::Object(map))?),
-            Some(other) => bail!("unknown arch {other:?} (expected resnet18, resnet50, inception_v3, vit_b_32, resnet or vit)"),
+            Some(other) => bail!("unknown arch {other:?} (expected resnet18, resnet50, resnet50_caffe, inception_v3, vit_b_32, resnet or vit)"),
         })
     }
 }

@@ -1,13 +1,15 @@
 //! ResNet trunk (conv1, bn1, relu, maxpool, layer1..layer4) with torchvision's module layout and
 //! state-dict names: BasicBlock (ResNet-18/34) or Bottleneck (ResNet-50, "v1.5": the stride on
-//! the 3x3), configurable stage widths and block counts, and optionally torchvision's `fc`.
+//! the 3x3), configurable stage widths and block counts, and optionally torchvision's `fc`. The
+//! `caffe` switch gives the Caffe-ported layout of EAC's VGGFace2 weights (same names, different
+//! network): the stride on each bottleneck's first 1x1, and a ceil-mode stem pool without padding.
 
 use anyhow::ensure;
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::layers::{join, BatchNorm, Conv2d, Linear};
-use crate::ops::{add_relu, max_pool2d, ConvGeometry};
+use crate::ops::{add_relu, max_pool2d, max_pool2d_ceil, ConvGeometry};
 use crate::store::ParamStore;
 
 /// How the trunk's modules are named in the state dict.
@@ -106,6 +108,12 @@ pub struct ResNetConfig {
     /// the papers; a deep trunk trained from scratch at a small width needs it. Left out when off.
     #[serde(default, skip_serializing_if = "is_false")]
     pub zero_init_residual: bool,
+    /// The Caffe-ported ResNet ("v1") of EAC's `resnet50_ft_weight.pkl`: a bottleneck's stride on
+    /// its first 1x1 convolution (torchvision "v1.5": on the 3x3) and a stem max pool k3 s2 **p0
+    /// ceil mode** (torchvision: p1, floor). Parameter names and shapes are torchvision's, so only
+    /// this switch tells the two apart. Left out when off.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub caffe: bool,
 }
 
 impl ResNetConfig {
@@ -117,6 +125,7 @@ impl ResNetConfig {
             strides: TORCHVISION_STRIDES,
             stem_pool: true,
             zero_init_residual: false,
+            caffe: false,
         }
     }
 
@@ -128,6 +137,7 @@ impl ResNetConfig {
             strides: TORCHVISION_STRIDES,
             stem_pool: true,
             zero_init_residual: false,
+            caffe: false,
         }
     }
 
@@ -140,6 +150,7 @@ impl ResNetConfig {
             strides: TORCHVISION_STRIDES,
             stem_pool: true,
             zero_init_residual: false,
+            caffe: false,
         }
     }
 
@@ -186,7 +197,11 @@ impl ResNetConfig {
         let out = |s: usize, k: usize, st: usize, p: usize| (s + 2 * p - k) / st + 1;
         let mut s = out(size, 7, 2, 3);
         if self.stem_pool {
-            s = out(s, 3, 2, 1);
+            s = if self.caffe {
+                crate::ops::pool::pooled_len(s, 3, 2, 0, true)
+            } else {
+                out(s, 3, 2, 1)
+            };
         }
         for &st in &self.strides {
             s = out(s, 3, st, 1);
@@ -289,7 +304,7 @@ impl BasicBlock {
 }
 
 /// torchvision's Bottleneck (v1.5): 1x1 -> BN -> ReLU -> 3x3 (stride) -> BN -> ReLU -> 1x1 (x4)
-/// -> BN, + shortcut, ReLU.
+/// -> BN, + shortcut, ReLU; in the Caffe layout the stride is on the first 1x1.
 struct Bottleneck {
     convs: [Conv2d; 3],
     bns: [BatchNorm; 3],
@@ -297,17 +312,24 @@ struct Bottleneck {
 }
 
 impl Bottleneck {
+    /// `stride_on_1x1`: the Caffe layout (stride on conv1) instead of torchvision's (on conv2).
     fn new(
         store: &mut ParamStore,
         name: &str,
         cin: usize,
         width: usize,
         stride: usize,
+        stride_on_1x1: bool,
     ) -> anyhow::Result<Self> {
         let cout = width * 4;
+        let (s1, s2) = if stride_on_1x1 {
+            (stride, 1)
+        } else {
+            (1, stride)
+        };
         let geos = [
-            ConvGeometry::new((1, 1), (1, 1), (0, 0)),
-            ConvGeometry::new((3, 3), (stride, stride), (1, 1)),
+            ConvGeometry::new((1, 1), (s1, s1), (0, 0)),
+            ConvGeometry::new((3, 3), (s2, s2), (1, 1)),
             ConvGeometry::new((1, 1), (1, 1), (0, 0)),
         ];
         let chans = [(cin, width), (width, width), (width, cout)];
@@ -414,7 +436,12 @@ impl ResNet {
                 let name = join(&layer_name, &j.to_string());
                 if config.bottleneck {
                     blocks.push(Block::Bottleneck(Bottleneck::new(
-                        store, &name, cin, width, stride,
+                        store,
+                        &name,
+                        cin,
+                        width,
+                        stride,
+                        config.caffe,
                     )?));
                     cin = width * 4;
                 } else {
@@ -459,7 +486,11 @@ impl ResNet {
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut y = self.bn1.forward_relu(&self.conv1.forward(x)?, train)?;
         if self.config.stem_pool {
-            y = max_pool2d(&y, 3, 2, 1)?;
+            y = if self.config.caffe {
+                max_pool2d_ceil(&y, 3, 2, 0)?
+            } else {
+                max_pool2d(&y, 3, 2, 1)?
+            };
         }
         for layer in &self.layers {
             for block in layer {

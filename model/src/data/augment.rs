@@ -74,7 +74,7 @@ pub fn normalize(img: &mut Image) {
 
 /// Evaluation: resize + normalise.
 pub fn eval_transform(img: &Image, size: usize) -> Image {
-    let mut out = img.resize(size, size);
+    let mut out = img.resize_pil(size, size);
     normalize(&mut out);
     out
 }
@@ -86,7 +86,7 @@ pub fn train_transform(
     rng: &mut ChaCha8Rng,
 ) -> (Image, AugmentTrace) {
     let mut trace = AugmentTrace::default();
-    let mut out = img.resize(cfg.size, cfg.size);
+    let mut out = img.resize_pil(cfg.size, cfg.size);
     if rng.random_bool(cfg.flip_p) {
         out = out.flip_horizontal();
         trace.flipped = true;

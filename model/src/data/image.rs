@@ -65,7 +65,34 @@ impl Image {
             .with_context(|| format!("writing {}", path.display()))
     }
 
-    /// Bilinear resize with half-pixel centres (PIL / torchvision semantics without antialias).
+    /// PIL's `Image.resize((width, height), BILINEAR)` of the 8-bit image: a separable triangle
+    /// filter whose support widens with the scale when shrinking (antialiasing), 8-bit rounding
+    /// after each pass. This is torchvision's `Resize` on a PIL image, the first step of DAN's and
+    /// EAC's training and test pipelines, so a model sees what it saw in PyTorch. The image is
+    /// taken as 8-bit (exact for a decoded file); the same size returns it unchanged.
+    pub fn resize_pil(&self, width: usize, height: usize) -> Self {
+        if width == self.width && height == self.height {
+            return self.clone();
+        }
+        let n = self.width * self.height;
+        let mut out = Self::new(width, height);
+        let m = width * height;
+        for c in 0..3 {
+            let plane: Vec<u8> = self.data[c * n..(c + 1) * n]
+                .iter()
+                .map(|&v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+                .collect();
+            let resized =
+                super::resize::resize_plane(&plane, self.width, self.height, width, height);
+            for (o, &v) in out.data[c * m..(c + 1) * m].iter_mut().zip(&resized) {
+                *o = v as f32 / 255.0;
+            }
+        }
+        out
+    }
+
+    /// Bilinear interpolation with half-pixel centres and no antialiasing, on float values (for
+    /// maps and overlays; images entering the model use [`Image::resize_pil`]).
     pub fn resize(&self, width: usize, height: usize) -> Self {
         if width == self.width && height == self.height {
             return self.clone();

@@ -7,6 +7,7 @@ pub mod face_detect;
 pub mod image;
 pub mod loader;
 pub mod noise;
+pub mod resize;
 pub mod sets;
 pub mod synth;
 

@@ -92,4 +92,4 @@ pub(crate) fn give_scratch(v: Vec<f32>) {
 pub use batch_norm::add_relu;
 pub use conv::{conv2d, ConvGeometry};
 pub use gemm::matmul;
-pub use pool::max_pool2d;
+pub use pool::{max_pool2d, max_pool2d_ceil};

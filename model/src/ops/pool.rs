@@ -197,8 +197,34 @@ impl CustomOp3 for MaxPoolBackward {
     }
 }
 
+/// PyTorch's output length of a pooling window along one axis: floor or ceil of
+/// `(len + 2p - k) / s` plus one, where in ceil mode the last window must start inside the input
+/// or its left padding (so it is never all padding).
+pub fn pooled_len(len: usize, kernel: usize, stride: usize, padding: usize, ceil: bool) -> usize {
+    let span = len + 2 * padding - kernel;
+    let mut out = if ceil {
+        span.div_ceil(stride)
+    } else {
+        span / stride
+    } + 1;
+    if ceil && (out - 1) * stride >= len + padding {
+        out -= 1;
+    }
+    out
+}
+
 /// PyTorch's `max_pool2d(x, kernel, stride, padding)` (floor mode) on [B, C, H, W].
 pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    pool(x, kernel, stride, padding, false)
+}
+
+/// PyTorch's `max_pool2d(..., ceil_mode=True)`: the last window may hang over the input's end
+/// (Caffe's pooling; the stem of EAC's ResNet-50).
+pub fn max_pool2d_ceil(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> Result<Tensor> {
+    pool(x, kernel, stride, padding, true)
+}
+
+fn pool(x: &Tensor, kernel: usize, stride: usize, padding: usize, ceil: bool) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     if 2 * padding > kernel {
         candle_core::bail!(
@@ -210,12 +236,14 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
             "max_pool2d: input {h}x{w} is smaller than the {kernel}x{kernel} window"
         );
     }
+    // A window that hangs over the end is clipped to the input (`PoolDims::window`), which is
+    // ceil mode's rule; it is never empty, since it starts inside the input or its padding.
     let d = PoolDims {
         planes: b * c,
         h,
         w,
-        oh: (h + 2 * padding - kernel) / stride + 1,
-        ow: (w + 2 * padding - kernel) / stride + 1,
+        oh: pooled_len(h, kernel, stride, padding, ceil),
+        ow: pooled_len(w, kernel, stride, padding, ceil),
         k: kernel,
         s: stride,
         p: padding,
@@ -265,19 +293,22 @@ mod tests {
                 _ => -0.0,
             }
         };
-        for &(h, w, k, s, p) in &[
-            (7, 8, 3, 2, 1),
-            (8, 8, 3, 2, 1),
-            (5, 3, 3, 2, 1),
-            (9, 9, 3, 2, 0),
-            (6, 7, 2, 2, 0),
+        for &(h, w, k, s, p, ceil) in &[
+            (7, 8, 3, 2, 1, false),
+            (8, 8, 3, 2, 1, false),
+            (5, 3, 3, 2, 1, false),
+            (9, 9, 3, 2, 0, false),
+            (6, 7, 2, 2, 0, false),
+            // Ceil mode: the last window hangs over the end (8 -> 4, 7 -> 3 at p0; 6 -> 4 at p1).
+            (8, 7, 3, 2, 0, true),
+            (6, 9, 3, 2, 1, true),
         ] {
             let d = PoolDims {
                 planes: 3,
                 h,
                 w,
-                oh: (h + 2 * p - k) / s + 1,
-                ow: (w + 2 * p - k) / s + 1,
+                oh: pooled_len(h, k, s, p, ceil),
+                ow: pooled_len(w, k, s, p, ceil),
                 k,
                 s,
                 p,
@@ -305,6 +336,29 @@ mod tests {
                 }
             }
             assert_eq!(dx, want_dx, "{h}x{w} k{k} s{s} p{p}: gradient routing");
+        }
+    }
+
+    #[test]
+    fn output_lengths_follow_pytorch_in_floor_and_ceil_mode() {
+        // (len, k, s, p, ceil) -> PyTorch's nn.MaxPool2d output length.
+        for &(len, k, s, p, ceil, want) in &[
+            (112, 3, 2, 1, false, 56),
+            (112, 3, 2, 0, true, 56),
+            (112, 3, 2, 0, false, 55),
+            (50, 3, 2, 0, true, 25),
+            (50, 3, 2, 0, false, 24),
+            (8, 3, 2, 0, true, 4),
+            (7, 3, 2, 1, true, 4),
+            (6, 3, 2, 1, true, 4),
+            // The last window would start in the right padding only: dropped.
+            (5, 2, 2, 1, true, 3),
+        ] {
+            assert_eq!(
+                pooled_len(len, k, s, p, ceil),
+                want,
+                "len {len} k{k} s{s} p{p} ceil {ceil}"
+            );
         }
     }
 }
