@@ -173,6 +173,11 @@ pub fn load_pretrained_backbone(
     backbone: &crate::backbone::BackboneConfig,
     net: &DanEac,
 ) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        path.is_file(),
+        "{}",
+        crate::weights::known::missing_message(path)
+    );
     let file = crate::weights::read_state_dict(path)?;
     if file.container == crate::weights::Container::NumpyPickle {
         if let crate::backbone::BackboneConfig::ResNet(c) = backbone {

@@ -247,13 +247,6 @@ impl RunConfig {
             .backbone
             .feature_size(self.input_size)
             .map_err(|e| anyhow::anyhow!("input_size: {e:#}"))?;
-        if let Some(p) = &self.model.pretrained {
-            ensure!(
-                p.is_file(),
-                "model.pretrained: {} does not exist",
-                p.display()
-            );
-        }
         if let Some(aug) = &self.augment {
             ensure!(
                 aug.size == self.input_size,

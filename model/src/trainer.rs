@@ -149,6 +149,11 @@ pub fn run(
     on_event: &mut dyn FnMut(&Event) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     config.validate()?;
+    // Files outside the config are checked before any data is read (the sweep's preflight and
+    // `fer doctor` check the same).
+    if let Some(p) = &config.model.pretrained {
+        anyhow::ensure!(p.is_file(), "{}", crate::weights::known::missing_message(p));
+    }
     let dev = device::select(&config.device)?;
     let mut train_set = data::load(&config.data, Split::Train)?;
     // Noise first, over the whole training split, so a sample's noisy label does not depend on

@@ -2,6 +2,7 @@
 
 mod bench_cmd;
 mod data_cmd;
+mod doctor;
 mod predict_cmd;
 mod preflight;
 mod report;
@@ -49,9 +50,13 @@ enum Command {
     Predict(predict_cmd::PredictArgs),
     /// Regenerate a table / figure of the thesis from the database (reports/NAME.md, .csv, .png, .svg).
     Report(report::ReportArgs),
+    /// Check a sweep's setup without training: data layout and class counts against the
+    /// published ones, pretrained files present and fitting, devices, input sizes.
+    Doctor(doctor::DoctorArgs),
     /// Throughput benchmarks (JSON lines).
     Bench(bench_cmd::BenchArgs),
-    /// Print what a checkpoint holds: our safetensors file or an official DAN `.pth`.
+    /// Print what a checkpoint or weights file holds: ours, an official DAN `.pth`, or any
+    /// pretrained format `model.pretrained` reads.
     Inspect {
         /// Checkpoint file.
         path: PathBuf,
@@ -88,6 +93,7 @@ fn main() {
         Command::Inspect { path } => inspect(&path),
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Bench(args) => bench_cmd::run(args),
+        Command::Doctor(args) => doctor::run(args),
         Command::Sweep(args) => runtime().and_then(|rt| rt.block_on(sweep_cmd::sweep(args))),
         Command::Predict(args) => predict_cmd::run(args),
         Command::Report(args) => runtime().and_then(|rt| rt.block_on(report::run(args))),
@@ -116,9 +122,26 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn inspect(path: &std::path::Path) -> anyhow::Result<()> {
     use fer_model::checkpoint;
-    let is_pth = path.extension().is_some_and(|e| e == "pth" || e == "pt");
-    let tensors = if is_pth {
-        checkpoint::read_pth_state_dict(path)?
+    let ours =
+        path.extension().is_some_and(|e| e == "safetensors") && checkpoint::read_meta(path).is_ok();
+    let tensors = if !ours {
+        let file = fer_model::weights::read_state_dict(path)?;
+        println!(
+            "{}: {}, state dict in {}{}",
+            path.display(),
+            file.container.describe(),
+            if file.found_at.is_empty() {
+                "the top-level dict".to_string()
+            } else {
+                format!("'{}'", file.found_at)
+            },
+            if file.stripped_module_prefix {
+                " ('module.' prefixes removed)"
+            } else {
+                ""
+            }
+        );
+        file.tensors
     } else {
         let meta = checkpoint::read_meta(path)?;
         println!("{}", serde_json::to_string_pretty(&meta)?);

@@ -37,8 +37,8 @@ pub fn check(trials: &[&Trial]) -> anyhow::Result<()> {
         if let Some(p) = &c.model.pretrained {
             anyhow::ensure!(
                 p.is_file(),
-                "model.pretrained: {} does not exist",
-                p.display()
+                "{}",
+                fer_model::weights::known::missing_message(p)
             );
         }
     }

@@ -166,3 +166,89 @@ fn inspect_reads_the_official_release_format() {
     assert!(text.contains("cat_head3.ca.attention.3.weight\t[32, 2]"));
     assert!(text.contains("275 tensors"));
 }
+
+/// `fer doctor`: one line per check, class counts against the published ones, pretrained files
+/// present and fitting, exit 2 when anything fails and 0 when all pass; nothing is trained.
+#[test]
+fn doctor_checks_data_weights_and_device_without_training() {
+    let d = tmp("doctor");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures");
+    // A RAF-DB folder with 7 training and 7 test images: not the published split.
+    let raf = d.join("raf");
+    std::fs::create_dir_all(raf.join("EmoLabel")).unwrap();
+    std::fs::create_dir_all(raf.join("Image/aligned")).unwrap();
+    let face = image::RgbImage::from_pixel(100, 100, image::Rgb([90, 60, 40]));
+    let mut labels = String::new();
+    for (split, n) in [("train", 7), ("test", 7)] {
+        for i in 0..n {
+            let name = format!("{split}_{i:05}");
+            face.save(raf.join(format!("Image/aligned/{name}_aligned.jpg")))
+                .unwrap();
+            labels.push_str(&format!("{name}.jpg {}\n", i % 7 + 1));
+        }
+    }
+    std::fs::write(raf.join("EmoLabel/list_patition_label.txt"), labels).unwrap();
+    let weights = fixtures.join("pretrained/resnet18_state_dict_module.pth");
+    std::fs::write(d.join("base.yaml"), TINY).unwrap();
+    let sweep = d.join("setup.yaml");
+    std::fs::write(
+        &sweep,
+        format!(
+            "base: base.yaml\noverrides:\n  model: {{backbone: {{widths: [4, 8, 16, 32], blocks: [2, 2, 2, 2]}}, heads: 2, classes: 7}}\n  data: {{kind: raf_db, root: {raf:?}}}\n  input_size: 64\n  optimizer: {{kind: adam, lr: 0.001}}\n  epochs: 1\n  batch: 8\ngrid:\n  model.pretrained: [{weights:?}, {missing:?}]\n",
+            raf = raf.display().to_string(),
+            weights = weights.display().to_string(),
+            missing = d.join("models/resnet18_msceleb.pth").display().to_string(),
+        ),
+    )
+    .unwrap();
+    let out = fer().arg("doctor").arg(&sweep).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}\n{err}");
+    let line = |needle: &str| {
+        text.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?} in:\n{text}"))
+            .to_string()
+    };
+    let train = line("Train split has 7 images");
+    assert!(train.contains("FAIL") && train.contains("12271"), "{train}");
+    let ok = line("resnet18_state_dict_module.pth");
+    assert!(
+        ok.starts_with("  ok")
+            && ok.contains("'state_dict'")
+            && ok.contains("'module.' prefixes removed"),
+        "{ok}"
+    );
+    let missing = line("models/resnet18_msceleb.pth");
+    assert!(
+        missing.contains("FAIL")
+            && missing.contains("MS-Celeb-1M")
+            && missing.contains("DAN's README"),
+        "{missing}"
+    );
+    assert!(line("device cpu").starts_with("  ok"));
+    assert!(err.contains("3 check(s) failed"), "{err}");
+    assert!(
+        !d.join("runs").exists() && !d.join("fer.db").exists(),
+        "doctor trains nothing"
+    );
+
+    // The same setup on synthetic faces with the weights present: every check passes.
+    std::fs::write(
+        &sweep,
+        format!(
+            "base: base.yaml\noverrides:\n  model: {{backbone: {{widths: [4, 8, 16, 32], blocks: [2, 2, 2, 2]}}, heads: 2, classes: 7, pretrained: {weights:?}}}\n  data: {{kind: synthetic, difficulty: 0.2, image_size: 64, train: 28, test: 14, seed: 0, balance: balanced}}\n  input_size: 64\n  optimizer: {{kind: adam, lr: 0.001}}\n  epochs: 1\n  batch: 8\n",
+            weights = weights.display().to_string(),
+        ),
+    )
+    .unwrap();
+    let out = fer().arg("doctor").arg(&sweep).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("all checks passed"), "{text}");
+}

@@ -11,6 +11,7 @@
 //! `resnet18_msceleb.pth`), `model_state_dict` (DAN's releases), `model` or `net`; a
 //! `module.` prefix on every key (saved from `nn.DataParallel`) is removed.
 
+pub mod known;
 pub mod pickle;
 
 use std::collections::HashMap;
@@ -85,7 +86,7 @@ pub fn sniff(path: &Path) -> Result<Container> {
 
 /// Read the state dict of a weights file in any supported format.
 pub fn read_state_dict(path: &Path) -> Result<StateDict> {
-    ensure!(path.is_file(), "{}: no such weights file", path.display());
+    ensure!(path.is_file(), "{}: no such file", path.display());
     let container = sniff(path)?;
     let at = |e: anyhow::Error| e.context(format!("{} ({})", path.display(), container.describe()));
     if container == Container::Safetensors {
