@@ -1,5 +1,6 @@
 //! `fer data synth`: write the synthetic face set to disk as an ImageFolder tree with a labels
-//! file and a contact sheet.
+//! file and a contact sheet. `fer data decode`: an image as the data pipeline decodes it (and
+//! optionally resizes it, as PIL does), written losslessly, to compare with another decoder.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,15 @@ pub enum DataCommand {
     /// Render the synthetic face set into DIR/{train,test}/<class>/*.png plus labels.csv and
     /// contact_sheet.png (one row per class).
     Synth(SynthArgs),
+    /// Decode IMAGE as training and `fer predict` do (and with --size resize it as PIL's bilinear
+    /// does) and write the pixels to OUT as PNG, to compare with PIL / OpenCV.
+    Decode {
+        image: PathBuf,
+        out: PathBuf,
+        /// Resize to SIZE x SIZE first (the first step of the eval transform).
+        #[arg(long)]
+        size: Option<usize>,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -50,6 +60,14 @@ pub fn parse_difficulty(s: &str) -> anyhow::Result<f32> {
 pub fn run(cmd: DataCommand) -> anyhow::Result<()> {
     match cmd {
         DataCommand::Synth(args) => synth(args),
+        DataCommand::Decode { image, out, size } => {
+            let img = Image::open(&image)?;
+            let img = match size {
+                Some(s) => img.resize_pil(s, s),
+                None => img,
+            };
+            img.save_png(&out)
+        }
     }
 }
 
