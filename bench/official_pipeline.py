@@ -115,7 +115,7 @@ def main():
             subprocess.run([args.fer, "data", "decode", p, from_fer], check=True)
             ours = np.asarray(Image.open(from_fer).convert("RGB"), dtype=np.int32)
             diff = np.abs(pil - ours)
-            print(f"JPEG decoding, {os.path.basename(p)}: image crate vs PIL (libjpeg): "
+            print(f"JPEG decoding, {os.path.basename(p)}: fer vs PIL (libjpeg): "
                   f"{(diff > 0).mean() * 100:.2f} % of values differ, max {diff.max()}/255, "
                   f"mean {diff.mean():.4f}/255")
 

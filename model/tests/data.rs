@@ -558,11 +558,11 @@ fn image_folder_splits_must_share_their_classes() {
     assert_eq!(test.labels(), vec![0, 1]);
 }
 
-/// `Image::resize_pil` against PIL's own output (`fixtures/resize/`, made by its generate.py):
+/// `Image::resize_pil` against PIL's own output (`fixtures/pil/`, made by its generate.py):
 /// up- and down-scaling at odd sizes and a 512 px photo, pixel for pixel.
 #[test]
 fn resize_matches_pil_bilinear_pixel_for_pixel() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/resize");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/pil");
     let cases: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
     let cases = cases["cases"].as_array().unwrap();
@@ -594,4 +594,45 @@ fn resize_matches_pil_bilinear_pixel_for_pixel() {
             diffs.len()
         );
     }
+}
+
+/// `Image::open` decodes JPEGs as PIL does (`fixtures/pil/`: PIL-encoded variants and a camera
+/// photo, with PIL's decode), bit for bit; a truncated JPEG is an error naming the file, as in
+/// PIL, instead of a silently grey image.
+#[test]
+fn jpeg_decoding_matches_pil_and_truncation_is_an_error() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/pil");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let cases = cases["decode"].as_array().unwrap();
+    assert!(cases.len() >= 5);
+    for case in cases {
+        let jpeg = dir.join(case["jpeg"].as_str().unwrap());
+        let got = Image::open(&jpeg).unwrap().to_rgb8();
+        let want = image::open(dir.join(case["decoded"].as_str().unwrap()))
+            .unwrap()
+            .to_rgb8();
+        assert_eq!(got.dimensions(), want.dimensions(), "{}", jpeg.display());
+        let off = got
+            .as_raw()
+            .iter()
+            .zip(want.as_raw())
+            .filter(|(a, b)| a != b)
+            .count();
+        assert_eq!(
+            off,
+            0,
+            "{}: {off} values differ from PIL's decode",
+            jpeg.display()
+        );
+    }
+    let bytes = std::fs::read(dir.join("../faces/grace_hopper_512x512.jpg")).unwrap();
+    let cut = std::env::temp_dir().join(format!("fer-truncated-{}.jpg", std::process::id()));
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let e = format!("{:#}", Image::open(&cut).unwrap_err());
+    assert!(
+        e.contains("fer-truncated") && e.contains("Premature end"),
+        "{e}"
+    );
+    std::fs::remove_file(&cut).unwrap();
 }

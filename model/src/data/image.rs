@@ -32,9 +32,23 @@ impl Image {
         self.data[(c * self.height + y) * self.width + x] = v;
     }
 
-    /// Decode a JPEG / PNG file; the error names the file.
+    /// Decode a JPEG / PNG file as PIL's `Image.open(path).convert('RGB')` does: JPEGs with
+    /// libjpeg (`super::jpeg`), other formats with the `image` crate. The error names the file.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        let img = image::open(path)
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("{}: cannot read image", path.display()))?;
+        if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+            let decoded = super::jpeg::decode_rgb(&bytes)
+                .with_context(|| format!("{}: cannot decode image", path.display()))?;
+            if let Some((w, h, pixels)) = decoded {
+                let rgb =
+                    image::RgbImage::from_raw(w as u32, h as u32, pixels).with_context(|| {
+                        format!("{}: libjpeg returned a short image", path.display())
+                    })?;
+                return Ok(Self::from_rgb8(&rgb));
+            }
+        }
+        let img = image::load_from_memory(&bytes)
             .with_context(|| format!("{}: cannot decode image", path.display()))?;
         Ok(Self::from_rgb8(&img.to_rgb8()))
     }

@@ -5,6 +5,7 @@ pub mod augment;
 pub mod blobs;
 pub mod face_detect;
 pub mod image;
+pub mod jpeg;
 pub mod loader;
 pub mod noise;
 pub mod resize;

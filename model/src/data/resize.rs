@@ -3,7 +3,7 @@
 //!
 //! Why our own: `fast_image_resize` 6.1 (Pillow-SIMD's 16-bit coefficients) differs from Pillow
 //! by 1 in 8.9 % of the values of a 37 x 29 -> 224 x 224 upscale (measured against
-//! `fixtures/resize/`); Pillow keeps 22-bit coefficients. The algorithm is Pillow's separable
+//! `fixtures/pil/`); Pillow keeps 22-bit coefficients. The algorithm is Pillow's separable
 //! convolution (`Resample.c`): a triangle filter whose support grows with the scale factor when
 //! shrinking (antialiasing), coefficients normalised to sum 1 and rounded to 22-bit fixed
 //! point, a horizontal pass to 8 bits, then a vertical pass to 8 bits.
