@@ -7,14 +7,14 @@ The official demo (and the test transform of DAN's and EAC's training scripts) i
 This script builds DAN-format checkpoints (the official `{'iter', 'model_state_dict'}` layout,
 ResNet-18 trunk, 4 heads, 7 classes) with formula-initialised weights (fixtures/backbones/README.md §1;
 different salts give different networks, and the fc is scaled so that the top class has p in
-(0.4, 0.95), neither flat nor saturated), runs that pipeline with the reference model of ../shared/reference/dan_eac.py, runs
+(0.4, 0.95), neither flat nor saturated), runs that pipeline with the reference model (bench/reference/dan_eac.py, a copy of ../shared/reference/dan_eac.py), runs
 `fer predict CHECKPOINT PHOTO --json`, and prints the largest probability difference per photo.
 
 It also separates the two sources of difference the issue names: resizing (compared on a PNG of
 PIL's own decode, so both sides start from the same pixels) and JPEG decoding (the JPEG itself,
 decoded by libjpeg in PIL and by the `image` crate in fer), and prints the decoders' pixel difference.
 
-    python3 bench/official_pipeline.py --fer target/debug/fer --reference ../shared/reference
+    python3 bench/official_pipeline.py --fer target/debug/fer
 
 Needs torch, torchvision, Pillow, numpy.
 """
@@ -60,7 +60,7 @@ def fer_probs(fer, ckpt, path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--fer", default=os.path.join(HERE, "..", "target", "debug", "fer"))
-    ap.add_argument("--reference", default=os.path.join(HERE, "..", "..", "shared", "reference"))
+    ap.add_argument("--reference", default=os.path.join(HERE, "reference"))
     ap.add_argument("--photos", nargs="*", default=[
         os.path.join(HERE, "..", "fixtures", "faces", "grace_hopper_512x512.jpg"),
         os.path.join(HERE, "..", "fixtures", "faces", "astronaut.png"),

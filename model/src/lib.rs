@@ -14,6 +14,7 @@ pub mod loss;
 pub mod network;
 pub mod ops;
 pub mod optim;
+pub mod parity;
 pub mod predict;
 pub mod store;
 pub mod train;

@@ -53,6 +53,16 @@ enum Command {
     /// Check a sweep's setup without training: data layout and class counts against the
     /// published ones, pretrained files present and fitting, devices, input sizes.
     Doctor(doctor::DoctorArgs),
+    /// Run the PyTorch parity fixtures (every case folder in DIR) on a device and check them with
+    /// the reference's tolerance rules: eval outputs, losses, gradients, one Adam step.
+    Parity {
+        /// Folder of case folders.
+        #[arg(default_value = "fixtures")]
+        dir: PathBuf,
+        /// cpu, cuda or cuda:N (a `--features cuda` build).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Throughput benchmarks (JSON lines).
     Bench(bench_cmd::BenchArgs),
     /// Print what a checkpoint or weights file holds: ours, an official DAN `.pth`, or any
@@ -94,6 +104,7 @@ fn main() {
         Command::Data(cmd) => data_cmd::run(cmd),
         Command::Bench(args) => bench_cmd::run(args),
         Command::Doctor(args) => doctor::run(args),
+        Command::Parity { dir, device } => parity(&dir, &device),
         Command::Sweep(args) => runtime().and_then(|rt| rt.block_on(sweep_cmd::sweep(args))),
         Command::Predict(args) => predict_cmd::run(args),
         Command::Report(args) => runtime().and_then(|rt| rt.block_on(report::run(args))),
@@ -118,6 +129,27 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .worker_threads(2)
         .enable_all()
         .build()?)
+}
+
+fn parity(dir: &std::path::Path, device: &str) -> anyhow::Result<()> {
+    let dev = fer_model::device::select(device)?;
+    let cases = fer_model::parity::cases_in(dir)?;
+    anyhow::ensure!(!cases.is_empty(), "{}: no parity case folders", dir.display());
+    let mut failed = 0;
+    for case in &cases {
+        let (total, fails) = fer_model::parity::check_case(case, &dev)?;
+        println!(
+            "{} on {device}: {}/{total} tensors within tolerance",
+            case.display(),
+            total - fails.len()
+        );
+        for (k, m) in &fails {
+            println!("  FAIL {k}: {m}");
+        }
+        failed += fails.len();
+    }
+    anyhow::ensure!(failed == 0, "{failed} tensor(s) out of tolerance");
+    Ok(())
 }
 
 fn inspect(path: &std::path::Path) -> anyhow::Result<()> {
