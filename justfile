@@ -1,6 +1,6 @@
 # Tasks of the FER ablation workspace. Install just with `cargo install just`.
 
-# The main job (until the sweep runner lands): train one model on the embedded synthetic faces.
+# Train one model (default: the embedded synthetic faces; `--config FILE` for any run config).
 train *ARGS:
     cargo run -p fer-runner --bin fer -- train {{ARGS}}
 
@@ -42,6 +42,21 @@ predict CHECKPOINT *ARGS:
 inspect PATH:
     cargo run -p fer-runner --bin fer -- inspect {{PATH}}
 
-# Build the GPU binary (needs a CUDA toolkit, see README).
+# Check a sweep's setup without training (data, class counts, pretrained files, device), e.g.
+# `just doctor heads --profile thesis`.
+doctor NAME *ARGS:
+    cargo run -p fer-runner --bin fer -- doctor experiments/{{NAME}}.yaml {{ARGS}}
+
+# The PyTorch parity fixtures on a device (default cpu), with the reference's tolerance rules.
+parity *ARGS:
+    cargo run -p fer-runner --bin fer -- parity fixtures {{ARGS}}
+
+# Build the GPU binary (cuda + cuDNN) into target/cuda/release/fer, with or without a GPU: uses the
+# CUDA toolkit on PATH, else installs NVIDIA's CUDA 13 wheels from PyPI (README, GPU).
 build-cuda:
-    cargo build --release -p fer-runner --features cuda
+    bench/gpu/build.sh
+
+# On a machine with an NVIDIA GPU: parity fixtures on the GPU, a short 224 px batch-64 training run
+# and the training step next to PyTorch's on the same GPU, then one summary (README, GPU).
+gpu-check *ARGS:
+    python3 bench/gpu/check.py {{ARGS}}

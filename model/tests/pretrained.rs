@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use fer_model::backbone::{BackboneConfig, ResNetConfig};
+use fer_model::backbone::{BackboneConfig, InceptionConfig, ResNetConfig};
 use fer_model::checkpoint::load_pretrained_backbone;
 use fer_model::config::{ModelSection, RunConfig};
 use fer_model::data::synth::{ClassBalance, SynthConfig};
@@ -20,6 +20,28 @@ fn dir() -> PathBuf {
 
 fn manifest() -> Value {
     serde_json::from_str(&std::fs::read_to_string(dir().join("manifest.json")).unwrap()).unwrap()
+}
+
+/// The backbone as a user writes it for this network (the EAC pickle's Caffe layout and
+/// Inception's transform_input left for the loader's rules to decide).
+fn backbone(net: &Value) -> BackboneConfig {
+    if net["arch"] == "inception_v3" {
+        return BackboneConfig::InceptionV3(InceptionConfig::new(net["width"].as_f64().unwrap()));
+    }
+    BackboneConfig::ResNet(ResNetConfig {
+        caffe: false,
+        ..resnet(net)
+    })
+}
+
+fn section(net: &Value, file: &Path) -> ModelSection {
+    ModelSection {
+        backbone: backbone(net),
+        pretrained: Some(file.to_path_buf()),
+        heads: 2,
+        classes: 7,
+        num_centers: None,
+    }
 }
 
 fn resnet(net: &Value) -> ResNetConfig {
@@ -51,35 +73,37 @@ fn flat(t: &Tensor) -> Vec<f64> {
 }
 
 fn net_for(backbone: &BackboneConfig) -> DanEac {
-    DanEac::new(
-        &DanConfig {
-            backbone: backbone.clone(),
-            heads: 2,
-            classes: 7,
-        },
-        7,
-        &Device::Cpu,
-        DType::F32,
-        5,
-    )
-    .unwrap()
+    net_with(&DanConfig {
+        backbone: backbone.clone(),
+        heads: 2,
+        classes: 7,
+    })
+}
+
+fn net_with(config: &DanConfig) -> DanEac {
+    DanEac::new(config, 7, &Device::Cpu, DType::F32, 5).unwrap()
 }
 
 #[test]
 fn every_format_loads_and_gives_the_features_pytorch_computes() {
     let expected =
         candle_core::safetensors::load(dir().join("expected.safetensors"), &Device::Cpu).unwrap();
-    let x = &expected["x"];
     let m = manifest();
     let mut checked = 0;
     for (name, net) in m["networks"].as_object().unwrap() {
-        let backbone = BackboneConfig::ResNet(resnet(net));
+        let x = match net["input"].as_u64() {
+            Some(80) => &expected["inception_v3_x80"],
+            _ => &expected["x"],
+        };
         let want = flat(&expected[name.as_str()]);
         let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
         for file in net["files"].as_array().unwrap() {
             let path = dir().join(file.as_str().unwrap());
-            let dan = net_for(&backbone);
-            load_pretrained_backbone(&path, &backbone, &dan)
+            // The network the run would build: the file's format and presence decide the Caffe
+            // layout and transform_input.
+            let config = section(net, &path).dan_config();
+            let dan = net_with(&config);
+            load_pretrained_backbone(&path, &config.backbone, &dan)
                 .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
             let got = flat(&dan.dan.forward(x, false).unwrap().feat);
             let err = got
@@ -88,6 +112,10 @@ fn every_format_loads_and_gives_the_features_pytorch_computes() {
                 .map(|(g, w)| (g - w).abs())
                 .fold(0f64, f64::max)
                 / scale;
+            eprintln!(
+                "{}: max error {err:.1e} of the largest feature",
+                path.display()
+            );
             // Float32 through up to 16 blocks against a float64 reference (the backbone
             // fixtures allow 5e-5); a wrong layout or a misplaced tensor is off by O(1).
             assert!(
@@ -98,7 +126,7 @@ fn every_format_loads_and_gives_the_features_pytorch_computes() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 6, "every fixture file was checked");
+    assert_eq!(checked, 7, "every fixture file was checked");
 }
 
 #[test]
@@ -177,16 +205,10 @@ fn eac_weights_refuse_the_torchvision_layout_and_bad_files_are_named() {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
-/// A run config that trains `backbone` from `pretrained` for one short epoch.
-fn run_from(backbone: BackboneConfig, pretrained: PathBuf) -> RunConfig {
+/// A run config that trains `model` for one short epoch.
+fn run_from(model: ModelSection) -> RunConfig {
     let mut c = RunConfig::embedded_default();
-    c.model = ModelSection {
-        backbone,
-        pretrained: Some(pretrained),
-        heads: 2,
-        classes: 7,
-        num_centers: None,
-    };
+    c.model = model;
     c.data = DataSpec::Synthetic(SynthConfig {
         difficulty: 0.2,
         image_size: 32,
@@ -204,28 +226,34 @@ fn run_from(backbone: BackboneConfig, pretrained: PathBuf) -> RunConfig {
 }
 
 #[test]
-fn training_starts_from_each_format_and_eac_weights_select_the_caffe_layout() {
+fn training_starts_from_each_format_and_the_file_decides_layout_and_transform_input() {
     let m = manifest();
     for (name, file) in [
         ("resnet18", "resnet18_state_dict_module.pth"),
         ("resnet50", "resnet50_torchvision.pth"),
         ("resnet50_eac", "resnet50_eac_py2.pkl"),
+        ("inception_v3", "inception_v3_imagenet_x16.pth"),
     ] {
-        // As a user writes it: the EAC pickle with a plain bottleneck ResNet config.
-        let backbone = BackboneConfig::ResNet(ResNetConfig {
-            caffe: false,
-            ..resnet(&m["networks"][name])
-        });
-        let config = run_from(backbone, dir().join(file));
+        let net = &m["networks"][name];
+        let mut config = run_from(section(net, &dir().join(file)));
+        if name == "inception_v3" {
+            config.input_size = 80;
+            if let DataSpec::Synthetic(s) = &mut config.data {
+                s.image_size = 80;
+            }
+        }
         let resolved = config.model.dan_config().backbone;
-        let BackboneConfig::ResNet(r) = &resolved else {
-            unreachable!()
-        };
-        assert_eq!(
-            r.caffe,
-            name == "resnet50_eac",
-            "{name}: layout chosen by the file"
-        );
+        match &resolved {
+            BackboneConfig::ResNet(r) => {
+                assert_eq!(
+                    r.caffe,
+                    name == "resnet50_eac",
+                    "{name}: layout chosen by the file"
+                )
+            }
+            BackboneConfig::InceptionV3(i) => assert_eq!(i.transform_input, Some(true)),
+            BackboneConfig::Vit(_) => unreachable!(),
+        }
         let out =
             std::env::temp_dir().join(format!("fer-pretrained-run-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&out);
@@ -242,8 +270,15 @@ fn training_starts_from_each_format_and_eac_weights_select_the_caffe_layout() {
         let meta = fer_model::checkpoint::read_meta(&out.join("checkpoint.safetensors")).unwrap();
         assert_eq!(
             meta.model.backbone, resolved,
-            "{name}: the checkpoint records the layout"
+            "{name}: the checkpoint records the network"
         );
         std::fs::remove_dir_all(&out).unwrap();
     }
+    // Without pretrained weights Inception-v3 keeps torchvision's default (off).
+    let mut plain = section(&m["networks"]["inception_v3"], Path::new("x"));
+    plain.pretrained = None;
+    let BackboneConfig::InceptionV3(i) = plain.dan_config().backbone else {
+        unreachable!()
+    };
+    assert_eq!(i.transform_input, Some(false));
 }

@@ -134,7 +134,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn parity(dir: &std::path::Path, device: &str) -> anyhow::Result<()> {
     let dev = fer_model::device::select(device)?;
     let cases = fer_model::parity::cases_in(dir)?;
-    anyhow::ensure!(!cases.is_empty(), "{}: no parity case folders", dir.display());
+    anyhow::ensure!(
+        !cases.is_empty(),
+        "{}: no parity case folders",
+        dir.display()
+    );
     let mut failed = 0;
     for case in &cases {
         let (total, fails) = fer_model::parity::check_case(case, &dev)?;

@@ -24,7 +24,6 @@ pub fn load(path: &Path) -> HashMap<String, Tensor> {
     fer_model::checkpoint::read_safetensors(path).unwrap()
 }
 
-
 pub fn flat(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64)
         .unwrap()
