@@ -3,6 +3,8 @@
 mod bench_cmd;
 mod data_cmd;
 mod doctor;
+#[cfg(test)]
+mod fuzz_tests;
 mod predict_cmd;
 mod preflight;
 mod report;

@@ -80,14 +80,35 @@ impl Store {
         if !path.is_file() {
             return Ok(None);
         }
-        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
-            .read_only(true)
-            .busy_timeout(std::time::Duration::from_secs(30));
-        let pool = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(opts)
-            .await
-            .with_context(|| format!("opening database {} read-only", path.display()))?;
+        // SQLite opens lazily: a connection is usable once it has read the schema.
+        let connect = |read_only: bool, immutable: bool| async move {
+            let opts = SqliteConnectOptions::from_str(&format!("sqlite://{}", path.display()))?
+                .read_only(read_only)
+                .immutable(immutable)
+                .create_if_missing(false)
+                .busy_timeout(std::time::Duration::from_secs(30));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(opts)
+                .await?;
+            sqlx::query("SELECT COUNT(*) FROM sqlite_master")
+                .fetch_one(&pool)
+                .await?;
+            anyhow::Ok(pool)
+        };
+        let pool = match connect(true, false).await {
+            Ok(pool) => pool,
+            // A WAL database in a folder SQLite cannot write (a read-only mount, a snapshot)
+            // cannot be read normally: SQLite must create its shared-memory file next to it.
+            // There it is read as immutable (no locks, no shared memory), which is right when
+            // nothing can write to it; any other failure keeps its own message.
+            Err(e) => match connect(true, true).await {
+                Ok(pool) => pool,
+                Err(_) => {
+                    return Err(e.context(format!("opening database {} read-only", path.display())))
+                }
+            },
+        };
         Ok(Some(Self { pool }))
     }
 
@@ -111,6 +132,11 @@ impl Store {
         }
         drop(store);
         Self::open(path).await
+    }
+
+    /// Close the connections; the last one checkpoints the write-ahead log into the file.
+    pub async fn close(self) {
+        self.pool.close().await;
     }
 
     pub async fn upsert_sweep(

@@ -189,6 +189,40 @@ fn locate(text: &str, needle: &str) -> Option<(usize, usize)> {
         .find_map(|(i, l)| l.find(needle).map(|c| (i + 1, c + 1)))
 }
 
+/// Line and column of `key` inside the `index`-th item of the list under the top-level `section`
+/// (`include:` items, block or flow style).
+fn locate_list_item_key(
+    text: &str,
+    section: &str,
+    index: usize,
+    key: &str,
+) -> Option<(usize, usize)> {
+    let (start, _) = crate::yaml::locate_path(text, &[section])?;
+    let lines: Vec<&str> = text.lines().collect();
+    let mut item: Option<usize> = None;
+    for (i, l) in lines.iter().enumerate().skip(start) {
+        let t = l.trim_start();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let indent = l.len() - t.len();
+        if indent == 0 && !t.starts_with("- ") {
+            break; // the next top-level key
+        }
+        if t.starts_with("- ") {
+            item = Some(item.map_or(0, |n| n + 1));
+        }
+        if item == Some(index) {
+            if let Some(c) = l.find(&format!("{key}:")) {
+                return Some((i + 1, c + 1));
+            }
+        } else if item.is_some_and(|n| n > index) {
+            break;
+        }
+    }
+    None
+}
+
 /// An error at the line and column of a YAML key path (`["overrides", "epochs"]`) in `text`, or
 /// at the deepest part of the path that is found.
 fn at_path(text: &str, path: &[&str], file: &Path, msg: &str) -> anyhow::Error {
@@ -443,6 +477,7 @@ pub fn load_capped(
             .iter()
             .any(|ex| ex.iter().all(|(k, v)| s.get(k) == Some(v)))
     });
+    let first_include = sets.len();
     for inc in &spec.include {
         sets.push(
             inc.iter()
@@ -451,52 +486,85 @@ pub fn load_capped(
         );
     }
 
+    // Where a config field's value came from, most specific first: an axis of the trial (its
+    // grid or zip line, or the include item it came from), the profile, the overrides, else the
+    // base config. Errors about a trial's config point there.
+    let origin = |field: &str,
+                  set: &BTreeMap<String, Value>,
+                  include: Option<usize>,
+                  what: &str|
+     -> anyhow::Error {
+        let covers = |k: &str| field == k || field.starts_with(&format!("{k}."));
+        let most_specific = |keys: Vec<&String>| {
+            keys.into_iter()
+                .filter(|k| covers(k))
+                .max_by_key(|k| k.len())
+                .cloned()
+        };
+        if let Some(axis) = most_specific(set.keys().collect()) {
+            if let Some(i) = include {
+                if let Some((l, c)) = locate_list_item_key(&text, "include", i, &axis) {
+                    return anyhow::anyhow!("{}:{l}:{c}: {what}", path.display());
+                }
+            }
+            let section = if spec.grid.contains_key(&axis) {
+                "grid"
+            } else {
+                "zip"
+            };
+            return at_path(&text, &[section, &axis], path, what);
+        }
+        if let Some(p) = profile {
+            if let Some(k) = spec
+                .profiles
+                .get(p)
+                .and_then(|o| most_specific(o.keys().collect()))
+            {
+                return at_path(&text, &["profiles", p, &k], path, what);
+            }
+        }
+        if let Some(k) = most_specific(spec.overrides.keys().collect()) {
+            return at_path(&text, &["overrides", &k], path, what);
+        }
+        let base_text = fer_model::data::read_text(&base_path).unwrap_or_default();
+        let parts: Vec<&str> = field.split('.').collect();
+        at_path(&base_text, &parts, &base_path, what)
+    };
+
     let mut trials = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for set in sets {
+    for (index, set) in sets.into_iter().enumerate() {
+        let include = index.checked_sub(first_include);
         for &seed in &spec.seeds {
             let mut cfg = base.clone();
             for (k, v) in &set {
                 set_dotted(&mut cfg, k, v.clone()).map_err(|e| err_at(k, e.to_string()))?;
             }
             set_dotted(&mut cfg, "seed", Value::from(seed))?;
+            let trial = serde_json::to_string(&set).unwrap_or_default();
             let config: RunConfig = serde_path_to_error::deserialize(cfg.clone()).map_err(|e| {
                 let field = e.path().to_string();
                 let msg = crate::yaml::explain(&e.inner().to_string());
-                // Where the failing value came from: an axis of this trial, an override
-                // (the most specific covering key), else the base config.
-                let covers = |k: &str| field == k || field.starts_with(&format!("{k}."));
-                let what = format!(
-                    "{field}: {msg} (trial {})",
-                    serde_json::to_string(&set).unwrap_or_default()
-                );
-                if let Some(axis) = set.keys().find(|k| covers(k)) {
-                    let section = if spec.grid.contains_key(axis) {
-                        "grid"
-                    } else {
-                        "zip"
-                    };
-                    return at_path(&text, &[section, axis], path, &what);
-                }
-                if let Some(k) = overrides
-                    .keys()
-                    .filter(|k| covers(k))
-                    .max_by_key(|k| k.len())
-                {
-                    return at_path(&text, &["overrides", k], path, &what);
-                }
-                let base_text = fer_model::data::read_text(&base_path).unwrap_or_default();
-                let parts: Vec<&str> = field.split('.').collect();
-                at_path(&base_text, &parts, &base_path, &what)
+                origin(
+                    &field,
+                    &set,
+                    include,
+                    &format!("{field}: {msg} (trial {trial})"),
+                )
             })?;
             config.validate().map_err(|e| {
-                err_at(
-                    set.keys().next().map(|s| s.as_str()).unwrap_or("base"),
-                    format!(
-                        "trial {}: {e}",
-                        serde_json::to_string(&set).unwrap_or_default()
-                    ),
-                )
+                // Validation messages start with the field they are about (`epochs: ...`).
+                let msg = e.to_string();
+                let field = msg.split(':').next().unwrap_or_default();
+                let what = format!("trial {trial}: {msg}");
+                if field.contains(' ') || field.is_empty() {
+                    err_at(
+                        set.keys().next().map(|s| s.as_str()).unwrap_or("base"),
+                        what,
+                    )
+                } else {
+                    origin(field, &set, include, &what)
+                }
             })?;
             // Canonical form: the config re-serialised from its typed value (defaults filled
             // in, keys sorted), so equivalent spellings give the same key.

@@ -85,7 +85,9 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
         args.profile.as_deref(),
         git.0.as_deref(),
         args.max_trials,
-    )?;
+    )
+    // A sweep file that does not expand is a setup error (exit 2), like a failed preflight.
+    .map_err(|e| fer_model::trainer::classified(fer_model::trainer::FailureClass::Setup, e))?;
     if args.dry_run {
         // Look, do not touch: no database is created, no attempt is marked, no trial recorded.
         let planned = match Store::open_read_only(&args.db).await? {
@@ -193,16 +195,23 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
             sweep.name
         );
     }
+    // Trials that ended failed, in this run or before it (no retries left): the sweep did not
+    // produce all its results, so a script or CI job must not read it as a success.
+    let failed = if outcome.interrupted {
+        0
+    } else {
+        let planned = scheduler::plan_all(&sweep, &store, false).await?;
+        planned
+            .iter()
+            .filter(|(_, a)| *a == scheduler::Action::GiveUp || *a == scheduler::Action::Retry)
+            .count()
+    };
+    // Closing folds SQLite's write-ahead log back into the database file, so the file alone
+    // (copied elsewhere, or on a read-only mount) holds every result.
+    store.close().await;
     if outcome.interrupted {
         std::process::exit(EXIT_INTERRUPTED);
     }
-    // Trials that ended failed, in this run or before it (no retries left): the sweep did not
-    // produce all its results, so a script or CI job must not read it as a success.
-    let planned = scheduler::plan_all(&sweep, &store, false).await?;
-    let failed = planned
-        .iter()
-        .filter(|(_, a)| *a == scheduler::Action::GiveUp || *a == scheduler::Action::Retry)
-        .count();
     if failed > 0 {
         eprintln!(
             "{failed} trial(s) of sweep {} ended failed (exit status {EXIT_TRIALS_FAILED})",
@@ -213,8 +222,8 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `fer sweep` exit statuses: 0 every trial completed; 1 an error of the sweep itself (bad file,
-/// database); 3 some trials ended failed (`fer runs --status failed`); 130 interrupted (Ctrl-C or
+/// `fer sweep` exit statuses: 0 every trial completed; 1 an error of the sweep itself (database,
+/// disk); 2 a setup error (a sweep file that does not expand, a failed preflight); 3 some trials ended failed (`fer runs --status failed`); 130 interrupted (Ctrl-C or
 /// SIGTERM: running trials stopped and marked interrupted, waiting ones never started).
 pub const EXIT_TRIALS_FAILED: i32 = 3;
 pub const EXIT_INTERRUPTED: i32 = 130;

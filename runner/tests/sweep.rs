@@ -791,3 +791,121 @@ fn a_full_disk_stops_the_sweep_without_spending_retries() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(sql(&d, "SELECT COUNT(*) FROM latest_completed"), "3");
 }
+
+/// A bad value in an include item or a profile's override is reported at its own line and
+/// column, not at the grid or with no place at all.
+#[test]
+fn errors_point_into_include_items_and_profile_overrides() {
+    let d = tmp("sweep-locations");
+    std::fs::write(d.join("base.yaml"), BASE).unwrap();
+    let file = d.join("s.yaml");
+    std::fs::write(
+        &file,
+        "base: base.yaml\ngrid:\n  model.heads: [1, 2]\ninclude:\n  - {model.heads: 3}\n  - model.heads: 5\n    batch: 1\nprofiles:\n  thesis:\n    epochs: 0\n  typo:\n    model.backbone: {arch: resnet18, widths: [1, 2, 3, 4]}\n",
+    )
+    .unwrap();
+    let run = |profile: Option<&str>| {
+        let mut c = fer();
+        c.args(["sweep", "--dry-run"]).arg(&file);
+        if let Some(p) = profile {
+            c.args(["--profile", p]);
+        }
+        let out = c.output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "a config error is a setup error"
+        );
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let e = run(None);
+    assert!(
+        e.contains("s.yaml:7:5:") && e.contains("batch: must be at least 2"),
+        "{e}"
+    );
+    let e = run(Some("thesis"));
+    assert!(
+        e.contains("s.yaml:10:5:") && e.contains("epochs: must be at least 1"),
+        "{e}"
+    );
+    let e = run(Some("typo"));
+    assert!(
+        e.contains("s.yaml:12:5:") && e.contains("unknown field `widths`"),
+        "{e}"
+    );
+}
+
+/// Results on a read-only mount (a shared results folder, a snapshot) can be read: `fer runs`,
+/// `fer report` and `fer sweep --dry-run` open the database read-only and write nothing.
+#[test]
+fn results_on_a_read_only_mount_can_be_read() {
+    let (d, f) = setup(
+        "read-only",
+        "base: base.yaml\ngrid:\n  model.heads: [1, 2]\nreport:\n  title: heads\n  columns:\n    - {label: \"Accuracy\", where: {}}\n  rows:\n    - {label: \"1\", where: {model.heads: 1}}\n    - {label: \"2\", where: {model.heads: 2}}\n",
+    );
+    let o = sweep(&d, &f, &["--jobs", "1"]);
+    assert!(o.status.success(), "{}", text(&o));
+    // The runner's last connection has checkpointed the WAL and removed its side files: SQLite
+    // would have to create `r.db-shm` to read the file normally, which a read-only mount forbids.
+    assert!(!d.join("r.db-wal").exists() && !d.join("r.db-shm").exists());
+    let results = d.join("results");
+    std::fs::create_dir_all(&results).unwrap();
+    let bound = Command::new("mount")
+        .arg("--bind")
+        .arg(&d)
+        .arg(&results)
+        .status()
+        .is_ok_and(|s| s.success())
+        && Command::new("mount")
+            .args(["-o", "remount,bind,ro"])
+            .arg(&results)
+            .status()
+            .is_ok_and(|s| s.success());
+    if !bound {
+        let _ = Command::new("umount").arg(&results).status();
+        eprintln!(
+            "SKIPPED results_on_a_read_only_mount_can_be_read: cannot bind-mount here (needs root)"
+        );
+        return;
+    }
+    let db = results.join("r.db");
+    let runs = fer().args(["runs", "--db"]).arg(&db).output().unwrap();
+    let report = fer()
+        .arg("report")
+        .arg(results.join("s.yaml"))
+        .arg("--db")
+        .arg(&db)
+        .arg("--out")
+        .arg(d.join("reports"))
+        .output()
+        .unwrap();
+    let dry = fer()
+        .arg("sweep")
+        .arg(results.join("s.yaml"))
+        .arg("--db")
+        .arg(&db)
+        .arg("--dry-run")
+        .output()
+        .unwrap();
+    let _ = Command::new("umount").arg(&results).status();
+    assert!(runs.status.success(), "{}", text(&runs));
+    assert_eq!(
+        String::from_utf8_lossy(&runs.stdout)
+            .matches("completed")
+            .count(),
+        2,
+        "{}",
+        text(&runs)
+    );
+    assert!(report.status.success(), "{}", text(&report));
+    assert!(d.join("reports/s.md").is_file());
+    assert!(dry.status.success(), "{}", text(&dry));
+    assert_eq!(
+        String::from_utf8_lossy(&dry.stdout)
+            .matches("skip: done")
+            .count(),
+        2,
+        "{}",
+        text(&dry)
+    );
+}

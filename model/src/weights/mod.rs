@@ -278,7 +278,7 @@ fn read_torch_legacy(data: &[u8]) -> Result<(Value, Storages)> {
         .context("legacy storage keys: not a list")?;
     // Element sizes come from the storage types named in the object's persistent ids.
     let mut elem = HashMap::new();
-    collect_storage_types(&root, &mut elem);
+    collect_storage_types(&root, &mut elem, 0);
     let mut at = HashMap::new();
     for k in keys {
         let key = k.text().context("legacy storage key: not text")?;
@@ -298,28 +298,27 @@ fn read_torch_legacy(data: &[u8]) -> Result<(Value, Storages)> {
     Ok((root, Storages::Legacy(at, data.to_vec())))
 }
 
-/// Storage key -> element size, from every persistent id in `v`.
-fn collect_storage_types(v: &Value, out: &mut HashMap<String, usize>) {
+/// Storage key -> element size, from every persistent id in `v` (a state dict nests a few
+/// levels; deeper structures are not searched, so a hostile file cannot exhaust the stack).
+fn collect_storage_types(v: &Value, out: &mut HashMap<String, usize>, depth: usize) {
+    if depth > 64 {
+        return;
+    }
+    let mut walk = |x: &Value| collect_storage_types(x, out, depth + 1);
     match v {
         Value::Persistent(id) => {
             if let Some((_, key, dtype)) = storage_id(id).ok().flatten() {
                 out.insert(key, dtype.size_in_bytes());
             }
         }
-        Value::Tuple(t) => t.iter().for_each(|x| collect_storage_types(x, out)),
-        Value::List(l) => l
-            .borrow()
-            .iter()
-            .for_each(|x| collect_storage_types(x, out)),
-        Value::Dict(d) => d
-            .borrow()
-            .iter()
-            .for_each(|(_, x)| collect_storage_types(x, out)),
+        Value::Tuple(t) => t.iter().for_each(&mut walk),
+        Value::List(l) => l.borrow().iter().for_each(&mut walk),
+        Value::Dict(d) => d.borrow().iter().for_each(|(_, x)| walk(x)),
         Value::Object(o) => {
             let o = o.borrow();
-            collect_storage_types(&o.args, out);
+            walk(&o.args);
             if let Some(s) = &o.state {
-                collect_storage_types(s, out);
+                walk(s);
             }
         }
         _ => {}
@@ -532,11 +531,11 @@ fn numpy_array(
     shape: &[usize],
     fortran: bool,
 ) -> Result<Tensor> {
-    let n: usize = shape.iter().product();
+    let need = elements(shape).and_then(|n| n.checked_mul(dtype.size_in_bytes()));
     ensure!(
-        bytes.len() == n * dtype.size_in_bytes(),
+        need == Some(bytes.len()),
         "numpy array of shape {shape:?} needs {} bytes, has {}",
-        n * dtype.size_in_bytes(),
+        need.map_or("more than 2^64".to_string(), |b| b.to_string()),
         bytes.len()
     );
     let values = decode(bytes, dtype, big);
@@ -551,7 +550,12 @@ fn numpy_array(
     make_tensor(gather(&values, 0, shape, &stride), dtype, shape)
 }
 
-/// The elements of a strided view, in row-major order.
+/// The number of elements of `shape`, None when it overflows.
+fn elements(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+}
+
+/// The elements of a strided view, in row-major order (every index checked by the caller).
 fn gather(values: &[f64], offset: usize, shape: &[usize], stride: &[usize]) -> Vec<f64> {
     let n: usize = shape.iter().product();
     let mut out = Vec::with_capacity(n);
@@ -583,21 +587,30 @@ fn strided(
         "size and stride differ in length"
     );
     let size = dtype.size_in_bytes();
-    let n: usize = shape.iter().product();
-    let end = if n == 0 {
-        offset
-    } else {
-        offset
-            + shape
-                .iter()
-                .zip(stride)
-                .map(|(d, s)| (d - 1) * s)
-                .sum::<usize>()
-            + 1
+    let past = || {
+        anyhow::anyhow!(
+            "a view of shape {shape:?}, stride {stride:?} at offset {offset} does not fit its storage of {} bytes",
+            storage.len()
+        )
     };
+    let n = elements(shape).ok_or_else(past)?;
+    // The last element's index + 1, in checked arithmetic: a corrupt file must not overflow.
+    let end = if n == 0 {
+        Some(offset)
+    } else {
+        shape
+            .iter()
+            .zip(stride)
+            .try_fold(offset + 1, |acc, (&d, &s)| {
+                (d - 1).checked_mul(s).and_then(|x| acc.checked_add(x))
+            })
+    }
+    .filter(|&e| e.checked_mul(size).is_some_and(|b| b <= storage.len()))
+    .ok_or_else(past)?;
+    // A broadcast view (stride 0) may hold more elements than its storage, but not without bound.
     ensure!(
-        end * size <= storage.len(),
-        "a view of shape {shape:?} at offset {offset} runs past its storage of {} bytes",
+        n.saturating_mul(size) <= storage.len().saturating_mul(64).max(1 << 20),
+        "a view of shape {shape:?} is far larger than its storage of {} bytes",
         storage.len()
     );
     let values = decode(&storage[offset * size..end * size], dtype, false);
