@@ -156,7 +156,8 @@ const STAT_TOL: f64 = 1e-4;
 const ELEM_LR_FRAC: f64 = 1e-2;
 const ELEM_REL: f64 = 1e-6;
 
-fn flat(t: &Tensor) -> Vec<f64> {
+/// A CPU tensor's values as f64, row-major.
+pub fn flat(t: &Tensor) -> Vec<f64> {
     t.to_dtype(DType::F64)
         .unwrap()
         .flatten_all()

@@ -361,6 +361,18 @@ fn storage_dtype(class: &str) -> Result<DType> {
     })
 }
 
+/// A tuple of non-negative ints (a shape, a stride).
+fn sizes(v: &Value, what: &str) -> Result<Vec<usize>> {
+    v.tuple_items()
+        .with_context(|| format!("{what} is not a tuple"))?
+        .iter()
+        .map(|d| match d.as_int() {
+            Some(x) if x >= 0 => Ok(x as usize),
+            _ => bail!("{what}: {} is not a size", d.describe()),
+        })
+        .collect()
+}
+
 /// One tensor of the state dict: a torch tensor (from its storage) or a numpy array; floating
 /// types become f32, integer types i64.
 fn to_tensor(v: &Value, storages: &Storages) -> Result<Tensor> {
@@ -385,19 +397,8 @@ fn to_tensor(v: &Value, storages: &Storages) -> Result<Tensor> {
         };
         let (view, key, dtype) = storage_id(id)?.context("unknown persistent id")?;
         let offset = view + args[1].as_int().context("storage offset")? as usize;
-        let ints = |v: &Value, what: &str| -> Result<Vec<usize>> {
-            v.tuple_items()
-                .with_context(|| format!("{what} is not a tuple"))?
-                .iter()
-                .map(|d| {
-                    d.as_int()
-                        .map(|x| x as usize)
-                        .with_context(|| format!("{what}: not an int"))
-                })
-                .collect()
-        };
-        let shape = ints(&args[2], "size")?;
-        let stride = ints(&args[3], "stride")?;
+        let shape = sizes(&args[2], "size")?;
+        let stride = sizes(&args[3], "stride")?;
         return strided(storages.bytes(&key)?, dtype, offset, &shape, &stride);
     }
     if name.ends_with("multiarray._reconstruct") {
@@ -408,16 +409,7 @@ fn to_tensor(v: &Value, storages: &Storages) -> Result<Tensor> {
         // (version, shape, dtype, is_fortran, data); very old pickles omit the version.
         let s = if s.len() == 5 { &s[1..] } else { &s[..] };
         ensure!(s.len() == 4, "numpy array state of {} items", s.len());
-        let shape: Vec<usize> = s[0]
-            .tuple_items()
-            .context("numpy shape")?
-            .iter()
-            .map(|d| {
-                d.as_int()
-                    .map(|x| x as usize)
-                    .context("numpy shape: not an int")
-            })
-            .collect::<Result<_>>()?;
+        let shape = sizes(&s[0], "numpy shape")?;
         let (dtype, big_endian) = numpy_dtype(&s[1])?;
         let fortran = matches!(s[2], Value::Bool(true)) || s[2].as_int() == Some(1);
         let Value::Bytes(bytes) = &s[3] else {
@@ -435,16 +427,7 @@ fn to_tensor(v: &Value, storages: &Storages) -> Result<Tensor> {
             bail!("_frombuffer of {}", args[0].describe());
         };
         let (dtype, big_endian) = numpy_dtype(&args[1])?;
-        let shape: Vec<usize> = args[2]
-            .tuple_items()
-            .context("numpy shape")?
-            .iter()
-            .map(|d| {
-                d.as_int()
-                    .map(|x| x as usize)
-                    .context("numpy shape: not an int")
-            })
-            .collect::<Result<_>>()?;
+        let shape = sizes(&args[2], "numpy shape")?;
         let fortran = args[3].text().as_deref() == Some("F");
         return numpy_array(bytes, dtype, big_endian, &shape, fortran);
     }

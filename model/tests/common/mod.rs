@@ -9,7 +9,7 @@ pub mod fi;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
@@ -24,14 +24,7 @@ pub fn load(path: &Path) -> HashMap<String, Tensor> {
     fer_model::checkpoint::read_safetensors(path).unwrap()
 }
 
-pub fn flat(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap()
-}
+pub use fer_model::parity::flat;
 
 /// A deterministic pseudo-random f64 tensor in [-1, 1).
 pub fn rand_tensor(shape: &[usize], seed: u64) -> Tensor {
