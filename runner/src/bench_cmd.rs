@@ -266,6 +266,12 @@ fn loader(n: usize) -> anyhow::Result<()> {
         synth::render_face(&cfg, synth::Split::Train, i, y)
             .to_rgb8()
             .save(dir.join(format!("{i:05}.jpg")))?;
+        // An ImageFolder's test split must name the same classes (one image each is enough).
+        let test = root.join("test").join(y.to_string());
+        if !test.is_dir() {
+            std::fs::create_dir_all(&test)?;
+            std::fs::copy(dir.join(format!("{i:05}.jpg")), test.join("0.jpg"))?;
+        }
     }
     let set = data::load(
         &DataSpec::ImageFolder {
