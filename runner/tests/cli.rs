@@ -252,3 +252,29 @@ fn doctor_checks_data_weights_and_device_without_training() {
     );
     assert!(text.contains("all checks passed"), "{text}");
 }
+
+/// `fer bench loader` runs end to end (its ImageFolder must satisfy the loader's checks) and
+/// prints one JSON line per size; the rates themselves are the benchmark's business, not a test's.
+#[test]
+fn bench_loader_runs_and_reports_each_size() {
+    let out = fer()
+        .args(["bench", "loader", "--images", "14"])
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let settings: Vec<&str> = lines
+        .iter()
+        .map(|v| v["setting"].as_str().unwrap())
+        .collect();
+    assert_eq!(settings, ["jpeg100_to_224", "jpeg100_to_112"]);
+    assert!(lines.iter().all(|v| v["img_per_s"].as_f64().unwrap() > 0.0));
+}
