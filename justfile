@@ -20,9 +20,14 @@ runs *ARGS:
 db:
     sqlite3 fer.db
 
-# The whole test suite (what CI runs).
+# The whole test suite (what CI runs, with `just lint`).
 test:
     cargo test --workspace
+
+# Formatting and clippy as CI checks them.
+lint:
+    cargo fmt --all --check
+    cargo clippy --workspace --all-targets -- -D warnings
 
 # Benchmarks (throughput, JSON lines) on 2 threads: the data loader at 224 and 112 px, then the full
 # DAN + EAC training step and inference at the reference PyTorch benchmark's settings.

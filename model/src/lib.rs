@@ -1,7 +1,9 @@
 //! DAN (multi-head cross attention) + EAC (flip attention consistency) in Candle.
 //!
-//! Normative description: the project's `spec/model.md`. Parameter names equal the official
-//! DAN state-dict keys, so PyTorch weights load one to one.
+//! Normative description: the team's model spec (`spec/model.md` in the shared reference
+//! material, outside this repository); its executable form is the PyTorch parity fixtures under
+//! `fixtures/` (`parity`). Parameter names equal the official DAN state-dict keys, so PyTorch
+//! weights load one to one.
 
 pub mod backbone;
 pub mod checkpoint;

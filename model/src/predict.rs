@@ -31,18 +31,21 @@ pub struct Predictor {
 pub fn dan_config_from_state(
     state: &HashMap<String, Tensor>,
 ) -> anyhow::Result<(DanConfig, usize)> {
+    use crate::backbone::resnet::dan_module;
     let dims = |k: &str| state.get(k).map(|t| t.dims().to_vec());
-    if dims("features.0.weight").is_none() {
-        bail!("not a DAN checkpoint with a ResNet trunk: no features.0.weight");
+    let stem = dan_module("conv1").expect("conv1 is a trunk module");
+    if dims(&format!("{stem}.weight")).is_none() {
+        bail!("not a DAN checkpoint with a ResNet trunk: no {stem}.weight");
     }
-    let bottleneck = state.contains_key("features.4.0.conv3.weight");
+    let stage = |s: usize| dan_module(&format!("layer{}", s + 1)).expect("layer1..4");
+    let bottleneck = state.contains_key(&format!("{}.0.conv3.weight", stage(0)));
     let mut widths = [0usize; 4];
     let mut blocks = [0usize; 4];
     for s in 0..4 {
-        let m = 4 + s;
-        widths[s] = dims(&format!("features.{m}.0.conv1.weight"))
-            .with_context(|| format!("no features.{m}.0.conv1.weight (stage {})", s + 1))?[0];
-        let prefix = format!("features.{m}.");
+        let m = stage(s);
+        widths[s] = dims(&format!("{m}.0.conv1.weight"))
+            .with_context(|| format!("no {m}.0.conv1.weight (stage {})", s + 1))?[0];
+        let prefix = format!("{m}.");
         let ids: BTreeSet<usize> = state
             .keys()
             .filter_map(|k| k.strip_prefix(&prefix)?.split('.').next()?.parse().ok())

@@ -10,7 +10,7 @@ use candle_core::DType;
 use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
-use crate::data::loader::{batches, epoch_order};
+use crate::data::loader::{batches, epoch_order, BatchPlan};
 use crate::data::noise::{memorisation, Memorisation};
 use crate::data::{self, DataSet, Split};
 use crate::network::DanEac;
@@ -240,14 +240,16 @@ pub fn run(
         let order = epoch_order(&train_set, config.sampling, config.order_seed(), epoch);
         let rx = batches(
             train_set.clone(),
-            order,
-            config.batch,
-            Some(aug.clone()),
-            config.input_size,
-            config.augment_seed(),
-            epoch,
-            true,
-            2,
+            BatchPlan {
+                order,
+                batch: config.batch,
+                augment: Some(aug.clone()),
+                size: config.input_size,
+                seed: config.augment_seed(),
+                epoch,
+                drop_last: true,
+                prefetch: 2,
+            },
         );
         let mut sums = [0f64; 4];
         let mut consistency: Option<f64> = None;
@@ -367,14 +369,16 @@ pub fn predict_set(
     let order: Vec<usize> = (0..set.len()).collect();
     let rx = batches(
         set.clone(),
-        order,
-        config.batch.max(1),
-        None,
-        config.input_size,
-        config.seed,
-        0,
-        false,
-        2,
+        BatchPlan {
+            order,
+            batch: config.batch.max(1),
+            augment: None,
+            size: config.input_size,
+            seed: config.seed,
+            epoch: 0,
+            drop_last: false,
+            prefetch: 2,
+        },
     );
     let mut out = Vec::with_capacity(set.len());
     for batch in rx {

@@ -4,6 +4,9 @@
 //! feature sums) or one train-mode forward/backward (loss, running stats, gradients) within the
 //! case's own tolerances.
 
+// `!(x <= tol)` on purpose: a NaN must fail the comparison.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
 mod common;
 
 use std::collections::HashMap;

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use fer_model::data::augment::{erase_rect, sample_rng, train_transform, AugmentConfig};
-use fer_model::data::loader::{epoch_order, make_batch, Sampling};
+use fer_model::data::loader::{epoch_order, make_batch, BatchPlan, Sampling};
 use fer_model::data::synth::{ClassBalance, SynthConfig};
 use fer_model::data::{self, noise, DataSpec, Image, NoiseSpec, Split};
 
@@ -463,20 +463,21 @@ fn class_balanced_sampling_evens_out_the_classes() {
 fn loader_drops_the_last_short_batch_and_reports_errors() {
     let set = Arc::new(data::load(&DataSpec::Synthetic(synth(21)), Split::Train).unwrap());
     let order: Vec<usize> = (0..21).collect();
-    let rx = fer_model::data::loader::batches(
-        set.clone(),
-        order.clone(),
-        8,
-        Some(AugmentConfig::dan(32)),
-        32,
-        0,
-        0,
-        true,
-        2,
-    );
+    let plan = |augment: Option<AugmentConfig>, drop_last: bool| BatchPlan {
+        order: order.clone(),
+        batch: 8,
+        augment,
+        size: 32,
+        seed: 0,
+        epoch: 0,
+        drop_last,
+        prefetch: 2,
+    };
+    let rx =
+        fer_model::data::loader::batches(set.clone(), plan(Some(AugmentConfig::dan(32)), true));
     let sizes: Vec<usize> = rx.iter().map(|b| b.unwrap().len()).collect();
     assert_eq!(sizes, vec![8, 8]);
-    let rx = fer_model::data::loader::batches(set, order, 8, None, 32, 0, 0, false, 2);
+    let rx = fer_model::data::loader::batches(set, plan(None, false));
     let sizes: Vec<usize> = rx.iter().map(|b| b.unwrap().len()).collect();
     assert_eq!(sizes, vec![8, 8, 5]);
 }

@@ -105,9 +105,12 @@ fn gradcheck_f32(
     worst
 }
 
+/// One convolution case: (input height, input width, kernel, stride, padding).
+type ConvCase = (usize, usize, (usize, usize), (usize, usize), (usize, usize));
+
 /// The geometries of gradients.rs (every one DAN's backbones use) at sizes where the GEMM's
 /// edge panels and several depth blocks are exercised.
-const CONV_CASES: [(usize, usize, (usize, usize), (usize, usize), (usize, usize)); 8] = [
+const CONV_CASES: [ConvCase; 8] = [
     (19, 21, (7, 7), (2, 2), (3, 3)), // stem
     (7, 8, (3, 3), (2, 2), (1, 1)),   // stride 2, mixed parity
     (4, 5, (3, 3), (2, 2), (1, 1)),

@@ -138,7 +138,7 @@ fn batch_norm_train_mode_gradients_and_running_stats() {
         bn.bias.set(&beta).unwrap();
         // Gradient w.r.t. x through the module.
         let f = |t: &[Tensor]| project(&bn.forward(&t[0], true).unwrap(), 9);
-        let err = gradcheck(&[x.clone()], &f, 60);
+        let err = gradcheck(std::slice::from_ref(&x), &f, 60);
         assert!(err < TOL, "BN {dims:?} input gradient: {err:e}");
         // Running stats after exactly one train forward from (0, 1): 0.1*mean, 0.9 + 0.1*unbiased var.
         let mut store = ParamStore::new(&Device::Cpu, DType::F64, 0);

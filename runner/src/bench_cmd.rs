@@ -54,7 +54,10 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 /// (name, widths, blocks, input side, batch), as in the reference `bench_torch.py`, plus the
 /// embedded default and the thesis's GPU setting (224 px, batch 64; not run by default).
-const SETTINGS: [(&str, [usize; 4], [usize; 4], usize, usize); 5] = [
+/// A benchmark setting: name, ResNet widths, blocks, input side, batch.
+type Setting = (&'static str, [usize; 4], [usize; 4], usize, usize);
+
+const SETTINGS: [Setting; 5] = [
     ("r18_112_b16", [64, 128, 256, 512], [2, 2, 2, 2], 112, 16),
     ("r18_224_b16", [64, 128, 256, 512], [2, 2, 2, 2], 224, 16),
     ("r18_64_b64", [64, 128, 256, 512], [2, 2, 2, 2], 64, 64),

@@ -21,40 +21,45 @@ pub enum TrunkNames {
     DanFeatures,
 }
 
+/// torchvision's trunk modules and their index in DAN's `features` Sequential (relu and maxpool,
+/// 2 and 3, hold no tensors).
+const DAN_FEATURE_INDEX: [(&str, usize); 6] = [
+    ("conv1", 0),
+    ("bn1", 1),
+    ("layer1", 4),
+    ("layer2", 5),
+    ("layer3", 6),
+    ("layer4", 7),
+];
+
+fn dan_index(torchvision_module: &str) -> Option<usize> {
+    DAN_FEATURE_INDEX
+        .iter()
+        .find(|(m, _)| *m == torchvision_module)
+        .map(|&(_, i)| i)
+}
+
 impl TrunkNames {
     fn module(self, torchvision_name: &str) -> String {
         match self {
             TrunkNames::Torchvision => torchvision_name.to_string(),
-            TrunkNames::DanFeatures => {
-                let idx = match torchvision_name {
-                    "conv1" => "0",
-                    "bn1" => "1",
-                    "layer1" => "4",
-                    "layer2" => "5",
-                    "layer3" => "6",
-                    "layer4" => "7",
-                    other => unreachable!("no DAN index for trunk module {other}"),
-                };
-                format!("features.{idx}")
-            }
+            TrunkNames::DanFeatures => dan_module(torchvision_name).unwrap_or_else(|| {
+                unreachable!("no DAN index for trunk module {torchvision_name}")
+            }),
         }
     }
+}
+
+/// DAN's name of a trunk module: `features.N` for torchvision's `conv1`, `bn1`, `layer1`..`layer4`.
+pub fn dan_module(torchvision_module: &str) -> Option<String> {
+    Some(format!("features.{}", dan_index(torchvision_module)?))
 }
 
 /// DAN's `features.N` name of a torchvision trunk key (`layer2.0.conv1.weight` ->
 /// `features.5.0.conv1.weight`); None for keys outside the trunk.
 pub fn dan_name(key: &str) -> Option<String> {
     let (module, rest) = key.split_once('.')?;
-    let idx = match module {
-        "conv1" => "0",
-        "bn1" => "1",
-        "layer1" => "4",
-        "layer2" => "5",
-        "layer3" => "6",
-        "layer4" => "7",
-        _ => return None,
-    };
-    Some(format!("features.{idx}.{rest}"))
+    Some(format!("{}.{rest}", dan_module(module)?))
 }
 
 fn is_false(b: &bool) -> bool {

@@ -109,26 +109,40 @@ pub fn make_batch(
     })
 }
 
-/// Batches of `order` produced ahead on a background thread (at most `prefetch` waiting).
-/// With `drop_last`, a final short batch is dropped (training: BatchNorm1d needs B >= 2).
-pub fn batches(
-    set: Arc<DataSet>,
-    order: Vec<usize>,
-    batch: usize,
-    aug: Option<AugmentConfig>,
-    size: usize,
-    seed: u64,
-    epoch: usize,
-    drop_last: bool,
-    prefetch: usize,
-) -> Receiver<anyhow::Result<Batch>> {
-    let (tx, rx) = sync_channel(prefetch.max(1));
+/// How one pass over a data set is cut into batches.
+pub struct BatchPlan {
+    /// Sample indices in the order they are used.
+    pub order: Vec<usize>,
+    pub batch: usize,
+    /// The training augmentation; None for the eval transform.
+    pub augment: Option<AugmentConfig>,
+    /// Model input side.
+    pub size: usize,
+    /// Seed of the augmentation's draws (with the epoch and sample index).
+    pub seed: u64,
+    pub epoch: usize,
+    /// Drop a final short batch (training: BatchNorm1d needs B >= 2).
+    pub drop_last: bool,
+    /// Batches built ahead of the consumer (at least 1).
+    pub prefetch: usize,
+}
+
+/// The batches of `plan`, built on a background thread ahead of the consumer.
+pub fn batches(set: Arc<DataSet>, plan: BatchPlan) -> Receiver<anyhow::Result<Batch>> {
+    let (tx, rx) = sync_channel(plan.prefetch.max(1));
     std::thread::spawn(move || {
-        for chunk in order.chunks(batch.max(1)) {
-            if drop_last && chunk.len() < batch {
+        for chunk in plan.order.chunks(plan.batch.max(1)) {
+            if plan.drop_last && chunk.len() < plan.batch {
                 break;
             }
-            let b = make_batch(&set, chunk, aug.as_ref(), size, seed, epoch);
+            let b = make_batch(
+                &set,
+                chunk,
+                plan.augment.as_ref(),
+                plan.size,
+                plan.seed,
+                plan.epoch,
+            );
             let failed = b.is_err();
             if tx.send(b).is_err() || failed {
                 break; // receiver gone, or the error has been handed over

@@ -28,12 +28,15 @@ pub struct Moments {
     pub var: Vec<f64>,
 }
 
+/// Per channel: mean, 1/sqrt(var + eps), and the moments the running statistics use.
+type Saved = (Vec<f32>, Vec<f32>, Moments);
+
 struct FusedBatchNorm {
     stats: BatchStats,
     eps: f64,
     relu: bool,
     /// Mean and 1/sqrt(var + eps) per channel, filled by the forward, read by the backward.
-    saved: Arc<Mutex<(Vec<f32>, Vec<f32>, Moments)>>,
+    saved: Arc<Mutex<Saved>>,
 }
 
 /// (batch, channels, values per channel and sample) of a [B, C, ...] input.

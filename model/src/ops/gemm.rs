@@ -506,6 +506,7 @@ unsafe fn c_tile(
 ///
 /// # Safety
 /// `c` must be valid for `rows` rows of `cols` values at stride `ldc`.
+#[allow(clippy::too_many_arguments)] // the microkernel's operands, passed in registers
 unsafe fn micro_tile(
     kc: usize,
     a: &[f32],

@@ -1,4 +1,5 @@
-//! Differentiable ops that Candle lacks or gets wrong (see ARCHITECTURE.md, "Candle defects").
+//! Differentiable ops that Candle lacks or gets wrong (see ARCHITECTURE.md, Decisions: "Own ops
+//! instead of Candle's where Candle is wrong" and "Fast CPU kernels").
 
 /// `fn name(args) -> R` calling `body(args)` (an `#[inline(always)]` function) compiled for AVX2
 /// where the CPU has it: its element loops are then vectorised 8 wide instead of the 4 of

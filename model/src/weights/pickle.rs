@@ -203,7 +203,10 @@ impl<'a> Machine<'a> {
     }
 
     fn set_items(&mut self, items: Vec<Value>) -> Result<()> {
-        ensure!(items.len().is_multiple_of(2), "SETITEMS with an odd item count");
+        ensure!(
+            items.len().is_multiple_of(2),
+            "SETITEMS with an odd item count"
+        );
         let Value::Dict(d) = self.top()?.clone() else {
             bail!("SETITEM on {}, not a dict", self.top()?.describe());
         };

@@ -190,7 +190,9 @@ impl Report {
         let row_of = |l: &str| self.spec.rows.iter().position(|r| r.label == l);
         let col_of = |l: &str| self.columns.iter().position(|c| c.label == l);
         for c in &self.spec.contrasts {
-            let pairs: Vec<((usize, usize), (usize, usize), String)> = match (&c.rows, &c.columns) {
+            // (cell a, cell b, label) as ((row, column), (row, column), text).
+            type Pair = ((usize, usize), (usize, usize), String);
+            let pairs: Vec<Pair> = match (&c.rows, &c.columns) {
                 (Some([a, b]), _) => {
                     let (Some(ra), Some(rb)) = (row_of(a), row_of(b)) else {
                         continue;
@@ -473,7 +475,9 @@ pub async fn trial_confusion(
     .bind(key)
     .fetch_all(&store.pool)
     .await?;
-    let (mut best, mut names): (Option<(i64, Vec<Vec<u64>>)>, Option<Vec<String>>) = (None, None);
+    // The latest epoch's confusion matrix, and the class names.
+    type Confusion = (i64, Vec<Vec<u64>>);
+    let (mut best, mut names): (Option<Confusion>, Option<Vec<String>>) = (None, None);
     for r in rows {
         let kind: String = r.get(0);
         let payload: Option<String> = r.get(1);

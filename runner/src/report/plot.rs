@@ -102,13 +102,18 @@ fn padded_range(values: impl Iterator<Item = f64>, floor_zero: bool) -> (f64, f6
     )
 }
 
+/// A series of a line chart: its label and points (x, mean, std).
+pub type LinePoints = (String, Vec<(f64, f64, f64)>);
+/// A series of a bar chart: its label and, per group, Some((mean, std)) or None.
+pub type BarValues = (String, Vec<Option<(f64, f64)>>);
+
 /// Mean ± std at numeric x positions, one line per series.
 pub struct LineChart {
     pub title: String,
     pub x_label: String,
     pub y_label: String,
     /// (series label, points (x, mean, std)); std 0 draws no bar.
-    pub series: Vec<(String, Vec<(f64, f64, f64)>)>,
+    pub series: Vec<LinePoints>,
     /// Extra reference points drawn as hollow markers, e.g. the thesis's numbers.
     pub references: Vec<(String, Vec<(f64, f64)>)>,
 }
@@ -227,7 +232,7 @@ pub struct BarChart {
     pub y_label: String,
     pub groups: Vec<String>,
     /// (series label, per group: Some((mean, std)) or None for no bar).
-    pub series: Vec<(String, Vec<Option<(f64, f64)>>)>,
+    pub series: Vec<BarValues>,
     /// (label, per group and series: a reference value drawn as a cross on the bar's x).
     pub references: Vec<(String, Vec<Vec<Option<f64>>>)>,
 }
