@@ -436,12 +436,12 @@ fn zip3_in_place(
 #[inline(never)]
 fn zip3_chunk<F: Fn(&mut f32, f32, f32)>(a: &mut [f32], b: &[f32], c: &[f32], f: &F) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
+    if crate::ops::isa::avx2() {
         #[target_feature(enable = "avx2")]
         unsafe fn avx2<F: Fn(&mut f32, f32, f32)>(a: &mut [f32], b: &[f32], c: &[f32], f: &F) {
             zip3_body(a, b, c, f)
         }
-        // SAFETY: AVX2 is present.
+        // SAFETY: AVX2 is present (`isa::avx2` detected it).
         return unsafe { avx2(a, b, c, f) };
     }
     zip3_body(a, b, c, f)

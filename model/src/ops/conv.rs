@@ -375,7 +375,7 @@ fn pack_cols_t_body(
 fn transpose_block(block: &[f32], kc: usize, panel: &mut [f32]) {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx") {
+    if super::isa::avx() {
         done = kc / 8 * 8;
         let (block, panel) = (&block[..NR * ROWS_T_STRIDE], &mut panel[..NR * kc]);
         for p0 in (0..done).step_by(8) {

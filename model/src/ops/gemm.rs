@@ -372,9 +372,14 @@ thread_local! {
     static B_STRIP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// C's base pointer handed to the rayon tasks that write disjoint parts of it.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
+// SAFETY: the pointer is only dereferenced inside the GEMM's parallel loops, where every task
+// writes its own column strip (or its own split-K partial buffer) of a buffer that outlives the
+// loop: no two threads touch the same element, and nothing reads C until the loop has joined.
 unsafe impl Send for SendPtr {}
+// SAFETY: as for Send: shared references only copy the pointer; the writes through it are disjoint.
 unsafe impl Sync for SendPtr {}
 impl SendPtr {
     fn get(self) -> *mut f32 {
@@ -539,8 +544,9 @@ unsafe fn micro_tile(
 /// `c` must be valid for MR rows of NR values at stride `ldc`.
 unsafe fn kernel(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, add: bool) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        // SAFETY: the features are present; the panels hold kc * MR and kc * NR values.
+    if super::isa::avx2_fma() {
+        // SAFETY: the features are present (detected once by `isa`); the panels hold kc * MR
+        // and kc * NR values, and the caller guarantees `c`.
         return avx2::kernel(kc, a.as_ptr(), b.as_ptr(), c, ldc, add);
     }
     let mut acc = [0f32; MR * NR];
@@ -568,6 +574,11 @@ mod avx2 {
     use super::{MR, NR};
     use std::arch::x86_64::*;
 
+    /// The 6x16 AVX2 + FMA microkernel: twelve 8-lane accumulators over the kc-deep panels.
+    ///
+    /// # Safety
+    /// The CPU has AVX2 and FMA; `a` holds kc * MR and `b` kc * NR readable values; `c` is valid
+    /// for MR rows of NR values at stride `ldc`, written by no one else during the call.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn kernel(
         kc: usize,

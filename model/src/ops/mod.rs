@@ -1,6 +1,49 @@
 //! Differentiable ops that Candle lacks or gets wrong (see ARCHITECTURE.md, Decisions: "Own ops
 //! instead of Candle's where Candle is wrong" and "Fast CPU kernels").
 
+/// The instruction sets the kernels may use, detected once per process. `FER_ISA=baseline` turns
+/// them all off (the portable code paths), so the kernel tests can run at every level a machine
+/// has (CI runs them both ways).
+pub mod isa {
+    use std::sync::OnceLock;
+
+    fn baseline_asked() -> bool {
+        std::env::var("FER_ISA").is_ok_and(|v| v == "baseline")
+    }
+
+    macro_rules! level {
+        ($(#[$doc:meta])* $name:ident: $($feature:tt),+) => {
+            $(#[$doc])*
+            pub fn $name() -> bool {
+                static LEVEL: OnceLock<bool> = OnceLock::new();
+                *LEVEL.get_or_init(|| {
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        !baseline_asked() && $(std::is_x86_feature_detected!($feature))&&+
+                    }
+                    #[cfg(not(target_arch = "x86_64"))]
+                    {
+                        false
+                    }
+                })
+            }
+        };
+    }
+
+    level!(
+        /// 256-bit float shuffles (the GEMM's 8x8 transposes).
+        avx: "avx"
+    );
+    level!(
+        /// 8-lane integer and float loops (`avx2_dispatch!`, Adam's passes).
+        avx2: "avx2"
+    );
+    level!(
+        /// The GEMM's 6x16 fused multiply-add microkernel.
+        avx2_fma: "avx2", "fma"
+    );
+}
+
 /// `fn name(args) -> R` calling `body(args)` (an `#[inline(always)]` function) compiled for AVX2
 /// where the CPU has it: its element loops are then vectorised 8 wide instead of the 4 of
 /// x86-64's baseline SSE2 (same operations in the same order, same results).
@@ -10,12 +53,12 @@ macro_rules! avx2_dispatch {
         #[inline(never)]
         fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
-            if std::is_x86_feature_detected!("avx2") {
+            if $crate::ops::isa::avx2() {
                 #[target_feature(enable = "avx2")]
                 unsafe fn avx2($($arg: $ty),*) -> $ret {
                     $body($($arg),*)
                 }
-                // SAFETY: AVX2 is present.
+                // SAFETY: AVX2 is present (`isa::avx2` detected it).
                 return unsafe { avx2($($arg),*) };
             }
             $body($($arg),*)
