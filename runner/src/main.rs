@@ -78,7 +78,7 @@ enum Command {
 /// Candle's element-wise CPU ops (gradient sums, the heads' and losses' arithmetic) run on a
 /// pool of its own whose idle thread spins for ~25k rounds after every op, taking a core from
 /// the rayon threads that run our kernels: on 2 cores the training step was ~20% slower with it
-/// (ARCHITECTURE.md, "Fast CPU kernels"). One Candle thread makes those ops run inline on the
+/// (docs/cpu-kernels.md, "Threads"). One Candle thread makes those ops run inline on the
 /// calling rayon thread instead. A user's own CANDLE_NUM_THREADS is kept.
 fn single_threaded_candle_elementwise() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {

@@ -1,5 +1,6 @@
 //! Differentiable ops that Candle lacks or gets wrong (see ARCHITECTURE.md, Decisions: "Own ops
-//! instead of Candle's where Candle is wrong" and "Fast CPU kernels").
+//! instead of Candle's where Candle is wrong" and "Fast CPU kernels"; the kernels' design and
+//! measurements: docs/cpu-kernels.md).
 
 /// The instruction sets the kernels may use, detected once per process. `FER_ISA=baseline` turns
 /// them all off (the portable code paths), so the kernel tests can run at every level a machine
