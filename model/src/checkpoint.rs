@@ -178,7 +178,16 @@ pub fn load_pretrained_backbone(
         "{}",
         crate::weights::known::missing_message(path)
     );
-    let file = crate::weights::read_state_dict(path)?;
+    load_backbone_state(crate::weights::read_state_dict(path)?, path, backbone, net)
+}
+
+/// [`load_pretrained_backbone`] for a file already read (`path` names it in errors).
+pub fn load_backbone_state(
+    file: crate::weights::StateDict,
+    path: &Path,
+    backbone: &crate::backbone::BackboneConfig,
+    net: &DanEac,
+) -> anyhow::Result<()> {
     if file.container == crate::weights::Container::NumpyPickle {
         if let crate::backbone::BackboneConfig::ResNet(c) = backbone {
             anyhow::ensure!(

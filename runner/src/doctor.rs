@@ -120,6 +120,7 @@ fn check_pretrained(r: &mut Report, config: &RunConfig) {
         Ok(f) => f,
         Err(e) => return r.line(false, &what, format!("{e:#}")),
     };
+    let (origin, count) = (file.origin(), file.tensors.len());
     let dan = config.model.dan_config();
     let loaded = fer_model::DanEac::new(
         &dan,
@@ -128,25 +129,13 @@ fn check_pretrained(r: &mut Report, config: &RunConfig) {
         candle_core::DType::F32,
         0,
     )
-    .and_then(|net| fer_model::checkpoint::load_pretrained_backbone(path, &dan.backbone, &net));
-    let at = if file.found_at.is_empty() {
-        "the top-level dict".to_string()
-    } else {
-        format!("'{}'", file.found_at)
-    };
+    .and_then(|net| fer_model::checkpoint::load_backbone_state(file, path, &dan.backbone, &net));
     match loaded {
         Ok(()) => r.line(
             true,
             &what,
             format!(
-                "{}, state dict in {at}{}, {} tensors; fits {}",
-                file.container.describe(),
-                if file.stripped_module_prefix {
-                    " ('module.' prefixes removed)"
-                } else {
-                    ""
-                },
-                file.tensors.len(),
+                "{origin}, {count} tensors; fits {}",
                 dan.backbone.describe()
             ),
         ),

@@ -160,30 +160,18 @@ fn parity(dir: &std::path::Path, device: &str) -> anyhow::Result<()> {
 
 fn inspect(path: &std::path::Path) -> anyhow::Result<()> {
     use fer_model::checkpoint;
-    let ours =
-        path.extension().is_some_and(|e| e == "safetensors") && checkpoint::read_meta(path).is_ok();
-    let tensors = if !ours {
-        let file = fer_model::weights::read_state_dict(path)?;
-        println!(
-            "{}: {}, state dict in {}{}",
-            path.display(),
-            file.container.describe(),
-            if file.found_at.is_empty() {
-                "the top-level dict".to_string()
-            } else {
-                format!("'{}'", file.found_at)
-            },
-            if file.stripped_module_prefix {
-                " ('module.' prefixes removed)"
-            } else {
-                ""
-            }
-        );
-        file.tensors
-    } else {
-        let meta = checkpoint::read_meta(path)?;
+    // Our checkpoint carries its metadata; anything else is a weights file of some format.
+    let ours = match path.extension().is_some_and(|e| e == "safetensors") {
+        true => checkpoint::read_meta(path).ok(),
+        false => None,
+    };
+    let tensors = if let Some(meta) = ours {
         println!("{}", serde_json::to_string_pretty(&meta)?);
         checkpoint::read_safetensors(path)?
+    } else {
+        let file = fer_model::weights::read_state_dict(path)?;
+        println!("{}: {}", path.display(), file.origin());
+        file.tensors
     };
     let mut names: Vec<_> = tensors
         .iter()

@@ -55,6 +55,27 @@ pub struct StateDict {
     pub stripped_module_prefix: bool,
 }
 
+impl StateDict {
+    /// Where the tensors came from, e.g. "PyTorch zip checkpoint, state dict in 'state_dict'
+    /// ('module.' prefixes removed)".
+    pub fn origin(&self) -> String {
+        format!(
+            "{}, state dict in {}{}",
+            self.container.describe(),
+            if self.found_at.is_empty() {
+                "the top-level dict".to_string()
+            } else {
+                format!("'{}'", self.found_at)
+            },
+            if self.stripped_module_prefix {
+                " ('module.' prefixes removed)"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
 const ZIP_MAGIC: &[u8] = b"PK\x03\x04";
 /// PyTorch's legacy magic number 0x1950a86a20f9469cfc6c, pickled as LONG1 after PROTO 2.
 const LEGACY_MAGIC: &[u8] = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19";
@@ -149,7 +170,11 @@ fn find_state_dict(root: &Value) -> Result<(Items, String)> {
     let Value::Dict(d) = root else {
         bail!("the file holds {}, not a dict", root.describe());
     };
-    if !d.borrow().is_empty() && d.borrow().iter().all(|(_, v)| is_array(v)) {
+    let holds_tensors = |items: &Items| {
+        let items = items.borrow();
+        !items.is_empty() && items.iter().all(|(_, v)| is_array(v))
+    };
+    if holds_tensors(d) {
         return Ok((d.clone(), String::new()));
     }
     for key in NESTED_KEYS {
@@ -159,7 +184,7 @@ fn find_state_dict(root: &Value) -> Result<(Items, String)> {
             .find(|(k, _)| k.text().as_deref() == Some(key))
             .map(|(_, v)| v.clone());
         if let Some(Value::Dict(inner)) = found {
-            if inner.borrow().iter().all(|(_, v)| is_array(v)) && !inner.borrow().is_empty() {
+            if holds_tensors(&inner) {
                 return Ok((inner, key.to_string()));
             }
         }
@@ -200,15 +225,15 @@ fn is_array(v: &Value) -> bool {
 }
 
 /// Where the bytes of PyTorch storages are.
-enum Storages {
+enum Storages<'a> {
     None,
     /// Zip entries `<prefix>data/<key>`, read.
     Zip(HashMap<String, Vec<u8>>),
-    /// Legacy: each storage's bytes inside the file.
-    Legacy(HashMap<String, (usize, usize)>, Vec<u8>),
+    /// Legacy: each storage's (start, length) inside the file's bytes.
+    Legacy(HashMap<String, (usize, usize)>, &'a [u8]),
 }
 
-impl Storages {
+impl Storages<'_> {
     fn bytes(&self, key: &str) -> Result<&[u8]> {
         match self {
             Storages::None => bail!("a torch storage in a file without storages"),
@@ -226,7 +251,7 @@ impl Storages {
     }
 }
 
-fn read_torch_zip(data: &[u8]) -> Result<(Value, Storages)> {
+fn read_torch_zip(data: &[u8]) -> Result<(Value, Storages<'static>)> {
     let mut zip = zip::ZipArchive::new(std::io::Cursor::new(data)).context("not a zip archive")?;
     let names: Vec<String> = zip
         .file_names()
@@ -266,7 +291,7 @@ fn read_torch_zip(data: &[u8]) -> Result<(Value, Storages)> {
 /// PyTorch's legacy format: pickles of the magic number, protocol version and system info, the
 /// object (storages as persistent ids), the list of storage keys, then each storage as an
 /// 8-byte element count followed by its bytes.
-fn read_torch_legacy(data: &[u8]) -> Result<(Value, Storages)> {
+fn read_torch_legacy(data: &[u8]) -> Result<(Value, Storages<'_>)> {
     let mut pos = 0;
     for what in ["magic number", "protocol version", "system info"] {
         pickle::load(data, &mut pos).with_context(|| format!("legacy header: {what}"))?;
@@ -295,7 +320,7 @@ fn read_torch_legacy(data: &[u8]) -> Result<(Value, Storages)> {
         at.insert(key, (pos, len));
         pos += len;
     }
-    Ok((root, Storages::Legacy(at, data.to_vec())))
+    Ok((root, Storages::Legacy(at, data)))
 }
 
 /// Storage key -> element size, from every persistent id in `v` (a state dict nests a few
@@ -396,7 +421,11 @@ fn to_tensor(v: &Value, storages: &Storages) -> Result<Tensor> {
             bail!("{name}: the storage is not a persistent id");
         };
         let (view, key, dtype) = storage_id(id)?.context("unknown persistent id")?;
-        let offset = view + args[1].as_int().context("storage offset")? as usize;
+        let offset = match args[1].as_int() {
+            Some(o) if o >= 0 => view.checked_add(o as usize),
+            _ => None,
+        }
+        .with_context(|| format!("storage offset {} is not a size", args[1].describe()))?;
         let shape = sizes(&args[2], "size")?;
         let stride = sizes(&args[3], "stride")?;
         return strided(storages.bytes(&key)?, dtype, offset, &shape, &stride);
@@ -584,7 +613,7 @@ fn strided(
         shape
             .iter()
             .zip(stride)
-            .try_fold(offset + 1, |acc, (&d, &s)| {
+            .try_fold(offset.checked_add(1).ok_or_else(past)?, |acc, (&d, &s)| {
                 (d - 1).checked_mul(s).and_then(|x| acc.checked_add(x))
             })
     }
@@ -597,5 +626,15 @@ fn strided(
         storage.len()
     );
     let values = decode(&storage[offset * size..end * size], dtype, false);
+    // Row-major strides (the usual case): the decoded span is the tensor, in order.
+    let mut expect = 1;
+    let row_major = shape.iter().zip(stride).rev().all(|(&d, &s)| {
+        let ok = d == 1 || s == expect;
+        expect *= d;
+        ok
+    });
+    if row_major && values.len() == n {
+        return make_tensor(values, dtype, shape);
+    }
     make_tensor(gather(&values, 0, shape, stride), dtype, shape)
 }
