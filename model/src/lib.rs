@@ -11,6 +11,7 @@ pub mod config;
 pub mod dan;
 pub mod data;
 pub mod device;
+pub mod events;
 pub mod layers;
 pub mod loss;
 pub mod network;

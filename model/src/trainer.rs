@@ -7,50 +7,16 @@ use std::time::Instant;
 
 use anyhow::Context;
 use candle_core::DType;
-use serde::{Deserialize, Serialize};
 
 use crate::config::RunConfig;
 use crate::data::loader::{batches, epoch_order, BatchPlan};
-use crate::data::noise::{memorisation, Memorisation};
+use crate::data::noise::memorisation;
 use crate::data::{self, DataSet, Split};
 use crate::network::DanEac;
 use crate::train::{self, Confusion, EvalReport};
 use crate::{checkpoint, device};
 
-/// Everything measured in one epoch.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EpochMetrics {
-    pub epoch: usize,
-    pub lr: f64,
-    pub loss_total: f64,
-    pub loss_ce: f64,
-    pub loss_affinity: f64,
-    pub loss_partition: f64,
-    pub loss_consistency: Option<f64>,
-    /// Train-mode accuracy against the (possibly noisy) training labels.
-    pub train_accuracy: f64,
-    pub test_accuracy: f64,
-    pub test_balanced_accuracy: f64,
-    /// Eval-mode accuracy on the validation split against its (possibly noisy) labels; only
-    /// with `validation`.
-    #[serde(default)]
-    pub val_accuracy: Option<f64>,
-    /// Only with label noise: after the epoch, in eval mode on the un-augmented training set,
-    /// of the flipped training samples the share predicted as the noisy label (memorised) and
-    /// as the clean one.
-    pub memorisation: Option<Memorisation>,
-    /// The same shares from the train-mode predictions made during the epoch (a moving model
-    /// on augmented inputs, the dropped last batch excluded): a running figure only.
-    #[serde(default)]
-    pub memorisation_running: Option<Memorisation>,
-    pub train_seconds: f64,
-    pub eval_seconds: f64,
-    pub train_img_per_s: f64,
-    pub confusion: Vec<Vec<u64>>,
-    /// True when re-reported on resume from the checkpoint's history (not trained again).
-    #[serde(default)]
-    pub replayed: bool,
-}
+pub use crate::events::{EpochMetrics, Event, LossMeans};
 
 /// The failures the runner must tell apart, because it treats them differently (retry or not,
 /// stop the sweep or not). Anything unclassified is a crash.
@@ -112,32 +78,6 @@ pub fn classify_io(e: anyhow::Error) -> anyhow::Error {
     } else {
         e
     }
-}
-
-/// Progress reported while a run trains.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum Event {
-    Started {
-        epochs: usize,
-        start_epoch: usize,
-        steps_per_epoch: usize,
-        train_samples: usize,
-        test_samples: usize,
-        skipped_samples: usize,
-        /// Class names in label order (the confusion matrix's rows and columns).
-        class_names: Vec<String>,
-    },
-    Step {
-        epoch: usize,
-        step: usize,
-        steps: usize,
-        loss: f64,
-    },
-    Epoch(EpochMetrics),
-    Finished {
-        epochs: usize,
-    },
 }
 
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -212,7 +152,12 @@ pub fn run(
     let mut history: Vec<EpochMetrics> = Vec::new();
     let start_epoch = if ckpt.is_file() {
         let meta = checkpoint::restore(&ckpt, &net, Some(&mut opt))?;
-        history = serde_json::from_value(meta.extra["history"].clone()).unwrap_or_default();
+        history = serde_json::from_value(meta.extra["history"].clone()).with_context(|| {
+            format!(
+                "{}: the metrics history in its metadata does not parse",
+                ckpt.display()
+            )
+        })?;
         meta.epoch
     } else {
         0
@@ -251,8 +196,7 @@ pub fn run(
                 prefetch: 2,
             },
         );
-        let mut sums = [0f64; 4];
-        let mut consistency: Option<f64> = None;
+        let mut loss_sums = LossMeans::default();
         let (mut correct, mut seen) = (0usize, 0usize);
         let (mut clean, mut noisy, mut predicted) = (Vec::new(), Vec::new(), Vec::new());
         for (step, batch) in rx.into_iter().enumerate() {
@@ -269,15 +213,7 @@ pub fn run(
             let weights = config.losses.at_step(epoch, step, steps);
             let l = train::train_step(&net.dan, &net.centers, &mut opt, &x, &y, weights)
                 .with_context(|| format!("epoch {} step {}", epoch + 1, step + 1))?;
-            for (acc, v) in sums
-                .iter_mut()
-                .zip([l.total, l.ce, l.affinity, l.partition])
-            {
-                *acc += v;
-            }
-            if let Some(c) = l.consistency {
-                *consistency.get_or_insert(0.0) += c;
-            }
+            loss_sums.add(&l);
             correct += l.correct;
             seen += l.batch;
             clean.extend_from_slice(&batch.clean_labels);
@@ -309,11 +245,7 @@ pub fn run(
         let metrics = EpochMetrics {
             epoch: epoch + 1,
             lr: opt.lr,
-            loss_total: sums[0] / n,
-            loss_ce: sums[1] / n,
-            loss_affinity: sums[2] / n,
-            loss_partition: sums[3] / n,
-            loss_consistency: consistency.map(|c| c / n),
+            loss: loss_sums.scaled(1.0 / n),
             train_accuracy: correct as f64 / seen.max(1) as f64,
             test_accuracy: eval.accuracy,
             test_balanced_accuracy: eval.balanced_accuracy,

@@ -260,7 +260,7 @@ fn training_starts_from_each_format_and_the_file_decides_layout_and_transform_in
         let mut epochs = 0;
         fer_model::trainer::run(&config, &out, &mut |e| {
             if let fer_model::trainer::Event::Epoch(m) = e {
-                assert!(m.loss_total.is_finite(), "{name}: loss {}", m.loss_total);
+                assert!(m.loss.total.is_finite(), "{name}: loss {}", m.loss.total);
                 epochs += 1;
             }
             Ok(())

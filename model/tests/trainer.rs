@@ -66,7 +66,7 @@ fn resumed_run_is_identical_to_an_uninterrupted_one() {
     assert!(m.flipped > 0);
     assert!(straight
         .iter()
-        .all(|e| e.loss_total.is_finite() && e.loss_consistency.is_some()));
+        .all(|e| e.loss.total.is_finite() && e.loss.consistency.is_some()));
     assert_eq!(straight[1].confusion.iter().flatten().sum::<u64>(), 14);
 
     let d = dir("resumed");
@@ -79,11 +79,11 @@ fn resumed_run_is_identical_to_an_uninterrupted_one() {
     // Epoch 1 is re-reported from the checkpoint's history (marked replayed), then epoch 2 trains.
     assert_eq!(b.len(), 2);
     assert!(b[0].replayed && !b[1].replayed);
-    assert_eq!(b[0].loss_total, a[0].loss_total);
+    assert_eq!(b[0].loss.total, a[0].loss.total);
     let (x, y) = (&straight[1], &b[1]);
     assert_eq!(
-        (x.loss_total, x.test_accuracy, x.train_accuracy),
-        (y.loss_total, y.test_accuracy, y.train_accuracy)
+        (x.loss.total, x.test_accuracy, x.train_accuracy),
+        (y.loss.total, y.test_accuracy, y.train_accuracy)
     );
     // A finished run started again trains nothing.
     let (c, start) = run(&config, &d);
@@ -202,7 +202,7 @@ fn seed_streams_hold_each_random_stream_fixed() {
     base.epochs = 1;
     let losses = |c: &RunConfig, tag: &str| {
         let (m, _) = run(c, &dir(tag));
-        (m[0].loss_total, m[0].test_accuracy, m[0].train_accuracy)
+        (m[0].loss.total, m[0].test_accuracy, m[0].train_accuracy)
     };
     let a = losses(&base, "streams-a");
     // Another run seed with every stream pinned to the first seed: the same run, bit for bit.

@@ -1,79 +1,13 @@
-//! `fer`: the command-line front end of the workspace.
+//! `fer`: sets up the process (allocator, threads, signals) and runs the command line of the
+//! `fer_runner` library.
 
-mod bench_cmd;
-mod data_cmd;
-mod doctor;
-#[cfg(test)]
-mod fuzz_tests;
-mod predict_cmd;
-mod preflight;
-mod report;
-mod scheduler;
-mod stats;
-mod store;
-mod sweep;
-mod sweep_cmd;
-mod train_cmd;
-mod yaml;
-
-use std::path::PathBuf;
-
-use clap::{Parser, Subcommand};
-use fer_model::trainer::FailureClass;
+use clap::Parser;
+use fer_runner::Cli;
 
 // Training allocates and frees large tensors every op; mimalloc reuses them instead of
 // returning pages to the OS (measured: much less system time than glibc malloc).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-#[derive(Parser)]
-#[command(
-    name = "fer",
-    version,
-    about = "DAN + EAC facial-expression ablations in Rust"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Train one model from a run config (default: the embedded synthetic setup).
-    Train(train_cmd::TrainArgs),
-    /// Data sets: render the synthetic faces to disk.
-    #[command(subcommand)]
-    Data(data_cmd::DataCommand),
-    /// Expand a sweep file into trials and run the missing ones, recording everything in SQLite.
-    Sweep(sweep_cmd::SweepArgs),
-    /// List the trials in the results database.
-    Runs(sweep_cmd::RunsArgs),
-    /// Classify the expression of faces in photos with a checkpoint (ours or an official DAN .pth).
-    Predict(predict_cmd::PredictArgs),
-    /// Regenerate a table / figure of the thesis from the database (reports/NAME.md, .csv, .png, .svg).
-    Report(report::ReportArgs),
-    /// Check a sweep's setup without training: data layout and class counts against the
-    /// published ones, pretrained files present and fitting, devices, input sizes.
-    Doctor(doctor::DoctorArgs),
-    /// Run the PyTorch parity fixtures (every case folder in DIR) on a device and check them with
-    /// the reference's tolerance rules: eval outputs, losses, gradients, one Adam step.
-    Parity {
-        /// Folder of case folders.
-        #[arg(default_value = "fixtures")]
-        dir: PathBuf,
-        /// cpu, cuda or cuda:N (a `--features cuda` build).
-        #[arg(long, default_value = "cpu")]
-        device: String,
-    },
-    /// Throughput benchmarks (JSON lines).
-    Bench(bench_cmd::BenchArgs),
-    /// Print what a checkpoint or weights file holds: ours, an official DAN `.pth`, or any
-    /// pretrained format `model.pretrained` reads.
-    Inspect {
-        /// Checkpoint file.
-        path: PathBuf,
-    },
-}
 
 /// Candle's element-wise CPU ops (gradient sums, the heads' and losses' arithmetic) run on a
 /// pool of its own whose idle thread spins for ~25k rounds after every op, taking a core from
@@ -100,95 +34,8 @@ fn main() {
     // SAFETY: restoring the default disposition of one signal at start-up.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Train(args) => train_cmd::run(args),
-        Command::Inspect { path } => inspect(&path),
-        Command::Data(cmd) => data_cmd::run(cmd),
-        Command::Bench(args) => bench_cmd::run(args),
-        Command::Doctor(args) => doctor::run(args),
-        Command::Parity { dir, device } => parity(&dir, &device),
-        Command::Sweep(args) => runtime().and_then(|rt| rt.block_on(sweep_cmd::sweep(args))),
-        Command::Predict(args) => predict_cmd::run(args),
-        Command::Report(args) => runtime().and_then(|rt| rt.block_on(report::run(args))),
-        Command::Runs(args) => runtime().and_then(|rt| rt.block_on(sweep_cmd::runs(args))),
-    };
-    if let Err(err) = result {
+    if let Err(err) = fer_runner::run(cli.command) {
         eprintln!("error: {err:#}");
-        // The exit status tells the runner the failure's class (see scheduler::EXIT_*).
-        let code = match fer_model::trainer::failure_class(&err) {
-            Some(FailureClass::Setup) => scheduler::EXIT_CONFIG_ERROR,
-            Some(FailureClass::Data) => scheduler::EXIT_DATA_ERROR,
-            Some(FailureClass::Divergence) => scheduler::EXIT_DIVERGED,
-            Some(FailureClass::Resource) => scheduler::EXIT_RESOURCE,
-            None => 1,
-        };
-        std::process::exit(code);
+        std::process::exit(fer_runner::exit_code(&err));
     }
-}
-
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?)
-}
-
-fn parity(dir: &std::path::Path, device: &str) -> anyhow::Result<()> {
-    let dev = fer_model::device::select(device)?;
-    let cases = fer_model::parity::cases_in(dir)?;
-    anyhow::ensure!(
-        !cases.is_empty(),
-        "{}: no parity case folders",
-        dir.display()
-    );
-    let mut failed = 0;
-    for case in &cases {
-        let (total, fails) = fer_model::parity::check_case(case, &dev)?;
-        println!(
-            "{} on {device}: {}/{total} tensors within tolerance",
-            case.display(),
-            total - fails.len()
-        );
-        for (k, m) in &fails {
-            println!("  FAIL {k}: {m}");
-        }
-        failed += fails.len();
-    }
-    anyhow::ensure!(failed == 0, "{failed} tensor(s) out of tolerance");
-    Ok(())
-}
-
-fn inspect(path: &std::path::Path) -> anyhow::Result<()> {
-    use fer_model::checkpoint;
-    // Our checkpoint carries its metadata; anything else is a weights file of some format.
-    let ours = match path.extension().is_some_and(|e| e == "safetensors") {
-        true => checkpoint::read_meta(path).ok(),
-        false => None,
-    };
-    let tensors = if let Some(meta) = ours {
-        println!("{}", serde_json::to_string_pretty(&meta)?);
-        checkpoint::read_safetensors(path)?
-    } else {
-        let file = fer_model::weights::read_state_dict(path)?;
-        println!("{}: {}", path.display(), file.origin());
-        file.tensors
-    };
-    let mut names: Vec<_> = tensors
-        .iter()
-        .map(|(k, t)| (k.clone(), t.dims().to_vec(), t.dtype()))
-        .collect();
-    names.sort_by(|a, b| a.0.cmp(&b.0));
-    let params: usize = tensors
-        .iter()
-        .filter(|(k, _)| !k.starts_with("optim."))
-        .map(|(_, t)| t.elem_count())
-        .sum();
-    for (k, dims, dtype) in &names {
-        println!("{k}\t{dims:?}\t{dtype:?}");
-    }
-    println!(
-        "{} tensors, {params} values (optimizer state excluded)",
-        names.len()
-    );
-    Ok(())
 }

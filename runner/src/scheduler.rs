@@ -11,6 +11,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::sync::{watch, Mutex};
 
+use fer_model::events::{Event, EventLine};
+
 use crate::store::{AttemptEnd, Store, TrialState};
 use crate::sweep::{Sweep, Trial};
 
@@ -100,12 +102,7 @@ impl Action {
 /// A trial's action. Setup (`config`) failures never use up retries: the next run tries again
 /// (and fails fast while the setup is still wrong). `retry_failed` re-arms trials whose retries
 /// are used up.
-pub fn plan(
-    state: &TrialState,
-    interrupted: bool,
-    max_attempts: usize,
-    retry_failed: bool,
-) -> Action {
+pub fn plan(state: &TrialState, max_attempts: usize, retry_failed: bool) -> Action {
     if state.completed {
         Action::SkipDone
     } else if state.running {
@@ -116,7 +113,7 @@ pub fn plan(
         } else {
             Action::Retry
         }
-    } else if interrupted {
+    } else if state.interrupted {
         Action::Resume
     } else {
         Action::Run
@@ -155,23 +152,67 @@ pub async fn plan_all(
     let mut out = Vec::new();
     for t in &sweep.trials {
         let state = store.trial_state(&t.key).await?;
-        let interrupted: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM attempts WHERE trial_key = ? AND status = 'interrupted'",
-        )
-        .bind(&t.key)
-        .fetch_one(&store.pool)
-        .await?;
-        out.push((
-            t.clone(),
-            plan(
-                &state,
-                interrupted > 0,
-                sweep.spec.retry.max_attempts,
-                retry_failed,
-            ),
-        ));
+        let action = plan(&state, sweep.spec.retry.max_attempts, retry_failed);
+        out.push((t.clone(), action));
     }
     Ok(out)
+}
+
+/// Trials of this run of the sweep, by where they are (the overall bar's message).
+#[derive(Debug, Default)]
+struct Counts {
+    done: usize,
+    failed: usize,
+    running: usize,
+}
+
+impl Counts {
+    fn message(&self) -> String {
+        format!(
+            "done {} running {} failed {}",
+            self.done, self.running, self.failed
+        )
+    }
+}
+
+/// What every trial task of one sweep run shares.
+struct Shared {
+    store: Store,
+    opts: Options,
+    /// Slots not in use; `slot_ready` has one permit per entry.
+    free: Mutex<Vec<Slot>>,
+    slot_ready: tokio::sync::Semaphore,
+    /// Set once to stop the sweep (Ctrl-C, SIGTERM, a store or disk failure).
+    cancel: watch::Sender<bool>,
+    /// The first reason the sweep was stopped by a failure, for the exit status.
+    store_error: Mutex<Option<String>>,
+    counts: Mutex<Counts>,
+    bars: MultiProgress,
+    overall: ProgressBar,
+    threads_per_trial: usize,
+    max_attempts: usize,
+}
+
+impl Shared {
+    fn cancelled(&self) -> bool {
+        *self.cancel.borrow()
+    }
+
+    /// Stop the whole sweep because of `msg` (printed and kept once: the first reason wins).
+    async fn stop_for(&self, msg: String, printed: String) {
+        let mut first = self.store_error.lock().await;
+        if first.is_none() {
+            self.overall.suspend(|| eprintln!("{printed}"));
+            *first = Some(msg);
+        }
+        let _ = self.cancel.send_replace(true);
+    }
+
+    async fn count(&self, change: impl FnOnce(&mut Counts)) {
+        let mut c = self.counts.lock().await;
+        change(&mut c);
+        self.overall.set_message(c.message());
+    }
 }
 
 pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<Outcome> {
@@ -196,124 +237,28 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
             .progress_chars("=> "),
     );
     overall.set_prefix(sweep.name.clone());
-    let free = Arc::new(Mutex::new(opts.slots.clone()));
-    let slot_ready = Arc::new(tokio::sync::Semaphore::new(opts.slots.len()));
-    let (cancel_tx, cancel_rx) = watch::channel(false);
-    let cancel_tx = Arc::new(cancel_tx);
-    let store_error: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
-    let counts = Arc::new(Mutex::new((0usize, 0usize, 0usize))); // done, failed, running
-    let threads = sweep.spec.resources.threads_per_trial;
-    let max_attempts = sweep.spec.retry.max_attempts;
-    let opts = Arc::new(opts);
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        free: Mutex::new(opts.slots.clone()),
+        slot_ready: tokio::sync::Semaphore::new(opts.slots.len()),
+        cancel: watch::channel(false).0,
+        store_error: Mutex::new(None),
+        counts: Mutex::new(Counts::default()),
+        bars,
+        overall,
+        threads_per_trial: sweep.spec.resources.threads_per_trial,
+        max_attempts: sweep.spec.retry.max_attempts,
+        opts,
+    });
 
     let mut tasks = tokio::task::JoinSet::new();
     for trial in todo {
-        let (store, free, slot_ready, cancel, counts, bars, overall, opts) = (
-            store.clone(),
-            free.clone(),
-            slot_ready.clone(),
-            cancel_rx.clone(),
-            counts.clone(),
-            bars.clone(),
-            overall.clone(),
-            opts.clone(),
-        );
-        let (stop, store_error) = (cancel_tx.clone(), store_error.clone());
-        let run_dir = opts.runs_dir.join(&sweep.name).join(&trial.key[..16]);
-        tasks.spawn(async move {
-            let mut result = TrialEnd::Failed;
-            for _ in 0..max_attempts {
-                if *cancel.borrow() {
-                    return TrialEnd::Interrupted;
-                }
-                let _permit = slot_ready.acquire().await.expect("semaphore");
-                // A trial that waited for a slot while the sweep was stopped never starts.
-                if *cancel.borrow() {
-                    return TrialEnd::Interrupted;
-                }
-                let slot = free.lock().await.pop().expect("a free slot per permit");
-                {
-                    let mut c = counts.lock().await;
-                    c.2 += 1;
-                    overall.set_message(format!("done {} running {} failed {}", c.0, c.2, c.1));
-                }
-                let end = run_attempt(
-                    &store,
-                    &trial,
-                    &slot,
-                    &run_dir,
-                    threads,
-                    &opts,
-                    cancel.clone(),
-                    &bars,
-                )
-                .await;
-                free.lock().await.push(slot);
-                let end = match end {
-                    Ok(TrialEnd::Resource) => {
-                        let mut first = store_error.lock().await;
-                        if first.is_none() {
-                            let msg = format!(
-                                "trial {} could not write to its run directory {}: no space left (disk or quota full)",
-                                &trial.key[..16],
-                                run_dir.display()
-                            );
-                            overall.suspend(|| {
-                                eprintln!("error: {msg}; stopping the sweep: free space, then run it again (no retry was used)")
-                            });
-                            *first = Some(msg);
-                        }
-                        let _ = stop.send(true);
-                        TrialEnd::Resource
-                    }
-                    Ok(end) => end,
-                    Err(e) => {
-                        // The store cannot be written (disk or database full, I/O error): every
-                        // further result would be lost, so the whole sweep stops, loudly.
-                        tracing::error!(trial = %trial.key, "runner error: {e:#}");
-                        let msg = format!("{e:#}");
-                        let mut first = store_error.lock().await;
-                        if first.is_none() {
-                            overall.suspend(|| {
-                                eprintln!(
-                                    "error: writing the results store {} failed: {msg}; stopping the sweep (running trials resume from their checkpoints next time)",
-                                    opts.db.display()
-                                )
-                            });
-                            *first = Some(format!(
-                                "the results store {} could not be written: {msg}",
-                                opts.db.display()
-                            ));
-                        }
-                        let _ = stop.send(true);
-                        TrialEnd::Interrupted
-                    }
-                };
-                {
-                    let mut c = counts.lock().await;
-                    c.2 -= 1;
-                    match end {
-                        TrialEnd::Completed => c.0 += 1,
-                        TrialEnd::Failed | TrialEnd::NotRetried => c.1 += 1,
-                        _ => {}
-                    }
-                    overall.set_message(format!("done {} running {} failed {}", c.0, c.2, c.1));
-                }
-                result = end;
-                // Retry only crashes and signals.
-                if !matches!(end, TrialEnd::Failed) {
-                    break;
-                }
-                // Within one run the loop gives at most max_attempts tries; across runs the
-                // store's count of failed runs does (unless re-armed with --retry-failed).
-                let state = store.trial_state(&trial.key).await.unwrap_or_default();
-                if state.failed_runs >= max_attempts && !opts.retry_failed {
-                    break;
-                }
-            }
-            overall.inc(1);
-            result
-        });
+        let run_dir = shared
+            .opts
+            .runs_dir
+            .join(&sweep.name)
+            .join(&trial.key[..16]);
+        tasks.spawn(run_trial(shared.clone(), trial, run_dir));
     }
     // SIGTERM (kill, systemd, Slurm) stops the sweep the way Ctrl-C does.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -325,24 +270,98 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
                     Some(Ok(TrialEnd::Completed)) => outcome.completed += 1,
                     Some(Ok(TrialEnd::Busy)) => outcome.skipped += 1,
                     Some(Ok(TrialEnd::Interrupted)) => outcome.interrupted = true,
-                    Some(Ok(TrialEnd::Resource)) => outcome.failed += 1,
                     Some(Ok(_)) => outcome.failed += 1,
                     Some(Err(e)) => return Err(e.into()),
                 }
             }
-            _ = tokio::signal::ctrl_c(), if !*cancel_tx.borrow() => {
+            _ = tokio::signal::ctrl_c(), if !shared.cancelled() => {
                 eprintln!("\ninterrupted: stopping running trials (they resume from their checkpoints next time)");
-                let _ = cancel_tx.send(true);
+                let _ = shared.cancel.send_replace(true);
             }
-            _ = sigterm.recv(), if !*cancel_tx.borrow() => {
+            _ = sigterm.recv(), if !shared.cancelled() => {
                 eprintln!("\nterminated (SIGTERM): stopping running trials (they resume from their checkpoints next time)");
-                let _ = cancel_tx.send(true);
+                let _ = shared.cancel.send_replace(true);
             }
         }
     }
-    overall.finish_and_clear();
-    outcome.store_error = store_error.lock().await.clone();
+    shared.overall.finish_and_clear();
+    outcome.store_error = shared.store_error.lock().await.clone();
     Ok(outcome)
+}
+
+/// One trial of the sweep: attempts on free slots until it completes, fails in a way a retry
+/// cannot fix, uses up its attempts, or the sweep stops.
+async fn run_trial(shared: Arc<Shared>, trial: Trial, run_dir: PathBuf) -> TrialEnd {
+    let mut result = TrialEnd::Failed;
+    for _ in 0..shared.max_attempts {
+        if shared.cancelled() {
+            return TrialEnd::Interrupted;
+        }
+        let _permit = shared.slot_ready.acquire().await.expect("semaphore");
+        // A trial that waited for a slot while the sweep was stopped never starts.
+        if shared.cancelled() {
+            return TrialEnd::Interrupted;
+        }
+        let slot = shared
+            .free
+            .lock()
+            .await
+            .pop()
+            .expect("a free slot per permit");
+        shared.count(|c| c.running += 1).await;
+        let end = run_attempt(&shared, &trial, &slot, &run_dir).await;
+        shared.free.lock().await.push(slot);
+        let end = match end {
+            Ok(TrialEnd::Resource) => {
+                let msg = format!(
+                    "trial {} could not write to its run directory {}: no space left (disk or quota full)",
+                    &trial.key[..16],
+                    run_dir.display()
+                );
+                let printed = format!("error: {msg}; stopping the sweep: free space, then run it again (no retry was used)");
+                shared.stop_for(msg, printed).await;
+                TrialEnd::Resource
+            }
+            Ok(end) => end,
+            Err(e) => {
+                // The store cannot be written (disk or database full, I/O error): every
+                // further result would be lost, so the whole sweep stops, loudly.
+                tracing::error!(trial = %trial.key, "runner error: {e:#}");
+                let db = shared.opts.db.display();
+                let printed = format!("error: writing the results store {db} failed: {e:#}; stopping the sweep (running trials resume from their checkpoints next time)");
+                let msg = format!("the results store {db} could not be written: {e:#}");
+                shared.stop_for(msg, printed).await;
+                TrialEnd::Interrupted
+            }
+        };
+        shared
+            .count(|c| {
+                c.running -= 1;
+                match end {
+                    TrialEnd::Completed => c.done += 1,
+                    TrialEnd::Failed | TrialEnd::NotRetried => c.failed += 1,
+                    _ => {}
+                }
+            })
+            .await;
+        result = end;
+        // Retry only crashes and signals.
+        if end != TrialEnd::Failed {
+            break;
+        }
+        // Within one run the loop gives at most max_attempts tries; across runs the store's
+        // count of failed runs does (unless re-armed with --retry-failed).
+        let state = shared
+            .store
+            .trial_state(&trial.key)
+            .await
+            .unwrap_or_default();
+        if state.failed_runs >= shared.max_attempts && !shared.opts.retry_failed {
+            break;
+        }
+    }
+    shared.overall.inc(1);
+    result
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -358,8 +377,6 @@ enum TrialEnd {
     Busy,
 }
 
-/// Exit status of `fer train` for an error found before training started (bad config, missing
-/// data): retrying cannot help.
 /// `fer train` exit statuses the runner classifies by: 2 a setup error (config, missing data;
 /// found before training), 4 divergence (a non-finite loss), 5 a data error during training (an
 /// image that does not decode). Anything else non-zero is a crash, a signal is a signal.
@@ -369,30 +386,44 @@ pub const EXIT_DATA_ERROR: i32 = 5;
 /// 6: the run directory's disk or quota is full: the whole sweep stops (no retry can succeed).
 pub const EXIT_RESOURCE: i32 = 6;
 
-#[allow(clippy::too_many_arguments)]
-async fn run_attempt(
-    store: &Store,
+/// How an attempt ended: what the sweep does next, the attempt's status and failure class.
+fn classify_exit(
+    status: std::process::ExitStatus,
+    cancelled: bool,
+    retry_divergence: bool,
+) -> (TrialEnd, &'static str, Option<&'static str>) {
+    use std::os::unix::process::ExitStatusExt;
+    if cancelled {
+        return (TrialEnd::Interrupted, "interrupted", None);
+    }
+    if status.success() {
+        return (TrialEnd::Completed, "completed", None);
+    }
+    let (end, class) = match status.code() {
+        Some(EXIT_CONFIG_ERROR) => (TrialEnd::NotRetried, "config"),
+        Some(EXIT_RESOURCE) => (TrialEnd::Resource, "resource"),
+        Some(EXIT_DATA_ERROR) => (TrialEnd::NotRetried, "data"),
+        Some(EXIT_DIVERGED) if retry_divergence => (TrialEnd::Failed, "divergence"),
+        Some(EXIT_DIVERGED) => (TrialEnd::NotRetried, "divergence"),
+        _ if status.signal().is_some() => (TrialEnd::Failed, "signal"),
+        _ => (TrialEnd::Failed, "crash"),
+    };
+    (end, "failed", Some(class))
+}
+
+/// The `fer train` process of one attempt: its config written into the run directory, no
+/// shell anywhere (sweep values only ever reach the child inside its config file).
+fn trial_command(
     trial: &Trial,
     slot: &Slot,
     run_dir: &std::path::Path,
-    threads: usize,
-    opts: &Options,
-    mut cancel: watch::Receiver<bool>,
-    bars: &MultiProgress,
-) -> anyhow::Result<TrialEnd> {
-    let Some(attempt) = store
-        .claim(&trial.key, &slot.label, &opts.host, &opts.git)
-        .await?
-    else {
-        return Ok(TrialEnd::Busy);
-    };
-    tracing::info!(trial = %trial.key, attempt, slot = %slot.label, "start");
+    threads_per_trial: usize,
+) -> anyhow::Result<tokio::process::Command> {
     std::fs::create_dir_all(run_dir)?;
     let mut config = trial.config.clone();
     config.device = slot.device.clone();
     let config_path = run_dir.join("trial.yaml");
     std::fs::write(&config_path, serde_yaml_ng::to_string(&config)?)?;
-    // No shell anywhere: sweep values only ever reach the child inside its config file.
     let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
     cmd.arg("train")
         .arg("--quiet")
@@ -400,14 +431,12 @@ async fn run_attempt(
         .arg(&config_path)
         .arg("--out")
         .arg(run_dir);
-    cmd.env(
-        "RAYON_NUM_THREADS",
-        if slot.device == "cpu" {
-            threads.to_string()
-        } else {
-            "2".into()
-        },
-    );
+    let threads = if slot.device == "cpu" {
+        threads_per_trial.to_string()
+    } else {
+        "2".into()
+    };
+    cmd.env("RAYON_NUM_THREADS", threads);
     match &slot.cuda_visible {
         Some(g) => cmd.env("CUDA_VISIBLE_DEVICES", g),
         None => cmd.env_remove("CUDA_VISIBLE_DEVICES"),
@@ -416,8 +445,31 @@ async fn run_attempt(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let mut child = cmd.spawn().context("starting the trial process")?;
-    let bar = bars.add(ProgressBar::new(config.epochs as u64));
+    Ok(cmd)
+}
+
+/// One attempt of a trial: claim it, run `fer train`, record its events as they come, record
+/// how it ended.
+async fn run_attempt(
+    shared: &Shared,
+    trial: &Trial,
+    slot: &Slot,
+    run_dir: &std::path::Path,
+) -> anyhow::Result<TrialEnd> {
+    let (store, opts) = (&shared.store, &shared.opts);
+    let Some(attempt) = store
+        .claim(&trial.key, &slot.label, &opts.host, &opts.git)
+        .await?
+    else {
+        return Ok(TrialEnd::Busy);
+    };
+    tracing::info!(trial = %trial.key, attempt, slot = %slot.label, "start");
+    let mut child = trial_command(trial, slot, run_dir, shared.threads_per_trial)?
+        .spawn()
+        .context("starting the trial process")?;
+    let bar = shared
+        .bars
+        .add(ProgressBar::new(trial.config.epochs as u64));
     bar.set_style(ProgressStyle::with_template("  {prefix} epoch {pos}/{len} {msg}").unwrap());
     bar.set_prefix(format!(
         "{} {}",
@@ -433,8 +485,13 @@ async fn run_attempt(
         buf
     });
     let mut lines = BufReader::new(stdout).lines();
-    let mut cancelled = false;
-    loop {
+    let mut cancel = shared.cancel.subscribe();
+    // A stop that came while the child was starting is seen here, later ones by `changed`.
+    let mut cancelled = *cancel.borrow_and_update();
+    if cancelled {
+        let _ = child.start_kill();
+    }
+    while !cancelled {
         tokio::select! {
             line = lines.next_line() => {
                 let Some(line) = line? else { break };
@@ -453,29 +510,7 @@ async fn run_attempt(
     let stderr_bytes = stderr_task.await.unwrap_or_default();
     let tail = tail(&String::from_utf8_lossy(&stderr_bytes), 40);
     bar.finish_and_clear();
-    use std::os::unix::process::ExitStatusExt;
-    let (end, status_text, class) = if cancelled {
-        (TrialEnd::Interrupted, "interrupted", None)
-    } else if status.success() {
-        (TrialEnd::Completed, "completed", None)
-    } else if status.code() == Some(EXIT_CONFIG_ERROR) {
-        (TrialEnd::NotRetried, "failed", Some("config"))
-    } else if status.code() == Some(EXIT_RESOURCE) {
-        (TrialEnd::Resource, "failed", Some("resource"))
-    } else if status.code() == Some(EXIT_DATA_ERROR) {
-        (TrialEnd::NotRetried, "failed", Some("data"))
-    } else if status.code() == Some(EXIT_DIVERGED) {
-        let end = if opts.retry_divergence {
-            TrialEnd::Failed
-        } else {
-            TrialEnd::NotRetried
-        };
-        (end, "failed", Some("divergence"))
-    } else if status.signal().is_some() {
-        (TrialEnd::Failed, "failed", Some("signal"))
-    } else {
-        (TrialEnd::Failed, "failed", Some("crash"))
-    };
+    let (end, status_text, class) = classify_exit(status, cancelled, opts.retry_divergence);
     let error = (!status.success() && !cancelled).then(|| {
         tail.lines()
             .rev()
@@ -483,6 +518,7 @@ async fn run_attempt(
             .unwrap_or("")
             .to_string()
     });
+    use std::os::unix::process::ExitStatusExt;
     store
         .finish(
             attempt,
@@ -505,74 +541,35 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// Store what a trial reports: per-epoch metrics (upserted), progress, events.
-async fn record_line(
+/// Store what a trial reports: per-epoch metrics (upserted), progress, events. A line that is
+/// not an event is kept as `stdout`; an event this `fer` cannot read is kept with the reason.
+pub async fn record_line(
     store: &Store,
     attempt: i64,
     line: &str,
     bar: &ProgressBar,
 ) -> anyhow::Result<()> {
-    let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-        store.event(Some(attempt), "stdout", line).await?;
-        return Ok(());
-    };
-    match v["event"].as_str() {
-        Some("step") => bar.set_message(format!(
-            "step {}/{} loss {:.4}",
-            v["step"],
-            v["steps"],
-            v["loss"].as_f64().unwrap_or(f64::NAN)
-        )),
-        Some("epoch") => {
-            let epoch = v["epoch"].as_i64().unwrap_or(0);
-            let mut values: Vec<(&str, &str, f64)> = Vec::new();
-            let f = |k: &str| v[k].as_f64();
-            for (split, name, key) in [
-                ("train", "loss_total", "loss_total"),
-                ("train", "loss_ce", "loss_ce"),
-                ("train", "loss_affinity", "loss_affinity"),
-                ("train", "loss_partition", "loss_partition"),
-                ("train", "loss_consistency", "loss_consistency"),
-                ("train", "accuracy", "train_accuracy"),
-                ("train", "lr", "lr"),
-                ("train", "seconds", "train_seconds"),
-                ("train", "img_per_s", "train_img_per_s"),
-                ("test", "accuracy", "test_accuracy"),
-                ("test", "balanced_accuracy", "test_balanced_accuracy"),
-                ("val", "accuracy", "val_accuracy"),
-            ] {
-                if let Some(x) = f(key) {
-                    values.push((split, name, x));
-                }
-            }
-            // Eval-mode memorisation after the epoch, and the running figure of the epoch's
-            // train-mode predictions under its own names.
-            for (field, names) in [
-                ("memorisation", ["memorised_noisy", "memorised_clean"]),
-                (
-                    "memorisation_running",
-                    ["memorised_noisy_running", "memorised_clean_running"],
-                ),
-            ] {
-                if let Some(m) = v[field].as_object() {
-                    for (name, key) in names
-                        .into_iter()
-                        .zip(["predicted_noisy", "predicted_clean"])
-                    {
-                        if let Some(x) = m.get(key).and_then(|x| x.as_f64()) {
-                            values.push(("train", name, x));
-                        }
-                    }
-                }
-            }
-            store.epoch_metrics(attempt, epoch, &values).await?;
-            store
-                .confusion_once(attempt, epoch, &v["confusion"])
-                .await?;
-            bar.set_position(epoch as u64);
+    let event = match EventLine::parse(line) {
+        Ok(Some(event)) => event,
+        Ok(None) => return store.event(Some(attempt), "stdout", line).await,
+        Err(e) => {
+            tracing::warn!(attempt, "{e:#}");
+            return store
+                .event(Some(attempt), "unreadable", &format!("{e:#}"))
+                .await;
         }
-        Some(kind) => store.event(Some(attempt), kind, line).await?,
-        None => store.event(Some(attempt), "stdout", line).await?,
+    };
+    match &event {
+        Event::Step {
+            step, steps, loss, ..
+        } => bar.set_message(format!("step {step}/{steps} loss {loss:.4}")),
+        Event::Epoch(m) => {
+            let epoch = m.epoch as i64;
+            store.epoch_metrics(attempt, epoch, &m.scalars()).await?;
+            store.confusion_once(attempt, epoch, &m.confusion).await?;
+            bar.set_position(m.epoch as u64);
+        }
+        other => store.event(Some(attempt), other.kind(), line).await?,
     }
     Ok(())
 }

@@ -4,16 +4,55 @@
 use std::path::Path;
 use std::str::FromStr;
 
+use std::collections::BTreeMap;
+
 use anyhow::Context;
+use fer_model::events::Scalar;
 use serde_json::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::Row;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
+/// The results database. Every SQL statement of `fer` is in this module; the rest of the runner
+/// speaks in the types below.
 #[derive(Clone)]
 pub struct Store {
-    pub pool: SqlitePool,
+    pool: SqlitePool,
+}
+
+/// A trial's per-epoch metrics: (split, name) -> (epoch, value) in epoch order, across all its
+/// attempts (the latest value of an epoch wins).
+pub type Curves = BTreeMap<(String, String), Vec<(i64, f64)>>;
+
+/// The latest confusion matrix of a trial (rows = true class) and its class names, when the
+/// trial recorded them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Confusion {
+    pub epoch: i64,
+    pub counts: Vec<Vec<u64>>,
+    pub class_names: Option<Vec<String>>,
+}
+
+/// How a trial's latest attempt ended (or that it is running).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttemptSummary {
+    pub status: String,
+    pub failure_class: Option<String>,
+    pub error: Option<String>,
+}
+
+/// One line of `fer runs`: a trial of a sweep with its latest attempt.
+#[derive(Debug, Clone)]
+pub struct TrialRow {
+    pub sweep: String,
+    pub trial_key: String,
+    pub params_json: String,
+    /// None: never attempted (pending).
+    pub latest: Option<AttemptSummary>,
+    pub attempts: i64,
+    /// The test accuracy of its latest reported epoch.
+    pub last_test_accuracy: Option<f64>,
 }
 
 /// What the store knows about one trial.
@@ -27,20 +66,54 @@ pub struct TrialState {
     pub failed_runs: usize,
     /// Failure class of the latest failed attempt (crash / signal / config).
     pub last_failure: Option<String>,
+    /// An attempt was interrupted (the next one resumes from its checkpoint).
+    pub interrupted: bool,
 }
 
-/// Final metrics of a completed trial (from the `trial_results` view). The sweep summary uses
-/// the final accuracy; the other protocols and the code version are there for the reports.
-#[allow(dead_code)]
+/// Final metrics of a completed trial: a row of the `trial_results` view (the only reader of
+/// it). The sweep summary and the reports both read these.
 #[derive(Debug, Clone)]
 pub struct TrialResult {
     pub trial_key: String,
     pub seed: i64,
+    /// The sweep's axis values for this trial.
     pub params: Value,
+    /// The last epoch reported.
+    pub epochs: Option<i64>,
     pub final_accuracy: Option<f64>,
     pub best_accuracy: Option<f64>,
     pub last5_accuracy: Option<f64>,
+    pub final_balanced_accuracy: Option<f64>,
     pub git_commit: Option<String>,
+    pub git_dirty: bool,
+}
+
+/// `SELECT <the columns TrialResult::from_row reads> FROM trial_results <rest>`.
+macro_rules! select_trial_results {
+    ($rest:literal) => {
+        concat!(
+            "SELECT trial_key, seed, params_json, epochs, final_accuracy, best_accuracy, last5_accuracy,
+                    final_balanced_accuracy, git_commit, git_dirty FROM trial_results ",
+            $rest
+        )
+    };
+}
+
+impl TrialResult {
+    fn from_row(r: &sqlx::sqlite::SqliteRow) -> anyhow::Result<Self> {
+        Ok(Self {
+            trial_key: r.get(0),
+            seed: r.get(1),
+            params: serde_json::from_str(r.get::<&str, _>(2))?,
+            epochs: r.get(3),
+            final_accuracy: r.get(4),
+            best_accuracy: r.get(5),
+            last5_accuracy: r.get(6),
+            final_balanced_accuracy: r.get(7),
+            git_commit: r.get(8),
+            git_dirty: r.get::<Option<i64>, _>(9).unwrap_or(0) != 0,
+        })
+    }
 }
 
 pub struct AttemptEnd<'a> {
@@ -224,6 +297,7 @@ impl Store {
                     }
                     s.last_failure = class;
                 }
+                "interrupted" => s.interrupted = true,
                 _ => {}
             }
         }
@@ -291,10 +365,10 @@ impl Store {
         &self,
         attempt: i64,
         epoch: i64,
-        values: &[(&str, &str, f64)],
+        values: &[Scalar],
     ) -> anyhow::Result<()> {
         let mut tx = self.pool.begin().await?;
-        for (split, name, value) in values {
+        for Scalar { split, name, value } in values {
             sqlx::query(
                 "INSERT INTO metrics (attempt_id, split, name, epoch, value)
                  SELECT ?1, ?2, ?3, ?4, ?5
@@ -336,7 +410,7 @@ impl Store {
         &self,
         attempt: i64,
         epoch: i64,
-        confusion: &serde_json::Value,
+        confusion: &[Vec<u64>],
     ) -> anyhow::Result<()> {
         let payload = serde_json::json!({"epoch": epoch, "confusion": confusion}).to_string();
         sqlx::query(
@@ -369,23 +443,269 @@ impl Store {
         Ok(())
     }
 
+    /// The results of a sweep's completed trials, in trial-key order.
     pub async fn results(&self, sweep: &str) -> anyhow::Result<Vec<TrialResult>> {
-        let rows = sqlx::query("SELECT trial_key, seed, params_json, final_accuracy, best_accuracy, last5_accuracy, git_commit FROM trial_results WHERE sweep = ? ORDER BY trial_key")
+        let rows = sqlx::query(select_trial_results!("WHERE sweep = ? ORDER BY trial_key"))
             .bind(sweep)
             .fetch_all(&self.pool)
             .await?;
-        rows.into_iter()
-            .map(|r| {
-                Ok(TrialResult {
-                    trial_key: r.get(0),
-                    seed: r.get(1),
-                    params: serde_json::from_str(r.get::<&str, _>(2))?,
-                    final_accuracy: r.get(3),
-                    best_accuracy: r.get(4),
-                    last5_accuracy: r.get(5),
-                    git_commit: r.get(6),
-                })
+        rows.iter().map(TrialResult::from_row).collect()
+    }
+
+    /// The result of one completed trial (whichever sweep it was registered by).
+    pub async fn trial_result(&self, key: &str) -> anyhow::Result<Option<TrialResult>> {
+        let row = sqlx::query(select_trial_results!("WHERE trial_key = ? LIMIT 1"))
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(TrialResult::from_row).transpose()
+    }
+
+    /// How the trial's latest attempt ended; None when it was never attempted.
+    pub async fn latest_attempt(&self, key: &str) -> anyhow::Result<Option<AttemptSummary>> {
+        let row = sqlx::query(
+            "SELECT status, failure_class, error FROM attempts WHERE trial_key = ? ORDER BY id DESC LIMIT 1",
+        )
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|a| AttemptSummary {
+            status: a.get(0),
+            failure_class: a.get(1),
+            error: a.get(2),
+        }))
+    }
+
+    /// Per-epoch metrics of a trial (every attempt; the latest value of an epoch wins).
+    pub async fn curves(&self, key: &str) -> anyhow::Result<Curves> {
+        let rows = sqlx::query(
+            "SELECT split, name, epoch, value FROM trial_metrics WHERE trial_key = ? ORDER BY split, name, epoch, attempt_id",
+        )
+        .bind(key)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Curves::new();
+        for r in rows {
+            let series = out.entry((r.get(0), r.get(1))).or_default();
+            let (epoch, value): (i64, f64) = (r.get(2), r.get(3));
+            match series.last_mut() {
+                Some(last) if last.0 == epoch => last.1 = value,
+                _ => series.push((epoch, value)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The confusion matrix of a trial's last reported epoch, and its class names when recorded.
+    pub async fn confusion(&self, key: &str) -> anyhow::Result<Option<Confusion>> {
+        let rows = sqlx::query(
+            "SELECT e.kind, e.payload FROM events e JOIN attempts a ON a.id = e.attempt_id
+             WHERE a.trial_key = ? AND e.kind IN ('confusion', 'started') ORDER BY e.id",
+        )
+        .bind(key)
+        .fetch_all(&self.pool)
+        .await?;
+        let (mut latest, mut names): (Option<Confusion>, Option<Vec<String>>) = (None, None);
+        for r in rows {
+            let kind: String = r.get(0);
+            let payload: Option<String> = r.get(1);
+            let Some(v) = payload.and_then(|p| serde_json::from_str::<Value>(&p).ok()) else {
+                continue;
+            };
+            if kind == "started" {
+                if let Ok(n) = serde_json::from_value::<Vec<String>>(v["class_names"].clone()) {
+                    names = Some(n);
+                }
+            } else if let (Some(epoch), Ok(counts)) = (
+                v["epoch"].as_i64(),
+                serde_json::from_value::<Vec<Vec<u64>>>(v["confusion"].clone()),
+            ) {
+                if latest.as_ref().is_none_or(|c| epoch >= c.epoch) {
+                    latest = Some(Confusion {
+                        epoch,
+                        counts,
+                        class_names: None,
+                    });
+                }
+            }
+        }
+        Ok(latest.map(|c| Confusion {
+            class_names: names,
+            ..c
+        }))
+    }
+
+    /// The names of the sweeps the database knows, sorted.
+    pub async fn sweep_names(&self) -> anyhow::Result<Vec<String>> {
+        Ok(sqlx::query_scalar("SELECT name FROM sweeps ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    /// The trials of one sweep or all, each with its latest attempt; `status` keeps only the
+    /// trials whose latest attempt has it (`pending`: never attempted).
+    pub async fn trial_rows(
+        &self,
+        sweep: Option<&str>,
+        status: Option<&str>,
+    ) -> anyhow::Result<Vec<TrialRow>> {
+        let rows = sqlx::query(
+            "SELECT s.name, t.key, st.params_json, a.status, a.failure_class, a.error,
+                    (SELECT COUNT(*) FROM attempts x WHERE x.trial_key = t.key) AS attempts,
+                    (SELECT value FROM trial_metrics m WHERE m.trial_key = t.key AND m.split = 'test' AND m.name = 'accuracy' ORDER BY m.epoch DESC, m.attempt_id DESC LIMIT 1)
+             FROM sweep_trials st JOIN trials t ON t.key = st.trial_key JOIN sweeps s ON s.id = st.sweep_id
+             LEFT JOIN attempts a ON a.id = (SELECT MAX(id) FROM attempts b WHERE b.trial_key = t.key)
+             WHERE (?1 IS NULL OR s.name = ?1) AND (?2 IS NULL OR COALESCE(a.status, 'pending') = ?2)
+             ORDER BY s.name, st.params_json",
+        )
+        .bind(sweep)
+        .bind(status)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| TrialRow {
+                sweep: r.get(0),
+                trial_key: r.get(1),
+                params_json: r.get(2),
+                latest: r.get::<Option<String>, _>(3).map(|status| AttemptSummary {
+                    status,
+                    failure_class: r.get(4),
+                    error: r.get(5),
+                }),
+                attempts: r.get(6),
+                last_test_accuracy: r.get(7),
             })
-            .collect()
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fer_model::events::{EpochMetrics, Event, EventLine};
+
+    fn scratch(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("fer-store-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// An epoch event with every optional metric present.
+    fn full_epoch(epoch: usize) -> EpochMetrics {
+        serde_json::from_value(serde_json::json!({
+            "epoch": epoch, "lr": 0.1, "loss_total": 1.1, "loss_ce": 1.2, "loss_affinity": 1.3,
+            "loss_partition": 1.4, "loss_consistency": 1.5, "train_accuracy": 0.21,
+            "test_accuracy": 0.22, "test_balanced_accuracy": 0.23, "val_accuracy": 0.24,
+            "memorisation": {"flipped": 33, "predicted_noisy": 0.31, "predicted_clean": 0.32},
+            "memorisation_running": {"flipped": 36, "predicted_noisy": 0.34, "predicted_clean": 0.35},
+            "train_seconds": 4.1, "eval_seconds": 4.2, "train_img_per_s": 4.3,
+            "confusion": [[5, 1], [2, 7]]
+        }))
+        .unwrap()
+    }
+
+    async fn one_trial(store: &Store, key: &str) -> i64 {
+        let sweep = store.upsert_sweep("s", "s.yaml", None).await.unwrap();
+        let params = serde_json::json!({"model.heads": 4});
+        store
+            .upsert_trial(key, sweep, 0, &serde_json::json!({}), &params)
+            .await
+            .unwrap();
+        store
+            .claim(key, "cpu0", "host", &(None, None))
+            .await
+            .unwrap()
+            .expect("a new trial can be claimed")
+    }
+
+    /// Every number of an epoch event reaches the store under its scalar's name; the confusion
+    /// matrix is recorded once per trial, and a second claim of a running trial is refused.
+    #[tokio::test]
+    async fn every_epoch_metric_reaches_the_store() {
+        let dir = scratch("epoch");
+        let store = Store::open(&dir.join("fer.db")).await.unwrap();
+        let attempt = one_trial(&store, "k1").await;
+        assert_eq!(
+            store
+                .claim("k1", "cpu1", "host", &(None, None))
+                .await
+                .unwrap(),
+            None
+        );
+        let bar = indicatif::ProgressBar::hidden();
+        for epoch in [1, 2] {
+            let line = EventLine::line(&Event::Epoch(full_epoch(epoch)));
+            crate::scheduler::record_line(&store, attempt, &line, &bar)
+                .await
+                .unwrap();
+        }
+        let curves = store.curves("k1").await.unwrap();
+        let expected: BTreeMap<(String, String), Vec<(i64, f64)>> = full_epoch(1)
+            .scalars()
+            .iter()
+            .map(|s| {
+                let v = vec![(1, s.value), (2, s.value)];
+                ((s.split.to_string(), s.name.to_string()), v)
+            })
+            .collect();
+        assert_eq!(curves, expected);
+        let c = store.confusion("k1").await.unwrap().unwrap();
+        assert_eq!((c.epoch, c.counts), (2, vec![vec![5, 1], vec![2, 7]]));
+        // A resumed attempt re-reports epoch 2: nothing is duplicated.
+        store
+            .finish(
+                attempt,
+                AttemptEnd {
+                    status: "interrupted",
+                    exit_code: None,
+                    signal: None,
+                    failure_class: None,
+                    error: None,
+                    stderr_tail: None,
+                },
+            )
+            .await
+            .unwrap();
+        let state = store.trial_state("k1").await.unwrap();
+        assert!(state.interrupted && !state.running && !state.completed);
+        let again = store
+            .claim("k1", "cpu0", "host", &(None, None))
+            .await
+            .unwrap()
+            .unwrap();
+        let line = EventLine::line(&Event::Epoch(full_epoch(2)));
+        crate::scheduler::record_line(&store, again, &line, &bar)
+            .await
+            .unwrap();
+        assert_eq!(store.curves("k1").await.unwrap(), expected);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Lines that are not events, and events of another format version, are kept as text
+    /// (never dropped, never misread as metrics).
+    #[tokio::test]
+    async fn stray_and_foreign_lines_are_kept() {
+        let dir = scratch("stray");
+        let store = Store::open(&dir.join("fer.db")).await.unwrap();
+        let attempt = one_trial(&store, "k2").await;
+        let bar = indicatif::ProgressBar::hidden();
+        let old = EventLine::line(&Event::Epoch(full_epoch(1))).replace("\"v\":1", "\"v\":9");
+        for line in ["hello", old.as_str()] {
+            crate::scheduler::record_line(&store, attempt, line, &bar)
+                .await
+                .unwrap();
+        }
+        assert!(store.curves("k2").await.unwrap().is_empty());
+        let kinds: Vec<(String, String)> =
+            sqlx::query_as("SELECT kind, payload FROM events ORDER BY id")
+                .fetch_all(&store.pool)
+                .await
+                .unwrap();
+        assert_eq!(kinds[0], ("stdout".to_string(), "hello".to_string()));
+        assert_eq!(kinds[1].0, "unreadable");
+        assert!(kinds[1].1.contains("version 9"), "{}", kinds[1].1);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -3,10 +3,9 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
-use sqlx::Row;
 
 use crate::scheduler::{self, Options};
-use crate::store::Store;
+use crate::store::{AttemptSummary, Store};
 use crate::sweep;
 
 pub const DEFAULT_DB: &str = "fer.db";
@@ -260,12 +259,7 @@ pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(name) = &args.sweep {
-        let known: Vec<String> = sqlx::query("SELECT name FROM sweeps ORDER BY name")
-            .fetch_all(&store.pool)
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+        let known = store.sweep_names().await?;
         if !known.contains(name) {
             anyhow::bail!(
                 "--sweep {name:?}: no such sweep in {} (sweeps: {})",
@@ -278,34 +272,21 @@ pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
             );
         }
     }
-    let rows = sqlx::query(
-        "SELECT s.name, t.key, st.params_json, a.status, a.failure_class, a.error,
-                (SELECT COUNT(*) FROM attempts x WHERE x.trial_key = t.key) AS attempts,
-                (SELECT value FROM trial_metrics m WHERE m.trial_key = t.key AND m.split = 'test' AND m.name = 'accuracy' ORDER BY m.epoch DESC, m.attempt_id DESC LIMIT 1)
-         FROM sweep_trials st JOIN trials t ON t.key = st.trial_key JOIN sweeps s ON s.id = st.sweep_id
-         LEFT JOIN attempts a ON a.id = (SELECT MAX(id) FROM attempts b WHERE b.trial_key = t.key)
-         WHERE (?1 IS NULL OR s.name = ?1) AND (?2 IS NULL OR COALESCE(a.status, 'pending') = ?2)
-         ORDER BY s.name, st.params_json",
-    )
-    .bind(args.sweep.as_deref())
-    .bind(args.status.as_deref())
-    .fetch_all(&store.pool)
-    .await?;
+    let rows = store
+        .trial_rows(args.sweep.as_deref(), args.status.as_deref())
+        .await?;
     println!(
         "{:<10} {:<16} {:<12} {:>8} {:>9} {:<13}  params / error",
         "sweep", "trial", "status", "attempts", "test acc", "plateau"
     );
     let mut undertrained = 0;
     for r in rows {
-        let status: Option<String> = r.get(3);
-        let acc: Option<f64> = r.get(7);
-        let error: Option<String> = r.get(5);
-        let class: Option<String> = r.get(4);
-        let key: String = r.get(1);
+        let status = r.latest.as_ref().map(|a| a.status.as_str());
         // The plateau rule (mean of the last 3 test epochs within 1 point of the best), for
         // completed trials.
-        let plateau = if status.as_deref() == Some("completed") {
-            let curve: Vec<f64> = crate::report::trial_metrics(&store, &key)
+        let plateau = if status == Some("completed") {
+            let curve: Vec<f64> = store
+                .curves(&r.trial_key)
                 .await?
                 .remove(&("test".to_string(), "accuracy".to_string()))
                 .unwrap_or_default()
@@ -323,20 +304,26 @@ pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
         } else {
             "-"
         };
+        let failure = match &r.latest {
+            Some(AttemptSummary {
+                failure_class: Some(c),
+                error: Some(e),
+                ..
+            }) => format!("  [{c}] {e}"),
+            _ => String::new(),
+        };
         println!(
             "{:<10} {:<16} {:<12} {:>8} {:>9} {:<13}  {}{}",
-            r.get::<String, _>(0),
-            &key[..16],
-            status.unwrap_or_else(|| "pending".into()),
-            r.get::<i64, _>(6),
-            acc.map(|a| format!("{:.2}%", 100.0 * a))
+            r.sweep,
+            &r.trial_key[..16],
+            status.unwrap_or("pending"),
+            r.attempts,
+            r.last_test_accuracy
+                .map(|a| format!("{:.2}%", 100.0 * a))
                 .unwrap_or_else(|| "-".into()),
             plateau,
-            r.get::<String, _>(2),
-            match (class, error) {
-                (Some(c), Some(e)) => format!("  [{c}] {e}"),
-                _ => String::new(),
-            }
+            r.params_json,
+            failure
         );
     }
     if undertrained > 0 {

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 use fer_model::config::RunConfig;
-use fer_model::trainer::{self, classified, Event, FailureClass};
+use fer_model::events::{Event, EventLine};
+use fer_model::trainer::{self, classified, FailureClass};
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
@@ -59,7 +60,7 @@ fn train(args: TrainArgs, started: &mut bool) -> anyhow::Result<()> {
     let stdout = std::io::stdout();
     let quiet = args.quiet;
     trainer::run(&config, &args.out, &mut |event| {
-        let line = serde_json::to_string(event)?;
+        let line = EventLine::line(event);
         if let Event::Epoch(m) = event {
             if !m.replayed {
                 writeln!(metrics, "{line}")
@@ -78,7 +79,7 @@ fn train(args: TrainArgs, started: &mut bool) -> anyhow::Result<()> {
             Event::Epoch(m) if !quiet && !m.replayed => {
                 eprintln!(
                         "epoch {:>3}  loss {:.4}  train acc {:.3}  test acc {:.3}  balanced {:.3}  {:.1} img/s",
-                        m.epoch, m.loss_total, m.train_accuracy, m.test_accuracy, m.test_balanced_accuracy, m.train_img_per_s
+                        m.epoch, m.loss.total, m.train_accuracy, m.test_accuracy, m.test_balanced_accuracy, m.train_img_per_s
                     );
             }
             Event::Started {

@@ -16,9 +16,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::Value;
-use sqlx::Row;
 
-use crate::store::Store;
+use crate::store::{Confusion, Curves, Store};
 use crate::sweep::{self, Trial};
 use crate::sweep_cmd::{git_version, DEFAULT_DB};
 use spec::{Column, Protocol, ReportSpec};
@@ -65,6 +64,10 @@ pub struct Outcome {
     pub epochs: i64,
     pub git_commit: Option<String>,
     pub git_dirty: bool,
+    /// Per-epoch metrics (the learning-curve pictures and curve figures).
+    pub curves: Curves,
+    /// The last epoch's test confusion matrix, when recorded.
+    pub confusion: Option<Confusion>,
 }
 
 impl Outcome {
@@ -370,6 +373,8 @@ pub fn sweep_file(name: &str, experiments: &Path) -> PathBuf {
     }
 }
 
+/// The completed trials among `keys` as the report sees them, and a status line for the rest
+/// (latest attempt: status, failure class, first line of the error).
 async fn outcomes(
     store: &Store,
     keys: &[&str],
@@ -377,17 +382,9 @@ async fn outcomes(
     let mut done = HashMap::new();
     let mut status = HashMap::new();
     for &key in keys {
-        let row = sqlx::query(
-            "SELECT seed, final_accuracy, best_accuracy, last5_accuracy, final_balanced_accuracy, epochs, git_commit, git_dirty
-             FROM trial_results WHERE trial_key = ? LIMIT 1",
-        )
-        .bind(key)
-        .fetch_optional(&store.pool)
-        .await?;
-        if let Some(r) = row {
-            let final_accuracy: Option<f64> = r.get(1);
-            if let Some(final_accuracy) = final_accuracy {
-                let curves = trial_metrics(store, key).await?;
+        if let Some(r) = store.trial_result(key).await? {
+            if let Some(final_accuracy) = r.final_accuracy {
+                let curves = store.curves(key).await?;
                 let curve = |split: &str| {
                     curves
                         .get(&(split.to_string(), "accuracy".to_string()))
@@ -401,103 +398,36 @@ async fn outcomes(
                     key.to_string(),
                     Outcome {
                         key: key.to_string(),
-                        seed: r.get::<i64, _>(0) as u64,
+                        seed: r.seed as u64,
                         final_accuracy,
-                        best_accuracy: r.get::<Option<f64>, _>(2).unwrap_or(final_accuracy),
-                        last5_accuracy: r.get::<Option<f64>, _>(3).unwrap_or(final_accuracy),
-                        balanced_accuracy: r.get(4),
+                        best_accuracy: r.best_accuracy.unwrap_or(final_accuracy),
+                        last5_accuracy: r.last5_accuracy.unwrap_or(final_accuracy),
+                        balanced_accuracy: r.final_balanced_accuracy,
                         val_selected_accuracy: val_selected(&test, &val),
                         last3_accuracy: plateau.map_or(final_accuracy, |p| p.last_mean),
                         undertrained: plateau.is_none_or(|p| p.undertrained),
-                        epochs: r.get(5),
-                        git_commit: r.get(6),
-                        git_dirty: r.get::<Option<i64>, _>(7).unwrap_or(0) != 0,
+                        epochs: r.epochs.unwrap_or(0),
+                        git_commit: r.git_commit,
+                        git_dirty: r.git_dirty,
+                        confusion: store.confusion(key).await?,
+                        curves,
                     },
                 );
                 continue;
             }
         }
-        let latest = sqlx::query(
-            "SELECT status, failure_class, error FROM attempts WHERE trial_key = ? ORDER BY id DESC LIMIT 1",
-        )
-        .bind(key)
-        .fetch_optional(&store.pool)
-        .await?;
-        if let Some(a) = latest {
-            let s: String = a.get(0);
-            let class: Option<String> = a.get(1);
-            let error: Option<String> = a.get(2);
-            let mut text = match class {
-                Some(c) => format!("{s} ({c})"),
-                None => s,
+        if let Some(a) = store.latest_attempt(key).await? {
+            let mut text = match a.failure_class {
+                Some(c) => format!("{} ({c})", a.status),
+                None => a.status,
             };
-            if let Some(e) = error {
+            if let Some(e) = a.error {
                 text.push_str(&format!(": {}", e.lines().next().unwrap_or("")));
             }
             status.insert(key.to_string(), text);
         }
     }
     Ok((done, status))
-}
-
-/// Per-epoch metrics of a trial (every attempt; the latest value of an epoch wins).
-pub async fn trial_metrics(
-    store: &Store,
-    key: &str,
-) -> anyhow::Result<BTreeMap<(String, String), Vec<(i64, f64)>>> {
-    let rows = sqlx::query(
-        "SELECT split, name, epoch, value FROM trial_metrics WHERE trial_key = ? ORDER BY split, name, epoch, attempt_id",
-    )
-    .bind(key)
-    .fetch_all(&store.pool)
-    .await?;
-    let mut out: BTreeMap<(String, String), Vec<(i64, f64)>> = BTreeMap::new();
-    for r in rows {
-        let series = out.entry((r.get(0), r.get(1))).or_default();
-        let (epoch, value): (i64, f64) = (r.get(2), r.get(3));
-        match series.last_mut() {
-            Some(last) if last.0 == epoch => last.1 = value,
-            _ => series.push((epoch, value)),
-        }
-    }
-    Ok(out)
-}
-
-/// The confusion matrix of a trial's last reported epoch, and its class names when recorded.
-pub async fn trial_confusion(
-    store: &Store,
-    key: &str,
-) -> anyhow::Result<Option<(Vec<Vec<u64>>, Option<Vec<String>>)>> {
-    let rows = sqlx::query(
-        "SELECT e.kind, e.payload FROM events e JOIN attempts a ON a.id = e.attempt_id
-         WHERE a.trial_key = ? AND e.kind IN ('confusion', 'started') ORDER BY e.id",
-    )
-    .bind(key)
-    .fetch_all(&store.pool)
-    .await?;
-    // The latest epoch's confusion matrix, and the class names.
-    type Confusion = (i64, Vec<Vec<u64>>);
-    let (mut best, mut names): (Option<Confusion>, Option<Vec<String>>) = (None, None);
-    for r in rows {
-        let kind: String = r.get(0);
-        let payload: Option<String> = r.get(1);
-        let Some(v) = payload.and_then(|p| serde_json::from_str::<Value>(&p).ok()) else {
-            continue;
-        };
-        if kind == "started" {
-            if let Ok(n) = serde_json::from_value::<Vec<String>>(v["class_names"].clone()) {
-                names = Some(n);
-            }
-        } else if let (Some(epoch), Ok(m)) = (
-            v["epoch"].as_i64(),
-            serde_json::from_value::<Vec<Vec<u64>>>(v["confusion"].clone()),
-        ) {
-            if best.as_ref().is_none_or(|(e, _)| epoch >= *e) {
-                best = Some((epoch, m));
-            }
-        }
-    }
-    Ok(best.map(|(_, m)| (m, names)))
 }
 
 pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
@@ -551,7 +481,7 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
             );
         }
     }
-    write(&store, &report, &args.out, &args.db).await?;
+    write(&report, &args.out, &args.db)?;
     Ok(())
 }
 
@@ -604,7 +534,7 @@ async fn gather(
 }
 
 /// Write NAME.md, NAME.csv, the figures, the per-trial pictures and the reports index.
-async fn write(store: &Store, report: &Report, out: &Path, db: &Path) -> anyhow::Result<()> {
+fn write(report: &Report, out: &Path, db: &Path) -> anyhow::Result<()> {
     let stem = match &report.profile {
         Some(p) => format!("{}-{p}", report.name),
         None => report.name.clone(),
@@ -625,20 +555,25 @@ async fn write(store: &Store, report: &Report, out: &Path, db: &Path) -> anyhow:
         let label = report.cell_label(cell);
         for o in &cell.done {
             let short = &o.key[..16];
-            let metrics = trial_metrics(store, &o.key).await?;
             let has_curves = render::save_learning_curves(
-                &metrics,
+                &o.curves,
                 &format!("{label}, seed {}", o.seed),
                 &trial_dir.join(format!("{short}-curves")),
             )?;
-            let has_confusion = match trial_confusion(store, &o.key).await? {
-                Some((counts, names)) => {
-                    let names = names.unwrap_or_else(|| default_class_names(counts.len()));
+            let has_confusion = match &o.confusion {
+                Some(Confusion {
+                    counts,
+                    class_names,
+                    ..
+                }) => {
+                    let names = class_names
+                        .clone()
+                        .unwrap_or_else(|| default_class_names(counts.len()));
                     plot::save(
                         &plot::ConfusionMatrix {
                             title: format!("{label}, seed {}: test confusion, last epoch", o.seed),
                             class_names: names,
-                            counts,
+                            counts: counts.clone(),
                         },
                         &trial_dir.join(format!("{short}-confusion")),
                         (560, 500),
@@ -656,7 +591,7 @@ async fn write(store: &Store, report: &Report, out: &Path, db: &Path) -> anyhow:
     let mut curve_files = Vec::new();
     for curve in &report.spec.curves {
         let path = out.join(format!("{stem}-{}", curve.metric));
-        if render::save_curve_figure(store, report, curve, &path).await? {
+        if render::save_curve_figure(report, curve, &path)? {
             curve_files.push((curve.title.clone(), format!("{stem}-{}", curve.metric)));
         }
     }
@@ -703,6 +638,8 @@ mod tests {
             epochs: 3,
             git_commit: None,
             git_dirty: false,
+            curves: Curves::new(),
+            confusion: None,
         }
     }
 

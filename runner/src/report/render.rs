@@ -8,7 +8,7 @@ use std::path::Path;
 use super::plot;
 use super::spec::Curve;
 use super::{Cell, Report, Stat};
-use crate::store::Store;
+use crate::store::Curves;
 
 /// "85.71 ± 4.43 (n=3)"; "n=2 of 3" when trials are missing; "missing (0 of 3)" when none ran.
 /// A cell holding an undertrained trial gets a dagger ("† 2" = two of its trials).
@@ -610,11 +610,7 @@ pub fn save_main_figure(report: &Report, stem: &Path) -> anyhow::Result<()> {
 }
 
 /// Learning curves of one trial; false when it has no per-epoch metrics.
-pub fn save_learning_curves(
-    metrics: &BTreeMap<(String, String), Vec<(i64, f64)>>,
-    title: &str,
-    stem: &Path,
-) -> anyhow::Result<bool> {
+pub fn save_learning_curves(metrics: &Curves, title: &str, stem: &Path) -> anyhow::Result<bool> {
     let series = |split: &str, name: &str, label: &str, scale: f64| {
         metrics
             .get(&(split.to_string(), name.to_string()))
@@ -664,18 +660,13 @@ pub fn save_learning_curves(
 }
 
 /// A per-epoch metric averaged over each cell's trials; false when no trial has it.
-pub async fn save_curve_figure(
-    store: &Store,
-    report: &Report,
-    curve: &Curve,
-    stem: &Path,
-) -> anyhow::Result<bool> {
+pub fn save_curve_figure(report: &Report, curve: &Curve, stem: &Path) -> anyhow::Result<bool> {
     let mut series = Vec::new();
     for cell in &report.cells {
         let mut by_epoch: BTreeMap<i64, Vec<f64>> = BTreeMap::new();
         for o in &cell.done {
-            let m = super::trial_metrics(store, &o.key).await?;
-            for &(e, v) in m
+            for &(e, v) in o
+                .curves
                 .get(&(curve.split.clone(), curve.metric.clone()))
                 .map(|v| v.as_slice())
                 .unwrap_or(&[])
