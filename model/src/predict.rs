@@ -1,6 +1,7 @@
 //! Inference on photos: load any checkpoint of this model family (ours or an official DAN
 //! `.pth`) with its architecture read from the file, classify face crops with the evaluation
-//! transform, and draw each head's attention map and the predicted class's CAM over the crop.
+//! transform, and return each head's attention map and the predicted class's CAM (drawn by
+//! `fer predict`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -12,7 +13,6 @@ use crate::backbone::{BackboneConfig, ResNetConfig};
 use crate::checkpoint;
 use crate::dan::DanConfig;
 use crate::data::augment::eval_transform;
-use crate::data::face_detect::FaceBox;
 use crate::data::image::Image;
 use crate::data::sets::{AFFECTNET_CLASSES, RAFDB_CLASSES};
 use crate::network::DanEac;
@@ -267,85 +267,4 @@ pub struct Prediction {
     pub head_maps: Vec<Vec<Vec<f32>>>,
     /// The predicted class's activation map [h][w].
     pub cam: Vec<Vec<f32>>,
-}
-
-/// A detected box grown by `margin` of its size on every side (the cascade's boxes are tight,
-/// aligned FER crops include the whole face), clamped to the image.
-pub fn expand(b: FaceBox, margin: f64, width: usize, height: usize) -> FaceBox {
-    let dx = (b.width as f64 * margin) as usize;
-    let dy = (b.height as f64 * margin) as usize;
-    let x0 = b.x.saturating_sub(dx);
-    let y0 = b.y.saturating_sub(dy);
-    let x1 = (b.x + b.width + dx).min(width);
-    let y1 = (b.y + b.height + dy).min(height);
-    FaceBox {
-        x: x0,
-        y: y0,
-        width: x1 - x0,
-        height: y1 - y0,
-    }
-}
-
-pub fn crop(img: &Image, b: FaceBox) -> Image {
-    let mut out = Image::new(b.width, b.height);
-    for c in 0..3 {
-        for y in 0..b.height {
-            for x in 0..b.width {
-                out.set(c, y, x, img.get(c, b.y + y, b.x + x));
-            }
-        }
-    }
-    out
-}
-
-/// Blue -> cyan -> yellow -> red for v in [0, 1].
-fn heat(v: f32) -> [f32; 3] {
-    let v = v.clamp(0.0, 1.0);
-    let r = (1.5 - (4.0 * v - 3.0).abs()).clamp(0.0, 1.0);
-    let g = (1.5 - (4.0 * v - 2.0).abs()).clamp(0.0, 1.0);
-    let b = (1.5 - (4.0 * v - 1.0).abs()).clamp(0.0, 1.0);
-    [r, g, b]
-}
-
-/// The crop (resized to `size`) with a map, bilinearly upsampled and min-max normalised, blended
-/// over it as a heat map.
-pub fn overlay(crop: &Image, map: &[Vec<f32>], size: usize) -> Image {
-    let base = crop.resize_pil(size, size);
-    let (h, w) = (map.len(), map.first().map(|r| r.len()).unwrap_or(0));
-    let flat: Vec<f32> = map.iter().flatten().copied().collect();
-    let (lo, hi) = flat
-        .iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-            (a.min(v), b.max(v))
-        });
-    let span = if hi > lo { hi - lo } else { 1.0 };
-    let sample = |fy: f32, fx: f32| -> f32 {
-        // Pixel-centre aligned bilinear sampling of the h x w map.
-        let sy = (fy * h as f32 - 0.5).clamp(0.0, (h - 1) as f32);
-        let sx = (fx * w as f32 - 0.5).clamp(0.0, (w - 1) as f32);
-        let (y0, x0) = (sy.floor() as usize, sx.floor() as usize);
-        let (y1, x1) = ((y0 + 1).min(h - 1), (x0 + 1).min(w - 1));
-        let (ty, tx) = (sy - y0 as f32, sx - x0 as f32);
-        let top = map[y0][x0] * (1.0 - tx) + map[y0][x1] * tx;
-        let bottom = map[y1][x0] * (1.0 - tx) + map[y1][x1] * tx;
-        top * (1.0 - ty) + bottom * ty
-    };
-    let mut out = base.clone();
-    if h == 0 || w == 0 {
-        return out;
-    }
-    for y in 0..size {
-        for x in 0..size {
-            let v = (sample(
-                (y as f32 + 0.5) / size as f32,
-                (x as f32 + 0.5) / size as f32,
-            ) - lo)
-                / span;
-            let c = heat(v);
-            for ch in 0..3 {
-                out.set(ch, y, x, 0.5 * base.get(ch, y, x) + 0.5 * c[ch]);
-            }
-        }
-    }
-    out
 }

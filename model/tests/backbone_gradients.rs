@@ -2,7 +2,7 @@
 //! parameter of each backbone (inside DAN, full thesis loss) receives a non-zero gradient, and the
 //! whole network's gradient matches finite differences on tiny configs in float64.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{gradcheck, project, rand_tensor};

@@ -7,7 +7,7 @@
 // `!(x <= tol)` on purpose: a NaN must fail the comparison.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -493,8 +493,7 @@ fn backbone_configs_presets_errors_and_stable_serialisation() {
 #[test]
 fn pretrained_torchvision_checkpoints_load_into_dan() {
     use fer_model::checkpoint::load_pretrained_backbone;
-    let dir = std::env::temp_dir().join(format!("fer-pretrained-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = crate::common::scratch("pretrained");
     let vit = BackboneConfig::Vit(VitConfig {
         image_size: 32,
         patch_size: 8,

@@ -10,10 +10,7 @@ use fer_model::data::synth::{ClassBalance, SynthConfig};
 use fer_model::data::{self, noise, DataSpec, Image, NoiseSpec, Split};
 
 fn tempdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fer-data-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    crate::common::scratch(&format!("data-{tag}"))
 }
 
 fn synth(n: usize) -> SynthConfig {
@@ -628,7 +625,7 @@ fn jpeg_decoding_matches_pil_and_truncation_is_an_error() {
         );
     }
     let bytes = std::fs::read(dir.join("../faces/grace_hopper_512x512.jpg")).unwrap();
-    let cut = std::env::temp_dir().join(format!("fer-truncated-{}.jpg", std::process::id()));
+    let cut = crate::common::scratch("truncated").join("fer-truncated.jpg");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     let e = format!("{:#}", Image::open(&cut).unwrap_err());
     assert!(

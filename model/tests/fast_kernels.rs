@@ -3,52 +3,14 @@
 //! finite differences, at float32 tolerance, and (b) finite differences taken in float32
 //! directly, at the looser tolerance float32 differences allow.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor, Var, D};
-use common::{flat, rand_tensor};
+use common::{flat, project, rand_tensor, value_and_grads};
 use fer_model::layers::BatchNorm;
 use fer_model::ops::batch_norm::{batch_norm, BatchStats};
 use fer_model::ops::{add_relu, conv2d, matmul, ConvGeometry};
 use fer_model::store::ParamStore;
-
-/// sum(t * R) for a fixed random R, in t's dtype.
-fn project(t: &Tensor, seed: u64) -> Tensor {
-    let r = rand_tensor(t.dims(), seed).to_dtype(t.dtype()).unwrap();
-    (t * r).unwrap().sum_all().unwrap()
-}
-
-/// Value and gradients of the scalar `f(inputs)` with the inputs cast to `dtype`, as f64.
-fn value_and_grads(
-    inputs: &[Tensor],
-    dtype: DType,
-    f: &dyn Fn(&[Tensor]) -> Tensor,
-) -> (f64, Vec<Vec<f64>>) {
-    let vars: Vec<Var> = inputs
-        .iter()
-        .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap())
-        .collect();
-    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-    let out = f(&ts);
-    let grads = out.backward().unwrap();
-    let value = out
-        .to_dtype(DType::F64)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let g = vars
-        .iter()
-        .enumerate()
-        .map(|(i, v)| {
-            flat(
-                grads
-                    .get(v)
-                    .unwrap_or_else(|| panic!("input {i}: no gradient")),
-            )
-        })
-        .collect();
-    (value, g)
-}
 
 /// Worst relative difference (max |a - b| / max |b|) between the f32 fast path and the f64
 /// reference path, over the value and every input's gradient.
@@ -64,45 +26,14 @@ fn fast_vs_reference(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor) -> f64 
     worst
 }
 
-/// Central finite differences in f32 (step `eps`) against the f32 analytic gradient, on about
-/// `samples` elements per input: worst max|analytic - numeric| / max|numeric|.
+/// Central finite differences in f32 (step `eps`) against the f32 analytic gradient.
 fn gradcheck_f32(
     inputs: &[Tensor],
     f: &dyn Fn(&[Tensor]) -> Tensor,
     eps: f64,
     samples: usize,
 ) -> f64 {
-    let (_, analytic) = value_and_grads(inputs, DType::F32, f);
-    let mut worst: f64 = 0.0;
-    for (i, input) in inputs.iter().enumerate() {
-        let base = flat(input);
-        let step = (base.len() / samples).max(1);
-        let (mut num_max, mut diff_max) = (0f64, 0f64);
-        for j in (0..base.len()).step_by(step) {
-            let eval = |delta: f64| {
-                let mut b = base.clone();
-                b[j] += delta;
-                let mut args: Vec<Tensor> = inputs
-                    .iter()
-                    .map(|t| t.to_dtype(DType::F32).unwrap())
-                    .collect();
-                args[i] = Tensor::from_vec(b, input.dims(), &Device::Cpu)
-                    .unwrap()
-                    .to_dtype(DType::F32)
-                    .unwrap();
-                f(&args)
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
-            };
-            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps);
-            num_max = num_max.max(numeric.abs());
-            diff_max = diff_max.max((numeric - analytic[i][j]).abs());
-        }
-        worst = worst.max(diff_max / num_max.max(1e-6));
-    }
-    worst
+    common::gradcheck_in(inputs, f, DType::F32, eps, samples)
 }
 
 /// One convolution case: (input height, input width, kernel, stride, padding).

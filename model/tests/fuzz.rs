@@ -14,10 +14,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fer-fuzz-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    crate::common::scratch(&format!("fuzz-{tag}"))
 }
 
 /// 1 to 6 random edits: flip a byte, overwrite a run, insert, delete a range, truncate, or

@@ -3,7 +3,7 @@
 //! height and width differ in parity), padded max pooling, batch norm in train mode, the
 //! losses, log-softmax / sigmoid, and the whole network end to end.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{gradcheck, project, rand_tensor};

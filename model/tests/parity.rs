@@ -2,7 +2,7 @@
 //! folder is picked up without code changes) must reproduce eval outputs, every loss term, the
 //! listed gradients, and every parameter and BN buffer after one Adam step.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use fer_model::{loss, parity, DanEac};

@@ -73,7 +73,7 @@ fn a_state_that_does_not_fit_names_the_key() {
         "cat_head1.sa.conv_3x3.0.weight".into(),
         Tensor::zeros((5, 5, 3, 3), DType::F32, &Device::Cpu).unwrap(),
     );
-    let path = std::env::temp_dir().join(format!("fer-misfit-{}.safetensors", std::process::id()));
+    let path = crate::common::scratch("misfit").join("misfit.safetensors");
     candle_core::safetensors::save(&state, &path).unwrap();
     let e = Predictor::load(&path, None, None)
         .err()

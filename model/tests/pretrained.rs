@@ -178,8 +178,7 @@ fn eac_weights_refuse_the_torchvision_layout_and_bad_files_are_named() {
         "{msg}"
     );
 
-    let tmp = std::env::temp_dir().join(format!("fer-weights-{}", std::process::id()));
-    std::fs::create_dir_all(&tmp).unwrap();
+    let tmp = crate::common::scratch("weights");
     // A truncated pickle: an error naming the file and the format, not a panic.
     let bytes = std::fs::read(&path).unwrap();
     let cut = tmp.join("cut.pkl");
@@ -254,9 +253,7 @@ fn training_starts_from_each_format_and_the_file_decides_layout_and_transform_in
             BackboneConfig::InceptionV3(i) => assert_eq!(i.transform_input, Some(true)),
             BackboneConfig::Vit(_) => unreachable!(),
         }
-        let out =
-            std::env::temp_dir().join(format!("fer-pretrained-run-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&out);
+        let out = crate::common::scratch(&format!("pretrained-run-{name}")).join("run");
         let mut epochs = 0;
         fer_model::trainer::run(&config, &out, &mut |e| {
             if let fer_model::trainer::Event::Epoch(m) = e {

@@ -88,7 +88,7 @@ fn reads_binint_sizes_and_ignores_the_optimizer_state() {
     p.0.push(b'u'); // SETITEMS into the top dict
     p.0.push(b'.');
 
-    let path = std::env::temp_dir().join(format!("fer-binint-{}.pth", std::process::id()));
+    let path = crate::common::scratch("binint").join("binint.pth");
     let mut zip = zip::ZipWriter::new(std::fs::File::create(&path).unwrap());
     let opts =
         zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);

@@ -48,10 +48,9 @@ fn run(config: &RunConfig, dir: &std::path::Path) -> (Vec<EpochMetrics>, usize) 
     (epochs, start)
 }
 
+/// A run directory that does not exist yet (the trainer creates it).
 fn dir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("fer-trainer-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    crate::common::scratch(&format!("trainer-{tag}")).join("run")
 }
 
 #[test]

@@ -1,13 +1,11 @@
 //! Training behaviour: the model really learns, checkpoints resume exactly, optimizers follow
 //! PyTorch's rules, and bad checkpoints are clear errors.
 
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use fer_model::backbone::{BackboneConfig, ResNetConfig};
-use fer_model::{
-    checkpoint, data, train, DanConfig, DanEac, LossWeights, OptimizerConfig, Schedule,
-};
+use fer_model::{checkpoint, train, DanConfig, DanEac, LossWeights, OptimizerConfig, Schedule};
 
 fn tiny() -> DanConfig {
     DanConfig {
@@ -19,7 +17,7 @@ fn tiny() -> DanConfig {
 
 #[test]
 fn full_loss_falls_and_training_accuracy_exceeds_95_percent() {
-    let (x, labels) = data::blobs(28, 7, 32, 1, &Device::Cpu).unwrap();
+    let (x, labels) = common::blobs::blobs(28, 7, 32, 1, &Device::Cpu).unwrap();
     let y = Tensor::new(labels.as_slice(), &Device::Cpu).unwrap();
     let net = DanEac::new(&tiny(), 7, &Device::Cpu, DType::F32, 3).unwrap();
     let mut opt = net.optimizer(OptimizerConfig::adam(3e-3));
@@ -70,7 +68,7 @@ fn full_loss_falls_and_training_accuracy_exceeds_95_percent() {
 #[test]
 fn checkpoint_resume_is_exact() {
     let dir = tempdir();
-    let (x, labels) = data::blobs(8, 7, 32, 2, &Device::Cpu).unwrap();
+    let (x, labels) = common::blobs::blobs(8, 7, 32, 2, &Device::Cpu).unwrap();
     let y = Tensor::new(labels.as_slice(), &Device::Cpu).unwrap();
     let w = LossWeights::default();
     // Run A: 2 steps, save, 2 more steps.
@@ -337,16 +335,7 @@ fn feature_map_sizes_at_112_and_224() {
 }
 
 fn tempdir() -> std::path::PathBuf {
-    let dir =
-        std::env::temp_dir().join(format!("fer-test-{}-{}", std::process::id(), rand_suffix()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-fn rand_suffix() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
+    crate::common::scratch("training")
 }
 
 #[test]

@@ -4,6 +4,7 @@
 pub mod bench_cmd;
 pub mod data_cmd;
 pub mod doctor;
+pub mod face_detect;
 #[cfg(test)]
 mod fuzz_tests;
 pub mod inspect_cmd;

@@ -4,11 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::face_detect::{crop, expand, Cascade, FaceBox};
 use anyhow::Context;
 use clap::Args;
-use fer_model::data::face_detect::{Cascade, FaceBox};
 use fer_model::data::image::Image;
-use fer_model::predict::{crop, expand, overlay, Predictor};
+use fer_model::predict::Predictor;
 use serde_json::json;
 
 #[derive(Args, Debug)]
@@ -188,4 +188,56 @@ fn explain(
     }
     save(format!("{base}_all.png"), strip)?;
     Ok(written)
+}
+
+/// Blue -> cyan -> yellow -> red for v in [0, 1].
+fn heat(v: f32) -> [f32; 3] {
+    let v = v.clamp(0.0, 1.0);
+    let r = (1.5 - (4.0 * v - 3.0).abs()).clamp(0.0, 1.0);
+    let g = (1.5 - (4.0 * v - 2.0).abs()).clamp(0.0, 1.0);
+    let b = (1.5 - (4.0 * v - 1.0).abs()).clamp(0.0, 1.0);
+    [r, g, b]
+}
+
+/// The crop (resized to `size`) with a map, bilinearly upsampled and min-max normalised, blended
+/// over it as a heat map.
+pub fn overlay(crop: &Image, map: &[Vec<f32>], size: usize) -> Image {
+    let base = crop.resize_pil(size, size);
+    let (h, w) = (map.len(), map.first().map(|r| r.len()).unwrap_or(0));
+    let flat: Vec<f32> = map.iter().flatten().copied().collect();
+    let (lo, hi) = flat
+        .iter()
+        .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+            (a.min(v), b.max(v))
+        });
+    let span = if hi > lo { hi - lo } else { 1.0 };
+    let sample = |fy: f32, fx: f32| -> f32 {
+        // Pixel-centre aligned bilinear sampling of the h x w map.
+        let sy = (fy * h as f32 - 0.5).clamp(0.0, (h - 1) as f32);
+        let sx = (fx * w as f32 - 0.5).clamp(0.0, (w - 1) as f32);
+        let (y0, x0) = (sy.floor() as usize, sx.floor() as usize);
+        let (y1, x1) = ((y0 + 1).min(h - 1), (x0 + 1).min(w - 1));
+        let (ty, tx) = (sy - y0 as f32, sx - x0 as f32);
+        let top = map[y0][x0] * (1.0 - tx) + map[y0][x1] * tx;
+        let bottom = map[y1][x0] * (1.0 - tx) + map[y1][x1] * tx;
+        top * (1.0 - ty) + bottom * ty
+    };
+    let mut out = base.clone();
+    if h == 0 || w == 0 {
+        return out;
+    }
+    for y in 0..size {
+        for x in 0..size {
+            let v = (sample(
+                (y as f32 + 0.5) / size as f32,
+                (x as f32 + 0.5) / size as f32,
+            ) - lo)
+                / span;
+            let c = heat(v);
+            for ch in 0..3 {
+                out.set(ch, y, x, 0.5 * base.get(ch, y, x) + 0.5 * c[ch]);
+            }
+        }
+    }
+    out
 }

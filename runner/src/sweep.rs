@@ -181,14 +181,6 @@ fn set_dotted(root: &mut Value, key: &str, value: Value) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Line and column of the first occurrence of `needle` in `text` (1-based), for errors about
-/// keys that YAML parsing alone cannot catch.
-fn locate(text: &str, needle: &str) -> Option<(usize, usize)> {
-    text.lines()
-        .enumerate()
-        .find_map(|(i, l)| l.find(needle).map(|c| (i + 1, c + 1)))
-}
-
 /// Line and column of `key` inside the `index`-th item of the list under the top-level `section`
 /// (`include:` items, block or flow style).
 fn locate_list_item_key(
@@ -287,6 +279,60 @@ pub fn load_capped(
     code_version: Option<&str>,
     max_trials: usize,
 ) -> anyhow::Result<Sweep> {
+    let (text, spec) = read_sweep_file(path)?;
+    let name = spec.name.clone().unwrap_or_else(|| {
+        path.file_stem()
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_default()
+    });
+    let base_name = name.clone();
+    // A profile is another experiment: its results are kept under their own sweep name.
+    let name = match profile {
+        Some(p) => format!("{name}-{p}"),
+        None => name,
+    };
+    let at = Locator {
+        path,
+        text: &text,
+        spec: &spec,
+        profile,
+        base_path: path.parent().unwrap_or(Path::new(".")).join(&spec.base),
+    };
+    // The name becomes a folder under --runs-dir and a key in the store: a plain word only,
+    // so `name: ../../x` cannot write outside the runs folder.
+    if let Err(why) = valid_sweep_name(&name) {
+        return Err(at.key(&["name"], format!("name: {why}")));
+    }
+    if spec.seeds.is_empty() {
+        return Err(at.key(&["seeds"], "seeds: needs at least one seed".into()));
+    }
+    if spec.retry.max_attempts == 0 {
+        return Err(at.key(
+            &["retry", "max_attempts"],
+            "retry.max_attempts: must be at least 1".into(),
+        ));
+    }
+    let base = resolved_base(&at)?;
+    check_trial_count(&at, max_trials)?;
+    let sets = param_sets(&at)?;
+    let trials = expand(&at, &base, sets, code_version)?;
+    if let Some(report) = &spec.report {
+        let configs: Vec<&Value> = trials.iter().map(|t| &t.config_json).collect();
+        report
+            .validate(&configs)
+            .map_err(|e| at.key(&["report"], e))?;
+    }
+    drop(at);
+    Ok(Sweep {
+        name,
+        base_name,
+        spec,
+        trials,
+    })
+}
+
+/// The sweep file's text (size-capped) and its typed content.
+fn read_sweep_file(path: &Path) -> anyhow::Result<(String, SweepFile)> {
     let size = std::fs::metadata(path)
         .with_context(|| format!("{}: cannot read sweep file", path.display()))?
         .len();
@@ -300,68 +346,129 @@ pub fn load_capped(
     let text = fer_model::data::read_text(path)
         .with_context(|| format!("{}: cannot read sweep file", path.display()))?;
     let spec: SweepFile = crate::yaml::parse(path, &text)?;
-    let name = spec.name.clone().unwrap_or_else(|| {
-        path.file_stem()
-            .map(|s| s.to_string_lossy().to_string())
-            .unwrap_or_default()
-    });
-    let base_name = name.clone();
-    // A profile is another experiment: its results are kept under their own sweep name.
-    let name = match profile {
-        Some(p) => format!("{name}-{p}"),
-        None => name,
-    };
-    let err_at = |needle: &str, msg: String| -> anyhow::Error {
-        match locate(&text, needle) {
-            Some((l, c)) => anyhow::anyhow!("{}:{l}:{c}: {msg}", path.display()),
-            None => anyhow::anyhow!("{}: {msg}", path.display()),
+    Ok((text, spec))
+}
+
+/// Where in the sweep file (or its base config) a problem is: errors say `file:line:column`.
+struct Locator<'a> {
+    path: &'a Path,
+    text: &'a str,
+    spec: &'a SweepFile,
+    profile: Option<&'a str>,
+    base_path: PathBuf,
+}
+
+impl Locator<'_> {
+    /// At the key path `keys` of the sweep file (e.g. `["grid", "model.heads"]`).
+    fn key(&self, keys: &[&str], msg: String) -> anyhow::Error {
+        at_path(self.text, keys, self.path, &msg)
+    }
+
+    /// At `key` inside item `index` of the list `section` (`include`, `exclude`, `zip`), else at
+    /// the section.
+    fn item(&self, section: &str, index: usize, key: &str, msg: String) -> anyhow::Error {
+        match locate_list_item_key(self.text, section, index, key) {
+            Some((l, c)) => anyhow::anyhow!("{}:{l}:{c}: {msg}", self.path.display()),
+            None => self.key(&[section], msg),
         }
-    };
-    // The name becomes a folder under --runs-dir and a key in the store: a plain word only,
-    // so `name: ../../x` cannot write outside the runs folder.
-    if let Err(why) = valid_sweep_name(&name) {
-        let needle = if spec.name.is_some() { "name" } else { "" };
-        return Err(err_at(needle, format!("name: {why}")));
     }
-    if spec.seeds.is_empty() {
-        return Err(err_at("seeds", "seeds: needs at least one seed".into()));
+
+    /// At an axis of the sweep: its grid line, or its key in its zip group.
+    fn axis(&self, axis: &str, msg: String) -> anyhow::Error {
+        if self.spec.grid.contains_key(axis) {
+            return self.key(&["grid", axis], msg);
+        }
+        match self.spec.zip.iter().position(|g| g.contains_key(axis)) {
+            Some(i) => self.item("zip", i, axis, msg),
+            None => self.key(&[axis], msg),
+        }
     }
-    if spec.retry.max_attempts == 0 {
-        return Err(err_at(
-            "max_attempts",
-            "retry.max_attempts: must be at least 1".into(),
-        ));
+
+    /// Where a config field's value came from, most specific first: an axis of the trial (its
+    /// grid or zip line, or the include item it came from), the profile, the overrides, else
+    /// the base config. Errors about a trial's config point there.
+    fn origin(
+        &self,
+        field: &str,
+        set: &BTreeMap<String, Value>,
+        include: Option<usize>,
+        what: &str,
+    ) -> anyhow::Error {
+        let covers = |k: &str| field == k || field.starts_with(&format!("{k}."));
+        let most_specific = |keys: Vec<&String>| {
+            keys.into_iter()
+                .filter(|k| covers(k))
+                .max_by_key(|k| k.len())
+                .cloned()
+        };
+        if let Some(axis) = most_specific(set.keys().collect()) {
+            return match include {
+                Some(i) => self.item("include", i, &axis, what.to_string()),
+                None => self.axis(&axis, what.to_string()),
+            };
+        }
+        if let Some(p) = self.profile {
+            if let Some(k) = self
+                .spec
+                .profiles
+                .get(p)
+                .and_then(|o| most_specific(o.keys().collect()))
+            {
+                return self.key(&["profiles", p, &k], what.to_string());
+            }
+        }
+        if let Some(k) = most_specific(self.spec.overrides.keys().collect()) {
+            return self.key(&["overrides", &k], what.to_string());
+        }
+        let base_text = fer_model::data::read_text(&self.base_path).unwrap_or_default();
+        let parts: Vec<&str> = field.split('.').collect();
+        at_path(&base_text, &parts, &self.base_path, what)
     }
-    let base_path = path.parent().unwrap_or(Path::new(".")).join(&spec.base);
-    let base_yaml: serde_yaml_ng::Value =
-        crate::yaml::read(&base_path).map_err(|e| err_at("base", format!("base config: {e:#}")))?;
+}
+
+/// The base config with the overrides and the profile's keys applied (as JSON).
+fn resolved_base(at: &Locator) -> anyhow::Result<Value> {
+    let spec = at.spec;
+    let base_yaml: serde_yaml_ng::Value = crate::yaml::read(&at.base_path)
+        .map_err(|e| at.key(&["base"], format!("base config: {e:#}")))?;
     let mut base = to_json(&base_yaml).map_err(|e| {
         let msg = e.to_string();
         let key = msg.split(':').next().unwrap_or("");
-        let base_text = fer_model::data::read_text(&base_path).unwrap_or_default();
+        let base_text = fer_model::data::read_text(&at.base_path).unwrap_or_default();
         let parts: Vec<&str> = key.split('.').collect();
-        at_path(&base_text, &parts, &base_path, &msg)
+        at_path(&base_text, &parts, &at.base_path, &msg)
     })?;
-    let mut overrides = spec.overrides.clone();
-    if let Some(p) = profile {
+    let mut overrides: Vec<(&String, &serde_yaml_ng::Value, Vec<&str>)> = spec
+        .overrides
+        .iter()
+        .map(|(k, v)| (k, v, vec!["overrides", k.as_str()]))
+        .collect();
+    if let Some(p) = at.profile {
         let extra = spec.profiles.get(p).ok_or_else(|| {
-            err_at(
-                "profiles",
+            at.key(
+                &["profiles"],
                 format!(
                     "no profile {p:?} (have: {:?})",
                     spec.profiles.keys().collect::<Vec<_>>()
                 ),
             )
         })?;
-        overrides.extend(extra.clone());
+        overrides.extend(
+            extra
+                .iter()
+                .map(|(k, v)| (k, v, vec!["profiles", p, k.as_str()])),
+        );
     }
-    for (k, v) in &overrides {
-        let v =
-            to_json(v).map_err(|e| at_path(&text, &["overrides", k], path, &format!("{k}.{e}")))?;
-        set_dotted(&mut base, k, v).map_err(|e| err_at(k, e.to_string()))?;
+    for (k, v, keys) in overrides {
+        let v = to_json(v).map_err(|e| at.key(&keys, format!("{k}.{e}")))?;
+        set_dotted(&mut base, k, v).map_err(|e| at.key(&keys, e.to_string()))?;
     }
+    Ok(base)
+}
 
-    // Count before expanding: a huge grid must fail here, not after filling memory.
+/// Count the trials before expanding: a huge grid must fail here, not after filling memory.
+fn check_trial_count(at: &Locator, max_trials: usize) -> anyhow::Result<()> {
+    let spec = at.spec;
     let count = spec
         .grid
         .values()
@@ -375,10 +482,14 @@ pub fn load_capped(
         .and_then(|n| n.checked_add(spec.include.len()))
         .and_then(|n| n.checked_mul(spec.seeds.len()));
     match count {
-        Some(n) if n <= max_trials => {}
+        Some(n) if n <= max_trials => Ok(()),
         _ => {
-            return Err(err_at(
-                "grid",
+            let section = ["grid", "zip", "include", "seeds"]
+                .into_iter()
+                .find(|s| crate::yaml::locate_path(at.text, &[s]).is_some())
+                .unwrap_or("grid");
+            Err(at.key(
+                &[section],
                 format!(
                     "the sweep expands to {} trials, more than the limit of {max_trials} (raise it with --max-trials)",
                     count.map_or("too many".to_string(), |n| n.to_string())
@@ -386,12 +497,22 @@ pub fn load_capped(
             ))
         }
     }
-    // Param sets: grid x zip groups, then exclude, then include.
+}
+
+/// The sweep's parameter sets: grid x zip groups, minus the excludes, then the includes.
+struct ParamSets {
+    sets: Vec<BTreeMap<String, Value>>,
+    /// `sets[first_include + i]` came from `include[i]`.
+    first_include: usize,
+}
+
+fn param_sets(at: &Locator) -> anyhow::Result<ParamSets> {
+    let spec = at.spec;
     let mut sets: Vec<BTreeMap<String, Value>> = vec![BTreeMap::new()];
     for (axis, values) in &spec.grid {
         if values.is_empty() {
-            return Err(err_at(
-                axis,
+            return Err(at.key(
+                &["grid", axis],
                 format!("grid.{axis}: needs at least one value"),
             ));
         }
@@ -399,19 +520,20 @@ pub fn load_capped(
         for set in &sets {
             for v in values {
                 let mut s = set.clone();
-                let v = to_json(v).map_err(|e| {
-                    at_path(&text, &["grid", axis], path, &format!("grid.{axis}: {e}"))
-                })?;
+                let v =
+                    to_json(v).map_err(|e| at.key(&["grid", axis], format!("grid.{axis}: {e}")))?;
                 s.insert(axis.clone(), v);
                 next.push(s);
             }
         }
         sets = next;
     }
-    for group in &spec.zip {
+    for (gi, group) in spec.zip.iter().enumerate() {
         let len = group.values().next().map(|v| v.len()).unwrap_or(0);
         if let Some((k, v)) = group.iter().find(|(_, v)| v.len() != len) {
-            return Err(err_at(
+            return Err(at.item(
+                "zip",
+                gi,
                 k,
                 format!(
                     "zip: axis {k} has {} values, the others in its group have {len}",
@@ -425,7 +547,7 @@ pub fn load_capped(
                 let mut s = set.clone();
                 for (k, vals) in group {
                     let v = to_json(&vals[i])
-                        .map_err(|e| at_path(&text, &["zip"], path, &format!("zip {k}: {e}")))?;
+                        .map_err(|e| at.item("zip", gi, k, format!("zip {k}: {e}")))?;
                     s.insert(k.clone(), v);
                 }
                 next.push(s);
@@ -440,144 +562,105 @@ pub fn load_capped(
         .chain(spec.zip.iter().flat_map(|g| g.keys()))
         .collect();
     if axes.iter().any(|a| a.as_str() == "device") {
-        return Err(err_at(
+        return Err(at.axis(
             "device",
             "device: cannot be a sweep axis; `fer sweep` gives each trial its slot's device (--jobs for CPU slots, --gpus for GPUs)".into(),
         ));
     }
     // An exclude matches the sweep's axes only: a key that is no axis (a typo) would exclude
     // nothing, silently.
+    let mut excludes: Vec<BTreeMap<String, Value>> = Vec::new();
     for (i, ex) in spec.exclude.iter().enumerate() {
-        for k in ex.keys() {
+        let mut exclude = BTreeMap::new();
+        for (k, v) in ex {
             if !axes.contains(&k) {
-                return Err(err_at(
+                let names: Vec<&str> = axes.iter().map(|a| a.as_str()).collect();
+                return Err(at.item(
+                    "exclude",
+                    i,
                     k,
                     format!(
                         "exclude[{i}]: `{k}` is not an axis of this sweep (axes: {})",
-                        axes.iter()
-                            .map(|a| a.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
+                        names.join(", ")
                     ),
                 ));
             }
+            let v =
+                to_json(v).map_err(|e| at.item("exclude", i, k, format!("exclude[{i}]: {e}")))?;
+            exclude.insert(k.clone(), v);
         }
+        excludes.push(exclude);
     }
-    let excludes: Vec<BTreeMap<String, Value>> = spec
-        .exclude
-        .iter()
-        .map(|e| {
-            e.iter()
-                .map(|(k, v)| Ok((k.clone(), to_json(v)?)))
-                .collect::<anyhow::Result<_>>()
-        })
-        .collect::<anyhow::Result<_>>()?;
     sets.retain(|s| {
         !excludes
             .iter()
             .any(|ex| ex.iter().all(|(k, v)| s.get(k) == Some(v)))
     });
     let first_include = sets.len();
-    for inc in &spec.include {
-        sets.push(
-            inc.iter()
-                .map(|(k, v)| Ok((k.clone(), to_json(v)?)))
-                .collect::<anyhow::Result<_>>()?,
-        );
+    for (i, inc) in spec.include.iter().enumerate() {
+        let mut set = BTreeMap::new();
+        for (k, v) in inc {
+            let v =
+                to_json(v).map_err(|e| at.item("include", i, k, format!("include[{i}]: {e}")))?;
+            set.insert(k.clone(), v);
+        }
+        sets.push(set);
     }
+    Ok(ParamSets {
+        sets,
+        first_include,
+    })
+}
 
-    // Where a config field's value came from, most specific first: an axis of the trial (its
-    // grid or zip line, or the include item it came from), the profile, the overrides, else the
-    // base config. Errors about a trial's config point there.
-    let origin = |field: &str,
-                  set: &BTreeMap<String, Value>,
-                  include: Option<usize>,
-                  what: &str|
-     -> anyhow::Error {
-        let covers = |k: &str| field == k || field.starts_with(&format!("{k}."));
-        let most_specific = |keys: Vec<&String>| {
-            keys.into_iter()
-                .filter(|k| covers(k))
-                .max_by_key(|k| k.len())
-                .cloned()
-        };
-        if let Some(axis) = most_specific(set.keys().collect()) {
-            if let Some(i) = include {
-                if let Some((l, c)) = locate_list_item_key(&text, "include", i, &axis) {
-                    return anyhow::anyhow!("{}:{l}:{c}: {what}", path.display());
-                }
-            }
-            let section = if spec.grid.contains_key(&axis) {
-                "grid"
-            } else {
-                "zip"
-            };
-            return at_path(&text, &[section, &axis], path, what);
-        }
-        if let Some(p) = profile {
-            if let Some(k) = spec
-                .profiles
-                .get(p)
-                .and_then(|o| most_specific(o.keys().collect()))
-            {
-                return at_path(&text, &["profiles", p, &k], path, what);
-            }
-        }
-        if let Some(k) = most_specific(spec.overrides.keys().collect()) {
-            return at_path(&text, &["overrides", &k], path, what);
-        }
-        let base_text = fer_model::data::read_text(&base_path).unwrap_or_default();
-        let parts: Vec<&str> = field.split('.').collect();
-        at_path(&base_text, &parts, &base_path, what)
-    };
-
+/// Every (parameter set, seed) as a trial with its resolved, validated config and its key;
+/// duplicates (an include repeating a grid point) once.
+fn expand(
+    at: &Locator,
+    base: &Value,
+    params: ParamSets,
+    code_version: Option<&str>,
+) -> anyhow::Result<Vec<Trial>> {
+    let spec = at.spec;
     let mut trials = Vec::new();
     let mut seen = std::collections::HashSet::new();
-    for (index, set) in sets.into_iter().enumerate() {
-        let include = index.checked_sub(first_include);
+    for (index, set) in params.sets.into_iter().enumerate() {
+        let include = index.checked_sub(params.first_include);
         for &seed in &spec.seeds {
             let mut cfg = base.clone();
             for (k, v) in &set {
-                set_dotted(&mut cfg, k, v.clone()).map_err(|e| err_at(k, e.to_string()))?;
+                set_dotted(&mut cfg, k, v.clone())
+                    .map_err(|e| at.origin(k, &set, include, &e.to_string()))?;
             }
             set_dotted(&mut cfg, "seed", Value::from(seed))?;
             let trial = serde_json::to_string(&set).unwrap_or_default();
             let config: RunConfig = serde_path_to_error::deserialize(cfg.clone()).map_err(|e| {
                 let field = e.path().to_string();
                 let msg = crate::yaml::explain(&e.inner().to_string());
-                origin(
-                    &field,
-                    &set,
-                    include,
-                    &format!("{field}: {msg} (trial {trial})"),
-                )
+                let what = format!("{field}: {msg} (trial {trial})");
+                at.origin(&field, &set, include, &what)
             })?;
             config.validate().map_err(|e| {
-                // Validation messages start with the field they are about (`epochs: ...`).
+                // Validation messages start with the field they are about (`epochs: ...`); one
+                // that names no field is put at the trial's first axis.
                 let msg = e.to_string();
                 let field = msg.split(':').next().unwrap_or_default();
                 let what = format!("trial {trial}: {msg}");
-                if field.contains(' ') || field.is_empty() {
-                    err_at(
-                        set.keys().next().map(|s| s.as_str()).unwrap_or("base"),
-                        what,
-                    )
-                } else {
-                    origin(field, &set, include, &what)
+                match set.keys().next() {
+                    Some(axis) if field.contains(' ') || field.is_empty() => {
+                        at.origin(axis, &set, include, &what)
+                    }
+                    None if field.contains(' ') || field.is_empty() => at.key(&["base"], what),
+                    _ => at.origin(field, &set, include, &what),
                 }
             })?;
             // Canonical form: the config re-serialised from its typed value (defaults filled
             // in, keys sorted), so equivalent spellings give the same key.
             let config_json: Value = serde_json::from_str(&serde_json::to_string(&config)?)?;
-            let key = trial_key(
-                &config_json,
-                seed,
-                if spec.key_includes_code_version {
-                    code_version
-                } else {
-                    None
-                },
-            );
+            let version = spec
+                .key_includes_code_version
+                .then_some(code_version)
+                .flatten();
+            let key = trial_key(&config_json, seed, version);
             if !seen.insert(key.clone()) {
                 continue; // an include may repeat a grid point
             }
@@ -595,19 +678,8 @@ pub fn load_capped(
     if trials.is_empty() {
         bail!(
             "{}: the sweep expands to no trials (everything excluded?)",
-            path.display()
+            at.path.display()
         );
     }
-    if let Some(report) = &spec.report {
-        let configs: Vec<&Value> = trials.iter().map(|t| &t.config_json).collect();
-        report
-            .validate(&configs)
-            .map_err(|e| err_at("report:", e))?;
-    }
-    Ok(Sweep {
-        name,
-        base_name,
-        spec,
-        trials,
-    })
+    Ok(trials)
 }

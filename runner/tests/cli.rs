@@ -1,7 +1,7 @@
 //! The `fer` binary end to end: a training run checkpoints every epoch and resumes where it
 //! stopped; bad input is a clear error, not a panic.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

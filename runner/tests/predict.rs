@@ -1,7 +1,7 @@
 //! `fer predict` on the two public-domain photos: a checkpoint trained here on synthetic faces
 //! and an official-format DAN `.pth`; detection, probabilities, attention pictures, errors.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

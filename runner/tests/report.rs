@@ -3,7 +3,7 @@
 //! those values imply, under each protocol; a trial without a result is listed and fails the
 //! command unless --allow-missing.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

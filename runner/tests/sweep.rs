@@ -1,7 +1,7 @@
 //! Sweeps end to end through the `fer` binary: expansion and its errors, idempotent reruns,
 //! recovery after SIGKILL, retries by failure class, concurrent runners, no shell.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -198,6 +198,28 @@ fn sweep_errors_name_file_line_and_column() {
             "base: base.yaml\noverrides:\n  epochs: 3\n  epochs: 4\n",
             "s.yaml:3:3",
             "duplicate key `epochs` (at lines 3 and 4)",
+        ),
+        // Located by key path, not by the first line mentioning the word: a comment, a
+        // longer key or another section's key come first in each of these.
+        (
+            "base: base.yaml\n# three seeds were too slow\nname: seeds_study\nseeds: []\n",
+            "s.yaml:4:1",
+            "seeds: needs at least one seed",
+        ),
+        (
+            "base: base.yaml\n# max_attempts: see below\nretry:\n  divergence: false\n  max_attempts: 0\n",
+            "s.yaml:5:3",
+            "retry.max_attempts: must be at least 1",
+        ),
+        (
+            "base: base.yaml\ngrid:\n  model.heads: [1, 2]\n  epochs: [2]\nexclude:\n  - {model.heads: 1}\n  - {epochs: 2, model.haeds: 2}\n",
+            "s.yaml:7:17",
+            "exclude[1]: `model.haeds` is not an axis",
+        ),
+        (
+            "base: base.yaml\ngrid:\n  model.heads: [1]\nzip:\n  - {epochs: [1, 2], batch: [4, 8]}\n  - {seed: [1, 2], data.seed: [1]}\n",
+            "s.yaml:6:6",
+            "zip: axis seed has 2 values, the others in its group have 1",
         ),
         // A byte-order mark is not a second document.
         (

@@ -2,8 +2,6 @@
 //! class-balanced sampling and a parallel prefetching loader.
 
 pub mod augment;
-pub mod blobs;
-pub mod face_detect;
 pub mod image;
 pub mod jpeg;
 pub mod loader;
@@ -13,7 +11,6 @@ pub mod sets;
 pub mod synth;
 
 pub use augment::{AugmentConfig, IMAGENET_MEAN, IMAGENET_STD};
-pub use blobs::blobs;
 pub use image::Image;
 pub use loader::{Batch, Sampling};
 pub use sets::{load, DataSet, DataSpec, NoiseSpec, Split};

@@ -49,10 +49,10 @@ pub mod isa {
 /// where the CPU has it: its element loops are then vectorised 8 wide instead of the 4 of
 /// x86-64's baseline SSE2 (same operations in the same order, same results).
 macro_rules! avx2_dispatch {
-    ($(#[$attr:meta])* fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
         $(#[$attr])*
         #[inline(never)]
-        fn $name($($arg: $ty),*) -> $ret {
+        $vis fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             if $crate::ops::isa::avx2() {
                 #[target_feature(enable = "avx2")]
@@ -67,6 +67,8 @@ macro_rules! avx2_dispatch {
     };
 }
 
+pub(crate) mod adam;
+pub mod add_relu;
 pub mod batch_norm;
 pub mod conv;
 pub mod gemm;
@@ -134,7 +136,7 @@ pub(crate) fn give_scratch(v: Vec<f32>) {
     }
 }
 
-pub use batch_norm::add_relu;
+pub use add_relu::add_relu;
 pub use conv::{conv2d, ConvGeometry};
 pub use gemm::matmul;
 pub use pool::{max_pool2d, max_pool2d_ceil};

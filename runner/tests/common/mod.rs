@@ -7,9 +7,13 @@ pub fn fer() -> Command {
     Command::new(env!("CARGO_BIN_EXE_fer"))
 }
 
-/// A fresh scratch directory for one test.
+/// A fresh, empty scratch folder for one test: its tag, this process and a per-process count
+/// make it unique (all integration tests share one process).
 pub fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("fer-test-{tag}-{}", std::process::id()));
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let d = std::env::temp_dir().join(format!("fer-test-{tag}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d

@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use fer_model::data::face_detect::{Cascade, FaceBox};
 use fer_model::data::image::Image;
+use fer_runner::face_detect::{Cascade, FaceBox};
 
 fn photo(name: &str) -> Image {
     Image::open(

@@ -1,13 +1,12 @@
 //! A tiny procedural image set for smoke runs and learning tests: each class is a pair of
 //! mirrored blobs whose height, spacing and size depend on the class, on a noisy background.
-//! Labels stay valid under a horizontal flip. (The synthetic face renderer of the data issue
-//! replaces this as the embedded default.)
+//! Labels stay valid under a horizontal flip. (Test-only: the learning tests of `tests/training.rs`.)
 
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::augment::{IMAGENET_MEAN, IMAGENET_STD};
+use fer_model::data::augment::{IMAGENET_MEAN, IMAGENET_STD};
 
 /// `n` normalised images [n, 3, size, size] with labels cycling through `classes`,
 /// deterministic in `seed`.

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context};
 
-use super::image::Image;
+use fer_model::data::image::Image;
 
 /// A face box in pixels of the original image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -60,10 +60,10 @@ fn items<'a>(node: roxmltree::Node<'a, 'a>) -> impl Iterator<Item = roxmltree::N
 }
 
 impl Cascade {
-    /// The bundled OpenCV `lbpcascade_frontalface_improved.xml` (BSD-3, model/assets/).
+    /// The bundled OpenCV `lbpcascade_frontalface_improved.xml` (BSD-3, runner/assets/).
     pub fn frontal_face() -> Self {
         Self::parse(include_str!(
-            "../../assets/lbpcascade_frontalface_improved.xml"
+            "../assets/lbpcascade_frontalface_improved.xml"
         ))
         .expect("bundled cascade parses")
     }
@@ -366,4 +366,33 @@ fn group(rects: &[Rect], min_neighbours: usize, eps: f64) -> Vec<Rect> {
         })
         .map(|(r, _)| *r)
         .collect()
+}
+
+/// A detected box grown by `margin` of its size on every side (the cascade's boxes are tight,
+/// aligned FER crops include the whole face), clamped to the image.
+pub fn expand(b: FaceBox, margin: f64, width: usize, height: usize) -> FaceBox {
+    let dx = (b.width as f64 * margin) as usize;
+    let dy = (b.height as f64 * margin) as usize;
+    let x0 = b.x.saturating_sub(dx);
+    let y0 = b.y.saturating_sub(dy);
+    let x1 = (b.x + b.width + dx).min(width);
+    let y1 = (b.y + b.height + dy).min(height);
+    FaceBox {
+        x: x0,
+        y: y0,
+        width: x1 - x0,
+        height: y1 - y0,
+    }
+}
+
+pub fn crop(img: &Image, b: FaceBox) -> Image {
+    let mut out = Image::new(b.width, b.height);
+    for c in 0..3 {
+        for y in 0..b.height {
+            for x in 0..b.width {
+                out.set(c, y, x, img.get(c, b.y + y, b.x + x));
+            }
+        }
+    }
+    out
 }
