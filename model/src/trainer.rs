@@ -82,6 +82,62 @@ pub fn classify_io(e: anyhow::Error) -> anyhow::Error {
 
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 
+/// The splits of one run, loaded and checked against the config.
+struct Splits {
+    train: Arc<DataSet>,
+    /// Carved from the training split (after noise) when `validation` is set.
+    val: Option<Arc<DataSet>>,
+    test: Arc<DataSet>,
+    /// Samples of either split that could not be used (`skip_bad`).
+    skipped: usize,
+}
+
+impl Splits {
+    fn load(config: &RunConfig) -> anyhow::Result<Self> {
+        let mut train = data::load(&config.data, Split::Train)?;
+        // Noise first, over the whole training split, so a sample's noisy label does not
+        // depend on the validation fraction; validation then holds the labels a researcher
+        // would have.
+        if let Some(noise) = &config.noise {
+            train.apply_noise(noise)?;
+        }
+        let val = match &config.validation {
+            Some(v) => Some(Arc::new(
+                train.split_off_validation(v.fraction, config.split_seed())?,
+            )),
+            None => None,
+        };
+        let test = data::load(&config.data, Split::Test)?;
+        anyhow::ensure!(
+            train.classes() == config.model.classes,
+            "model.classes is {} but the data set {} has {} classes",
+            config.model.classes,
+            train.name,
+            train.classes()
+        );
+        // Labels index one class list: both splits must name the same classes in the same order.
+        anyhow::ensure!(
+            train.class_names == test.class_names,
+            "the data set {}: its training classes {:?} differ from its test classes {:?}",
+            train.name,
+            train.class_names,
+            test.class_names
+        );
+        anyhow::ensure!(
+            train.len() >= config.batch,
+            "the training split has {} samples, fewer than one batch of {}",
+            train.len(),
+            config.batch
+        );
+        Ok(Self {
+            skipped: train.skipped.len() + test.skipped.len(),
+            train: Arc::new(train),
+            val,
+            test: Arc::new(test),
+        })
+    }
+}
+
 /// Train (or resume) the run in `dir`, calling `on_event` as it goes.
 pub fn run(
     config: &RunConfig,
@@ -95,44 +151,7 @@ pub fn run(
         anyhow::ensure!(p.is_file(), "{}", crate::weights::known::missing_message(p));
     }
     let dev = device::select(&config.device)?;
-    let mut train_set = data::load(&config.data, Split::Train)?;
-    // Noise first, over the whole training split, so a sample's noisy label does not depend on
-    // the validation fraction; validation then holds the labels a researcher would have.
-    if let Some(noise) = &config.noise {
-        train_set.apply_noise(noise)?;
-    }
-    let val_set = match &config.validation {
-        Some(v) => Some(Arc::new(
-            train_set.split_off_validation(v.fraction, config.split_seed())?,
-        )),
-        None => None,
-    };
-    let test_set = data::load(&config.data, Split::Test)?;
-    anyhow::ensure!(
-        train_set.classes() == config.model.classes,
-        "model.classes is {} but the data set {} has {} classes",
-        config.model.classes,
-        train_set.name,
-        train_set.classes()
-    );
-    // Labels index one class list: both splits must name the same classes in the same order.
-    anyhow::ensure!(
-        train_set.class_names == test_set.class_names,
-        "the data set {}: its training classes {:?} differ from its test classes {:?}",
-        train_set.name,
-        train_set.class_names,
-        test_set.class_names
-    );
-    anyhow::ensure!(
-        train_set.len() >= config.batch,
-        "the training split has {} samples, fewer than one batch of {}",
-        train_set.len(),
-        config.batch
-    );
-    let skipped = train_set.skipped.len() + test_set.skipped.len();
-    let train_set = Arc::new(train_set);
-    let test_set = Arc::new(test_set);
-
+    let splits = Splits::load(config)?;
     let net = DanEac::new(
         &config.model.dan_config(),
         config.model.centers(),
@@ -162,15 +181,15 @@ pub fn run(
     } else {
         0
     };
-    let steps = train_set.len() / config.batch;
+    let steps = splits.train.len() / config.batch;
     on_event(&Event::Started {
         epochs: config.epochs,
         start_epoch,
         steps_per_epoch: steps,
-        train_samples: train_set.len(),
-        test_samples: test_set.len(),
-        skipped_samples: skipped,
-        class_names: test_set.class_names.clone(),
+        train_samples: splits.train.len(),
+        test_samples: splits.test.len(),
+        skipped_samples: splits.skipped,
+        class_names: splits.test.class_names.clone(),
     })?;
     for past in &history {
         on_event(&Event::Epoch(EpochMetrics {
@@ -178,95 +197,15 @@ pub fn run(
             ..past.clone()
         }))?;
     }
-    let aug = config.augment();
-
     for epoch in start_epoch..config.epochs {
-        let started = Instant::now();
-        let order = epoch_order(&train_set, config.sampling, config.order_seed(), epoch);
-        let rx = batches(
-            train_set.clone(),
-            BatchPlan {
-                order,
-                batch: config.batch,
-                augment: Some(aug.clone()),
-                size: config.input_size,
-                seed: config.augment_seed(),
-                epoch,
-                drop_last: true,
-                prefetch: 2,
-            },
-        );
-        let mut loss_sums = LossMeans::default();
-        let (mut correct, mut seen) = (0usize, 0usize);
-        let (mut clean, mut noisy, mut predicted) = (Vec::new(), Vec::new(), Vec::new());
-        for (step, batch) in rx.into_iter().enumerate() {
-            let batch = batch.map_err(|e| classified(FailureClass::Data, e))?;
-            opt.lr = config.schedule.lr_at_step(
-                config.optimizer.base_lr(),
-                config.epochs,
-                epoch,
-                step,
-                steps,
-            );
-            let x = batch.images(&dev)?;
-            let y = batch.label_tensor(&dev)?;
-            let weights = config.losses.at_step(epoch, step, steps);
-            let l = train::train_step(&net.dan, &net.centers, &mut opt, &x, &y, weights)
-                .with_context(|| format!("epoch {} step {}", epoch + 1, step + 1))?;
-            loss_sums.add(&l);
-            correct += l.correct;
-            seen += l.batch;
-            clean.extend_from_slice(&batch.clean_labels);
-            noisy.extend_from_slice(&batch.labels);
-            predicted.extend_from_slice(&l.predictions);
-            on_event(&Event::Step {
-                epoch: epoch + 1,
-                step: step + 1,
-                steps,
-                loss: l.total,
-            })?;
-        }
-        let train_seconds = started.elapsed().as_secs_f64();
-        let eval_started = Instant::now();
-        let eval = evaluate_set(&net, &test_set, config)?;
-        let val_accuracy = match &val_set {
-            Some(v) => Some(accuracy(&predict_set(&net, v, config)?, &v.labels())),
-            None => None,
-        };
-        let memorisation_eval = match &config.noise {
-            Some(_) => Some(memorisation(
-                &train_set.clean_labels(),
-                &train_set.labels(),
-                &predict_set(&net, &train_set, config)?,
-            )),
-            None => None,
-        };
-        let n = steps.max(1) as f64;
-        let metrics = EpochMetrics {
-            epoch: epoch + 1,
-            lr: opt.lr,
-            loss: loss_sums.scaled(1.0 / n),
-            train_accuracy: correct as f64 / seen.max(1) as f64,
-            test_accuracy: eval.accuracy,
-            test_balanced_accuracy: eval.balanced_accuracy,
-            val_accuracy,
-            memorisation: memorisation_eval,
-            memorisation_running: config
-                .noise
-                .as_ref()
-                .map(|_| memorisation(&clean, &noisy, &predicted)),
-            train_seconds,
-            eval_seconds: eval_started.elapsed().as_secs_f64(),
-            train_img_per_s: seen as f64 / train_seconds,
-            confusion: eval.confusion,
-            replayed: false,
-        };
+        let trained = train_epoch(config, &net, &mut opt, &splits.train, epoch, on_event)?;
+        let metrics = evaluate_epoch(config, &net, &splits, epoch, opt.lr, steps, trained)?;
         // Checkpoint before reporting: a reported epoch always has its weights on disk, and
         // the checkpoint holds its metrics.
         history.push(metrics.clone());
         let extra = serde_json::json!({
-            "class_names": train_set.class_names,
-            "data": train_set.name,
+            "class_names": splits.train.class_names,
+            "data": splits.train.name,
             "input_size": config.input_size,
             "history": history,
         });
@@ -277,6 +216,136 @@ pub fn run(
         epochs: config.epochs,
     })?;
     Ok(())
+}
+
+/// What one epoch of training steps measured.
+struct TrainedEpoch {
+    /// Summed over the steps.
+    loss_sums: LossMeans,
+    correct: usize,
+    seen: usize,
+    /// Clean labels, training (possibly noisy) labels and train-mode predictions of every
+    /// sample trained on, for the running memorisation figure.
+    clean: Vec<u32>,
+    noisy: Vec<u32>,
+    predicted: Vec<u32>,
+    seconds: f64,
+}
+
+/// One epoch of training steps (the last short batch dropped), reporting each step.
+fn train_epoch(
+    config: &RunConfig,
+    net: &DanEac,
+    opt: &mut crate::Optimizer,
+    train_set: &Arc<DataSet>,
+    epoch: usize,
+    on_event: &mut dyn FnMut(&Event) -> anyhow::Result<()>,
+) -> anyhow::Result<TrainedEpoch> {
+    let started = Instant::now();
+    let dev = net.store.device().clone();
+    let steps = train_set.len() / config.batch;
+    let order = epoch_order(train_set, config.sampling, config.order_seed(), epoch);
+    let rx = batches(
+        train_set.clone(),
+        BatchPlan {
+            order,
+            batch: config.batch,
+            augment: Some(config.augment()),
+            size: config.input_size,
+            seed: config.augment_seed(),
+            epoch,
+            drop_last: true,
+            prefetch: 2,
+        },
+    );
+    let mut out = TrainedEpoch {
+        loss_sums: LossMeans::default(),
+        correct: 0,
+        seen: 0,
+        clean: Vec::new(),
+        noisy: Vec::new(),
+        predicted: Vec::new(),
+        seconds: 0.0,
+    };
+    for (step, batch) in rx.into_iter().enumerate() {
+        let batch = batch.map_err(|e| classified(FailureClass::Data, e))?;
+        opt.lr = config.schedule.lr_at_step(
+            config.optimizer.base_lr(),
+            config.epochs,
+            epoch,
+            step,
+            steps,
+        );
+        let x = batch.images(&dev)?;
+        let y = batch.label_tensor(&dev)?;
+        let weights = config.losses.at_step(epoch, step, steps);
+        let l = train::train_step(&net.dan, &net.centers, opt, &x, &y, weights)
+            .with_context(|| format!("epoch {} step {}", epoch + 1, step + 1))?;
+        out.loss_sums.add(&l);
+        out.correct += l.correct;
+        out.seen += l.batch;
+        out.clean.extend_from_slice(&batch.clean_labels);
+        out.noisy.extend_from_slice(&batch.labels);
+        out.predicted.extend_from_slice(&l.predictions);
+        on_event(&Event::Step {
+            epoch: epoch + 1,
+            step: step + 1,
+            steps,
+            loss: l.total,
+        })?;
+    }
+    out.seconds = started.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+/// The epoch's metrics: its training figures and the evaluation after it (test, validation,
+/// memorisation under label noise).
+fn evaluate_epoch(
+    config: &RunConfig,
+    net: &DanEac,
+    splits: &Splits,
+    epoch: usize,
+    lr: f64,
+    steps: usize,
+    trained: TrainedEpoch,
+) -> anyhow::Result<EpochMetrics> {
+    let started = Instant::now();
+    let eval = evaluate_set(net, &splits.test, config)?;
+    let val_accuracy = match &splits.val {
+        Some(v) => Some(accuracy(&predict_set(net, v, config)?, &v.labels())),
+        None => None,
+    };
+    let (memorisation_eval, memorisation_running) = match &config.noise {
+        Some(_) => (
+            Some(memorisation(
+                &splits.train.clean_labels(),
+                &splits.train.labels(),
+                &predict_set(net, &splits.train, config)?,
+            )),
+            Some(memorisation(
+                &trained.clean,
+                &trained.noisy,
+                &trained.predicted,
+            )),
+        ),
+        None => (None, None),
+    };
+    Ok(EpochMetrics {
+        epoch: epoch + 1,
+        lr,
+        loss: trained.loss_sums.scaled(1.0 / steps.max(1) as f64),
+        train_accuracy: trained.correct as f64 / trained.seen.max(1) as f64,
+        test_accuracy: eval.accuracy,
+        test_balanced_accuracy: eval.balanced_accuracy,
+        val_accuracy,
+        memorisation: memorisation_eval,
+        memorisation_running,
+        train_seconds: trained.seconds,
+        eval_seconds: started.elapsed().as_secs_f64(),
+        train_img_per_s: trained.seen as f64 / trained.seconds,
+        confusion: eval.confusion,
+        replayed: false,
+    })
 }
 
 /// Evaluation-mode accuracy on a whole split, against its clean labels.

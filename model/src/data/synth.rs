@@ -543,13 +543,36 @@ fn scale3(c: [f32; 3], k: f32) -> [f32; 3] {
     c.map(|v| (v * k).clamp(0.0, 1.0))
 }
 
-/// The face's shapes after the head (which is shaded separately), back to front.
+/// The face's shapes after the head (which is shaded separately), back to front: cheeks and
+/// eyes, brows, nose, mouth and chin, then an occluder. Each feature moves with its action units
+/// (`f.aus`).
 fn face_shapes(f: &FaceParams) -> Vec<Shape> {
-    let a = &f.aus;
-    let dark = scale3(f.skin, 0.45);
-    let line = scale3(f.skin, 0.65);
+    let ink = Ink {
+        dark: scale3(f.skin, 0.45),
+        line: scale3(f.skin, 0.65),
+    };
     let mut s = Vec::new();
+    let ey = cheeks_and_eyes(f, ink, &mut s);
+    let by = brows(f, ink, ey, &mut s);
+    let ny = nose(f, ink, ey, &mut s);
+    let my = mouth_and_chin(f, ink, ny, &mut s);
+    if let Some(o) = occluder(f, ey, by, my) {
+        s.push(o);
+    }
+    s
+}
 
+/// The two darker skin tones features are drawn with.
+#[derive(Clone, Copy)]
+struct Ink {
+    dark: [f32; 3],
+    line: [f32; 3],
+}
+
+/// Cheek highlights, eyes with lids and crow's feet; returns the eye line's height.
+fn cheeks_and_eyes(f: &FaceParams, ink: Ink, s: &mut Vec<Shape>) -> f32 {
+    let a = &f.aus;
+    let Ink { dark, line } = ink;
     // Cheek highlight (AU6).
     for side in [-1.0f32, 1.0] {
         s.push(Shape::Ellipse {
@@ -597,7 +620,7 @@ fn face_shapes(f: &FaceParams) -> Vec<Shape> {
         dark,
         1.0,
     );
-    pair(&mut s, upper);
+    pair(s, upper);
     let lower_lift = 0.6 * a.cheek_raise_6.max(0.0) * open;
     let lower = Stroke::bezier(
         (f.eye_dx - f.eye_size, ey),
@@ -607,7 +630,7 @@ fn face_shapes(f: &FaceParams) -> Vec<Shape> {
         line,
         0.8,
     );
-    pair(&mut s, lower);
+    pair(s, lower);
     // Crow's feet (AU6).
     for k in [-1.0f32, 0.0, 1.0] {
         let x0 = f.eye_dx + f.eye_size + 0.03;
@@ -619,9 +642,14 @@ fn face_shapes(f: &FaceParams) -> Vec<Shape> {
             line,
             a.cheek_raise_6.max(0.0),
         );
-        pair(&mut s, st);
+        pair(s, st);
     }
+    ey
+}
 
+/// Brows and glabella lines above the eye line `ey`; returns the brow line's height.
+fn brows(f: &FaceParams, ink: Ink, ey: f32, s: &mut Vec<Shape>) -> f32 {
+    let a = &f.aus;
     // Brows: inner end up with AU1, outer with AU2, both down and inward with AU4.
     let by = ey - f.eye_size - 0.1;
     let inner_x = 0.1 + 0.06 * (1.0 - a.brow_lower_4.max(0.0));
@@ -637,7 +665,7 @@ fn face_shapes(f: &FaceParams) -> Vec<Shape> {
         f.hair,
         1.0,
     );
-    pair(&mut s, brow);
+    pair(s, brow);
     // Glabella lines (AU4).
     for x in [-0.03f32, 0.03] {
         let st = Stroke::bezier(
@@ -645,12 +673,18 @@ fn face_shapes(f: &FaceParams) -> Vec<Shape> {
             (x * 1.3, by + 0.04),
             (x, by + 0.1),
             0.006,
-            line,
+            ink.line,
             a.brow_lower_4.max(0.0),
         );
         s.push(Shape::Stroke(st));
     }
+    by
+}
 
+/// Nose below the eye line `ey`; returns the nose tip's height.
+fn nose(f: &FaceParams, ink: Ink, ey: f32, s: &mut Vec<Shape>) -> f32 {
+    let a = &f.aus;
+    let Ink { dark, line } = ink;
     // Nose: bridge, nostrils (lift and widen with AU9), bridge wrinkles (AU9).
     let ny = ey + f.nose_len;
     let nost_w = 0.05 + 0.03 * a.nose_wrinkle_9.max(0.0);
@@ -683,7 +717,13 @@ fn face_shapes(f: &FaceParams) -> Vec<Shape> {
         );
         s.push(Shape::Stroke(st));
     }
+    ny
+}
 
+/// Mouth (cavity, teeth, lips) below the nose tip `ny` and the chin bump; returns the mouth's
+/// height.
+fn mouth_and_chin(f: &FaceParams, ink: Ink, ny: f32, s: &mut Vec<Shape>) -> f32 {
+    let a = &f.aus;
     // Mouth: width (AU20 wider, AU23 narrower), corners (AU12 up, AU15 down), opening
     // (AU25 parts, AU26 drops and rounds), upper lip raise (AU10), chin raise (AU17).
     let my = ny + 0.17 + 0.04 * a.jaw_drop_26.max(0.0);
@@ -739,41 +779,42 @@ fn face_shapes(f: &FaceParams) -> Vec<Shape> {
         (0.0, cy - 0.05),
         (0.1, cy),
         0.007,
-        line,
+        ink.line,
         a.chin_raise_17.max(0.0),
     )));
+    my
+}
 
-    // Occluder over one region (hand, sunglasses, mask, fringe).
-    if let Some((kind, color)) = f.occluder {
-        let shape = match kind {
-            0 => Shape::Ellipse {
-                c: (0.35, 0.45),
-                r: (0.3, 0.22),
-                color: f.skin.map(|v| v * 0.9),
-                opacity: 1.0,
-            },
-            1 => Shape::Ellipse {
-                c: (0.0, ey),
-                r: (0.62, 0.12),
-                color: [0.05, 0.05, 0.07],
-                opacity: 0.95,
-            },
-            2 => Shape::Ellipse {
-                c: (0.0, my + 0.05),
-                r: (0.45, 0.24),
-                color,
-                opacity: 1.0,
-            },
-            _ => Shape::Ellipse {
-                c: (0.0, by - 0.05),
-                r: (0.7, 0.12),
-                color: f.hair,
-                opacity: 1.0,
-            },
-        };
-        s.push(shape);
-    }
-    s
+/// An occluder over one region (hand, sunglasses, mask, fringe), placed by the eye, brow and
+/// mouth lines.
+fn occluder(f: &FaceParams, ey: f32, by: f32, my: f32) -> Option<Shape> {
+    let (kind, color) = f.occluder?;
+    Some(match kind {
+        0 => Shape::Ellipse {
+            c: (0.35, 0.45),
+            r: (0.3, 0.22),
+            color: f.skin.map(|v| v * 0.9),
+            opacity: 1.0,
+        },
+        1 => Shape::Ellipse {
+            c: (0.0, ey),
+            r: (0.62, 0.12),
+            color: [0.05, 0.05, 0.07],
+            opacity: 0.95,
+        },
+        2 => Shape::Ellipse {
+            c: (0.0, my + 0.05),
+            r: (0.45, 0.24),
+            color,
+            opacity: 1.0,
+        },
+        _ => Shape::Ellipse {
+            c: (0.0, by - 0.05),
+            r: (0.7, 0.12),
+            color: f.hair,
+            opacity: 1.0,
+        },
+    })
 }
 
 /// The face fills the frame like an aligned crop; the features are drawn larger than the head

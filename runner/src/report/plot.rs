@@ -118,8 +118,9 @@ pub struct LineChart {
     pub references: Vec<(String, Vec<(f64, f64)>)>,
 }
 
-impl Figure for LineChart {
-    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> anyhow::Result<()> {
+impl LineChart {
+    /// The padded x and y ranges of every point, error bar and reference.
+    fn ranges(&self) -> ((f64, f64), (f64, f64)) {
         let xs = self
             .series
             .iter()
@@ -129,7 +130,6 @@ impl Figure for LineChart {
                     .iter()
                     .flat_map(|(_, p)| p.iter().map(|q| q.0)),
             );
-        let (x0, x1) = padded_range(xs, false);
         let ys = self
             .series
             .iter()
@@ -139,15 +139,12 @@ impl Figure for LineChart {
                     .iter()
                     .flat_map(|(_, p)| p.iter().map(|q| q.1)),
             );
-        let (y0, y1) = padded_range(ys, false);
-        let mut chart = ChartBuilder::on(root)
-            .caption(&self.title, ("sans-serif", 20))
-            .margin(16)
-            .x_label_area_size(48)
-            .y_label_area_size(64)
-            .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(err)?;
-        // Ticks at the data's own x values when there are few (heads 1, 2, 4, 8), plain otherwise.
+        (padded_range(xs, false), padded_range(ys, false))
+    }
+
+    /// Ticks at the data's own x values when there are few (heads 1, 2, 4, 8), plain otherwise:
+    /// whether they are at the data, and the label of a candidate tick (blank off the data).
+    fn x_ticks(&self) -> (bool, impl Fn(&f64) -> String) {
         let mut ticks: Vec<f64> = self
             .series
             .iter()
@@ -165,6 +162,21 @@ impl Figure for LineChart {
                 format!("{x:.2}")
             }
         };
+        (at_data, fmt)
+    }
+}
+
+impl Figure for LineChart {
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> anyhow::Result<()> {
+        let ((x0, x1), (y0, y1)) = self.ranges();
+        let mut chart = ChartBuilder::on(root)
+            .caption(&self.title, ("sans-serif", 20))
+            .margin(16)
+            .x_label_area_size(48)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(err)?;
+        let (at_data, fmt) = self.x_ticks();
         let mut mesh = chart.configure_mesh();
         mesh.max_light_lines(0).bold_line_style(BLACK.mix(0.12));
         mesh.x_desc(&self.x_label)

@@ -303,6 +303,46 @@ pub fn markdown(
         report.sweep_file.display()
     );
     let _ = writeln!(md, "{}\n", markdown_table(report));
+    md.push_str(&claims_section(report, db, &sweep_cmd, &report_cmd));
+    if let Some(n) = &spec.notes {
+        let _ = writeln!(md, "\n{}", n.trim());
+    }
+    let _ = writeln!(
+        md,
+        "\n![{}]({stem}.png)\n\n([SVG]({stem}.svg))\n",
+        spec.title
+    );
+    for (title, file) in curves {
+        let _ = writeln!(md, "![{title}]({file}.png)\n\n([SVG]({file}.svg))\n");
+    }
+    if let Some(section) = contrasts_section(report) {
+        let _ = writeln!(md, "{section}");
+    }
+    let missing = missing_lines(report);
+    if !missing.is_empty() {
+        let _ = writeln!(md, "## Missing results\n\nThese trials of the sweep have no completed result; their cells show how many of the expected trials they hold.\n");
+        for m in missing {
+            let _ = writeln!(md, "- {m}");
+        }
+        let _ = writeln!(md);
+    }
+    md.push_str(&trials_section(report, stem, pictures));
+    let _ = writeln!(
+        md,
+        "\n<details><summary>Setting shared by every trial of this report</summary>\n"
+    );
+    for (k, v) in &report.setting {
+        let _ = writeln!(md, "- `{k}` = `{v}`");
+    }
+    let _ = writeln!(md, "\n</details>");
+    md
+}
+
+/// The bullet list under the table: what the numbers are (data, protocol, n), the published
+/// setting, convergence, code version, how the report was made, what varies.
+fn claims_section(report: &Report, db: &Path, sweep_cmd: &str, report_cmd: &str) -> String {
+    let spec = &report.spec;
+    let mut md = String::new();
     let _ = writeln!(
         md,
         "- **Ours**: {}. Protocol: **{}** — {}; mean ± sample standard deviation over seeds, n trials per cell.",
@@ -349,28 +389,13 @@ pub fn markdown(
                 .join(", ")
         );
     }
-    if let Some(n) = &spec.notes {
-        let _ = writeln!(md, "\n{}", n.trim());
-    }
-    let _ = writeln!(
-        md,
-        "\n![{}]({stem}.png)\n\n([SVG]({stem}.svg))\n",
-        spec.title
-    );
-    for (title, file) in curves {
-        let _ = writeln!(md, "![{title}]({file}.png)\n\n([SVG]({file}.svg))\n");
-    }
-    if let Some(section) = contrasts_section(report) {
-        let _ = writeln!(md, "{section}");
-    }
-    let missing = missing_lines(report);
-    if !missing.is_empty() {
-        let _ = writeln!(md, "## Missing results\n\nThese trials of the sweep have no completed result; their cells show how many of the expected trials they hold.\n");
-        for m in missing {
-            let _ = writeln!(md, "- {m}");
-        }
-        let _ = writeln!(md);
-    }
+    md
+}
+
+/// The per-trial table: every completed trial of every cell with each protocol's accuracy, its
+/// plateau verdict, code version and picture links.
+fn trials_section(report: &Report, stem: &str, pictures: &HashMap<String, (bool, bool)>) -> String {
+    let mut md = String::new();
     let _ = writeln!(md, "## Trials\n");
     let _ = writeln!(md, "| Cell | Seed | Trial | Final (%) | Best (%) | Last 3 (%) | Plateau | Last 5 (%) | Best-val epoch's test (%) | Balanced (%) | Epochs | Code | Pictures |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
@@ -409,14 +434,6 @@ pub fn markdown(
             );
         }
     }
-    let _ = writeln!(
-        md,
-        "\n<details><summary>Setting shared by every trial of this report</summary>\n"
-    );
-    for (k, v) in &report.setting {
-        let _ = writeln!(md, "- `{k}` = `{v}`");
-    }
-    let _ = writeln!(md, "\n</details>");
     md
 }
 

@@ -8,6 +8,7 @@
 //! * f64 (the finite-difference tests): the reference composition im2col (`im2col`, whose
 //!   backward is col2im) + Candle's matmul, every gradient from ops with a correct backward.
 //! * GPU: Candle's native convolution (cuDNN where enabled).
+//!
 //! Padding is per axis, so 1x3 and 3x1 kernels need no manual padding.
 
 mod fused;
