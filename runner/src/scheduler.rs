@@ -13,7 +13,7 @@ use tokio::sync::{watch, Mutex};
 
 use fer_model::events::{Event, EventLine};
 
-use crate::store::{AttemptEnd, Store, TrialState};
+use crate::store::{AttemptEnd, Claimant, Store, TrialState};
 use crate::sweep::{Sweep, Trial};
 
 /// A place a trial can run.
@@ -125,12 +125,10 @@ pub struct Options {
     pub retry_failed: bool,
     /// Retry a diverged trial like a crash (`retry.divergence` of the sweep file).
     pub retry_divergence: bool,
-    /// The results database, named when writing to it fails.
-    pub db: PathBuf,
     pub runs_dir: PathBuf,
     pub slots: Vec<Slot>,
-    pub git: (Option<String>, Option<bool>),
-    pub host: String,
+    /// Who claims the attempts (the device is each slot's); its host and pid renew the leases.
+    pub claimant: Claimant,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -251,6 +249,20 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
         opts,
     });
 
+    // Renew the leases of this runner's running attempts while it runs; a runner that dies
+    // stops renewing, and another runner (any host) takes over its trials when they expire.
+    let heartbeat = {
+        let (store, who) = (shared.store.clone(), shared.opts.claimant.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(crate::store::HEARTBEAT);
+            loop {
+                every.tick().await;
+                if let Err(e) = store.heartbeat(&who.host, who.pid).await {
+                    tracing::warn!("lease renewal failed: {e:#}");
+                }
+            }
+        })
+    };
     let mut tasks = tokio::task::JoinSet::new();
     for trial in todo {
         let run_dir = shared
@@ -284,6 +296,7 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
             }
         }
     }
+    heartbeat.abort();
     shared.overall.finish_and_clear();
     outcome.store_error = shared.store_error.lock().await.clone();
     Ok(outcome)
@@ -327,7 +340,7 @@ async fn run_trial(shared: Arc<Shared>, trial: Trial, run_dir: PathBuf) -> Trial
                 // The store cannot be written (disk or database full, I/O error): every
                 // further result would be lost, so the whole sweep stops, loudly.
                 tracing::error!(trial = %trial.key, "runner error: {e:#}");
-                let db = shared.opts.db.display();
+                let db = shared.store.url();
                 let printed = format!("error: writing the results store {db} failed: {e:#}; stopping the sweep (running trials resume from their checkpoints next time)");
                 let msg = format!("the results store {db} could not be written: {e:#}");
                 shared.stop_for(msg, printed).await;
@@ -457,10 +470,11 @@ async fn run_attempt(
     run_dir: &std::path::Path,
 ) -> anyhow::Result<TrialEnd> {
     let (store, opts) = (&shared.store, &shared.opts);
-    let Some(attempt) = store
-        .claim(&trial.key, &slot.label, &opts.host, &opts.git)
-        .await?
-    else {
+    let who = Claimant {
+        device: slot.label.clone(),
+        ..opts.claimant.clone()
+    };
+    let Some(attempt) = store.claim(&trial.key, &who).await? else {
         return Ok(TrialEnd::Busy);
     };
     tracing::info!(trial = %trial.key, attempt, slot = %slot.label, "start");

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use crate::scheduler::{self, Options};
-use crate::store::{AttemptSummary, Store};
+use crate::store::{AttemptSummary, Claimant, DbUrl, Store};
 use crate::sweep;
 
 pub const DEFAULT_DB: &str = "fer.db";
@@ -17,9 +17,10 @@ pub struct SweepArgs {
     /// Print the trial table and what would happen to each trial; run nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// Results database.
-    #[arg(long, default_value = DEFAULT_DB)]
-    pub db: PathBuf,
+    /// Results database: a SQLite file (PATH or sqlite:PATH) or postgres://USER@HOST/DB (the
+    /// password from PGPASSFILE / ~/.pgpass or PGPASSWORD, not the command line).
+    #[arg(long, env = "FER_DB", default_value = DEFAULT_DB, hide_env_values = true)]
+    pub db: DbUrl,
     /// Trials at a time on the CPU (each with the sweep's threads_per_trial).
     #[arg(long, default_value_t = 2)]
     pub jobs: usize,
@@ -42,8 +43,9 @@ pub struct SweepArgs {
 
 #[derive(Args, Debug)]
 pub struct RunsArgs {
-    #[arg(long, default_value = DEFAULT_DB)]
-    pub db: PathBuf,
+    /// Results database (as `fer sweep --db`).
+    #[arg(long, env = "FER_DB", default_value = DEFAULT_DB, hide_env_values = true)]
+    pub db: DbUrl,
     /// Only this sweep.
     #[arg(long)]
     pub sweep: Option<String>,
@@ -51,6 +53,15 @@ pub struct RunsArgs {
     /// or pending: never started).
     #[arg(long)]
     pub status: Option<String>,
+}
+
+/// The Slurm job this process runs in (`JOBID` or `JOBID_TASK` for an array task), if any.
+pub fn slurm_job() -> Option<String> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    match (var("SLURM_ARRAY_JOB_ID"), var("SLURM_ARRAY_TASK_ID")) {
+        (Some(job), Some(task)) => Some(format!("{job}_{task}")),
+        _ => var("SLURM_JOB_ID"),
+    }
 }
 
 /// The current commit and whether the work tree has changes (None outside a git checkout).
@@ -116,7 +127,7 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
     }
     let store = Store::open(&args.db).await?;
     let host = hostname();
-    let recovered = store.recover_stale(&host).await?;
+    let recovered = store.expire_leases(&host, crate::store::LEASE).await?;
     // Data, noise files and weights the trials to run share: checked once, before any starts.
     {
         let planned = scheduler::plan_all(&sweep, &store, args.retry_failed).await?;
@@ -162,11 +173,16 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
         Options {
             retry_failed: args.retry_failed,
             retry_divergence: sweep.spec.retry.divergence,
-            db: args.db.clone(),
             runs_dir: args.runs_dir.clone(),
             slots,
-            git,
-            host,
+            claimant: Claimant {
+                device: String::new(),
+                host,
+                pid: std::process::id(),
+                git_commit: git.0,
+                git_dirty: git.1,
+                slurm_job: slurm_job(),
+            },
         },
     )
     .await?;
@@ -243,10 +259,10 @@ fn init_log(path: &Path) -> anyhow::Result<()> {
 }
 
 pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
-    if !args.db.is_file() {
+    if !args.db.may_exist() {
         anyhow::bail!(
             "{}: no results database yet (run a sweep first, or pass --db)",
-            args.db.display()
+            args.db
         );
     }
     let store = Store::open_for_reading(&args.db).await?;
@@ -263,7 +279,7 @@ pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
         if !known.contains(name) {
             anyhow::bail!(
                 "--sweep {name:?}: no such sweep in {} (sweeps: {})",
-                args.db.display(),
+                args.db,
                 if known.is_empty() {
                     "none yet".to_string()
                 } else {

@@ -6,4 +6,5 @@ mod common;
 mod face_detect;
 mod predict;
 mod report;
+mod store;
 mod sweep;

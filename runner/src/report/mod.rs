@@ -17,7 +17,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::Value;
 
-use crate::store::{Confusion, Curves, Store};
+use crate::store::{Confusion, Curves, DbUrl, Store};
 use crate::sweep::{self, Trial};
 use crate::sweep_cmd::{git_version, DEFAULT_DB};
 use spec::{Column, Protocol, ReportSpec};
@@ -26,9 +26,9 @@ use spec::{Column, Protocol, ReportSpec};
 pub struct ReportArgs {
     /// Report name (reads experiments/NAME.yaml) or the path of a sweep file with a `report:` section.
     pub name: String,
-    /// Results database.
-    #[arg(long, default_value = DEFAULT_DB)]
-    pub db: PathBuf,
+    /// Results database (as `fer sweep --db`).
+    #[arg(long, env = "FER_DB", default_value = DEFAULT_DB, hide_env_values = true)]
+    pub db: DbUrl,
     /// The sweep's profile whose results to report (e.g. `thesis`).
     #[arg(long)]
     pub profile: Option<String>,
@@ -444,10 +444,10 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
     let Some(spec) = sweep.spec.report.clone() else {
         bail!("{}: has no `report:` section", file.display());
     };
-    if !args.db.is_file() {
+    if !args.db.may_exist() {
         bail!(
             "{}: no results database (run `fer sweep {}` first, or pass --db)",
-            args.db.display(),
+            args.db,
             file.display()
         );
     }
@@ -534,7 +534,7 @@ async fn gather(
 }
 
 /// Write NAME.md, NAME.csv, the figures, the per-trial pictures and the reports index.
-fn write(report: &Report, out: &Path, db: &Path) -> anyhow::Result<()> {
+fn write(report: &Report, out: &Path, db: &DbUrl) -> anyhow::Result<()> {
     let stem = match &report.profile {
         Some(p) => format!("{}-{p}", report.name),
         None => report.name.clone(),

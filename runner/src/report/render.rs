@@ -8,7 +8,7 @@ use std::path::Path;
 use super::plot;
 use super::spec::Curve;
 use super::{Cell, Report, Stat};
-use crate::store::Curves;
+use crate::store::{Curves, DbUrl};
 
 /// "85.71 ± 4.43 (n=3)"; "n=2 of 3" when trials are missing; "missing (0 of 3)" when none ran.
 /// A cell holding an undertrained trial gets a dagger ("† 2" = two of its trials).
@@ -289,7 +289,7 @@ fn command(report: &Report) -> (String, String) {
 pub fn markdown(
     report: &Report,
     stem: &str,
-    db: &Path,
+    db: &DbUrl,
     pictures: &HashMap<String, (bool, bool)>,
     curves: &[(String, String)],
 ) -> String {
@@ -340,7 +340,7 @@ pub fn markdown(
 
 /// The bullet list under the table: what the numbers are (data, protocol, n), the published
 /// setting, convergence, code version, how the report was made, what varies.
-fn claims_section(report: &Report, db: &Path, sweep_cmd: &str, report_cmd: &str) -> String {
+fn claims_section(report: &Report, db: &DbUrl, sweep_cmd: &str, report_cmd: &str) -> String {
     let spec = &report.spec;
     let mut md = String::new();
     let _ = writeln!(
@@ -374,8 +374,7 @@ fn claims_section(report: &Report, db: &Path, sweep_cmd: &str, report_cmd: &str)
     let _ = writeln!(
         md,
         "- **Made with**: `{sweep_cmd}`, then `{report_cmd}` (database `{}`, sweep `{}`).",
-        db.display(),
-        report.sweep_name
+        db, report.sweep_name
     );
     if !report.varying.is_empty() {
         let _ = writeln!(

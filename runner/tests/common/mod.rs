@@ -1,5 +1,7 @@
 //! Helpers shared by the CLI tests.
 
+pub mod postgres;
+
 use std::path::PathBuf;
 use std::process::Command;
 
