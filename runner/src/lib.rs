@@ -12,11 +12,13 @@ pub mod predict_cmd;
 pub mod preflight;
 pub mod report;
 pub mod scheduler;
+pub mod slurm;
 pub mod stats;
 pub mod store;
 pub mod sweep;
 pub mod sweep_cmd;
 pub mod train_cmd;
+pub mod worker;
 pub mod yaml;
 
 use std::path::PathBuf;
@@ -44,6 +46,9 @@ pub enum Command {
     Data(data_cmd::DataCommand),
     /// Expand a sweep file into trials and run the missing ones, recording everything in SQLite.
     Sweep(sweep_cmd::SweepArgs),
+    /// Claim and run a sweep's missing trials against a shared store until none is left (one
+    /// task of a `fer sweep --launcher slurm` job array).
+    Worker(worker::WorkerArgs),
     /// List the trials in the results database.
     Runs(sweep_cmd::RunsArgs),
     /// Classify the expression of faces in photos with a checkpoint (ours or an official DAN .pth).
@@ -86,6 +91,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Predict(args) => predict_cmd::run(args),
         Command::Report(args) => runtime().and_then(|rt| rt.block_on(report::run(args))),
         Command::Runs(args) => runtime().and_then(|rt| rt.block_on(sweep_cmd::runs(args))),
+        Command::Worker(args) => runtime().and_then(|rt| rt.block_on(worker::run(args))),
     }
 }
 

@@ -129,6 +129,9 @@ pub struct Options {
     pub slots: Vec<Slot>,
     /// Who claims the attempts (the device is each slot's); its host and pid renew the leases.
     pub claimant: Claimant,
+    /// SIGUSR1 stops the run like SIGTERM and asks for a requeue (`fer worker` under Slurm,
+    /// whose `--signal=B:USR1@S` warns before the time limit).
+    pub stop_on_usr1: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -139,6 +142,8 @@ pub struct Outcome {
     pub interrupted: bool,
     /// Writing to the results store failed: the sweep was stopped (the error is on stderr).
     pub store_error: Option<String>,
+    /// Stopped by SIGUSR1 (`stop_on_usr1`): the caller requeues itself.
+    pub requeue: bool,
 }
 
 /// The trials with their planned action, in sweep order.
@@ -274,6 +279,9 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
     }
     // SIGTERM (kill, systemd, Slurm) stops the sweep the way Ctrl-C does.
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigusr1 =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+    let usr1 = shared.opts.stop_on_usr1;
     loop {
         tokio::select! {
             joined = tasks.join_next() => {
@@ -292,6 +300,11 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
             }
             _ = sigterm.recv(), if !shared.cancelled() => {
                 eprintln!("\nterminated (SIGTERM): stopping running trials (they resume from their checkpoints next time)");
+                let _ = shared.cancel.send_replace(true);
+            }
+            _ = sigusr1.recv(), if usr1 && !shared.cancelled() => {
+                eprintln!("\nSIGUSR1 (time limit near): stopping running trials (they resume from their checkpoints)");
+                outcome.requeue = true;
                 let _ = shared.cancel.send_replace(true);
             }
         }
@@ -418,6 +431,15 @@ fn classify_exit(
         Some(EXIT_DATA_ERROR) => (TrialEnd::NotRetried, "data"),
         Some(EXIT_DIVERGED) if retry_divergence => (TrialEnd::Failed, "divergence"),
         Some(EXIT_DIVERGED) => (TrialEnd::NotRetried, "divergence"),
+        // Stopped from outside (Ctrl-C reaches the whole process group; scancel, kill and a
+        // closing terminal signal the trial too): not a failure, the trial resumes later.
+        _ if matches!(
+            status.signal(),
+            Some(libc::SIGTERM | libc::SIGINT | libc::SIGHUP)
+        ) =>
+        {
+            return (TrialEnd::Interrupted, "interrupted", None)
+        }
         _ if status.signal().is_some() => (TrialEnd::Failed, "signal"),
         _ => (TrialEnd::Failed, "crash"),
     };

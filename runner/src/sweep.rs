@@ -60,6 +60,19 @@ pub struct Resources {
     /// Compute threads per CPU trial (RAYON_NUM_THREADS).
     #[serde(default = "one")]
     pub threads_per_trial: usize,
+    /// Per trial under Slurm (`--launcher slurm`): GPUs (`--gres=gpu:N`).
+    #[serde(default)]
+    pub gpus: usize,
+    /// CPUs per Slurm task (`--cpus-per-task`; default `threads_per_trial`).
+    #[serde(default)]
+    pub cpus: Option<usize>,
+    /// Memory per Slurm task (`--mem`: a number with an optional K, M, G or T suffix).
+    #[serde(default)]
+    pub memory: Option<String>,
+    /// Time limit per Slurm task (`--time`: `MM`, `MM:SS`, `HH:MM:SS`, `D-HH[:MM[:SS]]`). A task
+    /// that reaches it mid-trial is requeued and resumes from the trial's last checkpoint.
+    #[serde(default)]
+    pub time: Option<String>,
 }
 
 fn one() -> usize {
@@ -70,6 +83,10 @@ impl Default for Resources {
     fn default() -> Self {
         Self {
             threads_per_trial: 1,
+            gpus: 0,
+            cpus: None,
+            memory: None,
+            time: None,
         }
     }
 }
@@ -305,6 +322,9 @@ pub fn load_capped(
     }
     if spec.seeds.is_empty() {
         return Err(at.key(&["seeds"], "seeds: needs at least one seed".into()));
+    }
+    if let Err((key, why)) = crate::slurm::check_resources(&spec.resources) {
+        return Err(at.key(&["resources", key], format!("resources.{key}: {why}")));
     }
     if spec.retry.max_attempts == 0 {
         return Err(at.key(

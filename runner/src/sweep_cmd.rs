@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use anyhow::Context;
 use clap::Args;
 
 use crate::scheduler::{self, Options};
@@ -39,6 +40,38 @@ pub struct SweepArgs {
     /// The most trials the sweep may expand to (checked before expanding).
     #[arg(long, default_value_t = sweep::DEFAULT_MAX_TRIALS)]
     pub max_trials: usize,
+    /// Where the trials run: here (`local`), or as a Slurm job array whose tasks run
+    /// `fer worker` against the shared store (`slurm`: submits and exits).
+    #[arg(long, value_enum, default_value = "local")]
+    pub launcher: Launcher,
+    /// Slurm partition (`--launcher slurm`).
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// Slurm account (`--launcher slurm`).
+    #[arg(long)]
+    pub account: Option<String>,
+    /// A raw sbatch option for the job array, e.g. `--sbatch-arg=--qos=high` (repeatable).
+    #[arg(long = "sbatch-arg", allow_hyphen_values = true)]
+    pub sbatch_args: Vec<String>,
+    /// At most this many array tasks at once (default: one per trial to run).
+    #[arg(long)]
+    pub parallel: Option<usize>,
+    /// Seconds before a task's time limit at which it stops its trial (checkpointed at the
+    /// last epoch) and requeues itself.
+    #[arg(long, default_value_t = 300)]
+    pub signal_seconds: u32,
+    /// Show the sweep's trials by state and its Slurm jobs as the queue sees them; run nothing.
+    #[arg(long, conflicts_with_all = ["cancel", "dry_run"])]
+    pub status: bool,
+    /// Cancel the sweep's Slurm jobs (scancel) and mark their running attempts interrupted.
+    #[arg(long, conflicts_with = "dry_run")]
+    pub cancel: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Launcher {
+    Local,
+    Slurm,
 }
 
 #[derive(Args, Debug)]
@@ -82,10 +115,40 @@ pub fn git_version() -> (Option<String>, Option<bool>) {
     (commit, dirty)
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "localhost".into())
+/// This machine's name (what attempts record as their host).
+pub fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it or fails.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let name = buf.split(|&b| b == 0).next().unwrap_or(&[]);
+    if ok && !name.is_empty() {
+        String::from_utf8_lossy(name).into_owned()
+    } else {
+        "localhost".into()
+    }
+}
+
+/// Register the sweep and its trials in the store (idempotent): its id.
+pub async fn register(store: &Store, sweep: &sweep::Sweep, file: &Path) -> anyhow::Result<i64> {
+    let sweep_id = store
+        .upsert_sweep(
+            &sweep.name,
+            &file.display().to_string(),
+            sweep.spec.report.as_ref().map(|_| sweep.base_name.as_str()),
+        )
+        .await?;
+    for t in &sweep.trials {
+        store
+            .upsert_trial(
+                &t.key,
+                sweep_id,
+                t.seed,
+                &t.config_json,
+                &serde_json::to_value(&t.params)?,
+            )
+            .await?;
+    }
+    Ok(sweep_id)
 }
 
 pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
@@ -98,6 +161,20 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
     )
     // A sweep file that does not expand is a setup error (exit 2), like a failed preflight.
     .map_err(|e| fer_model::trainer::classified(fer_model::trainer::FailureClass::Setup, e))?;
+    if args.status {
+        return status(&args, &sweep).await;
+    }
+    if args.cancel {
+        return cancel(&args, &sweep).await;
+    }
+    if args.launcher == Launcher::Slurm {
+        if let DbUrl::Sqlite(path) = &args.db {
+            anyhow::bail!(
+                "--launcher slurm needs a store every node reaches: --db postgres://... (or FER_DB); {} is a SQLite file, which does not work over a network file system",
+                path.display()
+            );
+        }
+    }
     if args.dry_run {
         // Look, do not touch: no database is created, no attempt is marked, no trial recorded.
         let planned = match Store::open_read_only(&args.db).await? {
@@ -143,23 +220,11 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
             )))
         })?;
     }
-    let sweep_id = store
-        .upsert_sweep(
-            &sweep.name,
-            &args.file.display().to_string(),
-            sweep.spec.report.as_ref().map(|_| sweep.base_name.as_str()),
-        )
-        .await?;
-    for t in &sweep.trials {
-        store
-            .upsert_trial(
-                &t.key,
-                sweep_id,
-                t.seed,
-                &t.config_json,
-                &serde_json::to_value(&t.params)?,
-            )
-            .await?;
+    let sweep_id = register(&store, &sweep, &args.file).await?;
+    if args.launcher == Launcher::Slurm {
+        let submitted = submit_slurm(&args, &sweep, &store, sweep_id).await;
+        store.close().await;
+        return submitted;
     }
     let log_dir = args.runs_dir.join(&sweep.name);
     std::fs::create_dir_all(&log_dir)?;
@@ -183,6 +248,7 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
                 git_dirty: git.1,
                 slurm_job: slurm_job(),
             },
+            stop_on_usr1: false,
         },
     )
     .await?;
@@ -347,5 +413,143 @@ pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
             "\n{undertrained} finished trial(s) UNDERTRAINED: the mean test accuracy of their last 3 epochs is more than 1 point below their best epoch (still rising or unsettled); train them longer before reading their accuracy as a result."
         );
     }
+    Ok(())
+}
+
+/// `--launcher slurm`: the trials to run as one job array of workers, submitted; its script in
+/// `RUNS/<sweep>/slurm/<job>.sbatch`.
+async fn submit_slurm(
+    args: &SweepArgs,
+    sweep: &sweep::Sweep,
+    store: &Store,
+    sweep_id: i64,
+) -> anyhow::Result<()> {
+    let planned = scheduler::plan_all(sweep, store, args.retry_failed).await?;
+    let to_run = planned.iter().filter(|(_, a)| a.runs()).count();
+    let running = planned
+        .iter()
+        .filter(|(_, a)| *a == scheduler::Action::SkipRunning)
+        .count();
+    if to_run == 0 {
+        println!(
+            "sweep {}: nothing to submit ({} trials: {} running, the rest done or out of retries)",
+            sweep.name,
+            planned.len(),
+            running
+        );
+        return Ok(());
+    }
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let runs_dir = absolute(&args.runs_dir);
+    let dir = crate::slurm::dir(&runs_dir, &sweep.name);
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let sub = crate::slurm::Submission {
+        partition: args.partition.clone(),
+        account: args.account.clone(),
+        sbatch_args: args.sbatch_args.clone(),
+        parallel: args.parallel.unwrap_or(to_run),
+        signal_seconds: args.signal_seconds,
+    };
+    let script = crate::slurm::script(
+        sweep,
+        &absolute(&args.file),
+        args.profile.as_deref(),
+        &runs_dir,
+        to_run,
+        &sub,
+        &std::env::current_exe()?,
+    )?;
+    let pending = dir.join("pending.sbatch");
+    std::fs::write(&pending, &script).with_context(|| format!("writing {}", pending.display()))?;
+    let job = crate::slurm::submit(&pending, &args.db)?;
+    let path = dir.join(format!("{job}.sbatch"));
+    std::fs::rename(&pending, &path)?;
+    store
+        .record_slurm_job(sweep_id, &job, &path.display().to_string(), to_run)
+        .await?;
+    println!(
+        "sweep {}: submitted Slurm job {job}: {to_run} worker task(s), at most {} at a time, for {to_run} trial(s) ({} already running, the rest done); script {}",
+        sweep.name,
+        sub.parallel.clamp(1, to_run),
+        running,
+        path.display()
+    );
+    println!(
+        "follow it with `fer sweep {} --status`; results with `fer runs --sweep {}`",
+        args.file.display(),
+        sweep.name
+    );
+    Ok(())
+}
+
+/// `--status`: the sweep's trials by state, and its Slurm jobs' tasks as the queue shows them.
+async fn status(args: &SweepArgs, sweep: &sweep::Sweep) -> anyhow::Result<()> {
+    let Some(store) = Store::open_read_only(&args.db).await? else {
+        println!(
+            "sweep {}: not started ({} has no results yet)",
+            sweep.name, args.db
+        );
+        return Ok(());
+    };
+    let counts = store.status_counts(&sweep.name).await?;
+    let known: i64 = counts.values().sum();
+    let mut line = format!("sweep {}: {} trials", sweep.name, sweep.trials.len());
+    for (state, n) in &counts {
+        line.push_str(&format!(", {n} {state}"));
+    }
+    let unregistered = sweep.trials.len() as i64 - known;
+    if unregistered > 0 {
+        line.push_str(&format!(", {unregistered} not yet registered"));
+    }
+    println!("{line}");
+    let jobs = store.slurm_jobs(&sweep.name).await?;
+    if jobs.is_empty() {
+        println!("no Slurm jobs (run with --launcher slurm to submit one)");
+    } else {
+        let queued = crate::slurm::squeue(&jobs)?;
+        for job in &jobs {
+            let tasks: Vec<_> = queued
+                .iter()
+                .filter(|t| t.id == *job || t.id.starts_with(&format!("{job}_")))
+                .collect();
+            if tasks.is_empty() {
+                println!("Slurm job {job}: no task in the queue (finished or cancelled)");
+            }
+            for t in tasks {
+                println!(
+                    "Slurm job {job}: task {} {} for {} {}",
+                    t.id, t.state, t.time, t.reason
+                );
+            }
+        }
+    }
+    store.close().await;
+    Ok(())
+}
+
+/// `--cancel`: scancel every job of the sweep and mark their running attempts interrupted.
+async fn cancel(args: &SweepArgs, sweep: &sweep::Sweep) -> anyhow::Result<()> {
+    let Some(store) = Store::open_read_only(&args.db).await? else {
+        println!(
+            "sweep {}: nothing to cancel ({} has no results yet)",
+            sweep.name, args.db
+        );
+        return Ok(());
+    };
+    let jobs = store.slurm_jobs(&sweep.name).await?;
+    store.close().await;
+    if jobs.is_empty() {
+        println!("sweep {}: no Slurm jobs to cancel", sweep.name);
+        return Ok(());
+    }
+    let store = Store::open(&args.db).await?;
+    for job in &jobs {
+        crate::slurm::scancel(job)?;
+        let n = store
+            .interrupt_slurm_job(job, "cancelled with fer sweep --cancel")
+            .await?;
+        println!("Slurm job {job}: cancelled; {n} running attempt(s) marked interrupted");
+    }
+    store.close().await;
     Ok(())
 }

@@ -2,6 +2,7 @@
 //! each file of this folder is a module; `cargo test -p fer-runner --test all -- NAME::` runs one.
 
 mod cli;
+mod cluster;
 mod common;
 mod face_detect;
 mod predict;

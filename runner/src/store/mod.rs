@@ -613,10 +613,12 @@ impl Store {
         Ok(())
     }
 
+    /// End a running attempt. One that already ended (marked interrupted by `fer sweep
+    /// --cancel`, or by an expired lease while its worker was cut off) keeps its first end.
     pub async fn finish(&self, attempt: i64, end: AttemptEnd<'_>) -> anyhow::Result<()> {
         on_pool!(self, p, _d => sqlx::query(
             "UPDATE attempts SET status = $1, ended_at = $2, exit_code = $3, signal = $4, failure_class = $5,
-                 error = $6, stderr_tail = $7 WHERE id = $8",
+                 error = $6, stderr_tail = $7 WHERE id = $8 AND status = 'running'",
         )
         .bind(end.status)
         .bind(now())
@@ -790,6 +792,70 @@ impl Store {
                 },
             )
             .collect())
+    }
+
+    /// Record a submitted Slurm job array of a sweep.
+    pub async fn record_slurm_job(
+        &self,
+        sweep_id: i64,
+        job_id: &str,
+        script: &str,
+        tasks: usize,
+    ) -> anyhow::Result<()> {
+        on_pool!(self, p, _d => sqlx::query(
+            "INSERT INTO slurm_jobs (job_id, sweep_id, script, tasks, submitted_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(job_id)
+        .bind(sweep_id)
+        .bind(script)
+        .bind(tasks as i64)
+        .bind(now())
+        .execute(p)
+        .await?
+        .rows_affected());
+        Ok(())
+    }
+
+    /// The Slurm jobs a sweep was submitted as, oldest first.
+    pub async fn slurm_jobs(&self, sweep: &str) -> anyhow::Result<Vec<String>> {
+        Ok(on_pool!(self, p, _d => sqlx::query_scalar(
+            "SELECT j.job_id FROM slurm_jobs j JOIN sweeps s ON s.id = j.sweep_id WHERE s.name = $1 ORDER BY j.submitted_at, j.job_id",
+        )
+        .bind(sweep)
+        .fetch_all(p)
+        .await?))
+    }
+
+    /// Mark the running attempts of a Slurm job (every task of an array) interrupted: what
+    /// `fer sweep --cancel` does after `scancel`, so the trials can be claimed again at once.
+    pub async fn interrupt_slurm_job(&self, job_id: &str, why: &str) -> anyhow::Result<usize> {
+        let n = on_pool!(self, p, _d => sqlx::query(
+            "UPDATE attempts SET status = 'interrupted', ended_at = $1, error = $2
+             WHERE status = 'running'
+               AND (slurm_job_id = $3 OR substr(slurm_job_id, 1, length($3) + 1) = $3 || '_')",
+        )
+        .bind(now())
+        .bind(why)
+        .bind(job_id)
+        .execute(p)
+        .await?
+        .rows_affected());
+        Ok(n as usize)
+    }
+
+    /// How many trials of a sweep are in each state (their latest attempt's status, `pending`
+    /// when never attempted).
+    pub async fn status_counts(&self, sweep: &str) -> anyhow::Result<BTreeMap<String, i64>> {
+        let rows: Vec<(String, i64)> = on_pool!(self, p, _d => sqlx::query_as(
+            "SELECT COALESCE(a.status, 'pending'), COUNT(*)
+             FROM sweep_trials st JOIN sweeps s ON s.id = st.sweep_id
+             LEFT JOIN attempts a ON a.id = (SELECT MAX(id) FROM attempts b WHERE b.trial_key = st.trial_key)
+             WHERE s.name = $1 GROUP BY COALESCE(a.status, 'pending')",
+        )
+        .bind(sweep)
+        .fetch_all(p)
+        .await?);
+        Ok(rows.into_iter().collect())
     }
 
     /// The schema as the backend reports it: (table or view, column) in order, for the test that

@@ -1,6 +1,7 @@
 //! Helpers shared by the CLI tests.
 
 pub mod postgres;
+pub mod slurm;
 
 use std::path::PathBuf;
 use std::process::Command;

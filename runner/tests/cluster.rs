@@ -1,0 +1,358 @@
+//! Beyond one machine, with the real components: sweeps submitted to a one-node Slurm cluster
+//! (`common::slurm`) as job arrays of `fer worker`s sharing a PostgreSQL store
+//! (`common::postgres`). Every trial completes exactly once; a cancelled task's trial completes
+//! after resubmission without a duplicate metric; a task warned of its time limit (SIGUSR1)
+//! requeues itself and its trial resumes from the checkpoint; the store's password never lands
+//! in a file, the database or the output.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use fer_runner::store::{DbUrl, Store};
+
+use crate::common::{self, fer, slurm, tmp};
+
+fn block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// `fer ARGS` in `dir` against the cluster and the store (the URL only in the environment).
+fn fer_at(dir: &Path, conf: &Path, db: &DbUrl, args: &[&str]) -> Output {
+    let DbUrl::Postgres(url) = db else {
+        unreachable!()
+    };
+    fer()
+        .current_dir(dir)
+        .env("SLURM_CONF", conf)
+        .env("FER_DB", url)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// A sweep folder: the tiny base config (with `epochs`) and `s.yaml` with these sweep lines.
+fn setup(tag: &str, epochs: usize, sweep_lines: &str) -> PathBuf {
+    let d = tmp(tag);
+    let base = common::TINY_CONFIG.replace("epochs: 1\n", &format!("epochs: {epochs}\n"));
+    std::fs::write(d.join("base.yaml"), base).unwrap();
+    std::fs::write(
+        d.join("s.yaml"),
+        format!("base: base.yaml\nresources: {{threads_per_trial: 1, memory: 500M, time: \"10:00\"}}\n{sweep_lines}"),
+    )
+    .unwrap();
+    d
+}
+
+/// The services, or None (skipped) outside CI where they cannot start.
+fn services(tag: &str) -> Option<(&'static slurm::Cluster, DbUrl)> {
+    let cluster = slurm::cluster()?;
+    let db = block(common::postgres::fresh_db(tag))?;
+    Some((cluster, db))
+}
+
+/// Submitted job ids in a `fer sweep --launcher slurm` output.
+fn job_id(o: &Output) -> String {
+    let t = text(o);
+    let at = t
+        .find("submitted Slurm job ")
+        .unwrap_or_else(|| panic!("no job submitted: {t}"));
+    t[at + "submitted Slurm job ".len()..]
+        .split(':')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn state_of(db: &DbUrl, key: &str) -> fer_runner::store::TrialState {
+    block(async {
+        let s = Store::open_read_only(db).await.unwrap().unwrap();
+        let st = s.trial_state(key).await.unwrap();
+        s.close().await;
+        st
+    })
+}
+
+/// Test-accuracy rows of a trial across all its attempts (one per epoch when nothing is
+/// duplicated), its attempts' statuses and the `start_epoch` of each `started` event.
+fn history(db: &DbUrl, key: &str) -> (usize, Vec<String>, Vec<i64>) {
+    block(async {
+        use sqlx::Connection;
+        let DbUrl::Postgres(url) = db else {
+            unreachable!()
+        };
+        let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+        let rows: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM trial_metrics WHERE trial_key = $1 AND split = 'test' AND name = 'accuracy'",
+        )
+        .bind(key)
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+        let statuses: Vec<String> =
+            sqlx::query_scalar("SELECT status FROM attempts WHERE trial_key = $1 ORDER BY id")
+                .bind(key)
+                .fetch_all(&mut c)
+                .await
+                .unwrap();
+        let starts: Vec<String> = sqlx::query_scalar(
+            "SELECT e.payload FROM events e JOIN attempts a ON a.id = e.attempt_id WHERE a.trial_key = $1 AND e.kind = 'started' ORDER BY e.id",
+        )
+        .bind(key)
+        .fetch_all(&mut c)
+        .await
+        .unwrap();
+        let starts = starts
+            .iter()
+            .map(|p| {
+                serde_json::from_str::<serde_json::Value>(p).unwrap()["start_epoch"]
+                    .as_i64()
+                    .unwrap()
+            })
+            .collect();
+        (rows as usize, statuses, starts)
+    })
+}
+
+/// The one trial key of a one-trial sweep.
+fn only_trial(db: &DbUrl) -> String {
+    block(async {
+        let s = Store::open_read_only(db).await.unwrap().unwrap();
+        let rows = s.trial_rows(Some("s"), None).await.unwrap();
+        s.close().await;
+        assert_eq!(rows.len(), 1);
+        rows[0].trial_key.clone()
+    })
+}
+
+/// Six trials through the launcher: each completes exactly once, a second submission has
+/// nothing to do, the status shows them, and the password is nowhere.
+#[test]
+fn a_slurm_sweep_completes_every_trial_once_and_never_shows_the_password() {
+    let Some((cluster, db)) = services("launch") else {
+        return;
+    };
+    let password = db.password().unwrap();
+    let d = setup(
+        "slurm-launch",
+        2,
+        "grid:\n  model.heads: [1, 2]\nseeds: [0, 1, 2]\n",
+    );
+    let mut outputs = Vec::new();
+    let o = fer_at(
+        &d,
+        &cluster.conf,
+        &db,
+        &["sweep", "s.yaml", "--launcher", "slurm", "--parallel", "2"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let job = job_id(&o);
+    outputs.push(text(&o));
+    let script = std::fs::read_to_string(d.join(format!("runs/s/slurm/{job}.sbatch"))).unwrap();
+    assert!(
+        script.contains("#SBATCH --array=0-5%2") && script.contains("--requeue"),
+        "{script}"
+    );
+    assert!(
+        script.contains("--mem=500M") && script.contains("--time=10:00"),
+        "{script}"
+    );
+    assert!(!script.contains("postgres"), "{script}");
+    slurm::wait_for(300, "six completed trials", || {
+        let o = fer_at(
+            &d,
+            &cluster.conf,
+            &db,
+            &["runs", "--sweep", "s", "--status", "completed"],
+        );
+        text(&o).lines().filter(|l| l.starts_with("s ")).count() == 6
+    });
+    let (results, rows) = block(async {
+        let s = Store::open_read_only(&db).await.unwrap().unwrap();
+        let r = (
+            s.results("s").await.unwrap(),
+            s.trial_rows(Some("s"), None).await.unwrap(),
+        );
+        s.close().await;
+        r
+    });
+    assert_eq!(results.len(), 6);
+    assert!(
+        rows.iter().all(|r| r.attempts == 1),
+        "one attempt per trial: {rows:?}"
+    );
+    for r in &rows {
+        assert_eq!(
+            history(&db, &r.trial_key).0,
+            2,
+            "two epochs, each recorded once"
+        );
+    }
+    let o = fer_at(
+        &d,
+        &cluster.conf,
+        &db,
+        &["sweep", "s.yaml", "--launcher", "slurm"],
+    );
+    assert!(text(&o).contains("nothing to submit"), "{}", text(&o));
+    outputs.push(text(&o));
+    let o = fer_at(&d, &cluster.conf, &db, &["sweep", "s.yaml", "--status"]);
+    assert!(
+        text(&o).contains("6 completed") && text(&o).contains(&format!("Slurm job {job}")),
+        "{}",
+        text(&o)
+    );
+    outputs.push(text(&o));
+    outputs.push(text(&fer_at(&d, &cluster.conf, &db, &["runs"])));
+    // The password: not in any file the sweep wrote, any output, or the database's text.
+    for f in slurm::files_under(&d) {
+        let bytes = std::fs::read(&f).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&bytes).contains(&password),
+            "the password is in {}",
+            f.display()
+        );
+    }
+    for o in &outputs {
+        assert!(!o.contains(&password), "the password is in an output: {o}");
+    }
+    let dump: String = block(async {
+        use sqlx::Connection;
+        let DbUrl::Postgres(url) = &db else {
+            unreachable!()
+        };
+        let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+        let mut all = String::new();
+        for t in [
+            "sweeps",
+            "trials",
+            "trial_params",
+            "attempts",
+            "metrics",
+            "events",
+            "sweep_trials",
+            "slurm_jobs",
+        ] {
+            let rows: Vec<String> =
+                sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT t::text FROM {t} t")))
+                    .fetch_all(&mut c)
+                    .await
+                    .unwrap();
+            all.push_str(&rows.join("\n"));
+        }
+        all
+    });
+    assert!(dump.contains("slurm-cpu") && !dump.contains(&password));
+}
+
+/// `scancel` of the task running a trial, then a second submission: the trial completes, each
+/// epoch's metric recorded once, the second attempt resuming from the checkpoint.
+#[test]
+fn a_cancelled_task_is_completed_by_resubmission_without_duplicates() {
+    let Some((cluster, db)) = services("cancel") else {
+        return;
+    };
+    let epochs = 30;
+    let d = setup("slurm-cancel", epochs, "seeds: [0]\n");
+    let o = fer_at(
+        &d,
+        &cluster.conf,
+        &db,
+        &["sweep", "s.yaml", "--launcher", "slurm"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let key = only_trial(&db);
+    slurm::wait_for(240, "a few epochs of the trial", || {
+        history(&db, &key).0 >= 3
+    });
+    let o = fer_at(&d, &cluster.conf, &db, &["sweep", "s.yaml", "--cancel"]);
+    assert!(
+        o.status.success() && text(&o).contains("cancelled"),
+        "{}",
+        text(&o)
+    );
+    slurm::wait_for(60, "the attempt to stop", || !state_of(&db, &key).running);
+    assert!(history(&db, &key).0 < epochs, "cancelled before the end");
+    let o = fer_at(
+        &d,
+        &cluster.conf,
+        &db,
+        &["sweep", "s.yaml", "--launcher", "slurm"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    slurm::wait_for(300, "the resubmitted trial to complete", || {
+        state_of(&db, &key).completed
+    });
+    let (rows, statuses, starts) = history(&db, &key);
+    assert_eq!(rows, epochs, "every epoch once: {statuses:?}");
+    assert_eq!(statuses.first().map(String::as_str), Some("interrupted"));
+    assert_eq!(statuses.last().map(String::as_str), Some("completed"));
+    assert!(
+        starts.last().is_some_and(|&s| s > 0),
+        "resumed from a checkpoint: {starts:?}"
+    );
+}
+
+/// SIGUSR1 (what `--signal=B:USR1@S` sends before the time limit) to the worker: it stops the
+/// trial, requeues its task, and the requeued task resumes the trial to completion.
+#[test]
+fn a_time_limit_warning_requeues_the_task_and_the_trial_resumes() {
+    let Some((cluster, db)) = services("usr1") else {
+        return;
+    };
+    let epochs = 30;
+    let d = setup("slurm-usr1", epochs, "seeds: [0]\n");
+    let o = fer_at(
+        &d,
+        &cluster.conf,
+        &db,
+        &["sweep", "s.yaml", "--launcher", "slurm"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let job = job_id(&o);
+    let key = only_trial(&db);
+    slurm::wait_for(240, "a few epochs of the trial", || {
+        history(&db, &key).0 >= 3
+    });
+    let out = Command::new("scancel")
+        .args(["--batch", "--signal=USR1", &job])
+        .env("SLURM_CONF", &cluster.conf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    slurm::wait_for(400, "the requeued task to complete the trial", || {
+        state_of(&db, &key).completed
+    });
+    let (rows, statuses, starts) = history(&db, &key);
+    assert_eq!(rows, epochs, "every epoch once: {statuses:?}");
+    assert!(
+        statuses.len() >= 2 && statuses[0] == "interrupted",
+        "{statuses:?}"
+    );
+    assert!(
+        starts.last().is_some_and(|&s| s > 0),
+        "resumed from a checkpoint: {starts:?}"
+    );
+    let log = std::fs::read_dir(d.join("runs/s/slurm"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "out"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect::<String>();
+    assert!(log.contains("requeued"), "{log}");
+}
