@@ -129,9 +129,11 @@ pub struct Options {
     pub slots: Vec<Slot>,
     /// Who claims the attempts (the device is each slot's); its host and pid renew the leases.
     pub claimant: Claimant,
-    /// SIGUSR1 stops the run like SIGTERM and asks for a requeue (`fer worker` under Slurm,
-    /// whose `--signal=B:USR1@S` warns before the time limit).
+    /// SIGUSR1 winds the run down and asks for a requeue (`fer worker` under Slurm, whose
+    /// `--signal=B:USR1@S` warns before the time limit): no trial starts, running trials stop
+    /// after their next epoch checkpoint or when `wind_down_grace` has passed.
     pub stop_on_usr1: bool,
+    pub wind_down_grace: std::time::Duration,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -185,8 +187,12 @@ struct Shared {
     /// Slots not in use; `slot_ready` has one permit per entry.
     free: Mutex<Vec<Slot>>,
     slot_ready: tokio::sync::Semaphore,
-    /// Set once to stop the sweep (Ctrl-C, SIGTERM, a store or disk failure).
+    /// Set once to stop the sweep now (Ctrl-C, SIGTERM, a store or disk failure): running
+    /// trials are killed and resume from their last checkpoint.
     cancel: watch::Sender<bool>,
+    /// Set once to wind the sweep down (SIGUSR1 under Slurm): no trial starts, running ones
+    /// stop when their current epoch is checkpointed, or at this deadline.
+    wind_down: watch::Sender<Option<tokio::time::Instant>>,
     /// The first reason the sweep was stopped by a failure, for the exit status.
     store_error: Mutex<Option<String>>,
     counts: Mutex<Counts>,
@@ -197,8 +203,9 @@ struct Shared {
 }
 
 impl Shared {
+    /// Whether no further trial may start.
     fn cancelled(&self) -> bool {
-        *self.cancel.borrow()
+        *self.cancel.borrow() || self.wind_down.borrow().is_some()
     }
 
     /// Stop the whole sweep because of `msg` (printed and kept once: the first reason wins).
@@ -245,6 +252,7 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
         free: Mutex::new(opts.slots.clone()),
         slot_ready: tokio::sync::Semaphore::new(opts.slots.len()),
         cancel: watch::channel(false).0,
+        wind_down: watch::channel(None).0,
         store_error: Mutex::new(None),
         counts: Mutex::new(Counts::default()),
         bars,
@@ -294,18 +302,19 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
                     Some(Err(e)) => return Err(e.into()),
                 }
             }
-            _ = tokio::signal::ctrl_c(), if !shared.cancelled() => {
+            _ = tokio::signal::ctrl_c(), if !*shared.cancel.borrow() => {
                 eprintln!("\ninterrupted: stopping running trials (they resume from their checkpoints next time)");
                 let _ = shared.cancel.send_replace(true);
             }
-            _ = sigterm.recv(), if !shared.cancelled() => {
+            _ = sigterm.recv(), if !*shared.cancel.borrow() => {
                 eprintln!("\nterminated (SIGTERM): stopping running trials (they resume from their checkpoints next time)");
                 let _ = shared.cancel.send_replace(true);
             }
             _ = sigusr1.recv(), if usr1 && !shared.cancelled() => {
-                eprintln!("\nSIGUSR1 (time limit near): stopping running trials (they resume from their checkpoints)");
+                eprintln!("\nSIGUSR1 (time limit near): running trials stop at their next epoch checkpoint (at most {} s from now), then this task requeues", shared.opts.wind_down_grace.as_secs());
                 outcome.requeue = true;
-                let _ = shared.cancel.send_replace(true);
+                let deadline = tokio::time::Instant::now() + shared.opts.wind_down_grace;
+                let _ = shared.wind_down.send_replace(Some(deadline));
             }
         }
     }
@@ -521,9 +530,10 @@ async fn run_attempt(
         buf
     });
     let mut lines = BufReader::new(stdout).lines();
-    let mut cancel = shared.cancel.subscribe();
+    let (mut cancel, mut wind) = (shared.cancel.subscribe(), shared.wind_down.subscribe());
     // A stop that came while the child was starting is seen here, later ones by `changed`.
     let mut cancelled = *cancel.borrow_and_update();
+    let mut deadline = *wind.borrow_and_update();
     if cancelled {
         let _ = child.start_kill();
     }
@@ -531,14 +541,23 @@ async fn run_attempt(
         tokio::select! {
             line = lines.next_line() => {
                 let Some(line) = line? else { break };
-                record_line(store, attempt, &line, &bar).await?;
+                let epoch_done = record_line(store, attempt, &line, &bar).await?;
+                // Winding down: the epoch just reported is checkpointed; stop here.
+                if epoch_done && deadline.is_some() {
+                    cancelled = true;
+                    let _ = child.start_kill();
+                }
             }
             _ = cancel.changed() => {
                 if *cancel.borrow() {
                     cancelled = true;
                     let _ = child.start_kill();
-                    break;
                 }
+            }
+            _ = wind.changed() => deadline = *wind.borrow(),
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                cancelled = true;
+                let _ = child.start_kill();
             }
         }
     }
@@ -579,20 +598,27 @@ fn tail(text: &str, lines: usize) -> String {
 
 /// Store what a trial reports: per-epoch metrics (upserted), progress, events. A line that is
 /// not an event is kept as `stdout`; an event this `fer` cannot read is kept with the reason.
+/// True when the line reported a trained epoch (one with its checkpoint on disk).
 pub async fn record_line(
     store: &Store,
     attempt: i64,
     line: &str,
     bar: &ProgressBar,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let event = match EventLine::parse(line) {
         Ok(Some(event)) => event,
-        Ok(None) => return store.event(Some(attempt), "stdout", line).await,
+        Ok(None) => {
+            return store
+                .event(Some(attempt), "stdout", line)
+                .await
+                .map(|_| false)
+        }
         Err(e) => {
             tracing::warn!(attempt, "{e:#}");
             return store
                 .event(Some(attempt), "unreadable", &format!("{e:#}"))
-                .await;
+                .await
+                .map(|_| false);
         }
     };
     match &event {
@@ -607,7 +633,7 @@ pub async fn record_line(
         }
         other => store.event(Some(attempt), other.kind(), line).await?,
     }
-    Ok(())
+    Ok(matches!(&event, Event::Epoch(m) if !m.replayed))
 }
 
 /// Final test accuracy grouped by the swept params (seed aside): mean ± std over seeds, n.

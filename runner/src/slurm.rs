@@ -156,8 +156,11 @@ pub fn script(
          # password from PGPASSFILE / ~/.pgpass), never from this file.\n",
     );
     // exec: the worker itself receives Slurm's signals (B: goes to the batch shell's process).
+    // On SIGUSR1 a running trial gets most of the warning time to reach its next epoch
+    // checkpoint; the rest is left for stopping and requeueing.
+    let grace = sub.signal_seconds as u64 * 4 / 5;
     s.push_str(&format!(
-        "exec {} worker {} --runs-dir {}{}\n",
+        "exec {} worker {} --runs-dir {} --grace-seconds {grace}{}\n",
         quote(fer),
         quote(sweep_file),
         quote(runs_dir),

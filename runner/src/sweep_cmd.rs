@@ -249,6 +249,7 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
                 slurm_job: slurm_job(),
             },
             stop_on_usr1: false,
+            wind_down_grace: std::time::Duration::ZERO,
         },
     )
     .await?;
@@ -362,8 +363,33 @@ pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
         "sweep", "trial", "status", "attempts", "test acc", "plateau"
     );
     let mut undertrained = 0;
+    // Trials whose latest attempt ran under Slurm: the queue's state of their task next to ours.
+    let jobs: Vec<String> = rows
+        .iter()
+        .filter_map(|r| r.latest.as_ref()?.slurm_job.clone())
+        .collect();
+    let queue = if jobs.is_empty() {
+        Vec::new()
+    } else {
+        let ids: Vec<String> = jobs
+            .iter()
+            .map(|j| j.split('_').next().unwrap_or(j).to_string())
+            .collect();
+        crate::slurm::squeue(&ids).unwrap_or_default()
+    };
     for r in rows {
         let status = r.latest.as_ref().map(|a| a.status.as_str());
+        let slurm = r
+            .latest
+            .as_ref()
+            .and_then(|a| a.slurm_job.as_deref())
+            .map(|job| {
+                let state = queue
+                    .iter()
+                    .find(|t| t.id == job)
+                    .map_or("not in queue", |t| t.state.as_str());
+                format!("  [slurm {job}: {state}]")
+            });
         // The plateau rule (mean of the last 3 test epochs within 1 point of the best), for
         // completed trials.
         let plateau = if status == Some("completed") {
@@ -395,7 +421,7 @@ pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
             _ => String::new(),
         };
         println!(
-            "{:<10} {:<16} {:<12} {:>8} {:>9} {:<13}  {}{}",
+            "{:<10} {:<16} {:<12} {:>8} {:>9} {:<13}  {}{}{}",
             r.sweep,
             &r.trial_key[..16],
             status.unwrap_or("pending"),
@@ -405,7 +431,8 @@ pub async fn runs(args: RunsArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "-".into()),
             plateau,
             r.params_json,
-            failure
+            failure,
+            slurm.unwrap_or_default()
         );
     }
     if undertrained > 0 {

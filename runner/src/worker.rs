@@ -23,6 +23,10 @@ pub struct WorkerArgs {
     /// Where trial run directories go (shared by every node).
     #[arg(long, default_value = "runs")]
     pub runs_dir: PathBuf,
+    /// On SIGUSR1, how long a running trial may take to reach its next epoch checkpoint before
+    /// it is stopped anyway (`fer sweep --launcher slurm` sets it from --signal-seconds).
+    #[arg(long, default_value_t = 120)]
+    pub grace_seconds: u64,
     /// The shared results store (normally from FER_DB, which Slurm exports to the task).
     #[arg(long, env = "FER_DB", default_value = DEFAULT_DB, hide_env_values = true)]
     pub db: DbUrl,
@@ -78,6 +82,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 slurm_job: job.clone(),
             },
             stop_on_usr1: true,
+            wind_down_grace: std::time::Duration::from_secs(args.grace_seconds),
         },
     )
     .await?;

@@ -214,7 +214,12 @@ fn a_slurm_sweep_completes_every_trial_once_and_never_shows_the_password() {
         text(&o)
     );
     outputs.push(text(&o));
-    outputs.push(text(&fer_at(&d, &cluster.conf, &db, &["runs"])));
+    let runs = text(&fer_at(&d, &cluster.conf, &db, &["runs"]));
+    assert!(
+        runs.contains(&format!("[slurm {job}_")),
+        "the Slurm task of each trial: {runs}"
+    );
+    outputs.push(runs);
     // The password: not in any file the sweep wrote, any output, or the database's text.
     for f in slurm::files_under(&d) {
         let bytes = std::fs::read(&f).unwrap();

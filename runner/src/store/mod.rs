@@ -119,6 +119,8 @@ pub struct AttemptSummary {
     pub status: String,
     pub failure_class: Option<String>,
     pub error: Option<String>,
+    /// The Slurm job (`JOBID_TASK`) it ran in, if any.
+    pub slurm_job: Option<String>,
 }
 
 /// One line of `fer runs`: a trial of a sweep with its latest attempt.
@@ -658,17 +660,21 @@ impl Store {
 
     /// How the trial's latest attempt ended; None when it was never attempted.
     pub async fn latest_attempt(&self, key: &str) -> anyhow::Result<Option<AttemptSummary>> {
-        let row: Option<(String, Option<String>, Option<String>)> = on_pool!(self, p, _d => sqlx::query_as(
-            "SELECT status, failure_class, error FROM attempts WHERE trial_key = $1 ORDER BY id DESC LIMIT 1",
+        type Raw = (String, Option<String>, Option<String>, Option<String>);
+        let row: Option<Raw> = on_pool!(self, p, _d => sqlx::query_as(
+            "SELECT status, failure_class, error, slurm_job_id FROM attempts WHERE trial_key = $1 ORDER BY id DESC LIMIT 1",
         )
         .bind(key)
         .fetch_optional(p)
         .await?);
-        Ok(row.map(|(status, failure_class, error)| AttemptSummary {
-            status,
-            failure_class,
-            error,
-        }))
+        Ok(
+            row.map(|(status, failure_class, error, slurm_job)| AttemptSummary {
+                status,
+                failure_class,
+                error,
+                slurm_job,
+            }),
+        )
     }
 
     /// Per-epoch metrics of a trial (every attempt; the latest value of an epoch wins).
@@ -757,11 +763,12 @@ impl Store {
             Option<String>,
             Option<String>,
             Option<String>,
+            Option<String>,
             i64,
             Option<f64>,
         );
         let rows: Vec<Raw> = on_pool!(self, p, _d => sqlx::query_as(
-            "SELECT s.name, t.key, st.params_json, a.status, a.failure_class, a.error,
+            "SELECT s.name, t.key, st.params_json, a.status, a.failure_class, a.error, a.slurm_job_id,
                     (SELECT COUNT(*) FROM attempts x WHERE x.trial_key = t.key) AS attempts,
                     (SELECT value FROM trial_metrics m WHERE m.trial_key = t.key AND m.split = 'test' AND m.name = 'accuracy' ORDER BY m.epoch DESC, m.attempt_id DESC LIMIT 1)
              FROM sweep_trials st JOIN trials t ON t.key = st.trial_key JOIN sweeps s ON s.id = st.sweep_id
@@ -776,7 +783,17 @@ impl Store {
         Ok(rows
             .into_iter()
             .map(
-                |(sweep, trial_key, params_json, status, failure_class, error, attempts, acc)| {
+                |(
+                    sweep,
+                    trial_key,
+                    params_json,
+                    status,
+                    failure_class,
+                    error,
+                    slurm_job,
+                    attempts,
+                    acc,
+                )| {
                     TrialRow {
                         sweep,
                         trial_key,
@@ -785,6 +802,7 @@ impl Store {
                             status,
                             failure_class,
                             error,
+                            slurm_job,
                         }),
                         attempts,
                         last_test_accuracy: acc,
