@@ -8,6 +8,7 @@ pub mod face_detect;
 #[cfg(test)]
 mod fuzz_tests;
 pub mod inspect_cmd;
+pub mod journal;
 pub mod predict_cmd;
 pub mod preflight;
 pub mod report;
@@ -49,6 +50,9 @@ pub enum Command {
     /// Claim and run a sweep's missing trials against a shared store until none is left (one
     /// task of a `fer sweep --launcher slurm` job array).
     Worker(worker::WorkerArgs),
+    /// Ingest the journals a sweep's Slurm workers wrote to the runs folder (clusters without
+    /// a database server) into the SQLite store; idempotent.
+    Sync(sweep_cmd::SyncArgs),
     /// List the trials in the results database.
     Runs(sweep_cmd::RunsArgs),
     /// Classify the expression of faces in photos with a checkpoint (ours or an official DAN .pth).
@@ -92,6 +96,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Report(args) => runtime().and_then(|rt| rt.block_on(report::run(args))),
         Command::Runs(args) => runtime().and_then(|rt| rt.block_on(sweep_cmd::runs(args))),
         Command::Worker(args) => runtime().and_then(|rt| rt.block_on(worker::run(args))),
+        Command::Sync(args) => runtime().and_then(|rt| rt.block_on(sweep_cmd::sync(args))),
     }
 }
 

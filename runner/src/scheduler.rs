@@ -400,7 +400,7 @@ async fn run_trial(shared: Arc<Shared>, trial: Trial, run_dir: PathBuf) -> Trial
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum TrialEnd {
+pub(crate) enum TrialEnd {
     Completed,
     Failed,
     /// Failed in a way a retry of the same trial cannot fix (setup, data, by default divergence).
@@ -422,7 +422,7 @@ pub const EXIT_DATA_ERROR: i32 = 5;
 pub const EXIT_RESOURCE: i32 = 6;
 
 /// How an attempt ended: what the sweep does next, the attempt's status and failure class.
-fn classify_exit(
+pub(crate) fn classify_exit(
     status: std::process::ExitStatus,
     cancelled: bool,
     retry_divergence: bool,
@@ -457,7 +457,7 @@ fn classify_exit(
 
 /// The `fer train` process of one attempt: its config written into the run directory, no
 /// shell anywhere (sweep values only ever reach the child inside its config file).
-fn trial_command(
+pub(crate) fn trial_command(
     trial: &Trial,
     slot: &Slot,
     run_dir: &std::path::Path,
@@ -591,7 +591,7 @@ async fn run_attempt(
     Ok(end)
 }
 
-fn tail(text: &str, lines: usize) -> String {
+pub(crate) fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -100,20 +100,27 @@ pub fn dir(runs_dir: &Path, sweep: &str) -> PathBuf {
     runs_dir.join(sweep).join("slurm")
 }
 
-/// The batch script of a job array of `tasks` workers for `sweep` (paths absolute).
+/// What each array task runs: `fer worker` on the sweep (paths absolute).
+pub struct WorkerCommand<'a> {
+    pub fer: &'a Path,
+    pub sweep_file: &'a Path,
+    pub profile: Option<&'a str>,
+    pub runs_dir: &'a Path,
+    /// Journal mode: the manifest of trial keys (task i runs line i).
+    pub journal: Option<&'a Path>,
+}
+
+/// The batch script of a job array of `tasks` workers for `sweep`.
 pub fn script(
     sweep: &Sweep,
-    sweep_file: &Path,
-    profile: Option<&str>,
-    runs_dir: &Path,
     tasks: usize,
     sub: &Submission,
-    fer: &Path,
+    worker: &WorkerCommand,
 ) -> anyhow::Result<String> {
     sub.check()?;
     anyhow::ensure!(tasks >= 1, "a job array needs at least one task");
     let r = &sweep.spec.resources;
-    let logs = dir(runs_dir, &sweep.name);
+    let logs = dir(worker.runs_dir, &sweep.name);
     let mut s = String::from("#!/bin/bash\n");
     let mut opt = |line: String| s.push_str(&format!("#SBATCH {line}\n"));
     opt(format!("--job-name=fer-{}", sweep.name));
@@ -151,21 +158,32 @@ pub fn script(
     for a in &sub.sbatch_args {
         opt(a.clone());
     }
-    s.push_str(
-        "# The database location comes from FER_DB in the environment sbatch exports (or the\n\
-         # password from PGPASSFILE / ~/.pgpass), never from this file.\n",
-    );
+    s.push_str(match worker.journal {
+        Some(_) => {
+            "# Journal mode: each task runs the trial on its line of the manifest and writes its\n\
+             # events to the runs folder; `fer sync` ingests them into the SQLite store.\n"
+        }
+        None => {
+            "# The database location comes from FER_DB in the environment sbatch exports (or the\n\
+             # password from PGPASSFILE / ~/.pgpass), never from this file.\n"
+        }
+    });
     // exec: the worker itself receives Slurm's signals (B: goes to the batch shell's process).
     // On SIGUSR1 a running trial gets most of the warning time to reach its next epoch
     // checkpoint; the rest is left for stopping and requeueing.
     let grace = sub.signal_seconds as u64 * 4 / 5;
     s.push_str(&format!(
-        "exec {} worker {} --runs-dir {} --grace-seconds {grace}{}\n",
-        quote(fer),
-        quote(sweep_file),
-        quote(runs_dir),
-        profile
+        "exec {} worker {} --runs-dir {} --grace-seconds {grace}{}{}\n",
+        quote(worker.fer),
+        quote(worker.sweep_file),
+        quote(worker.runs_dir),
+        worker
+            .profile
             .map(|p| format!(" --profile {}", quote(Path::new(p))))
+            .unwrap_or_default(),
+        worker
+            .journal
+            .map(|m| format!(" --journal {}", quote(m)))
             .unwrap_or_default()
     ));
     Ok(s)

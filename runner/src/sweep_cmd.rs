@@ -167,14 +167,6 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
     if args.cancel {
         return cancel(&args, &sweep).await;
     }
-    if args.launcher == Launcher::Slurm {
-        if let DbUrl::Sqlite(path) = &args.db {
-            anyhow::bail!(
-                "--launcher slurm needs a store every node reaches: --db postgres://... (or FER_DB); {} is a SQLite file, which does not work over a network file system",
-                path.display()
-            );
-        }
-    }
     if args.dry_run {
         // Look, do not touch: no database is created, no attempt is marked, no trial recorded.
         let planned = match Store::open_read_only(&args.db).await? {
@@ -451,6 +443,17 @@ async fn submit_slurm(
     store: &Store,
     sweep_id: i64,
 ) -> anyhow::Result<()> {
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let runs_dir = absolute(&args.runs_dir);
+    // A SQLite store cannot be shared over a network file system: the workers write journals
+    // into the runs folder instead, and what they wrote so far is ingested before planning.
+    let journal_mode = matches!(args.db, DbUrl::Sqlite(_));
+    if journal_mode {
+        let synced = crate::journal::sync(store, sweep, &runs_dir).await?;
+        if synced.records > 0 || synced.abandoned > 0 {
+            println!("synced the workers' journals: {synced:?}");
+        }
+    }
     let planned = scheduler::plan_all(sweep, store, args.retry_failed).await?;
     let to_run = planned.iter().filter(|(_, a)| a.runs()).count();
     let running = planned
@@ -466,8 +469,6 @@ async fn submit_slurm(
         );
         return Ok(());
     }
-    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-    let runs_dir = absolute(&args.runs_dir);
     let dir = crate::slurm::dir(&runs_dir, &sweep.name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let sub = crate::slurm::Submission {
@@ -477,14 +478,32 @@ async fn submit_slurm(
         parallel: args.parallel.unwrap_or(to_run),
         signal_seconds: args.signal_seconds,
     };
+    // Journal mode: task i runs the i-th trial to run (no claims to race for).
+    let manifest = if journal_mode {
+        let keys: Vec<&str> = planned
+            .iter()
+            .filter(|(_, a)| a.runs())
+            .map(|(t, _)| t.key.as_str())
+            .collect();
+        let stamp = crate::store::timestamp(std::time::SystemTime::now()).replace([':', '.'], "");
+        let path = dir.join(format!("{stamp}.trials"));
+        std::fs::write(&path, keys.join("\n") + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        Some(path)
+    } else {
+        None
+    };
     let script = crate::slurm::script(
         sweep,
-        &absolute(&args.file),
-        args.profile.as_deref(),
-        &runs_dir,
         to_run,
         &sub,
-        &std::env::current_exe()?,
+        &crate::slurm::WorkerCommand {
+            fer: &std::env::current_exe()?,
+            sweep_file: &absolute(&args.file),
+            profile: args.profile.as_deref(),
+            runs_dir: &runs_dir,
+            journal: manifest.as_deref(),
+        },
     )?;
     let pending = dir.join("pending.sbatch");
     std::fs::write(&pending, &script).with_context(|| format!("writing {}", pending.display()))?;
@@ -502,15 +521,26 @@ async fn submit_slurm(
         path.display()
     );
     println!(
-        "follow it with `fer sweep {} --status`; results with `fer runs --sweep {}`",
+        "follow it with `fer sweep {} --status`; results with `fer runs --sweep {}`{}",
         args.file.display(),
-        sweep.name
+        sweep.name,
+        if journal_mode {
+            format!(" after `fer sync {}`", args.file.display())
+        } else {
+            String::new()
+        }
     );
     Ok(())
 }
 
 /// `--status`: the sweep's trials by state, and its Slurm jobs' tasks as the queue shows them.
 async fn status(args: &SweepArgs, sweep: &sweep::Sweep) -> anyhow::Result<()> {
+    if matches!(args.db, DbUrl::Sqlite(_)) && args.db.may_exist() {
+        // Journal mode: what the workers wrote so far first.
+        let store = Store::open(&args.db).await?;
+        crate::journal::sync(&store, sweep, &args.runs_dir).await?;
+        store.close().await;
+    }
     let Some(store) = Store::open_read_only(&args.db).await? else {
         println!(
             "sweep {}: not started ({} has no results yet)",
@@ -570,6 +600,9 @@ async fn cancel(args: &SweepArgs, sweep: &sweep::Sweep) -> anyhow::Result<()> {
         return Ok(());
     }
     let store = Store::open(&args.db).await?;
+    if matches!(args.db, DbUrl::Sqlite(_)) {
+        crate::journal::sync(&store, sweep, &args.runs_dir).await?;
+    }
     for job in &jobs {
         crate::slurm::scancel(job)?;
         let n = store
@@ -578,5 +611,41 @@ async fn cancel(args: &SweepArgs, sweep: &sweep::Sweep) -> anyhow::Result<()> {
         println!("Slurm job {job}: cancelled; {n} running attempt(s) marked interrupted");
     }
     store.close().await;
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct SyncArgs {
+    /// The sweep file whose workers' journals to ingest.
+    pub file: PathBuf,
+    /// The sweep's profile.
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// The runs folder the workers wrote to.
+    #[arg(long, default_value = "runs")]
+    pub runs_dir: PathBuf,
+    /// The results database to ingest into.
+    #[arg(long, env = "FER_DB", default_value = DEFAULT_DB, hide_env_values = true)]
+    pub db: DbUrl,
+}
+
+/// `fer sync`: ingest the journals of a sweep's workers (journal mode) into the store; running
+/// it again adds only what is new.
+pub async fn sync(args: SyncArgs) -> anyhow::Result<()> {
+    let (commit, _) = git_version();
+    let sweep = sweep::load(&args.file, args.profile.as_deref(), commit.as_deref())?;
+    let store = Store::open(&args.db).await?;
+    register(&store, &sweep, &args.file).await?;
+    let synced = crate::journal::sync(&store, &sweep, &args.runs_dir).await?;
+    store.close().await;
+    println!(
+        "sweep {}: {} journal record(s) ingested into {} ({} attempt(s) started, {} ended, {} abandoned by their task)",
+        sweep.name,
+        synced.records,
+        args.db,
+        synced.attempts_started,
+        synced.attempts_ended,
+        synced.abandoned
+    );
     Ok(())
 }

@@ -27,6 +27,11 @@ pub struct WorkerArgs {
     /// it is stopped anyway (`fer sweep --launcher slurm` sets it from --signal-seconds).
     #[arg(long, default_value_t = 120)]
     pub grace_seconds: u64,
+    /// Journal mode (no database server): run the trial this array task is given in this
+    /// manifest of trial keys (task i = line i), writing its events to the trial's journal in the
+    /// runs folder for `fer sync`.
+    #[arg(long)]
+    pub journal: Option<PathBuf>,
     /// The shared results store (normally from FER_DB, which Slurm exports to the task).
     #[arg(long, env = "FER_DB", default_value = DEFAULT_DB, hide_env_values = true)]
     pub db: DbUrl,
@@ -36,28 +41,16 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let git = git_version();
     let mut sweep = sweep::load(&args.file, args.profile.as_deref(), git.0.as_deref())
         .map_err(|e| fer_model::trainer::classified(fer_model::trainer::FailureClass::Setup, e))?;
+    if let Some(manifest) = &args.journal {
+        let manifest = manifest.clone();
+        return run_journaled(&args, &mut sweep, &manifest, git).await;
+    }
     let store = Store::open(&args.db).await?;
     let host = hostname();
     let job = slurm_job();
     let expired = store.expire_leases(&host, crate::store::LEASE).await?;
     register(&store, &sweep, &args.file).await?;
-    // A trial gets the task's CPUs (`resources.cpus`, as sbatch allocated them).
-    let r = &sweep.spec.resources;
-    sweep.spec.resources.threads_per_trial = r.cpus.unwrap_or(r.threads_per_trial).max(1);
-    // One slot: this task's allocation (its GPUs as Slurm exposes them).
-    let slot = if sweep.spec.resources.gpus > 0 {
-        Slot {
-            device: "cuda".into(),
-            cuda_visible: std::env::var("CUDA_VISIBLE_DEVICES").ok(),
-            label: "slurm-gpu".into(),
-        }
-    } else {
-        Slot {
-            device: "cpu".into(),
-            cuda_visible: None,
-            label: "slurm-cpu".into(),
-        }
-    };
+    let slot = task_slot(&mut sweep);
     eprintln!(
         "fer worker on {host} (Slurm job {}): sweep {} in {}, {} trial(s); {expired} expired lease(s) released",
         job.as_deref().unwrap_or("none"),
@@ -101,6 +94,173 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
                 eprintln!("fer worker: near the time limit; task {job} requeued (its trial resumes from the last checkpoint)");
             }
             None => eprintln!("fer worker: SIGUSR1 outside Slurm: stopped"),
+        }
+    }
+    Ok(())
+}
+
+/// This task's one slot (its GPUs as Slurm exposes them); a trial gets the task's CPUs
+/// (`resources.cpus`, as sbatch allocated them).
+fn task_slot(sweep: &mut sweep::Sweep) -> Slot {
+    let r = &sweep.spec.resources;
+    sweep.spec.resources.threads_per_trial = r.cpus.unwrap_or(r.threads_per_trial).max(1);
+    if sweep.spec.resources.gpus > 0 {
+        Slot {
+            device: "cuda".into(),
+            cuda_visible: std::env::var("CUDA_VISIBLE_DEVICES").ok(),
+            label: "slurm-gpu".into(),
+        }
+    } else {
+        Slot {
+            device: "cpu".into(),
+            cuda_visible: None,
+            label: "slurm-cpu".into(),
+        }
+    }
+}
+
+/// Journal mode: the one trial of this array task, its events appended to its journal.
+async fn run_journaled(
+    args: &WorkerArgs,
+    sweep: &mut sweep::Sweep,
+    manifest: &std::path::Path,
+    git: (Option<String>, Option<bool>),
+) -> anyhow::Result<()> {
+    use crate::journal::{self, Body, End, Start};
+    use fer_model::events::{Event, EventLine};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+
+    let index: usize = std::env::var("SLURM_ARRAY_TASK_ID")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--journal runs inside a Slurm array task (SLURM_ARRAY_TASK_ID is not set)"
+            )
+        })?;
+    let keys = std::fs::read_to_string(manifest)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", manifest.display()))?;
+    let key = keys
+        .lines()
+        .nth(index)
+        .ok_or_else(|| anyhow::anyhow!("{}: no line {index}", manifest.display()))?
+        .trim()
+        .to_string();
+    let slot = task_slot(sweep);
+    let trial = sweep.trials.iter().find(|t| t.key == key).ok_or_else(|| {
+        anyhow::anyhow!(
+            "trial {key} of {} is not in sweep {}",
+            manifest.display(),
+            sweep.name
+        )
+    })?;
+    let path = journal::path(&args.runs_dir, &sweep.name, &key);
+    let finished = journal::read(&path)?
+        .iter()
+        .any(|r| matches!(&r.body, Body::End(e) if e.status == "completed"));
+    if finished {
+        eprintln!(
+            "fer worker: trial {key} already completed (journal {})",
+            path.display()
+        );
+        return Ok(());
+    }
+    let host = hostname();
+    let job = slurm_job();
+    let stamp = crate::store::timestamp(std::time::SystemTime::now());
+    let id = format!(
+        "{}-{}",
+        job.clone()
+            .unwrap_or_else(|| format!("{host}-{}", std::process::id())),
+        stamp
+    );
+    let mut w = journal::Writer::open(&path, id)?;
+    w.write(Body::Start(Start {
+        at: stamp,
+        device: slot.label.clone(),
+        host,
+        pid: std::process::id(),
+        slurm_job: job.clone(),
+        git_commit: git.0,
+        git_dirty: git.1,
+    }))?;
+    let run_dir = args.runs_dir.join(&sweep.name).join(&key[..16]);
+    let mut child = scheduler::trial_command(
+        trial,
+        &slot,
+        &run_dir,
+        sweep.spec.resources.threads_per_trial,
+    )?
+    .spawn()?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let stderr_task = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf).await;
+        buf
+    });
+    let mut lines = BufReader::new(stdout).lines();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut sigusr1 =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
+    let (mut stopped, mut requeue) = (false, false);
+    let mut deadline: Option<tokio::time::Instant> = None;
+    while !stopped {
+        tokio::select! {
+            line = lines.next_line() => {
+                let Some(line) = line? else { break };
+                w.write(Body::Line(line.clone()))?;
+                let epoch_done = matches!(EventLine::parse(&line), Ok(Some(Event::Epoch(m))) if !m.replayed);
+                if epoch_done && deadline.is_some() {
+                    stopped = true;
+                    let _ = child.start_kill();
+                }
+            }
+            _ = sigterm.recv() => {
+                stopped = true;
+                let _ = child.start_kill();
+            }
+            _ = sigusr1.recv(), if deadline.is_none() => {
+                requeue = true;
+                deadline = Some(tokio::time::Instant::now() + std::time::Duration::from_secs(args.grace_seconds));
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                stopped = true;
+                let _ = child.start_kill();
+            }
+        }
+    }
+    let status = child.wait().await?;
+    let tail = scheduler::tail(
+        &String::from_utf8_lossy(&stderr_task.await.unwrap_or_default()),
+        40,
+    );
+    let (_, status_text, class) =
+        scheduler::classify_exit(status, stopped, sweep.spec.retry.divergence);
+    use std::os::unix::process::ExitStatusExt;
+    let error = (!status.success() && !stopped).then(|| {
+        tail.lines()
+            .rev()
+            .find(|l| l.starts_with("error"))
+            .unwrap_or("")
+            .to_string()
+    });
+    w.write(Body::End(End {
+        status: status_text.into(),
+        exit_code: status.code(),
+        signal: status.signal(),
+        failure_class: class.map(String::from),
+        error,
+        stderr_tail: Some(tail),
+    }))?;
+    eprintln!(
+        "fer worker: trial {key} {status_text} (journal {})",
+        path.display()
+    );
+    if requeue {
+        if let Some(job) = &job {
+            crate::slurm::requeue(job)?;
+            eprintln!("fer worker: near the time limit; task {job} requeued (its trial resumes from the last checkpoint)");
         }
     }
     Ok(())

@@ -361,3 +361,109 @@ fn a_time_limit_warning_requeues_the_task_and_the_trial_resumes() {
         .collect::<String>();
     assert!(log.contains("requeued"), "{log}");
 }
+
+/// Rows of each table of a SQLite store (what a second sync must not change).
+fn sqlite_counts(db: &Path) -> Vec<String> {
+    ["attempts", "metrics", "events", "journal_attempts"]
+        .iter()
+        .map(|t| {
+            let o = Command::new("sqlite3")
+                .arg(db)
+                .arg(format!("SELECT COUNT(*) FROM {t}"))
+                .output()
+                .unwrap();
+            format!("{t}={}", String::from_utf8_lossy(&o.stdout).trim())
+        })
+        .collect()
+}
+
+/// Without a database server: the workers write journals into the runs folder, `fer sync`
+/// ingests them into the SQLite file; syncing again changes nothing, and a line still being
+/// written is taken whole on the next sync, once.
+#[test]
+fn journals_sync_into_sqlite_once_and_half_written_lines_wait() {
+    let Some(cluster) = slurm::cluster() else {
+        return;
+    };
+    let d = setup(
+        "slurm-journal",
+        2,
+        "grid:\n  model.heads: [1, 2]\nseeds: [0, 1]\n",
+    );
+    let run = |args: &[&str]| {
+        let o = fer()
+            .current_dir(&d)
+            .env("SLURM_CONF", &cluster.conf)
+            .env_remove("FER_DB")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "fer {args:?}: {}", text(&o));
+        text(&o)
+    };
+    let out = run(&["sweep", "s.yaml", "--launcher", "slurm", "--db", "fer.db"]);
+    assert!(out.contains("submitted Slurm job"), "{out}");
+    let journals = || {
+        slurm::files_under(&d.join("runs/s"))
+            .into_iter()
+            .filter(|p| p.file_name().is_some_and(|n| n == "journal.jsonl"))
+            .collect::<Vec<_>>()
+    };
+    slurm::wait_for(300, "four journals with an end record", || {
+        let j = journals();
+        j.len() == 4
+            && j.iter().all(|p| {
+                std::fs::read_to_string(p)
+                    .unwrap_or_default()
+                    .contains("\"end\"")
+            })
+    });
+    let out = run(&["sync", "s.yaml", "--db", "fer.db"]);
+    assert!(out.contains("4 attempt(s) started, 4 ended"), "{out}");
+    let runs = run(&[
+        "runs",
+        "--db",
+        "fer.db",
+        "--sweep",
+        "s",
+        "--status",
+        "completed",
+    ]);
+    assert_eq!(
+        runs.lines().filter(|l| l.starts_with("s ")).count(),
+        4,
+        "{runs}"
+    );
+    let db = d.join("fer.db");
+    let before = sqlite_counts(&db);
+    let out = run(&["sync", "s.yaml", "--db", "fer.db"]);
+    assert!(out.contains(": 0 journal record(s)"), "{out}");
+    assert_eq!(sqlite_counts(&db), before, "a second sync changes nothing");
+    // A worker in the middle of writing: half a start record, then the rest.
+    let journal = &journals()[0];
+    let start = r#"{"attempt":"manual-1","start":{"at":"2026-12-03T23:00:00.000Z","device":"cpu0","host":"h","pid":1,"slurm_job":null,"git_commit":null,"git_dirty":null}}"#;
+    let (head, rest) = start.split_at(40);
+    let append = |s: &str| {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(journal)
+            .unwrap();
+        f.write_all(s.as_bytes()).unwrap();
+    };
+    append(head);
+    run(&["sync", "s.yaml", "--db", "fer.db"]);
+    assert_eq!(sqlite_counts(&db), before, "half a line is not ingested");
+    append(&format!(
+        "{rest}\n{{\"attempt\":\"manual-1\",\"line\":\"hello\"}}\n"
+    ));
+    let out = run(&["sync", "s.yaml", "--db", "fer.db"]);
+    assert!(out.contains(": 2 journal record(s)"), "{out}");
+    let after = sqlite_counts(&db);
+    assert_ne!(after, before);
+    run(&["sync", "s.yaml", "--db", "fer.db"]);
+    assert_eq!(sqlite_counts(&db), after, "each line once");
+    // Everything done: a resubmission has nothing to do.
+    let out = run(&["sweep", "s.yaml", "--launcher", "slurm", "--db", "fer.db"]);
+    assert!(out.contains("nothing to submit"), "{out}");
+}

@@ -876,6 +876,89 @@ impl Store {
         Ok(rows.into_iter().collect())
     }
 
+    /// The attempt a journal attempt became and how many of its lines are ingested.
+    pub async fn journal_attempt(&self, journal_id: &str) -> anyhow::Result<Option<(i64, i64)>> {
+        Ok(on_pool!(self, p, _d => sqlx::query_as(
+            "SELECT attempt_id, lines FROM journal_attempts WHERE journal_id = $1",
+        )
+        .bind(journal_id)
+        .fetch_optional(p)
+        .await?))
+    }
+
+    /// Create the attempt of a journal attempt (its start record), in one transaction: an
+    /// attempt of the trial still `running` (its worker ended without a record) is interrupted
+    /// first. Returns the new attempt's id.
+    pub async fn start_journal_attempt(
+        &self,
+        key: &str,
+        journal_id: &str,
+        who: &Claimant,
+        started_at: &str,
+    ) -> anyhow::Result<i64> {
+        on_pool!(self, p, _d => {
+            let mut tx = p.begin().await?;
+            sqlx::query(
+                "UPDATE attempts SET status = 'interrupted', ended_at = $1,
+                     error = 'a later attempt of the trial started (its worker ended without a record)'
+                 WHERE trial_key = $2 AND status = 'running'",
+            )
+            .bind(started_at)
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO attempts (trial_key, status, device, host, runner_pid, git_commit, git_dirty, started_at, heartbeat_at, slurm_job_id)
+                 VALUES ($1, 'running', $2, $3, $4, $5, $6, $7, $7, $8) RETURNING id",
+            )
+            .bind(key)
+            .bind(&who.device)
+            .bind(&who.host)
+            .bind(who.pid as i64)
+            .bind(who.git_commit.as_deref())
+            .bind(who.git_dirty.map(i64::from))
+            .bind(started_at)
+            .bind(who.slurm_job.as_deref())
+            .fetch_one(&mut *tx)
+            .await?;
+            sqlx::query("INSERT INTO journal_attempts (journal_id, attempt_id, lines) VALUES ($1, $2, 1)")
+                .bind(journal_id)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            anyhow::Ok(id)
+        })
+    }
+
+    /// Record that the first `lines` lines of a journal attempt are ingested.
+    pub async fn journal_progress(&self, journal_id: &str, lines: i64) -> anyhow::Result<()> {
+        on_pool!(self, p, _d => sqlx::query("UPDATE journal_attempts SET lines = $1 WHERE journal_id = $2")
+            .bind(lines)
+            .bind(journal_id)
+            .execute(p)
+            .await?
+            .rows_affected());
+        Ok(())
+    }
+
+    /// The running attempts of a sweep's trials that ran under Slurm: (attempt id, job task).
+    pub async fn running_slurm_attempts(&self, sweep: &str) -> anyhow::Result<Vec<(i64, String)>> {
+        Ok(on_pool!(self, p, _d => sqlx::query_as(
+            "SELECT a.id, a.slurm_job_id FROM attempts a
+             JOIN sweep_trials st ON st.trial_key = a.trial_key JOIN sweeps s ON s.id = st.sweep_id
+             WHERE s.name = $1 AND a.status = 'running' AND a.slurm_job_id IS NOT NULL",
+        )
+        .bind(sweep)
+        .fetch_all(p)
+        .await?))
+    }
+
+    /// Mark one running attempt interrupted.
+    pub async fn interrupt(&self, attempt: i64, why: &str) -> anyhow::Result<usize> {
+        self.interrupt_if_running(attempt, why).await
+    }
+
     /// The schema as the backend reports it: (table or view, column) in order, for the test that
     /// both migrations give the same.
     pub async fn schema(&self) -> anyhow::Result<Vec<(String, String)>> {
