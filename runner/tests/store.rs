@@ -278,3 +278,56 @@ async fn a_read_only_postgres_store_refuses_writes() {
     assert!(format!("{err:#}").contains("read-only"), "{err:#}");
     reader.close().await;
 }
+
+/// A URL without its password works when PostgreSQL's password file has it (what workers on a
+/// cluster use), and an error about the connection shows the URL with the password masked.
+#[test]
+fn the_password_comes_from_the_password_file_and_errors_mask_it() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let Some(url) = rt.block_on(common::postgres::fresh_db("pgpass")) else {
+        return;
+    };
+    let password = url.password().unwrap();
+    let DbUrl::Postgres(raw) = &url else {
+        unreachable!()
+    };
+    let bare = raw.replace(&format!(":{password}@"), "@");
+    let rest = bare.split("@").nth(1).unwrap(); // 127.0.0.1:PORT/DB
+    let (hostport, db) = rest.split_once('/').unwrap();
+    let (host, port) = hostport.split_once(':').unwrap();
+    let dir = common::tmp("pgpass");
+    let file = dir.join("pgpass");
+    std::fs::write(&file, format!("{host}:{port}:{db}:fer:{password}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    rt.block_on(async { Store::open(&url).await.unwrap().close().await });
+    // `fer runs` in a child process with only the password file: it connects (an empty store).
+    let out = common::fer()
+        .env("FER_DB", &bare)
+        .env("PGPASSFILE", &file)
+        .args(["runs"])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    // A wrong password in the URL: the error names the database, masked.
+    let wrong = raw.replace(&password, "not-the-password");
+    let out = common::fer()
+        .env("FER_DB", &wrong)
+        .args(["runs"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("fer:***@") && !err.contains("not-the-password"),
+        "{err}"
+    );
+}
