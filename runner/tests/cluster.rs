@@ -261,15 +261,74 @@ fn a_slurm_sweep_completes_every_trial_once_and_never_shows_the_password() {
     assert!(dump.contains("slurm-cpu") && !dump.contains(&password));
 }
 
-/// `scancel` of the task running a trial, then a second submission: the trial completes, each
-/// epoch's metric recorded once, the second attempt resuming from the checkpoint.
+/// The trial keys of the one-sweep store, in trial-key order.
+fn trial_keys(db: &DbUrl) -> Vec<String> {
+    block(async {
+        let s = Store::open_read_only(db).await.unwrap().unwrap();
+        let mut keys: Vec<String> = s
+            .trial_rows(Some("s"), None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.trial_key)
+            .collect();
+        s.close().await;
+        keys.sort();
+        keys
+    })
+}
+
+/// The Slurm task (`JOB_TASK`) of a trial's latest attempt.
+fn task_of(db: &DbUrl, key: &str) -> Option<String> {
+    block(async {
+        let s = Store::open_read_only(db).await.unwrap().unwrap();
+        let a = s.latest_attempt(key).await.unwrap();
+        s.close().await;
+        a.and_then(|a| a.slurm_job)
+    })
+}
+
+/// `scancel` of the one array task running a trial, mid-trial, while another task runs the
+/// other trial: a resubmission leaves the running trial alone and runs the cancelled one again,
+/// which resumes from its checkpoint; both complete with every epoch's metric recorded once.
 #[test]
 fn a_cancelled_task_is_completed_by_resubmission_without_duplicates() {
     let Some((cluster, db)) = services("cancel") else {
         return;
     };
     let epochs = 30;
-    let d = setup("slurm-cancel", epochs, "seeds: [0]\n");
+    let d = setup("slurm-cancel", epochs, "seeds: [0, 1]\n");
+    let o = fer_at(
+        &d,
+        &cluster.conf,
+        &db,
+        &["sweep", "s.yaml", "--launcher", "slurm", "--parallel", "2"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let keys = trial_keys(&db);
+    assert_eq!(keys.len(), 2);
+    slurm::wait_for(240, "a few epochs of both trials", || {
+        keys.iter().all(|k| history(&db, k).0 >= 3)
+    });
+    let (cancelled, other) = (&keys[0], &keys[1]);
+    let task = task_of(&db, cancelled).expect("the trial runs in a Slurm task");
+    let out = Command::new("scancel")
+        .arg(&task)
+        .env("SLURM_CONF", &cluster.conf)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    slurm::wait_for(60, "the cancelled attempt to stop", || {
+        !state_of(&db, cancelled).running
+    });
+    assert!(
+        history(&db, cancelled).0 < epochs,
+        "cancelled before the end"
+    );
     let o = fer_at(
         &d,
         &cluster.conf,
@@ -277,36 +336,66 @@ fn a_cancelled_task_is_completed_by_resubmission_without_duplicates() {
         &["sweep", "s.yaml", "--launcher", "slurm"],
     );
     assert!(o.status.success(), "{}", text(&o));
-    let key = only_trial(&db);
-    slurm::wait_for(240, "a few epochs of the trial", || {
-        history(&db, &key).0 >= 3
+    if state_of(&db, other).running {
+        assert!(
+            text(&o).contains("1 worker task(s)") && text(&o).contains("1 already running"),
+            "{}",
+            text(&o)
+        );
+    }
+    slurm::wait_for(300, "both trials to complete", || {
+        keys.iter().all(|k| state_of(&db, k).completed)
     });
+    for key in &keys {
+        let (rows, statuses, starts) = history(&db, key);
+        assert_eq!(rows, epochs, "every epoch once: {statuses:?}");
+        assert_eq!(statuses.last().map(String::as_str), Some("completed"));
+        if key == cancelled {
+            assert_eq!(statuses.first().map(String::as_str), Some("interrupted"));
+            assert!(
+                starts.last().is_some_and(|&s| s > 0),
+                "resumed from a checkpoint: {starts:?}"
+            );
+        } else {
+            assert_eq!(
+                statuses.len(),
+                1,
+                "the running trial was left alone: {statuses:?}"
+            );
+        }
+    }
+}
+
+/// `fer sweep --cancel`: the sweep's jobs leave the queue and their running attempts are
+/// interrupted (resumable), not failed.
+#[test]
+fn cancelling_a_sweep_stops_its_jobs_and_interrupts_its_attempts() {
+    let Some((cluster, db)) = services("cancel-all") else {
+        return;
+    };
+    let d = setup("slurm-cancel-all", 30, "seeds: [0]\n");
+    let o = fer_at(
+        &d,
+        &cluster.conf,
+        &db,
+        &["sweep", "s.yaml", "--launcher", "slurm"],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let job = job_id(&o);
+    let key = only_trial(&db);
+    slurm::wait_for(240, "the trial to run", || history(&db, &key).0 >= 2);
     let o = fer_at(&d, &cluster.conf, &db, &["sweep", "s.yaml", "--cancel"]);
     assert!(
-        o.status.success() && text(&o).contains("cancelled"),
+        o.status.success() && text(&o).contains(&format!("Slurm job {job}: cancelled")),
         "{}",
         text(&o)
     );
     slurm::wait_for(60, "the attempt to stop", || !state_of(&db, &key).running);
-    assert!(history(&db, &key).0 < epochs, "cancelled before the end");
-    let o = fer_at(
-        &d,
-        &cluster.conf,
-        &db,
-        &["sweep", "s.yaml", "--launcher", "slurm"],
-    );
-    assert!(o.status.success(), "{}", text(&o));
-    slurm::wait_for(300, "the resubmitted trial to complete", || {
-        state_of(&db, &key).completed
+    assert_eq!(history(&db, &key).1, vec!["interrupted".to_string()]);
+    slurm::wait_for(60, "the job to leave the queue", || {
+        let o = fer_at(&d, &cluster.conf, &db, &["sweep", "s.yaml", "--status"]);
+        text(&o).contains("no task in the queue")
     });
-    let (rows, statuses, starts) = history(&db, &key);
-    assert_eq!(rows, epochs, "every epoch once: {statuses:?}");
-    assert_eq!(statuses.first().map(String::as_str), Some("interrupted"));
-    assert_eq!(statuses.last().map(String::as_str), Some("completed"));
-    assert!(
-        starts.last().is_some_and(|&s| s > 0),
-        "resumed from a checkpoint: {starts:?}"
-    );
 }
 
 /// SIGUSR1 (what `--signal=B:USR1@S` sends before the time limit) to the worker: it stops the
