@@ -4,6 +4,7 @@
 pub mod bench_cmd;
 pub mod data_cmd;
 pub mod doctor;
+pub mod export;
 pub mod face_detect;
 #[cfg(test)]
 mod fuzz_tests;
@@ -53,6 +54,10 @@ pub enum Command {
     /// Ingest the journals a sweep's Slurm workers wrote to the runs folder (clusters without
     /// a database server) into the SQLite store; idempotent.
     Sync(sweep_cmd::SyncArgs),
+    /// Export a sweep's results for other tools: TensorBoard runs, or a CSV of every per-epoch
+    /// metric.
+    #[command(subcommand)]
+    Export(export::ExportCommand),
     /// List the trials in the results database.
     Runs(sweep_cmd::RunsArgs),
     /// Classify the expression of faces in photos with a checkpoint (ours or an official DAN .pth).
@@ -96,6 +101,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Report(args) => runtime().and_then(|rt| rt.block_on(report::run(args))),
         Command::Runs(args) => runtime().and_then(|rt| rt.block_on(sweep_cmd::runs(args))),
         Command::Worker(args) => runtime().and_then(|rt| rt.block_on(worker::run(args))),
+        Command::Export(cmd) => runtime().and_then(|rt| rt.block_on(export::run(cmd))),
         Command::Sync(args) => runtime().and_then(|rt| rt.block_on(sweep_cmd::sync(args))),
     }
 }
