@@ -192,7 +192,15 @@ async fn expired_leases_free_their_trials() {
         );
         assert!(store.trial_state("k4").await.unwrap().running);
         tokio::time::sleep(Duration::from_millis(20)).await;
-        // No beat within the lease: interrupted, and the trial can be claimed again.
+        // On its own host a live process keeps its attempt, whatever its heartbeat.
+        assert_eq!(
+            store
+                .expire_leases("h1", Duration::from_millis(10))
+                .await
+                .unwrap(),
+            0
+        );
+        // No beat within the lease: interrupted by another host, and the trial can be claimed.
         assert_eq!(
             store
                 .expire_leases("h2", Duration::from_millis(10))

@@ -435,8 +435,9 @@ impl Store {
 
     /// Attempts whose worker is gone become `interrupted`, so their trials can be claimed and
     /// resumed: on this host, those whose process no longer exists (killed with SIGKILL), at
-    /// once; on any host, those whose lease expired (no heartbeat for `lease`: a crashed node,
-    /// a cancelled job). Returns how many.
+    /// once (a live process here keeps its attempt, whatever its heartbeat: an older `fer` does
+    /// not beat); on other hosts, those whose lease expired (no heartbeat for `lease`: a crashed
+    /// node, a cancelled job). Returns how many.
     pub async fn expire_leases(&self, host: &str, lease: Duration) -> anyhow::Result<usize> {
         let here: Vec<(i64, i64)> = on_pool!(self, p, _d => sqlx::query_as(
             "SELECT id, runner_pid FROM attempts WHERE status = 'running' AND host = $1",
@@ -457,9 +458,10 @@ impl Store {
         }
         let cutoff = timestamp(SystemTime::now() - lease);
         let expired: Vec<i64> = on_pool!(self, p, _d => sqlx::query_scalar(
-            "SELECT id FROM attempts WHERE status = 'running' AND COALESCE(heartbeat_at, started_at) < $1",
+            "SELECT id FROM attempts WHERE status = 'running' AND host != $2 AND COALESCE(heartbeat_at, started_at) < $1",
         )
         .bind(&cutoff)
+        .bind(host)
         .fetch_all(p)
         .await?);
         let why = format!(
