@@ -285,3 +285,51 @@ fn report_section_errors_name_the_file_and_row() {
     let err = text(&report(&d, &[]));
     assert!(err.contains("t.yaml:") && err.contains("median"), "{err}");
 }
+
+/// `--html`: one self-contained file (figures and trial pictures inlined, nothing fetched) in
+/// which text from the sweep file (title, labels, notes) shows as text, never as markup.
+#[test]
+fn the_html_report_is_self_contained_and_escapes_what_the_sweep_file_says() {
+    let d = filled("html");
+    let hostile = SWEEP
+        .replace("title: \"Table T: heads\"", "title: \"Table <script>alert(1)</script>\"")
+        .replace("{label: \"1\",", "{label: \"<b>1</b>\",")
+        .replace("{rows: [\"2\", \"1\"]}", "{rows: [\"2\", \"<b>1</b>\"]}")
+        .replace(
+            "  thesis_setting: made up for the test\n",
+            "  thesis_setting: made up for the test\n  notes: \"<img src=x onerror=alert(2)> & more\"\n",
+        );
+    std::fs::write(d.join("t.yaml"), hostile).unwrap();
+    let o = report(&d, &["--html"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let html = std::fs::read_to_string(d.join("reports/t.html")).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>"));
+    assert!(
+        !html.contains("<script") && !html.contains("<img src=x") && !html.contains("<b>1</b>")
+    );
+    assert!(
+        html.contains("Table &lt;script&gt;alert(1)&lt;/script&gt;"),
+        "title as text"
+    );
+    assert!(
+        html.contains("&lt;b&gt;1&lt;/b&gt;")
+            && html.contains("&lt;img src=x onerror=alert(2)&gt; &amp; more")
+    );
+    // Self-contained: the figure and every trial's two pictures inlined; nothing to fetch.
+    assert!(html.contains("<img src=\"data:image/svg+xml;base64,"));
+    assert_eq!(html.matches("<img src=\"data:image/png;base64,").count(), 8);
+    assert!(
+        !html.contains("src=\"http")
+            && !html.contains("href=\"http")
+            && !html.contains("src=\"heads")
+    );
+    // The same numbers as the Markdown page: every trial key of its trial table.
+    let md = std::fs::read_to_string(d.join("reports/t.md")).unwrap();
+    for key in md
+        .lines()
+        .filter_map(|l| l.split('`').nth(1))
+        .filter(|k| k.len() == 16)
+    {
+        assert!(html.contains(&format!("<code>{key}</code>")), "{key}");
+    }
+}

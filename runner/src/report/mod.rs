@@ -6,6 +6,7 @@
 //! chosen protocol. A trial the sweep expects but the database lacks is a missing result: listed,
 //! and an error unless `--allow-missing`.
 
+pub mod html;
 pub mod plot;
 pub mod render;
 pub mod spec;
@@ -38,6 +39,10 @@ pub struct ReportArgs {
     /// Write the report even when some trials have no result (they are listed as missing).
     #[arg(long)]
     pub allow_missing: bool,
+    /// Also write NAME.html: the same report as one self-contained file (figures and trial
+    /// pictures inlined, no script, no network).
+    #[arg(long)]
+    pub html: bool,
     /// Output folder.
     #[arg(long, default_value = "reports")]
     pub out: PathBuf,
@@ -481,7 +486,7 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
             );
         }
     }
-    write(&report, &args.out, &args.db)?;
+    write(&report, &args.out, &args.db, args.html)?;
     Ok(())
 }
 
@@ -534,7 +539,7 @@ async fn gather(
 }
 
 /// Write NAME.md, NAME.csv, the figures, the per-trial pictures and the reports index.
-fn write(report: &Report, out: &Path, db: &DbUrl) -> anyhow::Result<()> {
+fn write(report: &Report, out: &Path, db: &DbUrl, html: bool) -> anyhow::Result<()> {
     let stem = match &report.profile {
         Some(p) => format!("{}-{p}", report.name),
         None => report.name.clone(),
@@ -596,6 +601,10 @@ fn write(report: &Report, out: &Path, db: &DbUrl) -> anyhow::Result<()> {
         }
     }
     let md = render::markdown(report, &stem, db, &pictures, &curve_files);
+    if html {
+        let page = html::from_markdown(&md, out, &report.spec.title)?;
+        std::fs::write(out.join(format!("{stem}.html")), page)?;
+    }
     std::fs::write(out.join(format!("{stem}.md")), md)?;
     std::fs::write(out.join(format!("{stem}.csv")), render::csv(report))?;
     render::write_index(out)?;
