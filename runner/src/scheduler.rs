@@ -522,14 +522,7 @@ async fn run_attempt(
         serde_json::to_string(&trial.params).unwrap_or_default()
     ));
 
-    let stdout = child.stdout.take().expect("piped");
-    let mut stderr = child.stderr.take().expect("piped");
-    let stderr_task = tokio::spawn(async move {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf).await;
-        buf
-    });
-    let mut lines = BufReader::new(stdout).lines();
+    let (mut lines, stderr_task) = child_output(&mut child);
     let (mut cancel, mut wind) = (shared.cancel.subscribe(), shared.wind_down.subscribe());
     // A stop that came while the child was starting is seen here, later ones by `changed`.
     let mut cancelled = *cancel.borrow_and_update();
@@ -562,17 +555,10 @@ async fn run_attempt(
         }
     }
     let status = child.wait().await?;
-    let stderr_bytes = stderr_task.await.unwrap_or_default();
-    let tail = tail(&String::from_utf8_lossy(&stderr_bytes), 40);
+    let tail = stderr_tail(stderr_task).await;
     bar.finish_and_clear();
     let (end, status_text, class) = classify_exit(status, cancelled, opts.retry_divergence);
-    let error = (!status.success() && !cancelled).then(|| {
-        tail.lines()
-            .rev()
-            .find(|l| l.starts_with("error"))
-            .unwrap_or("")
-            .to_string()
-    });
+    let error = (!status.success() && !cancelled).then(|| error_line(&tail));
     use std::os::unix::process::ExitStatusExt;
     store
         .finish(
@@ -591,7 +577,41 @@ async fn run_attempt(
     Ok(end)
 }
 
-pub(crate) fn tail(text: &str, lines: usize) -> String {
+/// A started trial's stdout as lines, and its stderr read to the end in the background.
+pub(crate) fn child_output(
+    child: &mut tokio::process::Child,
+) -> (
+    tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    tokio::task::JoinHandle<Vec<u8>>,
+) {
+    let stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let stderr_task = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf).await;
+        buf
+    });
+    (BufReader::new(stdout).lines(), stderr_task)
+}
+
+/// The last 40 lines of a finished trial's stderr.
+pub(crate) async fn stderr_tail(task: tokio::task::JoinHandle<Vec<u8>>) -> String {
+    tail(
+        &String::from_utf8_lossy(&task.await.unwrap_or_default()),
+        40,
+    )
+}
+
+/// A failed trial's error: the last line of its stderr that starts with `error`.
+pub(crate) fn error_line(tail: &str) -> String {
+    tail.lines()
+        .rev()
+        .find(|l| l.starts_with("error"))
+        .unwrap_or("")
+        .to_string()
+}
+
+fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }

@@ -128,7 +128,6 @@ async fn run_journaled(
 ) -> anyhow::Result<()> {
     use crate::journal::{self, Body, End, Start};
     use fer_model::events::{Event, EventLine};
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
     let index: usize = std::env::var("SLURM_ARRAY_TASK_ID")
         .ok()
@@ -192,14 +191,7 @@ async fn run_journaled(
         sweep.spec.resources.threads_per_trial,
     )?
     .spawn()?;
-    let stdout = child.stdout.take().expect("piped");
-    let mut stderr = child.stderr.take().expect("piped");
-    let stderr_task = tokio::spawn(async move {
-        let mut buf = Vec::new();
-        let _ = stderr.read_to_end(&mut buf).await;
-        buf
-    });
-    let mut lines = BufReader::new(stdout).lines();
+    let (mut lines, stderr_task) = scheduler::child_output(&mut child);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut sigusr1 =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())?;
@@ -231,20 +223,11 @@ async fn run_journaled(
         }
     }
     let status = child.wait().await?;
-    let tail = scheduler::tail(
-        &String::from_utf8_lossy(&stderr_task.await.unwrap_or_default()),
-        40,
-    );
+    let tail = scheduler::stderr_tail(stderr_task).await;
     let (_, status_text, class) =
         scheduler::classify_exit(status, stopped, sweep.spec.retry.divergence);
     use std::os::unix::process::ExitStatusExt;
-    let error = (!status.success() && !stopped).then(|| {
-        tail.lines()
-            .rev()
-            .find(|l| l.starts_with("error"))
-            .unwrap_or("")
-            .to_string()
-    });
+    let error = (!status.success() && !stopped).then(|| scheduler::error_line(&tail));
     w.write(Body::End(End {
         status: status_text.into(),
         exit_code: status.code(),

@@ -591,19 +591,26 @@ impl Store {
     ) -> anyhow::Result<()> {
         let payload = serde_json::json!({"epoch": epoch, "confusion": confusion}).to_string();
         on_pool!(self, p, d => {
+            // Only the reading of the recorded epoch differs between the dialects.
+            macro_rules! insert_unless_recorded {
+                ($epoch:literal) => {
+                    concat!(
+                        "INSERT INTO events (attempt_id, kind, payload, at)
+                         SELECT $1, 'confusion', $3, $4
+                         WHERE NOT EXISTS (
+                             SELECT 1 FROM events e JOIN attempts a ON a.id = e.attempt_id
+                             WHERE a.trial_key = (SELECT trial_key FROM attempts WHERE id = $1)
+                               AND e.kind = 'confusion' AND ",
+                        $epoch,
+                        " = $2)"
+                    )
+                };
+            }
             let sql = match d {
-                Dialect::Sqlite => "INSERT INTO events (attempt_id, kind, payload, at)
-                     SELECT $1, 'confusion', $3, $4
-                     WHERE NOT EXISTS (
-                         SELECT 1 FROM events e JOIN attempts a ON a.id = e.attempt_id
-                         WHERE a.trial_key = (SELECT trial_key FROM attempts WHERE id = $1)
-                           AND e.kind = 'confusion' AND json_extract(e.payload, '$.epoch') = $2)",
-                Dialect::Postgres => "INSERT INTO events (attempt_id, kind, payload, at)
-                     SELECT $1, 'confusion', $3, $4
-                     WHERE NOT EXISTS (
-                         SELECT 1 FROM events e JOIN attempts a ON a.id = e.attempt_id
-                         WHERE a.trial_key = (SELECT trial_key FROM attempts WHERE id = $1)
-                           AND e.kind = 'confusion' AND (e.payload::jsonb ->> 'epoch')::bigint = $2)",
+                Dialect::Sqlite => insert_unless_recorded!("json_extract(e.payload, '$.epoch')"),
+                Dialect::Postgres => {
+                    insert_unless_recorded!("(e.payload::jsonb ->> 'epoch')::bigint")
+                }
             };
             sqlx::query(sql)
                 .bind(attempt)
