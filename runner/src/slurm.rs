@@ -253,6 +253,26 @@ pub fn squeue(jobs: &[String]) -> anyhow::Result<Vec<QueuedTask>> {
         .collect())
 }
 
+/// The final states of a job's tasks from Slurm's accounting (`sacct`), or None where there is
+/// no accounting (sacct missing or accounting storage disabled).
+pub fn sacct(job: &str) -> Option<Vec<(String, String)>> {
+    let out = Command::new("sacct")
+        .args(["-n", "-X", "-P", "-o", "JobID,State", "-j", job])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let rows: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let (id, state) = l.split_once('|')?;
+            Some((id.to_string(), state.to_string()))
+        })
+        .collect();
+    (!rows.is_empty()).then_some(rows)
+}
+
 pub fn scancel(job: &str) -> anyhow::Result<()> {
     let out = Command::new("scancel")
         .arg(job)

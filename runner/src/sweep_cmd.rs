@@ -570,7 +570,16 @@ async fn status(args: &SweepArgs, sweep: &sweep::Sweep) -> anyhow::Result<()> {
                 .filter(|t| t.id == *job || t.id.starts_with(&format!("{job}_")))
                 .collect();
             if tasks.is_empty() {
-                println!("Slurm job {job}: no task in the queue (finished or cancelled)");
+                match crate::slurm::sacct(job) {
+                    Some(done) => {
+                        for (id, state) in done {
+                            println!("Slurm job {job}: task {id} {state} (sacct)");
+                        }
+                    }
+                    None => println!(
+                        "Slurm job {job}: no task in the queue (finished or cancelled; no Slurm accounting to say which)"
+                    ),
+                }
             }
             for t in tasks {
                 println!(
