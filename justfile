@@ -12,11 +12,25 @@ sweep NAME *ARGS:
 report NAME *ARGS:
     cargo run -p fer-runner --bin fer -- report {{NAME}} {{ARGS}}
 
+# Submit a sweep to Slurm as a job array of workers (needs --db postgres://... or FER_DB for a shared
+# store; with a SQLite file the workers write journals for `just sync`), e.g.
+# `just slurm backbones_thesis --partition gpu`.
+slurm NAME *ARGS:
+    cargo run -p fer-runner --bin fer -- sweep experiments/{{NAME}}.yaml --launcher slurm {{ARGS}}
+
+# Ingest a Slurm sweep's journals (clusters without a database server) into the SQLite store.
+sync NAME *ARGS:
+    cargo run -p fer-runner --bin fer -- sync experiments/{{NAME}}.yaml {{ARGS}}
+
+# A sweep's trials as TensorBoard runs in tb/NAME (then `tensorboard --logdir tb`).
+tensorboard NAME *ARGS:
+    cargo run -p fer-runner --bin fer -- export tensorboard --sweep {{NAME}} --out tb/{{NAME}} {{ARGS}}
+
 # List trials in the results database (filters: --sweep NAME --status failed).
 runs *ARGS:
     cargo run -p fer-runner --bin fer -- runs {{ARGS}}
 
-# Open the results database in sqlite3.
+# Open the results database in sqlite3 (a PostgreSQL store: psql "$FER_DB").
 db:
     sqlite3 fer.db
 
