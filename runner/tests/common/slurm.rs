@@ -112,6 +112,7 @@ fn start() -> Result<Cluster, String> {
             .arg(format!("--seed-file={}", munge.join("seed").display())),
         "munged",
     )?;
+    // Addresses are given, so the cluster does not depend on this host's name resolving.
     let host = hostname();
     let port = || {
         std::net::TcpListener::bind("127.0.0.1:0")
@@ -122,14 +123,14 @@ fn start() -> Result<Cluster, String> {
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let p = |name: &str| root.join(name).display().to_string();
     let conf = format!(
-        "ClusterName=fertest\nSlurmctldHost={host}\nSlurmUser=root\nSlurmdUser=root\n\
+        "ClusterName=fertest\nSlurmctldHost={host}(127.0.0.1)\nSlurmUser=root\nSlurmdUser=root\n\
          SlurmctldPort={}\nSlurmdPort={}\nAuthType=auth/munge\nAuthInfo=socket={},cred_expire=10\n\
          StateSaveLocation={}\nSlurmdSpoolDir={}\nSlurmctldPidFile={}\nSlurmdPidFile={}\n\
          SlurmctldLogFile={}\nSlurmdLogFile={}\nProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\n\
          SchedulerType=sched/backfill\nSelectType=select/cons_tres\nSelectTypeParameters=CR_Core_Memory\n\
          JobAcctGatherType=jobacct_gather/none\nAccountingStorageType=accounting_storage/none\n\
          ReturnToService=2\nMpiDefault=none\nKillWait=5\nMinJobAge=30\n\
-         NodeName={host} CPUs={cpus} RealMemory=4000 State=UNKNOWN\n\
+         NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4000 State=UNKNOWN\n\
          PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n",
         port(),
         port(),
@@ -183,8 +184,10 @@ fn start() -> Result<Cluster, String> {
     Ok(Cluster { conf: conf_path })
 }
 
+/// The short host name, as slurmctld and slurmd compare it with the configuration.
 fn hostname() -> String {
-    fer_runner::sweep_cmd::hostname()
+    let full = fer_runner::sweep_cmd::hostname();
+    full.split('.').next().unwrap_or(&full).to_string()
 }
 
 /// Wait until `done()` holds, polling; panics with `what` after `secs`.
