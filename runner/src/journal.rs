@@ -40,12 +40,9 @@ pub enum Body {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Start {
     pub at: String,
-    pub device: String,
-    pub host: String,
-    pub pid: u32,
-    pub slurm_job: Option<String>,
-    pub git_commit: Option<String>,
-    pub git_dirty: Option<bool>,
+    /// Who ran the attempt (device, host, pid, Slurm job, code version).
+    #[serde(flatten)]
+    pub who: Claimant,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -163,16 +160,8 @@ pub async fn sync(store: &Store, sweep: &Sweep, runs_dir: &Path) -> anyhow::Resu
                             path.display()
                         );
                     };
-                    let who = Claimant {
-                        device: s.device.clone(),
-                        host: s.host.clone(),
-                        pid: s.pid,
-                        git_commit: s.git_commit.clone(),
-                        git_dirty: s.git_dirty,
-                        slurm_job: s.slurm_job.clone(),
-                    };
                     let id = store
-                        .start_journal_attempt(&trial.key, &jid, &who, &s.at)
+                        .start_journal_attempt(&trial.key, &jid, &s.who, &s.at)
                         .await?;
                     out.attempts_started += 1;
                     out.records += 1;

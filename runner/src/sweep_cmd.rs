@@ -97,6 +97,18 @@ pub fn slurm_job() -> Option<String> {
     }
 }
 
+/// This process as the claimant of attempts on `device` (empty: each slot's).
+pub fn this_process(device: &str, git: (Option<String>, Option<bool>)) -> Claimant {
+    Claimant {
+        device: device.to_string(),
+        host: hostname(),
+        pid: std::process::id(),
+        git_commit: git.0,
+        git_dirty: git.1,
+        slurm_job: slurm_job(),
+    }
+}
+
 /// The current commit and whether the work tree has changes (None outside a git checkout).
 pub fn git_version() -> (Option<String>, Option<bool>) {
     let run = |args: &[&str]| {
@@ -195,8 +207,9 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let store = Store::open(&args.db).await?;
-    let host = hostname();
-    let recovered = store.expire_leases(&host, crate::store::LEASE).await?;
+    let recovered = store
+        .expire_leases(&hostname(), crate::store::LEASE)
+        .await?;
     // Data, noise files and weights the trials to run share: checked once, before any starts.
     {
         let planned = scheduler::plan_all(&sweep, &store, args.retry_failed).await?;
@@ -232,14 +245,7 @@ pub async fn sweep(args: SweepArgs) -> anyhow::Result<()> {
             retry_divergence: sweep.spec.retry.divergence,
             runs_dir: args.runs_dir.clone(),
             slots,
-            claimant: Claimant {
-                device: String::new(),
-                host,
-                pid: std::process::id(),
-                git_commit: git.0,
-                git_dirty: git.1,
-                slurm_job: slurm_job(),
-            },
+            claimant: this_process("", git),
             stop_on_usr1: false,
             wind_down_grace: std::time::Duration::ZERO,
         },

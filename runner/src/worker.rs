@@ -9,9 +9,9 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::scheduler::{self, Options, Slot};
-use crate::store::{Claimant, DbUrl, Store};
+use crate::store::{DbUrl, Store};
 use crate::sweep;
-use crate::sweep_cmd::{git_version, hostname, register, slurm_job, DEFAULT_DB};
+use crate::sweep_cmd::{git_version, register, this_process, DEFAULT_DB};
 
 #[derive(Args, Debug)]
 pub struct WorkerArgs {
@@ -46,14 +46,14 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         return run_journaled(&args, &mut sweep, &manifest, git).await;
     }
     let store = Store::open(&args.db).await?;
-    let host = hostname();
-    let job = slurm_job();
-    let expired = store.expire_leases(&host, crate::store::LEASE).await?;
+    let me = this_process("", git);
+    let expired = store.expire_leases(&me.host, crate::store::LEASE).await?;
     register(&store, &sweep, &args.file).await?;
     let slot = task_slot(&mut sweep);
     eprintln!(
-        "fer worker on {host} (Slurm job {}): sweep {} in {}, {} trial(s); {expired} expired lease(s) released",
-        job.as_deref().unwrap_or("none"),
+        "fer worker on {} (Slurm job {}): sweep {} in {}, {} trial(s); {expired} expired lease(s) released",
+        me.host,
+        me.slurm_job.as_deref().unwrap_or("none"),
         sweep.name,
         args.db,
         sweep.trials.len()
@@ -66,14 +66,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             retry_divergence: sweep.spec.retry.divergence,
             runs_dir: args.runs_dir.clone(),
             slots: vec![slot],
-            claimant: Claimant {
-                device: String::new(),
-                host,
-                pid: std::process::id(),
-                git_commit: git.0,
-                git_dirty: git.1,
-                slurm_job: job.clone(),
-            },
+            claimant: me.clone(),
             stop_on_usr1: true,
             wind_down_grace: std::time::Duration::from_secs(args.grace_seconds),
         },
@@ -88,11 +81,8 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         anyhow::bail!("worker stopped: {e}");
     }
     if outcome.requeue {
-        match &job {
-            Some(job) => {
-                crate::slurm::requeue(job)?;
-                eprintln!("fer worker: near the time limit; task {job} requeued (its trial resumes from the last checkpoint)");
-            }
+        match &me.slurm_job {
+            Some(job) => requeue_self(job)?,
             None => eprintln!("fer worker: SIGUSR1 outside Slurm: stopped"),
         }
     }
@@ -164,24 +154,19 @@ async fn run_journaled(
         );
         return Ok(());
     }
-    let host = hostname();
-    let job = slurm_job();
+    let me = this_process(&slot.label, git);
     let stamp = crate::store::timestamp(std::time::SystemTime::now());
     let id = format!(
         "{}-{}",
-        job.clone()
-            .unwrap_or_else(|| format!("{host}-{}", std::process::id())),
+        me.slurm_job
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", me.host, me.pid)),
         stamp
     );
     let mut w = journal::Writer::open(&path, id)?;
     w.write(Body::Start(Start {
         at: stamp,
-        device: slot.label.clone(),
-        host,
-        pid: std::process::id(),
-        slurm_job: job.clone(),
-        git_commit: git.0,
-        git_dirty: git.1,
+        who: me.clone(),
     }))?;
     let run_dir = args.runs_dir.join(&sweep.name).join(&key[..16]);
     let mut child = scheduler::trial_command(
@@ -201,8 +186,13 @@ async fn run_journaled(
         tokio::select! {
             line = lines.next_line() => {
                 let Some(line) = line? else { break };
-                w.write(Body::Line(line.clone()))?;
-                let epoch_done = matches!(EventLine::parse(&line), Ok(Some(Event::Epoch(m))) if !m.replayed);
+                let event = EventLine::parse(&line);
+                // Step events are progress only (the store keeps none): not written to the
+                // shared file system once per training step.
+                if !matches!(event, Ok(Some(Event::Step { .. }))) {
+                    w.write(Body::Line(line))?;
+                }
+                let epoch_done = matches!(event, Ok(Some(Event::Epoch(m))) if !m.replayed);
                 if epoch_done && deadline.is_some() {
                     stopped = true;
                     let _ = child.start_kill();
@@ -241,10 +231,16 @@ async fn run_journaled(
         path.display()
     );
     if requeue {
-        if let Some(job) = &job {
-            crate::slurm::requeue(job)?;
-            eprintln!("fer worker: near the time limit; task {job} requeued (its trial resumes from the last checkpoint)");
+        if let Some(job) = &me.slurm_job {
+            requeue_self(job)?;
         }
     }
     Ok(())
+}
+
+/// Put this task back in the queue. Said first: Slurm ends the running task as it requeues it,
+/// which can cut off anything printed after.
+fn requeue_self(job: &str) -> anyhow::Result<()> {
+    eprintln!("fer worker: near the time limit; task {job} is being requeued (its trial resumes from the last checkpoint)");
+    crate::slurm::requeue(job)
 }

@@ -34,6 +34,15 @@ fn fer_at(dir: &Path, conf: &Path, db: &DbUrl, args: &[&str]) -> Output {
         .unwrap()
 }
 
+/// `fer sweep s.yaml --launcher slurm EXTRA` in `dir`, which must succeed.
+fn submit(dir: &Path, conf: &Path, db: &DbUrl, extra: &[&str]) -> Output {
+    let mut args = vec!["sweep", "s.yaml", "--launcher", "slurm"];
+    args.extend_from_slice(extra);
+    let o = fer_at(dir, conf, db, &args);
+    assert!(o.status.success(), "{}", text(&o));
+    o
+}
+
 fn text(o: &Output) -> String {
     format!(
         "{}{}",
@@ -150,13 +159,7 @@ fn a_slurm_sweep_completes_every_trial_once_and_never_shows_the_password() {
         "grid:\n  model.heads: [1, 2]\nseeds: [0, 1, 2]\n",
     );
     let mut outputs = Vec::new();
-    let o = fer_at(
-        &d,
-        &cluster.conf,
-        &db,
-        &["sweep", "s.yaml", "--launcher", "slurm", "--parallel", "2"],
-    );
-    assert!(o.status.success(), "{}", text(&o));
+    let o = submit(&d, &cluster.conf, &db, &["--parallel", "2"]);
     let job = job_id(&o);
     outputs.push(text(&o));
     let script = std::fs::read_to_string(d.join(format!("runs/s/slurm/{job}.sbatch"))).unwrap();
@@ -298,13 +301,7 @@ fn a_cancelled_task_is_completed_by_resubmission_without_duplicates() {
     };
     let epochs = 30;
     let d = setup("slurm-cancel", epochs, "seeds: [0, 1]\n");
-    let o = fer_at(
-        &d,
-        &cluster.conf,
-        &db,
-        &["sweep", "s.yaml", "--launcher", "slurm", "--parallel", "2"],
-    );
-    assert!(o.status.success(), "{}", text(&o));
+    submit(&d, &cluster.conf, &db, &["--parallel", "2"]);
     let keys = trial_keys(&db);
     assert_eq!(keys.len(), 2);
     slurm::wait_for(240, "a few epochs of both trials", || {
@@ -329,13 +326,7 @@ fn a_cancelled_task_is_completed_by_resubmission_without_duplicates() {
         history(&db, cancelled).0 < epochs,
         "cancelled before the end"
     );
-    let o = fer_at(
-        &d,
-        &cluster.conf,
-        &db,
-        &["sweep", "s.yaml", "--launcher", "slurm"],
-    );
-    assert!(o.status.success(), "{}", text(&o));
+    let o = submit(&d, &cluster.conf, &db, &[]);
     if state_of(&db, other).running {
         assert!(
             text(&o).contains("1 worker task(s)") && text(&o).contains("1 already running"),
@@ -374,13 +365,7 @@ fn cancelling_a_sweep_stops_its_jobs_and_interrupts_its_attempts() {
         return;
     };
     let d = setup("slurm-cancel-all", 30, "seeds: [0]\n");
-    let o = fer_at(
-        &d,
-        &cluster.conf,
-        &db,
-        &["sweep", "s.yaml", "--launcher", "slurm"],
-    );
-    assert!(o.status.success(), "{}", text(&o));
+    let o = submit(&d, &cluster.conf, &db, &[]);
     let job = job_id(&o);
     let key = only_trial(&db);
     slurm::wait_for(240, "the trial to run", || history(&db, &key).0 >= 2);
@@ -407,13 +392,7 @@ fn a_time_limit_warning_requeues_the_task_and_the_trial_resumes() {
     };
     let epochs = 30;
     let d = setup("slurm-usr1", epochs, "seeds: [0]\n");
-    let o = fer_at(
-        &d,
-        &cluster.conf,
-        &db,
-        &["sweep", "s.yaml", "--launcher", "slurm"],
-    );
-    assert!(o.status.success(), "{}", text(&o));
+    let o = submit(&d, &cluster.conf, &db, &[]);
     let job = job_id(&o);
     let key = only_trial(&db);
     slurm::wait_for(240, "a few epochs of the trial", || {

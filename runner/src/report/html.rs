@@ -124,7 +124,6 @@ pub fn from_markdown(md: &str, dir: &Path, title: &str) -> anyhow::Result<String
     };
     while i < lines.len() {
         let line = lines[i];
-        let esc = escape(line);
         if line.trim().is_empty() {
             flush(&mut paragraph, &mut body);
         } else if line.starts_with("<!-- fer-report ") && line.ends_with("-->") {
@@ -197,7 +196,7 @@ pub fn from_markdown(md: &str, dir: &Path, title: &str) -> anyhow::Result<String
         } else if line.starts_with("([SVG](") {
             // The figure is inline already.
         } else {
-            paragraph.push(pics.inline(&esc)?);
+            paragraph.push(pics.inline(&escape(line))?);
         }
         i += 1;
     }

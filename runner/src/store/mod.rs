@@ -200,7 +200,7 @@ macro_rules! trial_result {
 }
 
 /// Who runs an attempt: recorded with it, and what its lease is renewed by.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Claimant {
     /// The slot (`cpu0`, `gpu1`).
     pub device: String,
@@ -452,9 +452,7 @@ impl Store {
             .collect();
         let mut n = 0;
         for id in gone {
-            n += self
-                .interrupt_if_running(id, "runner process disappeared")
-                .await?;
+            n += self.interrupt(id, "runner process disappeared").await?;
         }
         let cutoff = timestamp(SystemTime::now() - lease);
         let expired: Vec<i64> = on_pool!(self, p, _d => sqlx::query_scalar(
@@ -469,12 +467,13 @@ impl Store {
             lease.as_secs()
         );
         for id in expired {
-            n += self.interrupt_if_running(id, &why).await?;
+            n += self.interrupt(id, &why).await?;
         }
         Ok(n)
     }
 
-    async fn interrupt_if_running(&self, id: i64, why: &str) -> anyhow::Result<usize> {
+    /// Mark one attempt interrupted, if it is still running: 1 when it was.
+    pub async fn interrupt(&self, id: i64, why: &str) -> anyhow::Result<usize> {
         let done = on_pool!(self, p, _d => sqlx::query(
             "UPDATE attempts SET status = 'interrupted', ended_at = $1, error = $2 WHERE id = $3 AND status = 'running'",
         )
@@ -961,11 +960,6 @@ impl Store {
         .bind(sweep)
         .fetch_all(p)
         .await?))
-    }
-
-    /// Mark one running attempt interrupted.
-    pub async fn interrupt(&self, attempt: i64, why: &str) -> anyhow::Result<usize> {
-        self.interrupt_if_running(attempt, why).await
     }
 
     /// The schema as the backend reports it: (table or view, column) in order, for the test that

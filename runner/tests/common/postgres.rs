@@ -89,7 +89,8 @@ fn as_server_user(program: &Path, as_postgres: bool) -> Command {
     }
 }
 
-fn free_port() -> u16 {
+/// A TCP port on 127.0.0.1 free right now.
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())

@@ -114,12 +114,7 @@ fn start() -> Result<Cluster, String> {
     )?;
     // Addresses are given, so the cluster does not depend on this host's name resolving.
     let host = hostname();
-    let port = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap()
-    };
+    let port = super::postgres::free_port;
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let p = |name: &str| root.join(name).display().to_string();
     let conf = format!(
