@@ -14,6 +14,7 @@ pub mod predict_cmd;
 pub mod preflight;
 pub mod report;
 pub mod scheduler;
+pub mod serve;
 pub mod slurm;
 pub mod stats;
 pub mod store;
@@ -58,6 +59,9 @@ pub enum Command {
     /// metric.
     #[command(subcommand)]
     Export(export::ExportCommand),
+    /// A read-only web dashboard of the results database: sweeps, trial tables, curves,
+    /// comparisons and reports, updated live while a sweep runs.
+    Serve(serve::ServeArgs),
     /// List the trials in the results database.
     Runs(sweep_cmd::RunsArgs),
     /// Classify the expression of faces in photos with a checkpoint (ours or an official DAN .pth).
@@ -102,6 +106,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         Command::Runs(args) => runtime().and_then(|rt| rt.block_on(sweep_cmd::runs(args))),
         Command::Worker(args) => runtime().and_then(|rt| rt.block_on(worker::run(args))),
         Command::Export(cmd) => runtime().and_then(|rt| rt.block_on(export::run(cmd))),
+        Command::Serve(args) => runtime().and_then(|rt| rt.block_on(serve::run(args))),
         Command::Sync(args) => runtime().and_then(|rt| rt.block_on(sweep_cmd::sync(args))),
     }
 }

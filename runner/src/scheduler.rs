@@ -643,8 +643,18 @@ pub async fn record_line(
     };
     match &event {
         Event::Step {
-            step, steps, loss, ..
-        } => bar.set_message(format!("step {step}/{steps} loss {loss:.4}")),
+            epoch,
+            step,
+            steps,
+            loss,
+        } => {
+            bar.set_message(format!("step {step}/{steps} loss {loss:.4}"));
+            // The dashboard's progress within an epoch: about 20 writes per epoch, not one
+            // per step.
+            if *step == 1 || *step == *steps || step % steps.div_ceil(20).max(1) == 0 {
+                store.progress(attempt, *epoch, *step, *steps).await?;
+            }
+        }
         Event::Epoch(m) => {
             let epoch = m.epoch as i64;
             store.epoch_metrics(attempt, epoch, &m.scalars()).await?;

@@ -4,6 +4,7 @@
 mod cli;
 mod cluster;
 mod common;
+mod dashboard;
 mod export;
 mod face_detect;
 mod predict;

@@ -257,6 +257,14 @@ impl Report {
     }
 
     /// Completed trials that failed the plateau rule.
+    /// The file name its files share: NAME, or NAME-PROFILE.
+    pub fn stem(&self) -> String {
+        match &self.profile {
+            Some(p) => format!("{}-{p}", self.name),
+            None => self.name.clone(),
+        }
+    }
+
     pub fn undertrained(&self) -> usize {
         self.cells
             .iter()
@@ -444,11 +452,6 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
             args.experiments.display()
         );
     }
-    let (commit, _) = git_version();
-    let sweep = sweep::load(&file, args.profile.as_deref(), commit.as_deref())?;
-    let Some(spec) = sweep.spec.report.clone() else {
-        bail!("{}: has no `report:` section", file.display());
-    };
     if !args.db.may_exist() {
         bail!(
             "{}: no results database (run `fer sweep {}` first, or pass --db)",
@@ -457,14 +460,11 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
         );
     }
     let store = Store::open_for_reading(&args.db).await?;
-    let report = gather(
+    let report = load(
         &store,
-        &sweep.base_name,
-        &sweep.name,
-        &file,
-        args.profile.clone(),
-        &sweep.trials,
-        spec,
+        &args.name,
+        &args.experiments,
+        args.profile.as_deref(),
         args.protocol,
     )
     .await?;
@@ -481,13 +481,67 @@ pub async fn run(args: ReportArgs) -> anyhow::Result<()> {
             bail!(
                 "{} of the report's trials have no result; run `fer sweep {}{}` or pass --allow-missing",
                 missing.len(),
-                file.display(),
+                report.sweep_file.display(),
                 args.profile.as_ref().map(|p| format!(" --profile {p}")).unwrap_or_default()
             );
         }
     }
     write(&report, &args.out, &args.db, args.html)?;
+    eprintln!(
+        "wrote {}/{}.md, .csv, .png, .svg and the trial pictures",
+        args.out.display(),
+        report.stem()
+    );
     Ok(())
+}
+
+/// The report `name` stands for (see `sweep_file`), gathered from the store.
+pub async fn load(
+    store: &Store,
+    name: &str,
+    experiments: &Path,
+    profile: Option<&str>,
+    protocol: Option<Protocol>,
+) -> anyhow::Result<Report> {
+    let file = sweep_file(name, experiments);
+    if !file.is_file() {
+        bail!(
+            "{}: no such sweep file (a report NAME reads {}/NAME.yaml)",
+            file.display(),
+            experiments.display()
+        );
+    }
+    let (commit, _) = git_version();
+    let sweep = sweep::load(&file, profile, commit.as_deref())?;
+    let Some(spec) = sweep.spec.report.clone() else {
+        bail!("{}: has no `report:` section", file.display());
+    };
+    gather(
+        store,
+        &sweep.base_name,
+        &sweep.name,
+        &file,
+        profile.map(str::to_string),
+        &sweep.trials,
+        spec,
+        protocol,
+    )
+    .await
+}
+
+/// The report as one self-contained HTML page (what `--html` writes), rendered in a scratch
+/// folder that is removed afterwards: the dashboard's report pages.
+pub fn html_page(report: &Report, db: &DbUrl) -> anyhow::Result<String> {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "fer-report-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let page = write(report, &dir, db, true)
+        .and_then(|()| Ok(std::fs::read_to_string(dir.join(format!("{}.html", report.stem())))?));
+    let _ = std::fs::remove_dir_all(&dir);
+    page
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -540,10 +594,7 @@ async fn gather(
 
 /// Write NAME.md, NAME.csv, the figures, the per-trial pictures and the reports index.
 fn write(report: &Report, out: &Path, db: &DbUrl, html: bool) -> anyhow::Result<()> {
-    let stem = match &report.profile {
-        Some(p) => format!("{}-{p}", report.name),
-        None => report.name.clone(),
-    };
+    let stem = report.stem();
     let trial_dir = out.join(&stem).join("trials");
     std::fs::create_dir_all(&trial_dir)
         .with_context(|| format!("creating {}", trial_dir.display()))?;
@@ -608,11 +659,6 @@ fn write(report: &Report, out: &Path, db: &DbUrl, html: bool) -> anyhow::Result<
     std::fs::write(out.join(format!("{stem}.md")), md)?;
     std::fs::write(out.join(format!("{stem}.csv")), render::csv(report))?;
     render::write_index(out)?;
-    eprintln!(
-        "wrote {}/{stem}.md, .csv, .png, .svg and {} trial pictures",
-        out.display(),
-        pictures.len() * 2
-    );
     Ok(())
 }
 

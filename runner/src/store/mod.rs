@@ -61,6 +61,9 @@ macro_rules! on_pool {
     };
 }
 
+mod dashboard;
+pub use dashboard::{AttemptDetail, SweepSummary, SweepTrial};
+
 /// Now as the store writes timestamps: ISO 8601 UTC with milliseconds (`2026-12-03T22:10:00.123Z`),
 /// which sort as text the way they sort as times (both backends, any host).
 pub fn timestamp(t: SystemTime) -> String {

@@ -1,5 +1,7 @@
 //! Helpers shared by the CLI tests.
 
+pub mod browser;
+pub mod http;
 pub mod postgres;
 pub mod slurm;
 
