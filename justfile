@@ -26,6 +26,16 @@ sync NAME *ARGS:
 tensorboard NAME *ARGS:
     cargo run -p fer-runner --bin fer -- export tensorboard --sweep {{NAME}} --out tb/{{NAME}} {{ARGS}}
 
+# The results dashboard on http://127.0.0.1:8080/ (read-only; live while sweeps run), e.g.
+# `just serve --db postgres://...`; `--bind 0.0.0.0:8080` serves other machines, with a token.
+serve *ARGS:
+    cargo run -p fer-runner --bin fer -- serve {{ARGS}}
+
+# Regenerate the README's dashboard screenshots (docs/img/dashboard-*.png) with headless Chromium:
+# the browser test that watches a real sweep, keeping its screenshots.
+screenshots:
+    FER_SCREENSHOTS={{justfile_directory()}}/docs/img cargo test -p fer-runner --test all -- dashboard::the_dashboard_follows_a_running_sweep --exact
+
 # List trials in the results database (filters: --sweep NAME --status failed).
 runs *ARGS:
     cargo run -p fer-runner --bin fer -- runs {{ARGS}}

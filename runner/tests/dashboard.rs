@@ -32,6 +32,11 @@ impl Server {
             .args(["serve", "--db"])
             .arg(db)
             .args(["--poll-seconds", "0.2"])
+            .args(if extra.contains(&"--bind") {
+                &[][..]
+            } else {
+                &["--bind", "127.0.0.1:0"][..]
+            })
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -264,7 +269,10 @@ fn the_api_reports_what_the_store_holds() {
         assert!(metrics.contains(&m), "{m} in {metrics:?}");
     }
     assert_eq!(t["confusion"]["epoch"], 3);
-    assert_eq!(t["confusion"]["class_names"], json!(["calm", "happy", "sad"]));
+    assert_eq!(
+        t["confusion"]["class_names"],
+        json!(["calm", "happy", "sad"])
+    );
     assert_eq!(t["attempts"].as_array().unwrap().len(), 1);
     let tc: Value =
         serde_json::from_str(&server.get(&format!("/api/trials/{c}"), &[]).body).unwrap();
@@ -352,7 +360,10 @@ fn other_addresses_need_the_token_on_every_request() {
     assert_eq!(given.get("/api/sweeps", &[]).status, 401);
     assert_eq!(
         given
-            .get("/api/sweeps", &[("Authorization", "Bearer 0123456789abcdef-given")])
+            .get(
+                "/api/sweeps",
+                &[("Authorization", "Bearer 0123456789abcdef-given")]
+            )
             .status,
         200
     );
@@ -398,52 +409,97 @@ fn the_dashboard_in_a_real_browser() {
 
     // The trial table lists every trial; hostile text shows as text.
     browser.goto(&format!("{base}#/sweep/heads"));
-    browser.wait_for(20, "the trial table", "return document.querySelectorAll('#trials tbody tr').length === 4");
+    browser.wait_for(
+        20,
+        "the trial table",
+        "return document.querySelectorAll('#trials tbody tr').length === 4",
+    );
     let table = browser.eval("return document.querySelector('#trials').textContent");
     let table = table.as_str().unwrap();
     assert!(table.contains(HOSTILE_PARAM), "{table}");
     assert!(table.contains(HOSTILE_ERROR), "{table}");
     assert!(table.contains("failed (crash)") && table.contains("epoch 2/3, step 3/10"));
     assert_eq!(browser.eval(no_injection), json!(true));
-    shot(&browser, "dashboard-sweep");
+    shot(&browser, "hostile-dashboard-sweep");
 
     // Filtering: by column value, then by text.
     browser.type_into("#filter", "status=failed");
-    browser.wait_for(10, "the filter", "return document.querySelectorAll('#trials tbody tr').length === 1");
+    browser.wait_for(
+        10,
+        "the filter",
+        "return document.querySelectorAll('#trials tbody tr').length === 1",
+    );
     assert_eq!(
         browser.eval("return document.querySelector('#trials tbody tr').dataset.key"),
         json!(c)
     );
     browser.goto(&format!("{base}#/"));
     browser.goto(&format!("{base}#/sweep/heads"));
-    browser.wait_for(20, "the trial table", "return document.querySelectorAll('#trials tbody tr').length === 4");
+    browser.wait_for(
+        20,
+        "the trial table",
+        "return document.querySelectorAll('#trials tbody tr').length === 4",
+    );
     browser.type_into("#filter", "heads=4");
-    browser.wait_for(10, "the filter", "return document.querySelectorAll('#trials tbody tr').length === 2");
+    browser.wait_for(
+        10,
+        "the filter",
+        "return document.querySelectorAll('#trials tbody tr').length === 2",
+    );
 
     // Compare: select two trials, overlay their curves.
     browser.goto(&format!("{base}#/"));
     browser.goto(&format!("{base}#/sweep/heads"));
-    browser.wait_for(20, "the trial table", "return document.querySelectorAll('#trials tbody tr').length === 4");
+    browser.wait_for(
+        20,
+        "the trial table",
+        "return document.querySelectorAll('#trials tbody tr').length === 4",
+    );
     browser.click(&format!("tr[data-key='{a}'] input[type=checkbox]"));
     browser.click(&format!("tr[data-key='{b}'] input[type=checkbox]"));
     browser.click("#compare");
-    browser.wait_for(20, "the compare chart", &format!("return (() => {{ {} }})() > 500", drawn_pixels("#compare-chart canvas")));
+    browser.wait_for(
+        20,
+        "the compare chart",
+        &format!(
+            "return (() => {{ {} }})() > 500",
+            drawn_pixels("#compare-chart canvas")
+        ),
+    );
     let legend = browser.eval("return [...document.querySelectorAll('#compare-chart .u-legend .u-series')].map(e => e.textContent)");
     let legend: Vec<String> = serde_json::from_value(legend).unwrap();
     assert_eq!(legend.len(), 3, "epoch + two trials: {legend:?}");
-    assert!(legend[1].contains(&a[..12]) && legend[2].contains(&b[..12]), "{legend:?}");
+    assert!(
+        legend[1].contains(&a[..12]) && legend[2].contains(&b[..12]),
+        "{legend:?}"
+    );
     assert!(legend[1].contains(HOSTILE_PARAM));
     assert_eq!(browser.eval(no_injection), json!(true));
-    shot(&browser, "dashboard-compare");
+    shot(&browser, "hostile-dashboard-compare");
 
     // Grouped over seeds: one mean line and band per value of the parameter.
     browser.goto(&format!("{base}#/compare/heads?group=model.heads"));
-    browser.wait_for(20, "the grouped summary", "return document.querySelectorAll('#groups tbody tr').length === 3");
+    browser.wait_for(
+        20,
+        "the grouped summary",
+        "return document.querySelectorAll('#groups tbody tr').length === 3",
+    );
 
     // A trial page draws its charts, its confusion matrix and its attempts.
     browser.goto(&format!("{base}#/trial/{a}"));
-    browser.wait_for(20, "the trial page", "return !!document.querySelector('#confusion')");
-    browser.wait_for(20, "the trial's charts", &format!("return (() => {{ {} }})() > 500", drawn_pixels(".chart canvas")));
+    browser.wait_for(
+        20,
+        "the trial page",
+        "return !!document.querySelector('#confusion')",
+    );
+    browser.wait_for(
+        20,
+        "the trial's charts",
+        &format!(
+            "return (() => {{ {} }})() > 500",
+            drawn_pixels(".chart canvas")
+        ),
+    );
     assert_eq!(
         browser.eval("return document.querySelectorAll('#confusion tbody tr').length"),
         json!(3)
@@ -452,31 +508,199 @@ fn the_dashboard_in_a_real_browser() {
         browser.eval("return document.querySelectorAll('.chart').length >= 3"),
         json!(true)
     );
-    shot(&browser, "dashboard-trial");
+    shot(&browser, "hostile-dashboard-trial");
     browser.goto(&format!("{base}#/trial/{c}"));
-    browser.wait_for(20, "the failed trial", "return !!document.querySelector('#attempts')");
+    browser.wait_for(
+        20,
+        "the failed trial",
+        "return !!document.querySelector('#attempts')",
+    );
     let attempts = browser.eval("return document.querySelector('#attempts').textContent");
     assert!(attempts.as_str().unwrap().contains(HOSTILE_ERROR));
     assert_eq!(browser.eval(no_injection), json!(true));
 
     // Parallel coordinates: one line per completed trial.
     browser.goto(&format!("{base}#/parallel/heads"));
-    browser.wait_for(20, "parallel coordinates", "return document.querySelectorAll('#parallel polyline').length === 2");
-    shot(&browser, "dashboard-parallel");
+    browser.wait_for(
+        20,
+        "parallel coordinates",
+        "return document.querySelectorAll('#parallel polyline').length === 2",
+    );
+    shot(&browser, "hostile-dashboard-parallel");
 
     // Live: the running trial's progress and a new epoch appear without a reload.
     browser.goto(&format!("{base}#/sweep/heads"));
-    let cell = format!("return document.querySelector(\"tr[data-key='{d}'] td.progress\")?.textContent");
-    browser.wait_for(20, "the running trial", &format!("{cell} === 'epoch 2/3, step 3/10'"));
+    let cell =
+        format!("return document.querySelector(\"tr[data-key='{d}'] td.progress\")?.textContent");
+    browser.wait_for(
+        20,
+        "the running trial",
+        &format!("{cell} === 'epoch 2/3, step 3/10'"),
+    );
     browser.eval("window.__same_page = 1; return 1");
     let bar = indicatif::ProgressBar::hidden();
-    rt.block_on(record_line(&f.store, f.running_attempt, &step(2, 7, 10), &bar))
-        .unwrap();
-    browser.wait_for(20, "live progress", &format!("{cell} === 'epoch 2/3, step 7/10'"));
-    rt.block_on(record_line(&f.store, f.running_attempt, &epoch(2, 0.777), &bar))
-        .unwrap();
+    rt.block_on(record_line(
+        &f.store,
+        f.running_attempt,
+        &step(2, 7, 10),
+        &bar,
+    ))
+    .unwrap();
+    browser.wait_for(
+        20,
+        "live progress",
+        &format!("{cell} === 'epoch 2/3, step 7/10'"),
+    );
+    rt.block_on(record_line(
+        &f.store,
+        f.running_attempt,
+        &epoch(2, 0.777),
+        &bar,
+    ))
+    .unwrap();
     let row = format!("return document.querySelector(\"tr[data-key='{d}']\")?.textContent");
     browser.wait_for(20, "a live epoch", &format!("{row}?.includes('77.70 %')"));
-    assert_eq!(browser.eval("return window.__same_page"), json!(1), "no reload");
+    assert_eq!(
+        browser.eval("return window.__same_page"),
+        json!(1),
+        "no reload"
+    );
     assert_eq!(browser.eval(no_injection), json!(true));
+}
+
+/// A real sweep watched while it runs: the page shows trials running, then every trial
+/// completed, without a reload. With `FER_SCREENSHOTS=DIR`, the README's screenshots come
+/// from here (`just screenshots`).
+#[test]
+fn the_dashboard_follows_a_running_sweep() {
+    let Some(browser) = Browser::start() else {
+        return;
+    };
+    let dir = common::tmp("dash-live");
+    // The embedded base, smaller: it learns visibly in 6 epochs (~8 s a trial on 2 cores), so
+    // the page shows trials running, with progress within an epoch.
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../experiments/base.yaml");
+    std::fs::write(
+        dir.join("live.yaml"),
+        format!(
+            "base: {}\noverrides: {{data.train: 480, data.test: 240, epochs: 6}}\n\
+             grid:\n  model.heads: [1, 4]\nseeds: [0, 1]\n",
+            base.display()
+        ),
+    )
+    .unwrap();
+    let db = dir.join("fer.db");
+    let mut sweep = common::fer()
+        .arg("sweep")
+        .arg(dir.join("live.yaml"))
+        .arg("--db")
+        .arg(&db)
+        .arg("--runs-dir")
+        .arg(dir.join("runs"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The dashboard reads the database the sweep creates: wait until the sweep is in it.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    common::slurm::wait_for(120, "the sweep's registration", || {
+        db.is_file()
+            && rt.block_on(async {
+                match Store::open_read_only(&DbUrl::Sqlite(db.clone())).await {
+                    Ok(Some(s)) => s.sweep_trials("live").await.is_ok_and(|t| t.len() == 4),
+                    _ => false,
+                }
+            })
+    });
+    let server = Server::start(&db, &["--runs-dir", dir.join("runs").to_str().unwrap()]);
+    let base = format!("http://{}/", server.addr);
+    browser.goto(&format!("{base}#/sweep/live"));
+    browser.wait_for(
+        60,
+        "the trial table",
+        "return document.querySelectorAll('#trials tbody tr').length === 4",
+    );
+    browser.eval("window.__same_page = 1; return 1");
+    let count = |status: &str| {
+        browser
+            .eval(&format!(
+                "return [...document.querySelectorAll('#trials tbody tr')].filter(r => r.textContent.includes('{status}')).length"
+            ))
+            .as_i64()
+            .unwrap()
+    };
+    let (mut seen_running, mut seen_step, mut first_completed, mut shot_running) =
+        (false, false, None, false);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        let (running, completed) = (count("running"), count("completed"));
+        first_completed.get_or_insert(completed);
+        seen_running |= running > 0;
+        seen_step |= count(", step ") > 0;
+        if running > 0 && completed >= 2 && !shot_running {
+            shot(&browser, "dashboard-sweep-running");
+            shot_running = true;
+        }
+        if completed == 4 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sweep did not finish on the page"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(sweep.wait().unwrap().success());
+    assert!(seen_running, "a running trial was shown");
+    assert!(seen_step, "progress within an epoch was shown");
+    assert!(
+        first_completed.unwrap() < 4,
+        "the page opened before the sweep ended"
+    );
+    assert_eq!(
+        browser.eval("return window.__same_page"),
+        json!(1),
+        "no reload"
+    );
+    shot(&browser, "dashboard-sweep");
+
+    let key: String = browser
+        .eval("return document.querySelector('#trials tbody tr').dataset.key")
+        .as_str()
+        .unwrap()
+        .to_string();
+    browser.goto(&format!("{base}#/trial/{key}"));
+    browser.wait_for(
+        30,
+        "the trial page",
+        "return !!document.querySelector('#confusion')",
+    );
+    browser.wait_for(
+        30,
+        "the trial's charts",
+        &format!(
+            "return (() => {{ {} }})() > 500",
+            drawn_pixels(".chart canvas")
+        ),
+    );
+    assert!(browser
+        .eval("return document.querySelector('dl.facts').textContent")
+        .as_str()
+        .unwrap()
+        .contains("(present)"));
+    shot(&browser, "dashboard-trial");
+    browser.goto(&format!("{base}#/compare/live?group=model.heads"));
+    browser.wait_for(
+        30,
+        "the grouped comparison",
+        "return document.querySelectorAll('#groups tbody tr').length === 2",
+    );
+    shot(&browser, "dashboard-compare");
+    browser.goto(&format!("{base}#/parallel/live"));
+    browser.wait_for(
+        30,
+        "parallel coordinates",
+        "return document.querySelectorAll('#parallel polyline').length === 4",
+    );
+    shot(&browser, "dashboard-parallel");
 }

@@ -333,3 +333,29 @@ fn the_html_report_is_self_contained_and_escapes_what_the_sweep_file_says() {
         assert!(html.contains(&format!("<code>{key}</code>")), "{key}");
     }
 }
+
+/// `fer serve` shows each sweep's report as `fer report --html` writes it, rendered from the
+/// store at request time (same title, same trial keys); a sweep without one is a 404.
+#[test]
+fn the_dashboard_serves_the_same_report() {
+    let d = filled("serve-report");
+    let o = report(&d, &["--html"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let written = std::fs::read_to_string(d.join("reports/t.html")).unwrap();
+    let server = crate::dashboard::Server::start(&d.join("r.db"), &[]);
+    let page = server.get("/reports/t", &[]);
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert!(page.body.starts_with("<!DOCTYPE html>"));
+    assert!(page.body.contains("Table T: heads"));
+    let keys = |html: &str| -> Vec<String> {
+        html.split("<code>")
+            .skip(1)
+            .filter_map(|s| s.split("</code>").next())
+            .filter(|k| k.len() == 16)
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(keys(&page.body), keys(&written));
+    assert!(!keys(&written).is_empty());
+    assert_eq!(server.get("/reports/nope", &[]).status, 404);
+}

@@ -538,8 +538,11 @@ pub fn html_page(report: &Report, db: &DbUrl) -> anyhow::Result<String> {
         std::process::id(),
         NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     ));
-    let page = write(report, &dir, db, true)
-        .and_then(|()| Ok(std::fs::read_to_string(dir.join(format!("{}.html", report.stem())))?));
+    let page = write(report, &dir, db, true).and_then(|()| {
+        Ok(std::fs::read_to_string(
+            dir.join(format!("{}.html", report.stem())),
+        )?)
+    });
     let _ = std::fs::remove_dir_all(&dir);
     page
 }

@@ -38,7 +38,9 @@ type ApiResult = Result<Json<Value>, ApiError>;
 /// Every sweep with its trials counted by status.
 pub async fn sweeps(State(app): State<Shared>) -> ApiResult {
     let sweeps = app.store.sweep_summaries().await?;
-    Ok(Json(json!({ "db": app.store.url().to_string(), "sweeps": sweeps })))
+    Ok(Json(
+        json!({ "db": app.store.url().to_string(), "sweeps": sweeps }),
+    ))
 }
 
 /// Accuracy summaries of a test-accuracy curve (fractions), as the reports compute them.
@@ -141,7 +143,10 @@ pub async fn sweep_curves(
     let Some((split, metric)) = q.metric.split_once('/') else {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
-            format!("metric={}: expected split/name, e.g. test/accuracy", q.metric),
+            format!(
+                "metric={}: expected split/name, e.g. test/accuracy",
+                q.metric
+            ),
         ));
     };
     let curves = app.store.sweep_curves(&name, metric).await?;
@@ -164,7 +169,10 @@ fn checkpoint(runs_dir: &std::path::Path, sweeps: &[(String, String)], key: &str
                 .join("checkpoint.safetensors")
         })
         .collect();
-    let found = candidates.iter().find(|p| p.is_file()).or(candidates.first());
+    let found = candidates
+        .iter()
+        .find(|p| p.is_file())
+        .or(candidates.first());
     json!({
         "path": found.map(|p| p.display().to_string()),
         "exists": found.is_some_and(|p| p.is_file()),
@@ -181,9 +189,11 @@ pub async fn trial(State(app): State<Shared>, Path(key): Path<String>) -> ApiRes
         .iter()
         .map(|((split, name), points)| json!({ "metric": format!("{split}/{name}"), "points": points }))
         .collect();
-    let confusion = app.store.confusion(&key).await?.map(|c| {
-        json!({ "epoch": c.epoch, "counts": c.counts, "class_names": c.class_names })
-    });
+    let confusion = app
+        .store
+        .confusion(&key)
+        .await?
+        .map(|c| json!({ "epoch": c.epoch, "counts": c.counts, "class_names": c.class_names }));
     let attempts: Vec<Value> = app
         .store
         .attempts_of(&key)
@@ -225,18 +235,22 @@ async fn render_report(app: &Shared, sweep: &str) -> Result<String, ApiError> {
     let Some(name) = s.report else {
         return Err(not_found(format!("sweep {sweep} has no report section")));
     };
-    let profile = sweep
-        .strip_prefix(&format!("{name}-"))
-        .map(str::to_string);
+    let profile = sweep.strip_prefix(&format!("{name}-")).map(str::to_string);
     // The file the sweep ran from, if this machine has it; else the experiments folder's.
     let file = if std::path::Path::new(&s.file).is_file() {
         s.file.clone()
     } else {
         name.clone()
     };
-    let report = report::load(&app.store, &file, &app.experiments, profile.as_deref(), None)
-        .await
-        .map_err(|e| not_found(format!("{e:#}")))?;
+    let report = report::load(
+        &app.store,
+        &file,
+        &app.experiments,
+        profile.as_deref(),
+        None,
+    )
+    .await
+    .map_err(|e| not_found(format!("{e:#}")))?;
     let db = app.store.url().clone();
     // Plotting is CPU work: off the server's threads.
     tokio::task::spawn_blocking(move || report::html_page(&report, &db))

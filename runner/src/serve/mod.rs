@@ -138,7 +138,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 fn router(app: Shared) -> Router {
     Router::new()
         .route("/", get(|| async { asset("index.html") }))
-        .route("/assets/{file}", get(|axum::extract::Path(f): axum::extract::Path<String>| async move { asset(&f) }))
+        .route(
+            "/assets/{file}",
+            get(|axum::extract::Path(f): axum::extract::Path<String>| async move { asset(&f) }),
+        )
         .route("/api/sweeps", get(api::sweeps))
         .route("/api/sweeps/{name}", get(api::sweep))
         .route("/api/sweeps/{name}/curves", get(api::sweep_curves))
@@ -218,7 +221,10 @@ async fn guard(State(app): State<Shared>, request: Request, next: Next) -> Respo
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Some(c) = set_cookie.and_then(|c| HeaderValue::from_str(&c).ok()) {
         h.insert(header::SET_COOKIE, c);
@@ -266,16 +272,14 @@ fn percent_decode(s: &str) -> String {
     while i < bytes.len() {
         let hex = |b: u8| (b as char).to_digit(16);
         match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push((h * 16 + l) as u8);
-                        i += 3;
-                        continue;
-                    }
-                    _ => out.push(b'%'),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
                 }
-            }
+                _ => out.push(b'%'),
+            },
             b'+' => out.push(b' '),
             b => out.push(b),
         }

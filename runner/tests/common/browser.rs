@@ -36,7 +36,10 @@ impl Browser {
             .or_else(|| on_path("google-chrome"));
         let (Some(driver), Some(chromium)) = (driver, chromium) else {
             let why = "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)";
-            assert!(!super::postgres::required(), "a browser is required (FER_REQUIRE_SERVICES=1): {why}");
+            assert!(
+                !super::postgres::required(),
+                "a browser is required (FER_REQUIRE_SERVICES=1): {why}"
+            );
             eprintln!("skipping the browser test: {why}");
             return None;
         };
@@ -113,9 +116,8 @@ impl Browser {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
             let v = self.eval(script);
-            let truthy = !matches!(&v, Value::Null | Value::Bool(false))
-                && v != json!(0)
-                && v != json!("");
+            let truthy =
+                !matches!(&v, Value::Null | Value::Bool(false)) && v != json!(0) && v != json!("");
             if truthy {
                 return v;
             }

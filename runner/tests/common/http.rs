@@ -57,14 +57,18 @@ pub fn request(
         }
         let n = s.read(&mut buf)?;
         if n == 0 {
-            return Err(std::io::Error::other("connection closed before the headers ended"));
+            return Err(std::io::Error::other(
+                "connection closed before the headers ended",
+            ));
         }
         raw.extend_from_slice(&buf[..n]);
     };
     let head = String::from_utf8_lossy(&raw[..split]).to_string();
     let length = head.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
-        k.trim().eq_ignore_ascii_case("content-length").then(|| v.trim().parse::<usize>().ok())?
+        k.trim()
+            .eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse::<usize>().ok())?
     });
     let mut payload = raw[split + 4..].to_vec();
     match length {

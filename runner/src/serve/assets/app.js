@@ -179,8 +179,9 @@ function sweepView(name) {
       ['best', t => t.accuracy.best, t => pct(t.accuracy.best), 'num'],
       ['last 5', t => t.accuracy.last5, t => pct(t.accuracy.last5), 'num'],
       ['val-selected', t => t.accuracy.val_selected, t => pct(t.accuracy.val_selected), 'num'],
-      ['plateau', t => t.accuracy.undertrained,
-        t => (t.accuracy.undertrained === true ? el('span', { class: 'flag', title: 'still improving over the last epochs: not converged' }, 'undertrained')
+      // The plateau rule judges a finished curve: a trial still training is not flagged yet.
+      ['plateau', t => (statusOf(t.latest) === 'completed' ? t.accuracy.undertrained : null),
+        t => (statusOf(t.latest) !== 'completed' ? '–' : t.accuracy.undertrained === true ? el('span', { class: 'flag', title: 'still improving over the last epochs: not converged' }, 'undertrained')
           : t.accuracy.undertrained === false ? 'converged' : '–')],
       ['attempts', t => t.attempts, t => t.attempts, 'num'],
       ['code', t => t.latest && t.latest.git_commit,
@@ -333,7 +334,7 @@ function trialView(key) {
           el('dt', {}, 'seed'), el('dd', {}, d.seed),
           el('dt', {}, 'status'), el('dd', { id: 'trial-status' }, statusOf(latest), ' · ', progressText(t)),
           el('dt', {}, 'test accuracy'), el('dd', {}, `final ${pct(d.accuracy.final)}, best ${pct(d.accuracy.best)}, last 5 ${pct(d.accuracy.last5)}, val-selected ${pct(d.accuracy.val_selected)}`,
-            d.accuracy.undertrained ? el('span', { class: 'flag' }, ' · undertrained (not converged)') : null),
+            d.accuracy.undertrained && statusOf(latest) === 'completed' ? el('span', { class: 'flag' }, ' · undertrained (not converged)') : null),
           el('dt', {}, 'checkpoint'), el('dd', {}, d.checkpoint.path || '–', d.checkpoint.path ? el('span', { class: 'muted' }, d.checkpoint.exists ? ' (present)' : ' (not on this machine)') : null)),
         el('h2', {}, 'Curves'),
         d.curves.length ? el('div', { class: 'charts' }, chartBoxes) : el('p', { class: 'muted' }, 'No epoch reported yet.'),
@@ -464,7 +465,8 @@ function parallelView(name, query) {
       // Completed trials only: a running or failed trial's accuracy is not a result.
       const rows = d.trials.filter(t => statusOf(t.latest) === 'completed' &&
         t.accuracy[state.metric] !== null && t.accuracy[state.metric] !== undefined);
-      let axes = d.axes.filter(a => new Set(d.trials.map(t => text((t.params || {})[a]))).size > 1);
+      // Hyper-parameters only: seeds are replicates, not a setting.
+      let axes = d.axes.filter(a => a !== 'seed' && new Set(d.trials.map(t => text((t.params || {})[a]))).size > 1);
       if (!axes.length) axes = d.axes.slice();
       const W = Math.max(640, view.clientWidth - 20), H = 420, top = 30, bottom = 40, left = 70;
       const x = i => left + i * ((W - 2 * left) / Math.max(1, axes.length));
