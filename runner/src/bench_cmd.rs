@@ -220,6 +220,7 @@ fn train_setting(
         "peak_rss_mb": peak_rss_mb(),
         "threads": rayon::current_num_threads(),
         "device": format!("{device:?}"),
+        "isa": fer_model::ops::isa::active().name(),
     });
     if let Some((torch_train, torch_infer)) = reference {
         line["pytorch_train_img_per_s"] = torch_train.into();

@@ -124,6 +124,18 @@ fn bad_arguments_and_files_are_clear_errors() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("difficulty \"extreme\""));
+    // A misspelt instruction-set cap is refused, not ignored (it would test the wrong kernels).
+    let o = fer()
+        .args(["runs", "--db", "/nonexistent/fer.db"])
+        .env("FER_ISA", "avx")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("FER_ISA=\"avx\"") && err.contains("baseline, avx2 or avx512"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -299,7 +299,9 @@ fn a_cancelled_task_is_completed_by_resubmission_without_duplicates() {
     let Some((cluster, db)) = services("cancel") else {
         return;
     };
-    let epochs = 30;
+    // Enough epochs that the cancel lands mid-trial even when a loaded machine notices the
+    // third epoch late (30 were once all done by then).
+    let epochs = 80;
     let d = setup("slurm-cancel", epochs, "seeds: [0, 1]\n");
     submit(&d, &cluster.conf, &db, &["--parallel", "2"]);
     let keys = trial_keys(&db);

@@ -2,25 +2,90 @@
 //! instead of Candle's where Candle is wrong" and "Fast CPU kernels"; the kernels' design and
 //! measurements: docs/cpu-kernels.md).
 
-/// The instruction sets the kernels may use, detected once per process. `FER_ISA=baseline` turns
-/// them all off (the portable code paths), so the kernel tests can run at every level a machine
-/// has (CI runs them both ways).
+/// The instruction sets the kernels may use, detected once per process. `FER_ISA` caps them at a
+/// level (`baseline`: the portable code paths; `avx2`: AVX2 + FMA, no AVX-512; `avx512`: all
+/// present), so the kernel tests run at every level a machine has (CI runs each one below the
+/// machine's own).
 pub mod isa {
     use std::sync::OnceLock;
 
-    fn baseline_asked() -> bool {
-        std::env::var("FER_ISA").is_ok_and(|v| v == "baseline")
+    /// Instruction-set levels, lowest first.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    pub enum Level {
+        Baseline,
+        Avx2,
+        Avx512,
+    }
+
+    impl Level {
+        pub const ALL: [Level; 3] = [Level::Baseline, Level::Avx2, Level::Avx512];
+
+        pub fn name(self) -> &'static str {
+            match self {
+                Level::Baseline => "baseline",
+                Level::Avx2 => "avx2",
+                Level::Avx512 => "avx512",
+            }
+        }
+    }
+
+    /// The cap `FER_ISA` asks for (None: unset), or why its value is not a level.
+    pub fn requested() -> Result<Option<Level>, String> {
+        match std::env::var("FER_ISA") {
+            Err(_) => Ok(None),
+            Ok(v) => Level::ALL
+                .into_iter()
+                .find(|l| l.name() == v.trim())
+                .map(Some)
+                .ok_or_else(|| {
+                    format!("FER_ISA={v:?}: expected baseline, avx2 or avx512 (a ceiling on the instruction sets the kernels use)")
+                }),
+        }
+    }
+
+    /// The cap in force. A misspelt `FER_ISA` stops the process here rather than silently
+    /// testing the wrong code path (`fer` checks it first, with this message, at start).
+    fn cap() -> Level {
+        static CAP: OnceLock<Level> = OnceLock::new();
+        *CAP.get_or_init(|| match requested() {
+            Ok(l) => l.unwrap_or(Level::Avx512),
+            Err(why) => panic!("{why}"),
+        })
+    }
+
+    /// The highest level this CPU has: AVX2 needs AVX, AVX2 and FMA; AVX-512 adds F, BW, DQ, VL.
+    pub fn detected() -> Level {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::is_x86_feature_detected as has;
+            if !(has!("avx") && has!("avx2") && has!("fma")) {
+                Level::Baseline
+            } else if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
+                Level::Avx512
+            } else {
+                Level::Avx2
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Level::Baseline
+        }
+    }
+
+    /// The level the kernels run at: what the CPU has, capped by `FER_ISA`.
+    pub fn active() -> Level {
+        detected().min(cap())
     }
 
     macro_rules! level {
-        ($(#[$doc:meta])* $name:ident: $($feature:tt),+) => {
+        ($(#[$doc:meta])* $name:ident at $level:ident: $($feature:tt),+) => {
             $(#[$doc])*
             pub fn $name() -> bool {
-                static LEVEL: OnceLock<bool> = OnceLock::new();
-                *LEVEL.get_or_init(|| {
+                static ON: OnceLock<bool> = OnceLock::new();
+                *ON.get_or_init(|| {
                     #[cfg(target_arch = "x86_64")]
                     {
-                        !baseline_asked() && $(std::is_x86_feature_detected!($feature))&&+
+                        cap() >= Level::$level && $(std::is_x86_feature_detected!($feature))&&+
                     }
                     #[cfg(not(target_arch = "x86_64"))]
                     {
@@ -33,15 +98,15 @@ pub mod isa {
 
     level!(
         /// 256-bit float shuffles (the GEMM's 8x8 transposes).
-        avx: "avx"
+        avx at Avx2: "avx"
     );
     level!(
         /// 8-lane integer and float loops (`avx2_dispatch!`, Adam's passes).
-        avx2: "avx2"
+        avx2 at Avx2: "avx2"
     );
     level!(
         /// The GEMM's 6x16 fused multiply-add microkernel.
-        avx2_fma: "avx2", "fma"
+        avx2_fma at Avx2: "avx2", "fma"
     );
 }
 
