@@ -64,6 +64,11 @@ fn setup(tag: &str, epochs: usize, sweep_lines: &str) -> PathBuf {
     d
 }
 
+/// Epochs of a trial that a test stops mid-way (cancel, time-limit signal): enough that the
+/// signal lands before the end even when the test notices the first epochs late (with 30, a
+/// fast machine had finished the trial by then).
+const MID_TRIAL_EPOCHS: usize = 80;
+
 /// The services, or None (skipped) outside CI where they cannot start.
 fn services(tag: &str) -> Option<(&'static slurm::Cluster, DbUrl)> {
     let cluster = slurm::cluster()?;
@@ -299,9 +304,7 @@ fn a_cancelled_task_is_completed_by_resubmission_without_duplicates() {
     let Some((cluster, db)) = services("cancel") else {
         return;
     };
-    // Enough epochs that the cancel lands mid-trial even when a loaded machine notices the
-    // third epoch late (30 were once all done by then).
-    let epochs = 80;
+    let epochs = MID_TRIAL_EPOCHS;
     let d = setup("slurm-cancel", epochs, "seeds: [0, 1]\n");
     submit(&d, &cluster.conf, &db, &["--parallel", "2"]);
     let keys = trial_keys(&db);
@@ -366,7 +369,7 @@ fn cancelling_a_sweep_stops_its_jobs_and_interrupts_its_attempts() {
     let Some((cluster, db)) = services("cancel-all") else {
         return;
     };
-    let d = setup("slurm-cancel-all", 30, "seeds: [0]\n");
+    let d = setup("slurm-cancel-all", MID_TRIAL_EPOCHS, "seeds: [0]\n");
     let o = submit(&d, &cluster.conf, &db, &[]);
     let job = job_id(&o);
     let key = only_trial(&db);
@@ -392,7 +395,7 @@ fn a_time_limit_warning_requeues_the_task_and_the_trial_resumes() {
     let Some((cluster, db)) = services("usr1") else {
         return;
     };
-    let epochs = 30;
+    let epochs = MID_TRIAL_EPOCHS;
     let d = setup("slurm-usr1", epochs, "seeds: [0]\n");
     let o = submit(&d, &cluster.conf, &db, &[]);
     let job = job_id(&o);
