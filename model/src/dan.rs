@@ -7,8 +7,8 @@ use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::backbone::{Backbone, BackboneConfig, TrunkNames};
-use crate::layers::{join, BatchNorm, Conv2d, Linear};
-use crate::ops::ConvGeometry;
+use crate::layers::{join, BatchNorm, Conv2d, FoldedConv, FoldedLinear, Linear};
+use crate::ops::{in_place, ConvGeometry};
 use crate::store::{Init, ParamStore};
 
 /// The architecture of one model: everything needed to rebuild it from a checkpoint.
@@ -126,6 +126,78 @@ impl CrossAttentionHead {
     }
 }
 
+/// A head with its batch norms folded (see `Dan::inference`).
+struct FoldedHead {
+    conv1x1: FoldedConv,
+    branches: [FoldedConv; 3],
+    fc1: FoldedLinear,
+    fc2: FoldedLinear,
+}
+
+impl FoldedHead {
+    fn new(h: &CrossAttentionHead) -> Result<Self> {
+        let fold = |(c, b): &(Conv2d, BatchNorm)| FoldedConv::new(c, b);
+        let [a, b, c] = &h.sa.branches;
+        Ok(Self {
+            conv1x1: fold(&h.sa.conv1x1)?,
+            branches: [fold(a)?, fold(b)?, fold(c)?],
+            fc1: FoldedLinear::new(&h.ca.fc1, Some(&h.ca.bn))?,
+            fc2: FoldedLinear::new(&h.ca.fc2, None)?,
+        })
+    }
+
+    /// `CrossAttentionHead::forward(feat, false)`.
+    fn forward(&self, feat: &Tensor) -> Result<(Tensor, Tensor)> {
+        let y = self.conv1x1.forward(feat)?;
+        let [a, b, c] = &self.branches;
+        let z = ((a.forward(&y)? + b.forward(&y)?)? + c.forward(&y)?)?;
+        let amap = in_place::relu(z)?.sum_keepdim(1)?;
+        let g = feat.broadcast_mul(&amap)?.mean((2, 3))?;
+        let z = in_place::relu(self.fc1.forward(&g)?)?;
+        let gate = candle_nn::ops::sigmoid(&self.fc2.forward(&z)?)?;
+        Ok(((g * gate)?, amap.squeeze(1)?))
+    }
+}
+
+/// `Dan::inference`: the eval-mode network with every batch norm folded into the layer before
+/// it, detached (no autograd graph, so each activation is freed once the next layer has read
+/// it), ReLUs and residual joins in place. A snapshot: rebuild it after the weights change.
+pub struct DanInference<'a> {
+    dan: &'a Dan,
+    /// None: a backbone without a folded form runs its own eval forward.
+    backbone: Option<crate::backbone::resnet::FoldedResNet>,
+    heads: Vec<FoldedHead>,
+    fc: FoldedLinear,
+}
+
+impl DanInference<'_> {
+    /// `Dan::forward(x, false)` up to float32 rounding (tested against it).
+    pub fn forward(&self, x: &Tensor) -> Result<DanOutput> {
+        let feat = match &self.backbone {
+            Some(b) => b.forward(x)?,
+            None => self.dan.backbone.forward(x, false)?.detach(),
+        };
+        let mut outs = Vec::with_capacity(self.heads.len());
+        let mut maps = Vec::with_capacity(self.heads.len());
+        for head in &self.heads {
+            let (out, map) = head.forward(&feat)?;
+            outs.push(out);
+            maps.push(map);
+        }
+        let mut heads = Tensor::stack(&outs, 1)?;
+        if self.heads.len() > 1 {
+            heads = candle_nn::ops::log_softmax(&heads, 1)?;
+        }
+        let logits = self.fc.forward(&heads.sum(1)?)?;
+        Ok(DanOutput {
+            logits,
+            feat,
+            heads,
+            spatial_maps: Tensor::stack(&maps, 1)?,
+        })
+    }
+}
+
 /// What one forward pass returns.
 pub struct DanOutput {
     /// BN'd logits [B, classes].
@@ -211,6 +283,21 @@ impl Dan {
             feat,
             heads,
             spatial_maps: Tensor::stack(&maps, 1)?,
+        })
+    }
+
+    /// The inference form of this network (see `DanInference`): what evaluation, `predict` and
+    /// the inference benchmark run.
+    pub fn inference(&self) -> Result<DanInference<'_>> {
+        Ok(DanInference {
+            dan: self,
+            backbone: self.backbone.fold()?,
+            heads: self
+                .heads
+                .iter()
+                .map(FoldedHead::new)
+                .collect::<Result<_>>()?,
+            fc: FoldedLinear::new(&self.fc, Some(&self.bn))?,
         })
     }
 

@@ -69,6 +69,92 @@ impl Conv2d {
     }
 }
 
+/// A convolution and the eval-mode batch norm after it as one convolution with a bias
+/// (`weight * scale[o]`, `bias * scale + shift`; see `BatchNorm::eval_affine`), its tensors
+/// detached: the inference forward's layer (`crate::inference`).
+pub struct FoldedConv {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub geometry: ConvGeometry,
+}
+
+/// Rows of `weight` (axis 0) scaled by `scale`, `bias` (zeros when None) mapped to
+/// `bias * scale + shift`: in f64, stored in the weight's dtype, detached.
+fn fold_rows(
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    scale: &[f64],
+    shift: &[f64],
+) -> Result<(Tensor, Tensor)> {
+    let rows = weight.dim(0)?;
+    let mut w = weight
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1::<f64>()?;
+    let per_row = w.len() / rows.max(1);
+    for (row, &s) in w.chunks_mut(per_row).zip(scale) {
+        row.iter_mut().for_each(|v| *v *= s);
+    }
+    let b0 = match bias {
+        Some(b) => b.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+        None => vec![0.0; rows],
+    };
+    let b: Vec<f64> = (0..rows).map(|o| b0[o] * scale[o] + shift[o]).collect();
+    let (dev, dt) = (weight.device(), weight.dtype());
+    Ok((
+        Tensor::from_vec(w, weight.shape(), dev)?.to_dtype(dt)?,
+        Tensor::from_vec(b, rows, dev)?.to_dtype(dt)?,
+    ))
+}
+
+impl FoldedConv {
+    pub fn new(conv: &Conv2d, bn: &BatchNorm) -> Result<Self> {
+        let (scale, shift) = bn.eval_affine()?;
+        let (weight, bias) = fold_rows(
+            conv.weight.as_tensor(),
+            conv.bias.as_ref().map(|b| b.as_tensor()),
+            &scale,
+            &shift,
+        )?;
+        Ok(Self {
+            weight,
+            bias,
+            geometry: conv.geometry,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        conv2d(x, &self.weight, Some(&self.bias), self.geometry)
+    }
+}
+
+/// A linear layer, with the eval-mode BatchNorm1d after it folded in when given, detached.
+pub struct FoldedLinear {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl FoldedLinear {
+    pub fn new(linear: &Linear, bn: Option<&BatchNorm>) -> Result<Self> {
+        let n = linear.weight.dim(0)?;
+        let (scale, shift) = match bn {
+            Some(bn) => bn.eval_affine()?,
+            None => (vec![1.0; n], vec![0.0; n]),
+        };
+        let (weight, bias) = fold_rows(
+            linear.weight.as_tensor(),
+            Some(linear.bias.as_tensor()),
+            &scale,
+            &shift,
+        )?;
+        Ok(Self { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)
+    }
+}
+
 /// BatchNorm over channel axis 1, for [B, C] (BatchNorm1d) and [B, C, H, W] (BatchNorm2d).
 /// Train mode normalises with the biased batch variance and updates the running statistics
 /// with the unbiased one (momentum 0.1), exactly as PyTorch; eval mode uses the running stats.
@@ -105,6 +191,25 @@ impl BatchNorm {
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.forward_with(x, train, false)
+    }
+
+    /// Eval mode as a per-channel affine map `x * scale + shift` (running statistics), in f64.
+    pub fn eval_affine(&self) -> Result<(Vec<f64>, Vec<f64>)> {
+        let v = |t: &Var| t.as_tensor().to_dtype(DType::F64)?.to_vec1::<f64>();
+        let (gamma, beta) = (v(&self.weight)?, v(&self.bias)?);
+        let (mean, var) = (v(&self.running_mean)?, v(&self.running_var)?);
+        let scale: Vec<f64> = gamma
+            .iter()
+            .zip(&var)
+            .map(|(g, v)| g / (v + self.eps).sqrt())
+            .collect();
+        let shift = beta
+            .iter()
+            .zip(&mean)
+            .zip(&scale)
+            .map(|((b, m), s)| b - m * s)
+            .collect();
+        Ok((scale, shift))
     }
 
     /// `relu(bn(x))`, fused into one node where the fast path applies.

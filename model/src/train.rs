@@ -283,10 +283,11 @@ impl Confusion {
     }
 }
 
-/// Evaluation-mode predictions for a batch.
-pub fn predict(model: &Dan, x: &Tensor) -> anyhow::Result<Vec<u32>> {
+/// Evaluation-mode predictions for a batch, by the network's inference form (`Dan::inference`,
+/// made once per evaluation).
+pub fn predict(model: &crate::dan::DanInference, x: &Tensor) -> anyhow::Result<Vec<u32>> {
     on_compute_pool(|| {
-        let out = model.forward(x, false)?;
+        let out = model.forward(x)?;
         Ok(loss::predictions(&out.logits)?.to_vec1::<u32>()?)
     })
 }
@@ -297,9 +298,10 @@ where
     I: IntoIterator<Item = anyhow::Result<(Tensor, Vec<u32>)>>,
 {
     let mut confusion = Confusion::new(model.config.classes);
+    let folded = model.inference()?;
     for batch in batches {
         let (x, y) = batch?;
-        confusion.add(&y, &predict(model, &x)?)?;
+        confusion.add(&y, &predict(&folded, &x)?)?;
     }
     Ok(confusion.report())
 }

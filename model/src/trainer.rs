@@ -382,9 +382,10 @@ pub fn predict_set(
         },
     );
     let mut out = Vec::with_capacity(set.len());
+    let folded = net.dan.inference()?;
     for batch in rx {
         let batch = batch.map_err(|e| classified(FailureClass::Data, e))?;
-        out.extend(train::predict(&net.dan, &batch.images(&dev)?)?);
+        out.extend(train::predict(&folded, &batch.images(&dev)?)?);
     }
     Ok(out)
 }

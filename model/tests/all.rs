@@ -8,6 +8,7 @@ mod data;
 mod fast_kernels;
 mod fuzz;
 mod gradients;
+mod inference;
 mod parity;
 mod predict;
 mod pretrained;

@@ -58,7 +58,7 @@ fn layer_norm_softmax_gelu_and_avg_pool_match_finite_differences() {
 /// Tiny variants of the three new backbones and of the embedded default's stride-16 ResNet
 /// layout (here with stride-1 stages changing width and no stem pool), with the input size each
 /// takes.
-fn tiny_backbones() -> Vec<(&'static str, BackboneConfig, usize)> {
+pub(crate) fn tiny_backbones() -> Vec<(&'static str, BackboneConfig, usize)> {
     vec![
         (
             "resnet_strided",

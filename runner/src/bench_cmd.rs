@@ -74,6 +74,7 @@ fn train(args: &BenchArgs) -> anyhow::Result<()> {
     } else {
         args.settings.iter().map(|s| s.as_str()).collect()
     };
+    let mut lines = Vec::new();
     for name in wanted {
         let Some(&(_, widths, blocks, size, batch)) = SETTINGS.iter().find(|s| s.0 == name) else {
             anyhow::bail!(
@@ -85,9 +86,9 @@ fn train(args: &BenchArgs) -> anyhow::Result<()> {
             let reference = reference_for(&args.reference, name)?;
             let device = fer_model::device::select(&args.device)?;
             let shape = (widths, blocks, size, batch);
-            train_setting(name, shape, args.steps, reference, &device)?;
+            lines.push(train_setting(name, shape, args.steps, reference, &device)?);
         } else {
-            let status = std::process::Command::new(std::env::current_exe()?)
+            let out = std::process::Command::new(std::env::current_exe()?)
                 .args([
                     "bench",
                     "train",
@@ -100,16 +101,64 @@ fn train(args: &BenchArgs) -> anyhow::Result<()> {
                     "--reference",
                 ])
                 .arg(&args.reference)
-                .status()?;
-            anyhow::ensure!(status.success(), "benchmark setting {name} failed");
+                .stderr(std::process::Stdio::inherit())
+                .output()?;
+            anyhow::ensure!(out.status.success(), "benchmark setting {name} failed");
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                println!("{line}");
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+                    lines.push(v);
+                }
+            }
         }
+    }
+    if lines.len() > 1 {
+        eprintln!("{}", summary_table(&lines, &args.reference));
     }
     Ok(())
 }
 
-/// PyTorch's (train, inference) images/s for `setting` from a JSON-lines reference file, or None
-/// when the file does not exist or has no line for the setting.
-fn reference_for(path: &std::path::Path, setting: &str) -> anyhow::Result<Option<(f64, f64)>> {
+/// The settings side by side with PyTorch's reference numbers (stderr; stdout stays JSON).
+fn summary_table(lines: &[serde_json::Value], reference: &std::path::Path) -> String {
+    let num = |v: &serde_json::Value, k: &str| v[k].as_f64();
+    let cell =
+        |ours: Option<f64>, torch: Option<f64>, ratio: Option<f64>| match (ours, torch, ratio) {
+            (Some(o), Some(t), Some(r)) => format!("{o:.1} ({t:.1}) {r:.2}x"),
+            (Some(o), _, _) => format!("{o:.1} (no reference)"),
+            _ => "-".into(),
+        };
+    let mut out = String::from(
+        "\nsetting      | train img/s (PyTorch) ratio | inference img/s (PyTorch) ratio | peak MB (PyTorch) | isa\n",
+    );
+    for v in lines {
+        out.push_str(&format!(
+            "{:<12} | {:<27} | {:<31} | {} ({}) | {}\n",
+            v["setting"].as_str().unwrap_or("?"),
+            cell(
+                num(v, "train_img_per_s"),
+                num(v, "pytorch_train_img_per_s"),
+                num(v, "train_vs_pytorch")
+            ),
+            cell(
+                num(v, "infer_img_per_s"),
+                num(v, "pytorch_infer_img_per_s"),
+                num(v, "infer_vs_pytorch")
+            ),
+            num(v, "peak_rss_mb").map_or("-".into(), |m| format!("{m:.0}")),
+            num(v, "pytorch_peak_rss_mb").map_or("-".into(), |m| format!("{m:.0}")),
+            v["isa"].as_str().unwrap_or("?"),
+        ));
+    }
+    out.push_str(&format!(
+        "PyTorch's numbers: {} (machine-specific: refresh it on a new machine, bench/README.md)",
+        reference.display()
+    ));
+    out
+}
+
+/// PyTorch's numbers for `setting` from a JSON-lines reference file, or None when the file does
+/// not exist or has no line for the setting.
+fn reference_for(path: &std::path::Path, setting: &str) -> anyhow::Result<Option<Reference>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -129,9 +178,20 @@ fn reference_for(path: &std::path::Path, setting: &str) -> anyhow::Result<Option
                 anyhow::anyhow!("{}:{}: `{key}` must be a number", path.display(), i + 1)
             })
         };
-        return Ok(Some((rate("train_img_per_s")?, rate("infer_img_per_s")?)));
+        return Ok(Some(Reference {
+            train: rate("train_img_per_s")?,
+            infer: rate("infer_img_per_s")?,
+            peak_mb: v["peak_rss_mb"].as_f64(),
+        }));
     }
     Ok(None)
+}
+
+/// PyTorch's images/s (train, inference) and peak memory at one setting.
+struct Reference {
+    train: f64,
+    infer: f64,
+    peak_mb: Option<f64>,
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {
@@ -145,9 +205,9 @@ fn train_setting(
     name: &str,
     (widths, blocks, size, batch): ([usize; 4], [usize; 4], usize, usize),
     steps: usize,
-    reference: Option<(f64, f64)>,
+    reference: Option<Reference>,
     device: &candle_core::Device,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<serde_json::Value> {
     use candle_core::{DType, Tensor};
     use fer_model::backbone::ResNetConfig;
     use fer_model::{train, DanConfig, DanEac, LossWeights, OptimizerConfig};
@@ -199,11 +259,14 @@ fn train_setting(
     let train_rate = batch as f64 / median(times);
     let op_times = fer_model::ops::timing::take();
     let mut times = Vec::new();
+    // The inference form (batch norms folded, no autograd graph), made once as a deployed
+    // model or an evaluation pass makes it.
+    let folded = net.dan.inference()?;
     for i in 0..=steps {
         let t = Instant::now();
         // On a pool thread, as `train_step` and `predict` run (`on_compute_pool`).
         train::on_compute_pool(|| -> anyhow::Result<()> {
-            std::hint::black_box(net.dan.forward(&x, false)?.logits.to_vec2::<f32>()?);
+            std::hint::black_box(folded.forward(&x)?.logits.to_vec2::<f32>()?);
             Ok(())
         })?;
         if i > 0 {
@@ -211,6 +274,7 @@ fn train_setting(
         }
     }
     let infer_rate = batch as f64 / median(times);
+    let infer_op_times = fer_model::ops::timing::take();
     let round2 = |v: f64| (v * 100.0).round() / 100.0;
     let mut line = serde_json::json!({
         "impl": "candle-fer",
@@ -222,11 +286,14 @@ fn train_setting(
         "device": format!("{device:?}"),
         "isa": fer_model::ops::isa::active().name(),
     });
-    if let Some((torch_train, torch_infer)) = reference {
-        line["pytorch_train_img_per_s"] = torch_train.into();
-        line["pytorch_infer_img_per_s"] = torch_infer.into();
-        line["train_vs_pytorch"] = round2(train_rate / torch_train).into();
-        line["infer_vs_pytorch"] = round2(infer_rate / torch_infer).into();
+    if let Some(r) = reference {
+        line["pytorch_train_img_per_s"] = r.train.into();
+        line["pytorch_infer_img_per_s"] = r.infer.into();
+        line["train_vs_pytorch"] = round2(train_rate / r.train).into();
+        line["infer_vs_pytorch"] = round2(infer_rate / r.infer).into();
+        if let Some(peak) = r.peak_mb {
+            line["pytorch_peak_rss_mb"] = peak.into();
+        }
     }
     println!("{line}");
     if std::env::var_os("FER_OP_TIMES").is_some() {
@@ -234,8 +301,12 @@ fn train_setting(
         for (name, secs) in op_times {
             eprintln!("  {name:<26} {:>8.3} s/step", secs / (steps + 1) as f64);
         }
+        eprintln!("  inference:");
+        for (name, secs) in infer_op_times {
+            eprintln!("  {name:<26} {:>8.3} s/batch", secs / (steps + 1) as f64);
+        }
     }
-    Ok(())
+    Ok(line)
 }
 
 /// Peak resident memory of this process (VmHWM), in MB.

@@ -299,6 +299,15 @@ impl Backbone {
         })
     }
 
+    /// The eval-mode trunk with folded batch norms, where there is one (ResNets; the other
+    /// backbones' inference runs their eval forward).
+    pub fn fold(&self) -> Result<Option<resnet::FoldedResNet>> {
+        match self {
+            Backbone::ResNet(m) => m.fold().map(Some),
+            _ => Ok(None),
+        }
+    }
+
     /// The feature map F [B, C, h, w].
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         match self {

@@ -8,8 +8,8 @@ use anyhow::ensure;
 use candle_core::{Result, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{join, BatchNorm, Conv2d, Linear};
-use crate::ops::{add_relu, max_pool2d, max_pool2d_ceil, ConvGeometry};
+use crate::layers::{join, BatchNorm, Conv2d, FoldedConv, Linear};
+use crate::ops::{add_relu, in_place, max_pool2d, max_pool2d_ceil, ConvGeometry};
 use crate::store::ParamStore;
 
 /// How the trunk's modules are named in the state dict.
@@ -487,6 +487,45 @@ impl ResNet {
         }
     }
 
+    /// This network in eval mode with every batch norm folded into its convolution (the
+    /// inference forward, `crate::inference`).
+    pub fn fold(&self) -> Result<FoldedResNet> {
+        let down = |d: &Option<(Conv2d, BatchNorm)>| {
+            d.as_ref().map(|(c, b)| FoldedConv::new(c, b)).transpose()
+        };
+        let blocks = self
+            .layers
+            .iter()
+            .flatten()
+            .map(|block| {
+                Ok(match block {
+                    Block::Basic(b) => FoldedBlock {
+                        convs: vec![
+                            FoldedConv::new(&b.conv1, &b.bn1)?,
+                            FoldedConv::new(&b.conv2, &b.bn2)?,
+                        ],
+                        downsample: down(&b.downsample)?,
+                    },
+                    Block::Bottleneck(b) => FoldedBlock {
+                        convs: b
+                            .convs
+                            .iter()
+                            .zip(&b.bns)
+                            .map(|(c, n)| FoldedConv::new(c, n))
+                            .collect::<Result<_>>()?,
+                        downsample: down(&b.downsample)?,
+                    },
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(FoldedResNet {
+            stem: FoldedConv::new(&self.conv1, &self.bn1)?,
+            stem_pool: self.config.stem_pool,
+            caffe: self.config.caffe,
+            blocks,
+        })
+    }
+
     /// The last feature map F: [B, widths[3], h, w].
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let mut y = self.bn1.forward_relu(&self.conv1.forward(x)?, train)?;
@@ -501,6 +540,53 @@ impl ResNet {
             for block in layer {
                 y = block.forward(&y, train)?;
             }
+        }
+        Ok(y)
+    }
+}
+
+/// A residual block with its batch norms folded: ReLU after every convolution but the last,
+/// then `relu(last + shortcut)`.
+struct FoldedBlock {
+    convs: Vec<FoldedConv>,
+    downsample: Option<FoldedConv>,
+}
+
+/// `ResNet::fold`: the eval-mode trunk with folded batch norms, ReLUs and residual joins in
+/// place, and no autograd graph.
+pub struct FoldedResNet {
+    stem: FoldedConv,
+    stem_pool: bool,
+    caffe: bool,
+    blocks: Vec<FoldedBlock>,
+}
+
+impl FoldedResNet {
+    /// `ResNet::forward(x, false)`, up to float32 rounding.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = in_place::relu(self.stem.forward(x)?)?;
+        if self.stem_pool {
+            y = if self.caffe {
+                max_pool2d_ceil(&y, 3, 2, 0)?
+            } else {
+                max_pool2d(&y, 3, 2, 1)?
+            };
+        }
+        for block in &self.blocks {
+            let shortcut = match &block.downsample {
+                Some(conv) => conv.forward(&y)?,
+                None => y.clone(),
+            };
+            let last = block.convs.len() - 1;
+            let mut z = y;
+            for (i, conv) in block.convs.iter().enumerate() {
+                z = conv.forward(&z)?;
+                if i < last {
+                    z = in_place::relu(z)?;
+                }
+            }
+            // `z` is the last convolution's fresh output: written in place.
+            y = in_place::add_relu(z, &shortcut)?;
         }
         Ok(y)
     }

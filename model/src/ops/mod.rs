@@ -137,6 +137,7 @@ pub mod add_relu;
 pub mod batch_norm;
 pub mod conv;
 pub mod gemm;
+pub mod in_place;
 pub mod pool;
 pub mod timing;
 
