@@ -153,14 +153,6 @@ pub async fn fill(dir: &Path) -> Filled {
         record_line(&store, attempt, &started(10), &bar)
             .await
             .unwrap();
-        let end = |status| AttemptEnd {
-            status,
-            exit_code: None,
-            signal: None,
-            failure_class: None,
-            error: None,
-            stderr_tail: None,
-        };
         match name {
             "a" | "b" => {
                 for e in 1..=3 {
@@ -169,7 +161,10 @@ pub async fn fill(dir: &Path) -> Filled {
                         .await
                         .unwrap();
                 }
-                store.finish(attempt, end("completed")).await.unwrap();
+                store
+                    .finish(attempt, common::ended("completed"))
+                    .await
+                    .unwrap();
             }
             "c" => {
                 record_line(&store, attempt, &epoch(1, 0.35), &bar)
@@ -180,7 +175,7 @@ pub async fn fill(dir: &Path) -> Filled {
                     failure_class: Some("crash"),
                     error: Some(HOSTILE_ERROR.into()),
                     stderr_tail: Some(format!("traceback line\n{HOSTILE_ERROR}")),
-                    ..end("failed")
+                    ..common::ended("failed")
                 };
                 store.finish(attempt, failed).await.unwrap();
             }
@@ -384,6 +379,30 @@ fn shot(browser: &Browser, name: &str) {
     }
 }
 
+/// Open `url` and wait until `condition` (a script returning true) holds.
+fn visit(browser: &Browser, url: &str, what: &str, condition: &str) {
+    browser.goto(url);
+    browser.wait_for(30, what, condition);
+}
+
+/// Open a trial's page and wait until its confusion matrix is shown and its first chart drawn.
+fn trial_page_drawn(browser: &Browser, base: &str, key: &str) {
+    visit(
+        browser,
+        &format!("{base}#/trial/{key}"),
+        "the trial page",
+        "return !!document.querySelector('#confusion')",
+    );
+    browser.wait_for(
+        30,
+        "the trial's charts",
+        &format!(
+            "return (() => {{ {} }})() > 500",
+            drawn_pixels(".chart canvas")
+        ),
+    );
+}
+
 /// How many pixels of the first canvas under `css` are drawn.
 fn drawn_pixels(css: &str) -> String {
     format!(
@@ -408,9 +427,9 @@ fn the_dashboard_in_a_real_browser() {
     let no_injection = "return window.__xss === undefined && document.querySelectorAll('main img, main script').length === 0";
 
     // The trial table lists every trial; hostile text shows as text.
-    browser.goto(&format!("{base}#/sweep/heads"));
-    browser.wait_for(
-        20,
+    visit(
+        &browser,
+        &format!("{base}#/sweep/heads"),
         "the trial table",
         "return document.querySelectorAll('#trials tbody tr').length === 4",
     );
@@ -434,9 +453,9 @@ fn the_dashboard_in_a_real_browser() {
         json!(c)
     );
     browser.goto(&format!("{base}#/"));
-    browser.goto(&format!("{base}#/sweep/heads"));
-    browser.wait_for(
-        20,
+    visit(
+        &browser,
+        &format!("{base}#/sweep/heads"),
         "the trial table",
         "return document.querySelectorAll('#trials tbody tr').length === 4",
     );
@@ -449,9 +468,9 @@ fn the_dashboard_in_a_real_browser() {
 
     // Compare: select two trials, overlay their curves.
     browser.goto(&format!("{base}#/"));
-    browser.goto(&format!("{base}#/sweep/heads"));
-    browser.wait_for(
-        20,
+    visit(
+        &browser,
+        &format!("{base}#/sweep/heads"),
         "the trial table",
         "return document.querySelectorAll('#trials tbody tr').length === 4",
     );
@@ -478,28 +497,15 @@ fn the_dashboard_in_a_real_browser() {
     shot(&browser, "hostile-dashboard-compare");
 
     // Grouped over seeds: one mean line and band per value of the parameter.
-    browser.goto(&format!("{base}#/compare/heads?group=model.heads"));
-    browser.wait_for(
-        20,
+    visit(
+        &browser,
+        &format!("{base}#/compare/heads?group=model.heads"),
         "the grouped summary",
         "return document.querySelectorAll('#groups tbody tr').length === 3",
     );
 
     // A trial page draws its charts, its confusion matrix and its attempts.
-    browser.goto(&format!("{base}#/trial/{a}"));
-    browser.wait_for(
-        20,
-        "the trial page",
-        "return !!document.querySelector('#confusion')",
-    );
-    browser.wait_for(
-        20,
-        "the trial's charts",
-        &format!(
-            "return (() => {{ {} }})() > 500",
-            drawn_pixels(".chart canvas")
-        ),
-    );
+    trial_page_drawn(&browser, &base, a);
     assert_eq!(
         browser.eval("return document.querySelectorAll('#confusion tbody tr').length"),
         json!(3)
@@ -509,9 +515,9 @@ fn the_dashboard_in_a_real_browser() {
         json!(true)
     );
     shot(&browser, "hostile-dashboard-trial");
-    browser.goto(&format!("{base}#/trial/{c}"));
-    browser.wait_for(
-        20,
+    visit(
+        &browser,
+        &format!("{base}#/trial/{c}"),
         "the failed trial",
         "return !!document.querySelector('#attempts')",
     );
@@ -520,9 +526,9 @@ fn the_dashboard_in_a_real_browser() {
     assert_eq!(browser.eval(no_injection), json!(true));
 
     // Parallel coordinates: one line per completed trial.
-    browser.goto(&format!("{base}#/parallel/heads"));
-    browser.wait_for(
-        20,
+    visit(
+        &browser,
+        &format!("{base}#/parallel/heads"),
         "parallel coordinates",
         "return document.querySelectorAll('#parallel polyline').length === 2",
     );
@@ -614,9 +620,9 @@ fn the_dashboard_follows_a_running_sweep() {
     });
     let server = Server::start(&db, &["--runs-dir", dir.join("runs").to_str().unwrap()]);
     let base = format!("http://{}/", server.addr);
-    browser.goto(&format!("{base}#/sweep/live"));
-    browser.wait_for(
-        60,
+    visit(
+        &browser,
+        &format!("{base}#/sweep/live"),
         "the trial table",
         "return document.querySelectorAll('#trials tbody tr').length === 4",
     );
@@ -669,36 +675,23 @@ fn the_dashboard_follows_a_running_sweep() {
         .as_str()
         .unwrap()
         .to_string();
-    browser.goto(&format!("{base}#/trial/{key}"));
-    browser.wait_for(
-        30,
-        "the trial page",
-        "return !!document.querySelector('#confusion')",
-    );
-    browser.wait_for(
-        30,
-        "the trial's charts",
-        &format!(
-            "return (() => {{ {} }})() > 500",
-            drawn_pixels(".chart canvas")
-        ),
-    );
+    trial_page_drawn(&browser, &base, &key);
     assert!(browser
         .eval("return document.querySelector('dl.facts').textContent")
         .as_str()
         .unwrap()
         .contains("(present)"));
     shot(&browser, "dashboard-trial");
-    browser.goto(&format!("{base}#/compare/live?group=model.heads"));
-    browser.wait_for(
-        30,
+    visit(
+        &browser,
+        &format!("{base}#/compare/live?group=model.heads"),
         "the grouped comparison",
         "return document.querySelectorAll('#groups tbody tr').length === 2",
     );
     shot(&browser, "dashboard-compare");
-    browser.goto(&format!("{base}#/parallel/live"));
-    browser.wait_for(
-        30,
+    visit(
+        &browser,
+        &format!("{base}#/parallel/live"),
         "parallel coordinates",
         "return document.querySelectorAll('#parallel polyline').length === 4",
     );

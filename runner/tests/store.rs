@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use fer_model::events::{EpochMetrics, Event, EventLine};
 use fer_runner::scheduler::record_line;
-use fer_runner::store::{AttemptEnd, Claimant, DbUrl, Store};
+use fer_runner::store::{Claimant, DbUrl, Store};
 
 use crate::common;
 
@@ -57,16 +57,7 @@ async fn one_trial(store: &Store, key: &str) -> i64 {
         .expect("a new trial can be claimed")
 }
 
-fn ended(status: &str) -> AttemptEnd<'_> {
-    AttemptEnd {
-        status,
-        exit_code: None,
-        signal: None,
-        failure_class: None,
-        error: None,
-        stderr_tail: None,
-    }
-}
+use common::ended;
 
 /// Every number of an epoch event reaches the store under its scalar's name; the confusion
 /// matrix is recorded once per trial; a resumed attempt that re-reports an epoch duplicates

@@ -36,3 +36,15 @@ optimizer: {kind: adam, lr: 0.001}
 epochs: 1
 batch: 8
 ";
+
+/// How an attempt ended, with nothing else to say (no exit code, signal, class or error).
+pub fn ended(status: &str) -> fer_runner::store::AttemptEnd<'_> {
+    fer_runner::store::AttemptEnd {
+        status,
+        exit_code: None,
+        signal: None,
+        failure_class: None,
+        error: None,
+        stderr_tail: None,
+    }
+}
