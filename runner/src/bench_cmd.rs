@@ -83,7 +83,7 @@ fn train(args: &BenchArgs) -> anyhow::Result<()> {
             );
         };
         if args.in_process || args.settings.len() == 1 {
-            let reference = reference_for(&args.reference, name)?;
+            let reference = reference_for(&args.reference, name, &Machine::this())?;
             let device = fer_model::device::select(&args.device)?;
             let shape = (widths, blocks, size, batch);
             lines.push(train_setting(name, shape, args.steps, reference, &device)?);
@@ -124,7 +124,7 @@ fn summary_table(lines: &[serde_json::Value], reference: &std::path::Path) -> St
     let cell =
         |ours: Option<f64>, torch: Option<f64>, ratio: Option<f64>| match (ours, torch, ratio) {
             (Some(o), Some(t), Some(r)) => format!("{o:.1} ({t:.1}) {r:.2}x"),
-            (Some(o), _, _) => format!("{o:.1} (no reference)"),
+            (Some(o), _, _) => format!("{o:.1} (none for this machine)"),
             _ => "-".into(),
         };
     let mut out = String::from(
@@ -150,15 +150,55 @@ fn summary_table(lines: &[serde_json::Value], reference: &std::path::Path) -> St
         ));
     }
     out.push_str(&format!(
-        "PyTorch's numbers: {} (machine-specific: refresh it on a new machine, bench/README.md)",
-        reference.display()
+        "PyTorch's numbers: {}, its lines for this machine ({}); refresh them with bench/compare_torch.py --write (bench/README.md)",
+        reference.display(),
+        Machine::this()
     ));
     out
 }
 
-/// PyTorch's numbers for `setting` from a JSON-lines reference file, or None when the file does
-/// not exist or has no line for the setting.
-fn reference_for(path: &std::path::Path, setting: &str) -> anyhow::Result<Option<Reference>> {
+/// The machine a benchmark ran on, as the reference file tags PyTorch's lines: the CPU model
+/// and the highest instruction-set level it has (not `FER_ISA`'s cap: PyTorch's rate on a
+/// machine does not depend on which of our kernels runs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Machine {
+    pub cpu: String,
+    pub isa: &'static str,
+}
+
+impl Machine {
+    pub fn this() -> Machine {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|t| {
+                t.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(_, v)| v.trim().to_string())
+            })
+            .unwrap_or_else(|| "unknown".into());
+        Machine {
+            cpu,
+            isa: fer_model::ops::isa::detected().name(),
+        }
+    }
+}
+
+impl std::fmt::Display for Machine {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "{}, {}", self.cpu, self.isa)
+    }
+}
+
+/// PyTorch's numbers for `setting` measured on `machine`, from a JSON-lines reference file, or
+/// None when the file does not exist or has no such line. Each line names its machine
+/// (`"machine": {"cpu": ..., "isa": ...}`, written by `bench/compare_torch.py --write`): PyTorch's
+/// rate differs 2-3x between machines, so another machine's line is never used.
+fn reference_for(
+    path: &std::path::Path,
+    setting: &str,
+    machine: &Machine,
+) -> anyhow::Result<Option<Reference>> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -168,15 +208,23 @@ fn reference_for(path: &std::path::Path, setting: &str) -> anyhow::Result<Option
         if line.trim().is_empty() {
             continue;
         }
+        let at = || format!("{}:{}", path.display(), i + 1);
         let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| anyhow::anyhow!("{}:{}: not a JSON line: {e}", path.display(), i + 1))?;
-        if v["setting"] != setting {
+            .map_err(|e| anyhow::anyhow!("{}: not a JSON line: {e}", at()))?;
+        let (Some(cpu), Some(isa)) = (v["machine"]["cpu"].as_str(), v["machine"]["isa"].as_str())
+        else {
+            anyhow::bail!(
+                "{}: `machine` must be {{\"cpu\": <model name>, \"isa\": <level>}} naming where PyTorch was measured (bench/compare_torch.py --write tags it)",
+                at()
+            );
+        };
+        if v["setting"] != setting || cpu != machine.cpu || isa != machine.isa {
             continue;
         }
         let rate = |key: &str| {
-            v[key].as_f64().ok_or_else(|| {
-                anyhow::anyhow!("{}:{}: `{key}` must be a number", path.display(), i + 1)
-            })
+            v[key]
+                .as_f64()
+                .ok_or_else(|| anyhow::anyhow!("{}: `{key}` must be a number", at()))
         };
         return Ok(Some(Reference {
             train: rate("train_img_per_s")?,
@@ -285,6 +333,7 @@ fn train_setting(
         "threads": rayon::current_num_threads(),
         "device": format!("{device:?}"),
         "isa": fer_model::ops::isa::active().name(),
+        "cpu": Machine::this().cpu,
     });
     if let Some(r) = reference {
         line["pytorch_train_img_per_s"] = r.train.into();
@@ -374,4 +423,65 @@ fn loader(n: usize) -> anyhow::Result<()> {
     }
     std::fs::remove_dir_all(&root)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_reference_is_taken_from_this_machines_lines_only() {
+        let dir = std::env::temp_dir().join(format!("fer-bench-ref-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ref.jsonl");
+        let line = |cpu: &str, isa: &str, train: f64| {
+            format!(
+                r#"{{"setting": "r18_112_b16", "train_img_per_s": {train}, "infer_img_per_s": 50.0, "machine": {{"cpu": "{cpu}", "isa": "{isa}"}}}}"#
+            )
+        };
+        std::fs::write(
+            &path,
+            [
+                line("AMD EPYC", "avx2", 9.0),
+                line("Intel Xeon", "avx512", 30.0),
+                line("AMD EPYC", "avx512", 22.0),
+            ]
+            .join("\n"),
+        )
+        .unwrap();
+        let here = |cpu: &str, isa: &'static str| Machine {
+            cpu: cpu.into(),
+            isa,
+        };
+        let got = |m: Machine| {
+            reference_for(&path, "r18_112_b16", &m)
+                .unwrap()
+                .map(|r| r.train)
+        };
+        assert_eq!(got(here("AMD EPYC", "avx512")), Some(22.0));
+        assert_eq!(got(here("AMD EPYC", "avx2")), Some(9.0));
+        assert_eq!(got(here("Intel Xeon", "avx2")), None);
+        assert!(reference_for(&path, "embedded", &here("AMD EPYC", "avx2"))
+            .unwrap()
+            .is_none());
+
+        // A line that does not say where it was measured is an error naming the file and line.
+        std::fs::write(
+            &path,
+            format!(
+                "{}\n{{\"setting\": \"r18_112_b16\", \"train_img_per_s\": 9.0, \"infer_img_per_s\": 50.0}}\n",
+                line("AMD EPYC", "avx2", 9.0)
+            ),
+        )
+        .unwrap();
+        let err = reference_for(&path, "r18_112_b16", &here("x", "avx2"))
+            .err()
+            .expect("a line without a machine is refused")
+            .to_string();
+        assert!(
+            err.contains("ref.jsonl:2") && err.contains("machine"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -40,10 +40,19 @@ fn zip3_in_place(
 /// The loop of `zip3_in_place` over one chunk. Not inlined: as a function of its own, its slice
 /// arguments are known not to overlap, which lets LLVM vectorise the body (inlined into rayon's
 /// iterator code it stayed scalar, sqrt and division included).
-/// Compiled for AVX2 where the CPU has it (8-wide square roots and divisions instead of 4-wide;
-/// the same operations, so the same results).
+/// Compiled for AVX-512 or AVX2 where the CPU has it (16- or 8-wide square roots and divisions
+/// instead of 4-wide; the same operations, so the same results).
 #[inline(never)]
 fn zip3_chunk<F: Fn(&mut f32, f32, f32)>(a: &mut [f32], b: &[f32], c: &[f32], f: &F) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::ops::isa::avx512() {
+        #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+        unsafe fn avx512<F: Fn(&mut f32, f32, f32)>(a: &mut [f32], b: &[f32], c: &[f32], f: &F) {
+            zip3_body(a, b, c, f)
+        }
+        // SAFETY: the features are present (`isa::avx512` detected them).
+        return unsafe { avx512(a, b, c, f) };
+    }
     #[cfg(target_arch = "x86_64")]
     if crate::ops::isa::avx2() {
         #[target_feature(enable = "avx2")]

@@ -68,7 +68,7 @@ fn lane_sum_idx(len: usize, f: impl Fn(usize) -> f32) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-avx2_dispatch!(
+simd_dispatch!(
 /// (sum g, sum g * (x - mean)) over one plane, g masked by y > 0 when `relu`; 8 partial sums so
 /// the loop vectorises.
 fn grad_sums(x: &[f32], y: &[f32], g: &[f32], mean: f32, relu: bool) -> (f32, f32) = grad_sums_body);
@@ -97,7 +97,7 @@ fn grad_sums_body(x: &[f32], y: &[f32], g: &[f32], mean: f32, relu: bool) -> (f3
 // The element loops below are functions of their own, not inlined into rayon's closures: there
 // the compiler cannot tell that the slices do not overlap and leaves the loops scalar.
 
-avx2_dispatch!(
+simd_dispatch!(
 /// `y = relu?(x * scale + shift)` over one plane.
 fn affine_plane(y: &mut [f32], x: &[f32], scale: f32, shift: f32, relu: bool) -> () = affine_plane_body);
 
@@ -115,7 +115,7 @@ fn affine_plane_body(y: &mut [f32], x: &[f32], scale: f32, shift: f32, relu: boo
     }
 }
 
-avx2_dispatch!(
+simd_dispatch!(
 /// `dx = k * (g' - mg - (x - mean) * inv_std * mgx)` over one plane, where g' is g masked by
 /// y > 0 when `relu`; `c = [k, mg, mean, inv_std, mgx]`.
 fn input_grad_plane(dx: &mut [f32], x: &[f32], y: &[f32], g: &[f32], relu: bool, c: [f32; 5]) -> () = input_grad_plane_body);

@@ -84,7 +84,7 @@ pub fn add_relu(y: Tensor, shortcut: &Tensor) -> Result<Tensor> {
     }
 }
 
-avx2_dispatch!(fn relu_chunk(y: &mut [f32]) -> () = relu_chunk_body);
+simd_dispatch!(fn relu_chunk(y: &mut [f32]) -> () = relu_chunk_body);
 
 #[inline(always)]
 fn relu_chunk_body(y: &mut [f32]) {
@@ -93,7 +93,7 @@ fn relu_chunk_body(y: &mut [f32]) {
     }
 }
 
-avx2_dispatch!(fn add_relu_chunk(y: &mut [f32], s: &[f32]) -> () = add_relu_chunk_body);
+simd_dispatch!(fn add_relu_chunk(y: &mut [f32], s: &[f32]) -> () = add_relu_chunk_body);
 
 #[inline(always)]
 fn add_relu_chunk_body(y: &mut [f32], s: &[f32]) {

@@ -101,23 +101,37 @@ pub mod isa {
         avx at Avx2: "avx"
     );
     level!(
-        /// 8-lane integer and float loops (`avx2_dispatch!`, Adam's passes).
+        /// 8-lane integer and float loops (`simd_dispatch!`, Adam's passes).
         avx2 at Avx2: "avx2"
     );
     level!(
         /// The GEMM's 6x16 fused multiply-add microkernel.
         avx2_fma at Avx2: "avx2", "fma"
     );
+    level!(
+        /// 16-lane loops with masked edges: the GEMM's 6x32 microkernel, `avx512_dispatch!`.
+        avx512 at Avx512: "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"
+    );
 }
 
-/// `fn name(args) -> R` calling `body(args)` (an `#[inline(always)]` function) compiled for AVX2
-/// where the CPU has it: its element loops are then vectorised 8 wide instead of the 4 of
-/// x86-64's baseline SSE2 (same operations in the same order, same results).
-macro_rules! avx2_dispatch {
+/// `fn name(args) -> R` calling `body(args)` (an `#[inline(always)]` function) compiled for the
+/// best level the CPU has: AVX-512 (16 lanes, masked tails), AVX2 (8 lanes), else x86-64's
+/// baseline SSE2 (4 lanes). Same operations in the same order at every level, so the same
+/// results.
+macro_rules! simd_dispatch {
     ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $body:ident) => {
         $(#[$attr])*
         #[inline(never)]
         $vis fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            if $crate::ops::isa::avx512() {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) -> $ret {
+                    $body($($arg),*)
+                }
+                // SAFETY: the features are present (`isa::avx512` detected them).
+                return unsafe { avx512($($arg),*) };
+            }
             #[cfg(target_arch = "x86_64")]
             if $crate::ops::isa::avx2() {
                 #[target_feature(enable = "avx2")]

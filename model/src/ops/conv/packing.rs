@@ -127,7 +127,7 @@ impl PanelSource for ColsOf {
     }
 }
 
-avx2_dispatch!(
+simd_dispatch!(
 /// B = the column matrix [K, N]: panel rows are taps, lanes are pixels. Each segment of a panel
 /// is one NR-wide copy per tap; segments go in lane order, so the excess of one copy is
 /// overwritten by the next (or by the next row, or lands in the strip's slack).
@@ -176,7 +176,7 @@ impl PanelSource for ColsOfT<'_> {
     }
 }
 
-avx2_dispatch!(
+simd_dispatch!(
 /// Each lane (tap) is gathered as a row over the depth's pixels into a scratch block of NR rows,
 /// with one NR-wide copy per segment (in order, so each copy's excess is overwritten by the
 /// next); the block is then transposed into the panel.
