@@ -481,8 +481,9 @@ fn pack_b_strip_body(b: MatRef, j0: usize, j1: usize, pc: usize, kc: usize, stri
 
 /// The block of C at (i, j), `rows` x `cols` (at most MR x NR, or MR x 2NR when `b` holds two
 /// panels, which only the AVX-512 kernel is given), from packed panels. A block whose columns
-/// straddle two groups of the layout is computed panel by panel into a buffer and stored column
-/// by column.
+/// straddle groups of the layout (a tile that spans two samples of a convolution's output) is
+/// taken panel by panel: a panel inside one group is written directly, one that straddles is
+/// computed into a buffer and stored in runs that each stay inside one group.
 ///
 /// # Safety
 /// c must hold (i..i + rows, j..j + cols) in layout `cl`.
@@ -501,19 +502,7 @@ unsafe fn c_tile(
     add: bool,
 ) {
     if j % cl.group + cols <= cl.group {
-        #[cfg(target_arch = "x86_64")]
-        if super::isa::avx512() {
-            // SAFETY: AVX-512 is present; the panels hold kc * MR and b.len() = kc * NR * panels
-            // values; the block lies in one group, so its rows are `ldc` apart in c.
-            let c = c.get().add(cl.at(i, j));
-            let (ap, bp, ldc) = (a.as_ptr(), b.as_ptr(), cl.ldc);
-            return if b.len() == 2 * NR * kc {
-                avx512::kernel::<2>(kc, ap, bp, c, ldc, rows, cols, add)
-            } else {
-                avx512::kernel::<1>(kc, ap, bp, c, ldc, rows, cols, add)
-            };
-        }
-        return micro_tile(kc, a, b, c.get().add(cl.at(i, j)), cl.ldc, rows, cols, add);
+        return block(kc, a, b, c.get().add(cl.at(i, j)), cl.ldc, rows, cols, add);
     }
     for (q, b) in b.chunks_exact(NR * kc).enumerate() {
         let j = j + q * NR;
@@ -521,16 +510,59 @@ unsafe fn c_tile(
         if cols == 0 {
             break;
         }
+        if j % cl.group + cols <= cl.group {
+            block(kc, a, b, c.get().add(cl.at(i, j)), cl.ldc, rows, cols, add);
+            continue;
+        }
         let mut acc = [0f32; MR * NR];
         kernel(kc, a, b, acc.as_mut_ptr(), NR, false);
-        for t in 0..cols {
+        let mut t = 0;
+        while t < cols {
+            let run = (cl.group - (j + t) % cl.group).min(cols - t);
+            let dst = c.get().add(cl.at(i, j + t));
             for r in 0..rows {
-                let p = c.get().add(cl.at(i + r, j + t));
-                let v = acc[r * NR + t];
-                *p = if add { *p + v } else { v };
+                let dst = std::slice::from_raw_parts_mut(dst.add(r * cl.ldc), run);
+                let src = &acc[r * NR + t..][..run];
+                if add {
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                } else {
+                    dst.copy_from_slice(src);
+                }
             }
+            t += run;
         }
     }
+}
+
+/// A block of C inside one group (rows `ldc` apart) from packed panels: the AVX-512 kernel where
+/// present (one or two panels), else `micro_tile` (one panel).
+///
+/// # Safety
+/// `c` must be valid for `rows` rows of `cols` values at stride `ldc`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn block(
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+    c: *mut f32,
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    add: bool,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if super::isa::avx512() {
+        // SAFETY: AVX-512 is present; the panels hold kc * MR and b.len() = kc * NR * panels
+        // values; the caller guarantees c.
+        let (ap, bp) = (a.as_ptr(), b.as_ptr());
+        return if b.len() == 2 * NR * kc {
+            avx512::kernel::<2>(kc, ap, bp, c, ldc, rows, cols, add)
+        } else {
+            avx512::kernel::<1>(kc, ap, bp, c, ldc, rows, cols, add)
+        };
+    }
+    micro_tile(kc, a, b, c, ldc, rows, cols, add)
 }
 
 /// One MR x NR block of C from packed panels; a partial block at the edges goes through a buffer.
@@ -875,9 +907,14 @@ mod tests {
     fn writes_a_grouped_layout_including_straddling_tiles_and_split_depth() {
         // C [m, groups * group] stored as groups of `group` columns, each an m x group block at
         // stride ldc, blocks `group_stride` apart with a gap that must stay untouched.
-        let (m, group, groups) = (7, 37, 3);
-        let n = group * groups;
-        for k in [300, 2600] {
+        // Groups wider than a tile, one tile wide, and several per tile (a 2x2 feature map).
+        for (m, group, groups, k) in [
+            (7, 37, 3, 300),
+            (7, 37, 3, 2600),
+            (13, 16, 5, 40),
+            (13, 4, 21, 300),
+        ] {
+            let n = group * groups;
             let a = values(m * k, 3);
             let b = values(k * n, 4);
             let (av, bv) = (

@@ -108,6 +108,12 @@ impl ColsOf {
         let dst: &mut [f32; NR] = (&mut dst[..NR]).try_into().expect("NR values");
         if sw == 1 {
             *dst = self.xp[at..at + NR].try_into().expect("NR values");
+        } else if sw == 2 {
+            // Constant indices into a fixed-size block: LLVM turns this into two vector loads
+            // and a shuffle (a lane permute on AVX-512) instead of sixteen scalar loads. The
+            // block's last value is one past the group's: inside the padded copy's slack.
+            let src: &[f32; 2 * NR] = self.xp[at..at + 2 * NR].try_into().expect("2 NR values");
+            *dst = std::array::from_fn(|t| src[2 * t]);
         } else {
             let src = &self.xp[at..at + (NR - 1) * sw + 1];
             *dst = std::array::from_fn(|t| src[t * sw]);

@@ -1,0 +1,54 @@
+//! Forward-convolution throughput per ResNet-18 layer (inference shapes), to see which layers
+//! fall short of the GEMM's rate: `cargo run --release -p fer-model --example conv_probe -- [SIZE
+//! BATCH]` (default 64 px, batch 64).
+use candle_core::{Device, Tensor};
+use fer_model::ops::{conv2d, ConvGeometry};
+use std::time::Instant;
+
+fn main() -> candle_core::Result<()> {
+    let args: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let (size, batch) = (
+        args.first().copied().unwrap_or(64),
+        args.get(1).copied().unwrap_or(64),
+    );
+    let s = size / 4; // after the stem's stride 2 and the max pool
+                      // (name, input channels, output channels, kernel, stride, input side)
+    let layers = [
+        ("stem 7x7/2", 3, 64, 7, 2, size),
+        ("layer1 3x3", 64, 64, 3, 1, s),
+        ("layer2 3x3/2", 64, 128, 3, 2, s),
+        ("layer2 3x3", 128, 128, 3, 1, s / 2),
+        ("layer2 1x1/2", 64, 128, 1, 2, s),
+        ("layer3 3x3/2", 128, 256, 3, 2, s / 2),
+        ("layer3 3x3", 256, 256, 3, 1, s / 4),
+        ("layer4 3x3/2", 256, 512, 3, 2, s / 4),
+        ("layer4 3x3", 512, 512, 3, 1, s / 8),
+    ];
+    let dev = Device::Cpu;
+    for (name, c, o, k, st, side) in layers {
+        let x = Tensor::randn(0f32, 1.0, (batch, c, side, side), &dev)?;
+        let w = Tensor::randn(0f32, 0.1, (o, c, k, k), &dev)?;
+        let g = ConvGeometry::new((k, k), (st, st), (k / 2, k / 2));
+        let out = conv2d(&x, &w, None, g)?;
+        let (oh, ow) = (out.dim(2)?, out.dim(3)?);
+        let flops = 2.0 * (batch * o * oh * ow * c * k * k) as f64;
+        let best = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                for _ in 0..3 {
+                    std::hint::black_box(conv2d(&x, &w, None, g).unwrap());
+                }
+                t.elapsed().as_secs_f64() / 3.0
+            })
+            .fold(f64::MAX, f64::min);
+        println!(
+            "{name:<14} [{batch}, {c}, {side}, {side}] -> [{o}, {oh}, {ow}]: {:6.1} GFLOP/s, {:7.2} ms",
+            flops / best / 1e9,
+            best * 1e3
+        );
+    }
+    Ok(())
+}
