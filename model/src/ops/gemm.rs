@@ -502,7 +502,7 @@ unsafe fn c_tile(
     add: bool,
 ) {
     if j % cl.group + cols <= cl.group {
-        return block(kc, a, b, c.get().add(cl.at(i, j)), cl.ldc, rows, cols, add);
+        return micro_tile(kc, a, b, c.get().add(cl.at(i, j)), cl.ldc, rows, cols, add);
     }
     for (q, b) in b.chunks_exact(NR * kc).enumerate() {
         let j = j + q * NR;
@@ -511,7 +511,7 @@ unsafe fn c_tile(
             break;
         }
         if j % cl.group + cols <= cl.group {
-            block(kc, a, b, c.get().add(cl.at(i, j)), cl.ldc, rows, cols, add);
+            micro_tile(kc, a, b, c.get().add(cl.at(i, j)), cl.ldc, rows, cols, add);
             continue;
         }
         let mut acc = [0f32; MR * NR];
@@ -522,12 +522,7 @@ unsafe fn c_tile(
             let dst = c.get().add(cl.at(i, j + t));
             for r in 0..rows {
                 let dst = std::slice::from_raw_parts_mut(dst.add(r * cl.ldc), run);
-                let src = &acc[r * NR + t..][..run];
-                if add {
-                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-                } else {
-                    dst.copy_from_slice(src);
-                }
+                store(dst, &acc[r * NR + t..][..run], add);
             }
             t += run;
         }
@@ -535,13 +530,14 @@ unsafe fn c_tile(
 }
 
 /// A block of C inside one group (rows `ldc` apart) from packed panels: the AVX-512 kernel where
-/// present (one or two panels), else `micro_tile` (one panel).
+/// present (one or two panels, edges masked), else the MR x NR kernel (one panel), a partial
+/// block at the edges going through a buffer.
 ///
 /// # Safety
 /// `c` must be valid for `rows` rows of `cols` values at stride `ldc`.
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // the microkernel's operands, passed in registers
 #[inline(always)]
-unsafe fn block(
+unsafe fn micro_tile(
     kc: usize,
     a: &[f32],
     b: &[f32],
@@ -562,37 +558,27 @@ unsafe fn block(
             avx512::kernel::<1>(kc, ap, bp, c, ldc, rows, cols, add)
         };
     }
-    micro_tile(kc, a, b, c, ldc, rows, cols, add)
-}
-
-/// One MR x NR block of C from packed panels; a partial block at the edges goes through a buffer.
-///
-/// # Safety
-/// `c` must be valid for `rows` rows of `cols` values at stride `ldc`.
-#[allow(clippy::too_many_arguments)] // the microkernel's operands, passed in registers
-unsafe fn micro_tile(
-    kc: usize,
-    a: &[f32],
-    b: &[f32],
-    c: *mut f32,
-    ldc: usize,
-    rows: usize,
-    cols: usize,
-    add: bool,
-) {
     if rows == MR && cols == NR {
         return kernel(kc, a, b, c, ldc, add);
     }
     let mut acc = [0f32; MR * NR];
     kernel(kc, a, b, acc.as_mut_ptr(), NR, false);
     for r in 0..rows {
-        let dst = std::slice::from_raw_parts_mut(c.add(r * ldc), cols);
-        let src = &acc[r * NR..][..cols];
-        if add {
-            dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
-        } else {
-            dst.copy_from_slice(src);
-        }
+        store(
+            std::slice::from_raw_parts_mut(c.add(r * ldc), cols),
+            &acc[r * NR..][..cols],
+            add,
+        );
+    }
+}
+
+/// `dst (=|+=) src`.
+#[inline(always)]
+fn store(dst: &mut [f32], src: &[f32], add: bool) {
+    if add {
+        dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+    } else {
+        dst.copy_from_slice(src);
     }
 }
 
