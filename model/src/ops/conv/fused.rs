@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use super::im2col::col2im_slice;
 use super::packing::{channel_major, BlockRows, ColsOf, ColsOfT};
 use super::{ConvGeometry, Dims};
-use crate::ops::gemm::{sgemm, sgemm_with, AOperand, BOperand, CLayout, MatRef};
+use crate::ops::gemm::{sgemm, sgemm_with, AOperand, BOperand, CLayout, MatRef, NR};
 use crate::ops::timing::{timed, Slot};
 use crate::ops::{contiguous, f32_contiguous, give_scratch, take_scratch};
 
@@ -70,6 +70,33 @@ pub(super) fn conv_forward(
         }
         None => vec![0f32; o * n],
     };
+    if p < NR {
+        // Maps smaller than a tile (2x2, 3x3): every 16-column tile would span several samples
+        // and be stored piecewise. The GEMM writes the row-major [O, B*P] product instead, added
+        // into [B, O, P] in one pass (o * n values, small at these sizes).
+        let mut t = take_scratch(o * n);
+        timed(slot, || {
+            let t = &mut t[..o * n];
+            sgemm_with(
+                o,
+                n,
+                k,
+                w,
+                BOperand::Packed(&cols),
+                t,
+                CLayout::rows(n),
+                false,
+            );
+            y.par_chunks_mut(o * p).enumerate().for_each(|(b, yb)| {
+                for (oc, dst) in yb.chunks_exact_mut(p).enumerate() {
+                    let src = &t[oc * n + b * p..][..p];
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                }
+            });
+        });
+        give_scratch(t);
+        return y;
+    }
     let layout = CLayout {
         ldc: p,
         group: p,
