@@ -1,4 +1,4 @@
-//! Forward-convolution throughput per ResNet-18 layer (inference shapes), to see which layers
+//! Forward-convolution throughput per ResNet-18 layer and DAN head convolution (inference shapes), to see which layers
 //! fall short of the GEMM's rate: `cargo run --release -p fer-model --example conv_probe -- [SIZE
 //! BATCH]` (default 64 px, batch 64).
 use candle_core::{Device, Tensor};
@@ -15,26 +15,31 @@ fn main() -> candle_core::Result<()> {
         args.get(1).copied().unwrap_or(64),
     );
     let s = size / 4; // after the stem's stride 2 and the max pool
-                      // (name, input channels, output channels, kernel, stride, input side)
+    let f = (s / 8).max(1); // the trunk's last map, which the DAN heads see
+                            // (name, input channels, output channels, kernel, stride, padding, input side)
     let layers = [
-        ("stem 7x7/2", 3, 64, 7, 2, size),
-        ("layer1 3x3", 64, 64, 3, 1, s),
-        ("layer2 3x3/2", 64, 128, 3, 2, s),
-        ("layer2 3x3", 128, 128, 3, 1, s / 2),
-        ("layer2 1x1/2", 64, 128, 1, 2, s),
-        ("layer3 3x3/2", 128, 256, 3, 2, s / 2),
-        ("layer3 3x3", 256, 256, 3, 1, s / 4),
-        ("layer4 3x3/2", 256, 512, 3, 2, s / 4),
-        ("layer4 3x3", 512, 512, 3, 1, s / 8),
+        ("stem 7x7/2", 3, 64, (7, 7), 2, (3, 3), size),
+        ("layer1 3x3", 64, 64, (3, 3), 1, (1, 1), s),
+        ("layer2 3x3/2", 64, 128, (3, 3), 2, (1, 1), s),
+        ("layer2 3x3", 128, 128, (3, 3), 1, (1, 1), s / 2),
+        ("layer2 1x1/2", 64, 128, (1, 1), 2, (0, 0), s),
+        ("layer3 3x3/2", 128, 256, (3, 3), 2, (1, 1), s / 2),
+        ("layer3 3x3", 256, 256, (3, 3), 1, (1, 1), s / 4),
+        ("layer4 3x3/2", 256, 512, (3, 3), 2, (1, 1), s / 4),
+        ("layer4 3x3", 512, 512, (3, 3), 1, (1, 1), f),
+        ("head 1x1", 512, 256, (1, 1), 1, (0, 0), f),
+        ("head 3x3", 256, 512, (3, 3), 1, (1, 1), f),
+        ("head 1x3", 256, 512, (1, 3), 1, (0, 1), f),
+        ("head 3x1", 256, 512, (3, 1), 1, (1, 0), f),
     ];
     let dev = Device::Cpu;
-    for (name, c, o, k, st, side) in layers {
+    for (name, c, o, (kh, kw), st, pad, side) in layers {
         let x = Tensor::randn(0f32, 1.0, (batch, c, side, side), &dev)?;
-        let w = Tensor::randn(0f32, 0.1, (o, c, k, k), &dev)?;
-        let g = ConvGeometry::new((k, k), (st, st), (k / 2, k / 2));
+        let w = Tensor::randn(0f32, 0.1, (o, c, kh, kw), &dev)?;
+        let g = ConvGeometry::new((kh, kw), (st, st), pad);
         let out = conv2d(&x, &w, None, g)?;
         let (oh, ow) = (out.dim(2)?, out.dim(3)?);
-        let flops = 2.0 * (batch * o * oh * ow * c * k * k) as f64;
+        let flops = 2.0 * (batch * o * oh * ow * c * kh * kw) as f64;
         let best = (0..5)
             .map(|_| {
                 let t = Instant::now();
