@@ -1,4 +1,5 @@
-//! Single-precision matrix multiply for the CPU: packed panels and an AVX2 + FMA 6x16 microkernel.
+//! Single-precision matrix multiply for the CPU: packed panels and an AVX2 + FMA 6x16 microkernel
+//! (6x32 over two panels, edges masked, where the CPU has AVX-512).
 //!
 //! Candle's GEMM (the `gemm` crate) and `matrixmultiply` both reach ~25-35 GFLOP/s per core on the
 //! 2-core AVX2 development machine, whose FMA peak is ~90 GFLOP/s; the convolutions of a ResNet
@@ -6,7 +7,9 @@
 //! GEMM"). This is the classic Goto / BLIS blocking: B is packed in `KC x NR` panels, A in
 //! `MR x KC` panels, and the microkernel keeps a 6x16 block of C in twelve registers. Operands take
 //! arbitrary row and column strides, so transposed views need no copy. Without AVX2 + FMA (or off
-//! x86-64) a portable kernel of the same shape computes the same sums.
+//! x86-64) a portable kernel of the same shape computes the same sums (rounded after each
+//! multiply, so not to the same bits); the AVX2 and AVX-512 kernels do the same fused
+//! multiply-adds in the same order and agree exactly.
 
 use super::{give_scratch, take_scratch};
 use candle_core::backend::BackendStorage;
