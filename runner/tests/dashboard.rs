@@ -125,6 +125,14 @@ pub struct Filled {
     pub running_attempt: i64,
 }
 
+/// `fill` in a fresh folder, the store's pool closed (the server opens the file by itself).
+fn filled_and_closed(name: &str) -> Filled {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let f = rt.block_on(fill(&common::tmp(name)));
+    rt.block_on(f.store.clone().close());
+    f
+}
+
 pub async fn fill(dir: &Path) -> Filled {
     let db = dir.join("fer.db");
     let store = Store::open(&DbUrl::Sqlite(db.clone())).await.unwrap();
@@ -203,10 +211,7 @@ pub async fn fill(dir: &Path) -> Filled {
 /// a trial's curves, confusion matrix and attempts; the database is never written.
 #[test]
 fn the_api_reports_what_the_store_holds() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let dir = common::tmp("dash-api");
-    let f = rt.block_on(fill(&dir));
-    rt.block_on(f.store.clone().close());
+    let f = filled_and_closed("dash-api");
     let before = std::fs::read(&f.db).unwrap();
     let server = Server::start(&f.db, &[]);
 
@@ -305,10 +310,7 @@ fn the_api_reports_what_the_store_holds() {
 /// address needs a token (generated and printed when none is given), on every request.
 #[test]
 fn other_addresses_need_the_token_on_every_request() {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let dir = common::tmp("dash-token");
-    let f = rt.block_on(fill(&dir));
-    rt.block_on(f.store.clone().close());
+    let f = filled_and_closed("dash-token");
 
     let local = Server::start(&f.db, &["--bind", "127.0.0.1:0"]);
     assert_eq!(local.get("/api/sweeps", &[]).status, 200);
