@@ -387,6 +387,18 @@ fn visit(browser: &Browser, url: &str, what: &str, condition: &str) {
     browser.wait_for(30, what, condition);
 }
 
+/// The `heads` sweep's trial table, opened afresh (from the sweep list, so filters and
+/// selections start empty), with its four trials.
+fn heads_table(browser: &Browser, base: &str) {
+    browser.goto(&format!("{base}#/"));
+    visit(
+        browser,
+        &format!("{base}#/sweep/heads"),
+        "the trial table",
+        "return document.querySelectorAll('#trials tbody tr').length === 4",
+    );
+}
+
 /// Open a trial's page and wait until its confusion matrix is shown and its first chart drawn.
 fn trial_page_drawn(browser: &Browser, base: &str, key: &str) {
     visit(
@@ -429,12 +441,7 @@ fn the_dashboard_in_a_real_browser() {
     let no_injection = "return window.__xss === undefined && document.querySelectorAll('main img, main script').length === 0";
 
     // The trial table lists every trial; hostile text shows as text.
-    visit(
-        &browser,
-        &format!("{base}#/sweep/heads"),
-        "the trial table",
-        "return document.querySelectorAll('#trials tbody tr').length === 4",
-    );
+    heads_table(&browser, &base);
     let table = browser.eval("return document.querySelector('#trials').textContent");
     let table = table.as_str().unwrap();
     assert!(table.contains(HOSTILE_PARAM), "{table}");
@@ -454,13 +461,7 @@ fn the_dashboard_in_a_real_browser() {
         browser.eval("return document.querySelector('#trials tbody tr').dataset.key"),
         json!(c)
     );
-    browser.goto(&format!("{base}#/"));
-    visit(
-        &browser,
-        &format!("{base}#/sweep/heads"),
-        "the trial table",
-        "return document.querySelectorAll('#trials tbody tr').length === 4",
-    );
+    heads_table(&browser, &base);
     browser.type_into("#filter", "heads=4");
     browser.wait_for(
         10,
@@ -469,13 +470,7 @@ fn the_dashboard_in_a_real_browser() {
     );
 
     // Compare: select two trials, overlay their curves.
-    browser.goto(&format!("{base}#/"));
-    visit(
-        &browser,
-        &format!("{base}#/sweep/heads"),
-        "the trial table",
-        "return document.querySelectorAll('#trials tbody tr').length === 4",
-    );
+    heads_table(&browser, &base);
     browser.click(&format!("tr[data-key='{a}'] input[type=checkbox]"));
     browser.click(&format!("tr[data-key='{b}'] input[type=checkbox]"));
     browser.click("#compare");
