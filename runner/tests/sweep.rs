@@ -702,9 +702,10 @@ fn ctrl_c_stops_children_marks_attempts_interrupted_and_the_next_run_resumes() {
 
 #[test]
 fn sigterm_stops_the_sweep_like_ctrl_c_and_waiting_trials_never_start() {
+    // 60 epochs: with 6 the running trial could finish between its first epoch and the signal.
     let (d, f) = setup(
         "term",
-        "base: base.yaml\noverrides: {epochs: 6, data.train: 56}\ngrid:\n  model.heads: [1, 2, 4]\n",
+        "base: base.yaml\noverrides: {epochs: 60, data.train: 56}\ngrid:\n  model.heads: [1, 2, 4]\n",
     );
     let mut child = fer()
         .arg("sweep")

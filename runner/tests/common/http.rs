@@ -55,7 +55,7 @@ pub fn request(
         if let Some(p) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
             break p;
         }
-        let n = s.read(&mut buf)?;
+        let n = read_some(&mut s, &mut buf)?;
         if n == 0 {
             return Err(std::io::Error::other(
                 "connection closed before the headers ended",
@@ -74,7 +74,7 @@ pub fn request(
     match length {
         Some(len) => {
             while payload.len() < len {
-                let n = s.read(&mut buf)?;
+                let n = read_some(&mut s, &mut buf)?;
                 if n == 0 {
                     break;
                 }
@@ -129,4 +129,15 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
         data = &data[(start + size + 2).min(data.len())..];
     }
     out
+}
+
+/// `read`, retried when a signal interrupts it (other tests in this process send and receive
+/// signals; `read_to_end` and `write_all` retry by themselves, a bare `read` does not).
+fn read_some(s: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match s.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
 }
