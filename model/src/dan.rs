@@ -117,13 +117,53 @@ impl CrossAttentionHead {
     /// Head output [B, C] and its spatial map [B, h, w].
     fn forward(&self, feat: &Tensor, train: bool) -> Result<(Tensor, Tensor)> {
         let amap = self.spatial_map(feat, train)?;
-        let sa = feat.broadcast_mul(&amap)?;
-        let g = sa.mean((2, 3))?;
-        let z = self.ca.fc1.forward(&g)?;
-        let z = self.ca.bn.forward(&z, train)?.relu()?;
-        let gate = candle_nn::ops::sigmoid(&self.ca.fc2.forward(&z)?)?;
-        Ok(((g * gate)?, amap.squeeze(1)?))
+        attend(feat, amap, |g| {
+            let z = self
+                .ca
+                .bn
+                .forward(&self.ca.fc1.forward(g)?, train)?
+                .relu()?;
+            self.ca.fc2.forward(&z)
+        })
     }
+}
+
+/// A head's output from its spatial map `amap` [B,1,h,w]: F weighted by the map, pooled to g
+/// [B, C], gated by `sigmoid(channel(g))`; with the map as [B, h, w].
+fn attend(
+    feat: &Tensor,
+    amap: Tensor,
+    channel: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<(Tensor, Tensor)> {
+    let g = feat.broadcast_mul(&amap)?.mean((2, 3))?;
+    let gate = candle_nn::ops::sigmoid(&channel(&g)?)?;
+    Ok(((g * gate)?, amap.squeeze(1)?))
+}
+
+/// The network's output from the feature map and each head's (output, spatial map): heads
+/// stacked [B, K, C], log-softmax over the head axis when K > 1, `classify` of their sum.
+fn combine_heads(
+    feat: Tensor,
+    heads: impl ExactSizeIterator<Item = Result<(Tensor, Tensor)>>,
+    classify: impl FnOnce(&Tensor) -> Result<Tensor>,
+) -> Result<DanOutput> {
+    let k = heads.len();
+    let (mut outs, mut maps) = (Vec::with_capacity(k), Vec::with_capacity(k));
+    for head in heads {
+        let (out, map) = head?;
+        outs.push(out);
+        maps.push(map);
+    }
+    let mut heads = Tensor::stack(&outs, 1)?; // [B, K, C]
+    if k > 1 {
+        heads = candle_nn::ops::log_softmax(&heads, 1)?; // over the head axis
+    }
+    Ok(DanOutput {
+        logits: classify(&heads.sum(1)?)?,
+        feat,
+        heads,
+        spatial_maps: Tensor::stack(&maps, 1)?,
+    })
 }
 
 /// A head with its batch norms folded (see `Dan::inference`).
@@ -152,10 +192,9 @@ impl FoldedHead {
         let [a, b, c] = &self.branches;
         let z = ((a.forward(&y)? + b.forward(&y)?)? + c.forward(&y)?)?;
         let amap = in_place::relu(z)?.sum_keepdim(1)?;
-        let g = feat.broadcast_mul(&amap)?.mean((2, 3))?;
-        let z = in_place::relu(self.fc1.forward(&g)?)?;
-        let gate = candle_nn::ops::sigmoid(&self.fc2.forward(&z)?)?;
-        Ok(((g * gate)?, amap.squeeze(1)?))
+        attend(feat, amap, |g| {
+            self.fc2.forward(&in_place::relu(self.fc1.forward(g)?)?)
+        })
     }
 }
 
@@ -177,24 +216,8 @@ impl DanInference<'_> {
             Some(b) => b.forward(x)?,
             None => self.dan.backbone.forward(x, false)?.detach(),
         };
-        let mut outs = Vec::with_capacity(self.heads.len());
-        let mut maps = Vec::with_capacity(self.heads.len());
-        for head in &self.heads {
-            let (out, map) = head.forward(&feat)?;
-            outs.push(out);
-            maps.push(map);
-        }
-        let mut heads = Tensor::stack(&outs, 1)?;
-        if self.heads.len() > 1 {
-            heads = candle_nn::ops::log_softmax(&heads, 1)?;
-        }
-        let logits = self.fc.forward(&heads.sum(1)?)?;
-        Ok(DanOutput {
-            logits,
-            feat,
-            heads,
-            spatial_maps: Tensor::stack(&maps, 1)?,
-        })
+        let heads = self.heads.iter().map(|h| h.forward(&feat));
+        combine_heads(feat.clone(), heads, |s| self.fc.forward(s))
     }
 }
 
@@ -266,23 +289,9 @@ impl Dan {
 
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<DanOutput> {
         let feat = self.backbone.forward(x, train)?;
-        let mut outs = Vec::with_capacity(self.heads.len());
-        let mut maps = Vec::with_capacity(self.heads.len());
-        for head in &self.heads {
-            let (out, map) = head.forward(&feat, train)?;
-            outs.push(out);
-            maps.push(map);
-        }
-        let mut heads = Tensor::stack(&outs, 1)?; // [B, K, C]
-        if self.heads.len() > 1 {
-            heads = candle_nn::ops::log_softmax(&heads, 1)?; // over the head axis
-        }
-        let logits = self.bn.forward(&self.fc.forward(&heads.sum(1)?)?, train)?;
-        Ok(DanOutput {
-            logits,
-            feat,
-            heads,
-            spatial_maps: Tensor::stack(&maps, 1)?,
+        let heads = self.heads.iter().map(|h| h.forward(&feat, train));
+        combine_heads(feat.clone(), heads, |s| {
+            self.bn.forward(&self.fc.forward(s)?, train)
         })
     }
 

@@ -71,7 +71,7 @@ impl Conv2d {
 
 /// A convolution and the eval-mode batch norm after it as one convolution with a bias
 /// (`weight * scale[o]`, `bias * scale + shift`; see `BatchNorm::eval_affine`), its tensors
-/// detached: the inference forward's layer (`crate::inference`).
+/// detached: the inference forward's layer (`Dan::inference`).
 pub struct FoldedConv {
     pub weight: Tensor,
     pub bias: Tensor,

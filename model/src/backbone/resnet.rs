@@ -488,7 +488,7 @@ impl ResNet {
     }
 
     /// This network in eval mode with every batch norm folded into its convolution (the
-    /// inference forward, `crate::inference`).
+    /// inference forward, `Dan::inference`).
     pub fn fold(&self) -> Result<FoldedResNet> {
         let down = |d: &Option<(Conv2d, BatchNorm)>| {
             d.as_ref().map(|(c, b)| FoldedConv::new(c, b)).transpose()

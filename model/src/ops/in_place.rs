@@ -1,5 +1,5 @@
 //! Element ops written into their first operand's buffer, for the inference forward
-//! (`crate::inference`): ReLU, and the residual join `relu(y + shortcut)`, applied to the buffer
+//! (`Dan::inference`): ReLU, and the residual join `relu(y + shortcut)`, applied to the buffer
 //! a convolution just produced instead of a new one. Only for tensors outside any autograd
 //! graph (detached weights, no variables): an op that rewrites a value a backward pass still
 //! needs would corrupt its gradient. Other devices and dtypes get Candle's ops (new tensors).
