@@ -591,7 +591,7 @@ fn store(dst: &mut [f32], src: &[f32], add: bool) {
 /// `c` must be valid for MR rows of NR values at stride `ldc`.
 unsafe fn kernel(kc: usize, a: &[f32], b: &[f32], c: *mut f32, ldc: usize, add: bool) {
     #[cfg(target_arch = "x86_64")]
-    if super::isa::avx2_fma() {
+    if super::isa::avx2() {
         // SAFETY: the features are present (detected once by `isa`); the panels hold kc * MR
         // and kc * NR values, and the caller guarantees `c`.
         return avx2::kernel(kc, a.as_ptr(), b.as_ptr(), c, ldc, add);

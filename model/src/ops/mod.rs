@@ -72,46 +72,23 @@ pub mod isa {
         }
     }
 
-    /// The level the kernels run at: what the CPU has, capped by `FER_ISA`.
+    /// The level the kernels run at: what the CPU has, capped by `FER_ISA` (decided once).
     pub fn active() -> Level {
-        detected().min(cap())
+        static ACTIVE: OnceLock<Level> = OnceLock::new();
+        *ACTIVE.get_or_init(|| detected().min(cap()))
     }
 
-    macro_rules! level {
-        ($(#[$doc:meta])* $name:ident at $level:ident: $($feature:tt),+) => {
-            $(#[$doc])*
-            pub fn $name() -> bool {
-                static ON: OnceLock<bool> = OnceLock::new();
-                *ON.get_or_init(|| {
-                    #[cfg(target_arch = "x86_64")]
-                    {
-                        cap() >= Level::$level && $(std::is_x86_feature_detected!($feature))&&+
-                    }
-                    #[cfg(not(target_arch = "x86_64"))]
-                    {
-                        false
-                    }
-                })
-            }
-        };
+    /// AVX, AVX2 and FMA: 8-lane loops (`simd_dispatch!`, Adam), the GEMM's 6x16 microkernel and
+    /// its 8x8 transposes.
+    pub fn avx2() -> bool {
+        active() >= Level::Avx2
     }
 
-    level!(
-        /// 256-bit float shuffles (the GEMM's 8x8 transposes).
-        avx at Avx2: "avx"
-    );
-    level!(
-        /// 8-lane integer and float loops (`simd_dispatch!`, Adam's passes).
-        avx2 at Avx2: "avx2"
-    );
-    level!(
-        /// The GEMM's 6x16 fused multiply-add microkernel.
-        avx2_fma at Avx2: "avx2", "fma"
-    );
-    level!(
-        /// 16-lane loops with masked edges: the GEMM's 6x32 microkernel, `avx512_dispatch!`.
-        avx512 at Avx512: "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"
-    );
+    /// AVX-512 F, BW, DQ and VL (with AVX2 and FMA): 16-lane loops with masked edges, the GEMM's
+    /// 6x32 microkernel.
+    pub fn avx512() -> bool {
+        active() >= Level::Avx512
+    }
 }
 
 /// `fn name(args) -> R` calling `body(args)` (an `#[inline(always)]` function) compiled for the

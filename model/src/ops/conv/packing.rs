@@ -223,7 +223,7 @@ pub(super) fn pack_cols_t_body(
 pub(super) fn transpose_block(block: &[f32], kc: usize, panel: &mut [f32]) {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if crate::ops::isa::avx() {
+    if crate::ops::isa::avx2() {
         done = kc / 8 * 8;
         let (block, panel) = (&block[..NR * ROWS_T_STRIDE], &mut panel[..NR * kc]);
         for p0 in (0..done).step_by(8) {
