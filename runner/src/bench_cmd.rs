@@ -74,6 +74,7 @@ fn train(args: &BenchArgs) -> anyhow::Result<()> {
     } else {
         args.settings.iter().map(|s| s.as_str()).collect()
     };
+    let machine = Machine::this();
     let mut lines = Vec::new();
     for name in wanted {
         let Some(&(_, widths, blocks, size, batch)) = SETTINGS.iter().find(|s| s.0 == name) else {
@@ -83,10 +84,12 @@ fn train(args: &BenchArgs) -> anyhow::Result<()> {
             );
         };
         if args.in_process || args.settings.len() == 1 {
-            let reference = reference_for(&args.reference, name, &Machine::this())?;
+            let reference = reference_for(&args.reference, name, &machine)?;
             let device = fer_model::device::select(&args.device)?;
             let shape = (widths, blocks, size, batch);
-            lines.push(train_setting(name, shape, args.steps, reference, &device)?);
+            lines.push(train_setting(
+                name, shape, args.steps, reference, &machine, &device,
+            )?);
         } else {
             let out = std::process::Command::new(std::env::current_exe()?)
                 .args([
@@ -113,13 +116,17 @@ fn train(args: &BenchArgs) -> anyhow::Result<()> {
         }
     }
     if lines.len() > 1 {
-        eprintln!("{}", summary_table(&lines, &args.reference));
+        eprintln!("{}", summary_table(&lines, &args.reference, &machine));
     }
     Ok(())
 }
 
 /// The settings side by side with PyTorch's reference numbers (stderr; stdout stays JSON).
-fn summary_table(lines: &[serde_json::Value], reference: &std::path::Path) -> String {
+fn summary_table(
+    lines: &[serde_json::Value],
+    reference: &std::path::Path,
+    machine: &Machine,
+) -> String {
     let num = |v: &serde_json::Value, k: &str| v[k].as_f64();
     let cell =
         |ours: Option<f64>, torch: Option<f64>, ratio: Option<f64>| match (ours, torch, ratio) {
@@ -152,7 +159,7 @@ fn summary_table(lines: &[serde_json::Value], reference: &std::path::Path) -> St
     out.push_str(&format!(
         "PyTorch's numbers: {}, its lines for this machine ({}); refresh them with bench/compare_torch.py --write (bench/README.md)",
         reference.display(),
-        Machine::this()
+        machine
     ));
     out
 }
@@ -254,6 +261,7 @@ fn train_setting(
     (widths, blocks, size, batch): ([usize; 4], [usize; 4], usize, usize),
     steps: usize,
     reference: Option<Reference>,
+    machine: &Machine,
     device: &candle_core::Device,
 ) -> anyhow::Result<serde_json::Value> {
     use candle_core::{DType, Tensor};
@@ -333,7 +341,7 @@ fn train_setting(
         "threads": rayon::current_num_threads(),
         "device": format!("{device:?}"),
         "isa": fer_model::ops::isa::active().name(),
-        "cpu": Machine::this().cpu,
+        "cpu": machine.cpu,
     });
     if let Some(r) = reference {
         line["pytorch_train_img_per_s"] = r.train.into();
