@@ -188,7 +188,7 @@ async fn guard(State(app): State<Shared>, request: Request, next: Next) -> Respo
     }
     let mut set_cookie = None;
     if let Some(token) = &app.token {
-        let from_query = query_token(request.uri().query());
+        let from_query = query_token(request.uri());
         let given = from_query
             .clone()
             .or_else(|| bearer_token(headers))
@@ -244,11 +244,12 @@ fn loopback_host(headers: &HeaderMap) -> bool {
     matches!(name, "localhost" | "127.0.0.1" | "[::1]")
 }
 
-fn query_token(query: Option<&str>) -> Option<String> {
-    query?.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k == "token").then(|| percent_decode(v))
-    })
+/// The `token` parameter of the address, percent-decoded (axum's query parser).
+fn query_token(uri: &axum::http::Uri) -> Option<String> {
+    let axum::extract::Query(mut params) =
+        axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(uri)
+            .ok()?;
+    params.remove("token")
 }
 
 fn bearer_token(headers: &HeaderMap) -> Option<String> {
@@ -263,29 +264,6 @@ fn cookie_token(headers: &HeaderMap) -> Option<String> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .find_map(|c| c.trim().strip_prefix("fer_token=").map(str::to_string))
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Equal, in a time that does not depend on where they differ.
@@ -314,7 +292,7 @@ async fn poll_versions(store: Store, tx: watch::Sender<String>, every: Duration)
             }
             Err(e) => tracing::warn!("reading the store's version: {e:#}"),
         }
-        if tx.is_closed() && tx.receiver_count() == 0 {
+        if tx.is_closed() {
             return;
         }
     }
@@ -342,12 +320,10 @@ mod tests {
 
     #[test]
     fn tokens_are_read_from_query_header_and_cookie() {
-        assert_eq!(
-            query_token(Some("a=1&token=ab%2Bc+d")),
-            Some("ab+c d".into())
-        );
-        assert_eq!(query_token(Some("tokens=x")), None);
-        assert_eq!(query_token(None), None);
+        let q = |uri: &str| query_token(&uri.parse().unwrap());
+        assert_eq!(q("/?a=1&token=ab%2Bc+d"), Some("ab+c d".into()));
+        assert_eq!(q("/?tokens=x"), None);
+        assert_eq!(q("/api/sweeps"), None);
         let mut h = HeaderMap::new();
         h.insert(header::AUTHORIZATION, "Bearer  xyz ".parse().unwrap());
         h.insert(header::COOKIE, "a=b; fer_token=t0k".parse().unwrap());
