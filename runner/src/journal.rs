@@ -57,7 +57,7 @@ pub struct End {
 
 /// The journal of a trial.
 pub fn path(runs_dir: &Path, sweep: &str, key: &str) -> PathBuf {
-    runs_dir.join(sweep).join(&key[..16]).join("journal.jsonl")
+    crate::scheduler::trial_dir(runs_dir, sweep, key).join("journal.jsonl")
 }
 
 /// Appends records to a journal, one `write` per line.

@@ -26,6 +26,12 @@ pub struct Slot {
 }
 
 /// CPU slots, or one slot per GPU (given, or found with nvidia-smi).
+/// A trial's run folder (checkpoint, metrics, journal): `RUNS/SWEEP/` and the key's first 16
+/// characters.
+pub fn trial_dir(runs_dir: &std::path::Path, sweep: &str, key: &str) -> PathBuf {
+    runs_dir.join(sweep).join(&key[..16.min(key.len())])
+}
+
 pub fn slots(jobs: usize, gpus: Option<&str>) -> Vec<Slot> {
     let gpu_ids: Vec<String> = match gpus {
         Some(list) => list
@@ -278,11 +284,7 @@ pub async fn run(sweep: &Sweep, store: &Store, opts: Options) -> anyhow::Result<
     };
     let mut tasks = tokio::task::JoinSet::new();
     for trial in todo {
-        let run_dir = shared
-            .opts
-            .runs_dir
-            .join(&sweep.name)
-            .join(&trial.key[..16]);
+        let run_dir = trial_dir(&shared.opts.runs_dir, &sweep.name, &trial.key);
         tasks.spawn(run_trial(shared.clone(), trial, run_dir));
     }
     // SIGTERM (kill, systemd, Slurm) stops the sweep the way Ctrl-C does.

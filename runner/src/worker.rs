@@ -168,7 +168,7 @@ async fn run_journaled(
         at: stamp,
         who: me.clone(),
     }))?;
-    let run_dir = args.runs_dir.join(&sweep.name).join(&key[..16]);
+    let run_dir = crate::scheduler::trial_dir(&args.runs_dir, &sweep.name, &key);
     let mut child = scheduler::trial_command(
         trial,
         &slot,

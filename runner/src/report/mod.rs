@@ -87,6 +87,37 @@ impl Outcome {
     }
 }
 
+/// A trial's accuracy by epoch on the test and validation splits, and the test curve's plateau
+/// (`stats::plateau`): what the reports and the dashboard summarise a trial by.
+pub struct AccuracyCurves {
+    pub test: Vec<(i64, f64)>,
+    pub val: Vec<(i64, f64)>,
+    pub plateau: Option<crate::stats::Plateau>,
+}
+
+impl AccuracyCurves {
+    pub fn of(curves: &Curves) -> Self {
+        let curve = |split: &str| {
+            curves
+                .get(&(split.to_string(), "accuracy".to_string()))
+                .cloned()
+                .unwrap_or_default()
+        };
+        let test = curve("test");
+        let values: Vec<f64> = test.iter().map(|(_, a)| *a).collect();
+        AccuracyCurves {
+            plateau: crate::stats::plateau(&values),
+            test,
+            val: curve("val"),
+        }
+    }
+
+    /// Test accuracy at the epoch of best validation accuracy (`val_selected`).
+    pub fn val_selected(&self) -> Option<f64> {
+        val_selected(&self.test, &self.val)
+    }
+}
+
 /// Test accuracy at the first epoch of highest validation accuracy (curves as (epoch, value)).
 pub fn val_selected(test: &[(i64, f64)], val: &[(i64, f64)]) -> Option<f64> {
     let mut best: Option<(i64, f64)> = None;
@@ -398,15 +429,8 @@ async fn outcomes(
         if let Some(r) = store.trial_result(key).await? {
             if let Some(final_accuracy) = r.final_accuracy {
                 let curves = store.curves(key).await?;
-                let curve = |split: &str| {
-                    curves
-                        .get(&(split.to_string(), "accuracy".to_string()))
-                        .cloned()
-                        .unwrap_or_default()
-                };
-                let (test, val) = (curve("test"), curve("val"));
-                let values: Vec<f64> = test.iter().map(|(_, a)| *a).collect();
-                let plateau = crate::stats::plateau(&values);
+                let accuracy = AccuracyCurves::of(&curves);
+                let plateau = accuracy.plateau;
                 done.insert(
                     key.to_string(),
                     Outcome {
@@ -416,7 +440,7 @@ async fn outcomes(
                         best_accuracy: r.best_accuracy.unwrap_or(final_accuracy),
                         last5_accuracy: r.last5_accuracy.unwrap_or(final_accuracy),
                         balanced_accuracy: r.final_balanced_accuracy,
-                        val_selected_accuracy: val_selected(&test, &val),
+                        val_selected_accuracy: accuracy.val_selected(),
                         last3_accuracy: plateau.map_or(final_accuracy, |p| p.last_mean),
                         undertrained: plateau.is_none_or(|p| p.undertrained),
                         epochs: r.epochs.unwrap_or(0),

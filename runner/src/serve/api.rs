@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::Shared;
 use crate::report;
-use crate::store::{AttemptDetail, Curves, SweepTrial};
+use crate::store::{AttemptDetail, Curves, SweepSummary, SweepTrial};
 
 /// A failed request: its status and a message (shown by the page as text).
 pub struct ApiError(StatusCode, String);
@@ -43,25 +43,27 @@ pub async fn sweeps(State(app): State<Shared>) -> ApiResult {
     ))
 }
 
+/// The sweep named `name` (404 when there is none).
+async fn sweep_summary(app: &Shared, name: &str) -> Result<SweepSummary, ApiError> {
+    let summaries = app.store.sweep_summaries().await?;
+    summaries
+        .into_iter()
+        .find(|s| s.name == name)
+        .ok_or_else(|| not_found(format!("no sweep named {name}")))
+}
+
 /// Accuracy summaries of a test-accuracy curve (fractions), as the reports compute them.
 fn accuracy_summary(curves: Option<&Curves>) -> Value {
-    let curve = |split: &str| -> Vec<(i64, f64)> {
-        curves
-            .and_then(|c| c.get(&(split.to_string(), "accuracy".to_string())))
-            .cloned()
-            .unwrap_or_default()
-    };
-    let (test, val) = (curve("test"), curve("val"));
-    let values: Vec<f64> = test.iter().map(|(_, a)| *a).collect();
-    let plateau = crate::stats::plateau(&values);
-    let tail = &values[values.len().saturating_sub(5)..];
+    let acc = curves.map(report::AccuracyCurves::of);
+    let test = acc.as_ref().map_or(&[][..], |a| &a.test[..]);
+    let tail = &test[test.len().saturating_sub(5)..];
     json!({
         "epoch": test.last().map(|(e, _)| e),
-        "final": values.last(),
-        "best": plateau.map(|p| p.best),
-        "last5": (!tail.is_empty()).then(|| tail.iter().sum::<f64>() / tail.len() as f64),
-        "val_selected": report::val_selected(&test, &val),
-        "undertrained": plateau.map(|p| p.undertrained),
+        "final": test.last().map(|(_, a)| a),
+        "best": acc.as_ref().and_then(|a| a.plateau).map(|p| p.best),
+        "last5": (!tail.is_empty()).then(|| tail.iter().map(|(_, a)| a).sum::<f64>() / tail.len() as f64),
+        "val_selected": acc.as_ref().and_then(|a| a.val_selected()),
+        "undertrained": acc.as_ref().and_then(|a| a.plateau).map(|p| p.undertrained),
     })
 }
 
@@ -96,10 +98,7 @@ fn trial_row(t: &SweepTrial, curves: Option<&Curves>) -> Value {
 /// A sweep's trial table: params, status, progress and accuracies of every trial, and the
 /// metrics its trials recorded.
 pub async fn sweep(State(app): State<Shared>, Path(name): Path<String>) -> ApiResult {
-    let summaries = app.store.sweep_summaries().await?;
-    let Some(summary) = summaries.into_iter().find(|s| s.name == name) else {
-        return Err(not_found(format!("no sweep named {name}")));
-    };
+    let summary = sweep_summary(&app, &name).await?;
     let trials = app.store.sweep_trials(&name).await?;
     let curves = app.store.sweep_curves(&name, "accuracy").await?;
     // The swept axes, in the order the trials list them.
@@ -163,10 +162,8 @@ fn checkpoint(runs_dir: &std::path::Path, sweeps: &[(String, String)], key: &str
     let candidates: Vec<PathBuf> = sweeps
         .iter()
         .map(|(sweep, _)| {
-            runs_dir
-                .join(sweep)
-                .join(&key[..16.min(key.len())])
-                .join("checkpoint.safetensors")
+            crate::scheduler::trial_dir(runs_dir, sweep, key)
+                .join(fer_model::trainer::CHECKPOINT_FILE)
         })
         .collect();
     let found = candidates
@@ -228,10 +225,7 @@ pub async fn report_page(State(app): State<Shared>, Path(sweep): Path<String>) -
 }
 
 async fn render_report(app: &Shared, sweep: &str) -> Result<String, ApiError> {
-    let summaries = app.store.sweep_summaries().await?;
-    let Some(s) = summaries.into_iter().find(|s| s.name == sweep) else {
-        return Err(not_found(format!("no sweep named {sweep}")));
-    };
+    let s = sweep_summary(app, sweep).await?;
     let Some(name) = s.report else {
         return Err(not_found(format!("sweep {sweep} has no report section")));
     };
