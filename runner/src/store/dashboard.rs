@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use sqlx::Row;
 
-use super::{Curves, Dialect, Pool, Store};
+use super::{add_point, Curves, Dialect, Pool, Store};
 
 /// A sweep as the dashboard's first page lists it.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -63,7 +63,7 @@ macro_rules! attempt_columns {
     };
 }
 
-/// An `AttemptDetail` from a row whose columns `offset..` are `ATTEMPT_COLUMNS`.
+/// An `AttemptDetail` from a row whose columns `offset..` are `attempt_columns!()`.
 macro_rules! attempt_detail {
     ($r:expr, $o:expr) => {{
         let (r, o) = ($r, $o);
@@ -178,15 +178,13 @@ impl Store {
         .await?);
         let mut out: HashMap<String, Curves> = HashMap::new();
         for (key, split, epoch, value) in rows {
-            let series = out
-                .entry(key)
-                .or_default()
-                .entry((split, name.to_string()))
-                .or_default();
-            match series.last_mut() {
-                Some(last) if last.0 == epoch => last.1 = value,
-                _ => series.push((epoch, value)),
-            }
+            add_point(
+                out.entry(key).or_default(),
+                split,
+                name.to_string(),
+                epoch,
+                value,
+            );
         }
         Ok(out)
     }

@@ -107,6 +107,16 @@ pub struct Store {
 /// attempts (the latest value of an epoch wins).
 pub type Curves = BTreeMap<(String, String), Vec<(i64, f64)>>;
 
+/// Appends (epoch, value) to a curve, from rows ordered by epoch then attempt: an epoch that a
+/// resumed attempt recorded again keeps the later attempt's value.
+fn add_point(curves: &mut Curves, split: String, name: String, epoch: i64, value: f64) {
+    let series = curves.entry((split, name)).or_default();
+    match series.last_mut() {
+        Some(last) if last.0 == epoch => last.1 = value,
+        _ => series.push((epoch, value)),
+    }
+}
+
 /// The latest confusion matrix of a trial (rows = true class) and its class names, when the
 /// trial recorded them.
 #[derive(Debug, Clone, PartialEq)]
@@ -698,11 +708,7 @@ impl Store {
         .await?);
         let mut out = Curves::new();
         for (split, name, epoch, value) in rows {
-            let series = out.entry((split, name)).or_default();
-            match series.last_mut() {
-                Some(last) if last.0 == epoch => last.1 = value,
-                _ => series.push((epoch, value)),
-            }
+            add_point(&mut out, split, name, epoch, value);
         }
         Ok(out)
     }
