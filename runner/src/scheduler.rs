@@ -25,13 +25,13 @@ pub struct Slot {
     pub label: String,
 }
 
-/// CPU slots, or one slot per GPU (given, or found with nvidia-smi).
 /// A trial's run folder (checkpoint, metrics, journal): `RUNS/SWEEP/` and the key's first 16
 /// characters.
 pub fn trial_dir(runs_dir: &std::path::Path, sweep: &str, key: &str) -> PathBuf {
     runs_dir.join(sweep).join(&key[..16.min(key.len())])
 }
 
+/// CPU slots, or one slot per GPU (given, or found with nvidia-smi).
 pub fn slots(jobs: usize, gpus: Option<&str>) -> Vec<Slot> {
     let gpu_ids: Vec<String> = match gpus {
         Some(list) => list
