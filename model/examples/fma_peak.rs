@@ -1,7 +1,9 @@
 //! What one core of this CPU can do, independent of our GEMM: a register-only FMA loop with 256-
 //! and 512-bit vectors, and microkernel shapes (6x16 AVX2, 6x32 and 12x32 AVX-512) on packed
 //! panels that stay in L1. Single thread: `cargo run --release -p fer-model --example fma_peak`.
-//! (docs/cpu-kernels.md, "AVX-512": on Zen 4 both widths reach the same GFLOP/s.)
+//! (docs/cpu-kernels.md, "AVX-512": on Zen 4 both widths reach the same GFLOP/s.) The loops are
+//! written here, not taken from `ops::gemm`, so the probe can try tile shapes the GEMM does not
+//! use (12x32) and stays a measure of the CPU; its 6x16 loop is the GEMM's AVX2 kernel loop.
 
 #[cfg(target_arch = "x86_64")]
 mod probe {
