@@ -1,6 +1,6 @@
 //! Forward-convolution throughput per ResNet-18 layer and DAN head convolution (inference shapes), to see which layers
 //! fall short of the GEMM's rate: `cargo run --release -p fer-model --example conv_probe -- [SIZE
-//! BATCH]` (default 64 px, batch 64).
+//! BATCH [LAYER]]` (default 64 px, batch 64; LAYER: only the layers whose name contains it).
 use candle_core::{Device, Tensor};
 use fer_model::ops::{conv2d, ConvGeometry};
 use std::time::Instant;
@@ -32,8 +32,13 @@ fn main() -> candle_core::Result<()> {
         ("head 1x3", 256, 512, (1, 3), 1, (0, 1), f),
         ("head 3x1", 256, 512, (3, 1), 1, (1, 0), f),
     ];
+    // A third argument keeps only the layers whose name contains it (for a profiler).
+    let only = std::env::args().nth(3);
     let dev = Device::Cpu;
     for (name, c, o, (kh, kw), st, pad, side) in layers {
+        if only.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
+            continue;
+        }
         let x = Tensor::randn(0f32, 1.0, (batch, c, side, side), &dev)?;
         let w = Tensor::randn(0f32, 0.1, (o, c, kh, kw), &dev)?;
         let g = ConvGeometry::new((kh, kw), (st, st), pad);

@@ -86,6 +86,19 @@ fn stride1_input_gradient_over_several_depth_blocks_matches_the_float64_referenc
 }
 
 #[test]
+fn winograd_sized_conv_matches_the_float64_reference() {
+    // 4 x 7 x 7 = 196 output tiles: enough for `FER_CONV=auto` to take Winograd F(2x2, 3x3) on an
+    // AVX-512 machine, in the forward and in the input gradient (the direct GEMM elsewhere).
+    let x = rand_tensor(&[4, 16, 14, 13], 70);
+    let wt = rand_tensor(&[24, 16, 3, 3], 71).affine(0.1, 0.0).unwrap();
+    let b = rand_tensor(&[24], 72);
+    let g = ConvGeometry::new((3, 3), (1, 1), (1, 1));
+    let f = |t: &[Tensor]| project(&conv2d(&t[0], &t[1], Some(&t[2]), g).unwrap(), 9);
+    let err = fast_vs_reference(&[x, wt, b], &f);
+    assert!(err < 1e-5, "f32 vs f64 {err:e}");
+}
+
+#[test]
 fn fused_conv_gives_no_gradient_to_an_input_that_does_not_need_one() {
     let x = rand_tensor(&[2, 3, 8, 8], 1).to_dtype(DType::F32).unwrap(); // a plain tensor
     let w = Var::from_tensor(&rand_tensor(&[4, 3, 3, 3], 2).to_dtype(DType::F32).unwrap()).unwrap();

@@ -64,6 +64,43 @@ pub trait APanelSource: Sync {
 pub enum AOperand<'a> {
     Mat(MatRef<'a>),
     Packed(&'a dyn APanelSource),
+    /// Already in the packed layout (`PackedA`): nothing to pack, for an A used by many products.
+    Prepacked(PackedA<'a>),
+}
+
+/// A matrix A [m, k] packed once, in the layout the GEMM packs it into (depth block after depth
+/// block, each `m.div_ceil(MR)` panels of MR x kc), for several products with the same A.
+#[derive(Clone, Copy)]
+pub struct PackedA<'a> {
+    data: &'a [f32],
+    m: usize,
+    k: usize,
+}
+
+impl<'a> PackedA<'a> {
+    /// Values the packed form of an m x k matrix takes.
+    pub fn len(m: usize, k: usize) -> usize {
+        m.div_ceil(MR) * MR * k
+    }
+
+    /// Packs `a` [m, k] into the first `len(m, k)` values of `dst`.
+    pub fn pack(a: MatRef, m: usize, k: usize, dst: &'a mut [f32]) -> Self {
+        let panels = m.div_ceil(MR);
+        let dst = &mut dst[..Self::len(m, k)];
+        for (bi, block) in dst.chunks_mut(panels * MR * KC).enumerate() {
+            let (pc, kc) = (bi * KC, KC.min(k - bi * KC));
+            for (p, panel) in block.chunks_mut(MR * kc).enumerate() {
+                pack_a(a, p * MR, m, pc, kc, panel);
+            }
+        }
+        PackedA { data: dst, m, k }
+    }
+
+    /// The packed depth range k0..k1 (a super-block: it starts on a depth block).
+    fn depth(&self, k0: usize, k1: usize) -> &'a [f32] {
+        let panels = self.m.div_ceil(MR);
+        &self.data[panels * MR * k0..panels * MR * k1]
+    }
 }
 
 /// The right-hand operand of `sgemm_with`.
@@ -227,6 +264,33 @@ pub fn sgemm_with(
     );
 }
 
+/// `c[m x n] = a[m x k] * b[k x n]` (c row-major, leading dimension `ldc`) on this thread only:
+/// for callers that already run one task per thread, each with its own small product.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm_serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: AOperand,
+    b: MatRef,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let cl = CLayout::rows(ldc);
+    cl.check(m, n, c.len());
+    if k == 0 {
+        for i in 0..m {
+            c[i * ldc..][..n].fill(0.0);
+        }
+        return;
+    }
+    let b = BOperand::Mat(b);
+    gemm_blocks(m, n, 0, k, a, b, SendPtr(c.as_mut_ptr()), cl, false, false);
+}
+
 /// Largest m x n (values) for which a deep product is split by depth between threads.
 const SPLIT_K_MAX_OUTPUT: usize = 1 << 20;
 
@@ -278,29 +342,45 @@ fn super_block(
     // A is packed once for the super-block (depth block after depth block, each m_panels panels
     // of MR x kc) and shared by every task.
     let a_len = m_panels * MR * (k1 - k0);
-    let mut a_buf = take_scratch(a_len + ALIGN);
-    let a_pack = aligned(&mut a_buf, a_len);
-    let pack_block = |(bi, dst): (usize, &mut [f32])| {
-        let pc = k0 + bi * KC;
-        let kc = KC.min(k1 - pc);
-        for (p, panel) in dst.chunks_mut(MR * kc).take(m_panels).enumerate() {
-            match a {
-                AOperand::Mat(a) => pack_a(a, p * MR, m, pc, kc, panel),
-                AOperand::Packed(src) => src.pack(p * MR, m, pc, kc, panel),
+    let mut a_buf = Vec::new();
+    let a_pack: &[f32] = match a {
+        AOperand::Prepacked(pa) => {
+            assert!(
+                pa.m == m && pa.k >= k1,
+                "sgemm: prepacked A is {}x{}",
+                pa.m,
+                pa.k
+            );
+            pa.depth(k0, k1)
+        }
+        _ => {
+            a_buf = take_scratch(a_len + ALIGN);
+            let a_pack = aligned(&mut a_buf, a_len);
+            let pack_block = |(bi, dst): (usize, &mut [f32])| {
+                let pc = k0 + bi * KC;
+                let kc = KC.min(k1 - pc);
+                for (p, panel) in dst.chunks_mut(MR * kc).take(m_panels).enumerate() {
+                    match a {
+                        AOperand::Mat(a) => pack_a(a, p * MR, m, pc, kc, panel),
+                        AOperand::Packed(src) => src.pack(p * MR, m, pc, kc, panel),
+                        AOperand::Prepacked(_) => unreachable!("handled above"),
+                    }
+                }
+            };
+            if parallel {
+                a_pack
+                    .par_chunks_mut(m_panels * MR * KC)
+                    .enumerate()
+                    .for_each(pack_block);
+            } else {
+                a_pack
+                    .chunks_mut(m_panels * MR * KC)
+                    .enumerate()
+                    .for_each(pack_block);
             }
+            a_pack
         }
     };
-    if parallel {
-        a_pack
-            .par_chunks_mut(m_panels * MR * KC)
-            .enumerate()
-            .for_each(pack_block);
-    } else {
-        a_pack
-            .chunks_mut(m_panels * MR * KC)
-            .enumerate()
-            .for_each(pack_block);
-    }
     // One task per column strip of C, which it computes over the whole super-block: the strip
     // stays in L2 from one depth block to the next instead of going out to memory and back.
     // Each depth block of the strip's B is packed once per task (gathering B can cost more than
@@ -315,7 +395,6 @@ fn super_block(
     };
     let nc_task = n.div_ceil(tiles).next_multiple_of(NR);
     let tiles_n = n.div_ceil(nc_task);
-    let a_pack = &*a_pack;
     let wide = super::isa::avx512();
     let strip_task = |t: usize| {
         let j0 = t * nc_task;
@@ -361,7 +440,9 @@ fn super_block(
     } else {
         (0..tiles_n).for_each(strip_task);
     }
-    give_scratch(a_buf);
+    if !a_buf.is_empty() {
+        give_scratch(a_buf);
+    }
 }
 
 /// Values of slack for `aligned`.

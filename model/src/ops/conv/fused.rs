@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use super::im2col::col2im_slice;
 use super::packing::{channel_major, BlockRows, ColsOf, ColsOfT};
+use super::winograd::{self, Weights};
 use super::{ConvGeometry, Dims};
 use crate::ops::gemm::{sgemm, sgemm_with, AOperand, BOperand, CLayout, MatRef, NR};
 use crate::ops::timing::{timed, Slot};
@@ -134,6 +135,12 @@ pub(super) fn stride1_input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) 
         ow: d.w,
         g: ConvGeometry::new(d.g.kernel, (1, 1), (kh - 1 - ph, kw - 1 - pw)),
     };
+    if winograd::applies(&back) {
+        let wt = winograd::Weights::InputGradient(w);
+        return timed(Slot::ConvGemmInputGradient, || {
+            winograd::conv3x3(dy, wt, None, d.c, &back)
+        });
+    }
     let mut cols = ColsOf::new(dy, &back);
     let taps = kh * kw;
     for group in cols.tap_offset.chunks_exact_mut(taps) {
@@ -227,6 +234,10 @@ impl FusedConv {
         let bias = bias
             .map(|(bs, bl)| f32_contiguous(bs, bl, "conv2d bias"))
             .transpose()?;
+        if winograd::applies(d) {
+            let y = winograd::conv3x3(x, Weights::Forward(w), bias, o, d);
+            return Ok((CpuStorage::F32(y), Shape::from((d.b, o, d.oh, d.ow))));
+        }
         let k = d.rows();
         let w = AOperand::Mat(MatRef {
             data: w,

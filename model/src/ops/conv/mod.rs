@@ -4,7 +4,9 @@
 //! differ in parity (4x5 -> 2x3 in the fixtures) and computes input gradients with a slow direct
 //! loop, so the CPU paths are our own:
 //! * f32 (training, inference): one graph node per convolution (`fused`), whose GEMM packs the
-//!   column matrix straight from a zero-padded copy of the input (`packing`) and writes NCHW.
+//!   column matrix straight from a zero-padded copy of the input (`packing`) and writes NCHW;
+//!   3x3 stride-1 padding-1 convolutions (forward and input gradient) by Winograd F(2x2, 3x3)
+//!   (`winograd`) unless `FER_CONV=direct`.
 //! * f64 (the finite-difference tests): the reference composition im2col (`im2col`, whose
 //!   backward is col2im) + Candle's matmul, every gradient from ops with a correct backward.
 //! * GPU: Candle's native convolution (cuDNN where enabled).
@@ -14,6 +16,9 @@
 mod fused;
 mod im2col;
 mod packing;
+mod winograd;
+
+pub use winograd::{requested as winograd_requested, Algorithm as WinogradUse};
 
 use candle_core::{Result, Tensor};
 

@@ -1,0 +1,786 @@
+//! Winograd F(2x2, 3x3) for the 3x3 stride-1 padding-1 convolutions, which are ~80% of a
+//! ResNet-18 + DAN step's multiply-adds (every trunk 3x3 but the three stride-2 ones, and the
+//! heads' 3x3). Each 2x2 block of outputs ("tile") is computed from the 4x4 input patch around it
+//! with 16 multiplies per (input, output) channel pair instead of 36: the input patch is
+//! transformed (V = Bᵀ d B), the weights too (U = G g Gᵀ), the 16 products U·V summed over input
+//! channels by 16 GEMMs, and the result transformed back (Y = Aᵀ M A). Same sums, rounded
+//! differently (the transforms add and subtract a few values first); the fixtures still pass at
+//! float32 tolerance. PyTorch's CPU backend (oneDNN) computes these convolutions directly.
+//! `FER_CONV=direct` turns this off (ARCHITECTURE.md, "Winograd convolutions").
+//!
+//! Work is done in chunks of tiles, one thread each: the chunk's transformed input, its 16
+//! products and their transform back stay in the thread's L2 instead of streaming ~4x the input
+//! and ~4x the output through memory between passes.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use super::Dims;
+use crate::ops::gemm::{sgemm_serial, AOperand, MatRef, PackedA};
+use crate::ops::{give_scratch, take_scratch};
+
+/// Which algorithm computes the 3x3 stride-1 padding-1 convolutions (`FER_CONV`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Winograd where it was measured faster (`auto`, the default): with the AVX-512 transforms,
+    /// and at least MIN_TILES tiles (smaller maps: the transformed weights, 16/9 the size of the
+    /// weights and rebuilt per call, cost more than the multiplies saved).
+    Auto,
+    /// Winograd for every such convolution (`winograd`).
+    Winograd,
+    /// The packed-column GEMM, as for every other geometry (`direct`).
+    Direct,
+}
+
+/// The algorithm `FER_CONV` asks for (unset: `Auto`), or why its value is not one.
+pub fn requested() -> Result<Algorithm, String> {
+    parse(std::env::var("FER_CONV").ok().as_deref())
+}
+
+/// `FER_CONV`'s value (None: unset) as an algorithm.
+fn parse(value: Option<&str>) -> Result<Algorithm, String> {
+    match value {
+        None => Ok(Algorithm::Auto),
+        Some(v) => match v.trim() {
+            "auto" => Ok(Algorithm::Auto),
+            "winograd" => Ok(Algorithm::Winograd),
+            "direct" => Ok(Algorithm::Direct),
+            _ => Err(format!(
+                "FER_CONV={v:?}: expected auto, winograd or direct (the algorithm for 3x3 stride-1 convolutions)"
+            )),
+        },
+    }
+}
+
+/// `requested`, decided once. A misspelt value stops the process (`fer` checks it at start).
+fn algorithm() -> Algorithm {
+    static ALGO: OnceLock<Algorithm> = OnceLock::new();
+    *ALGO.get_or_init(|| requested().unwrap_or_else(|why| panic!("{why}")))
+}
+
+/// Fewest tiles (2x2 output blocks over the batch) for which `Auto` picks Winograd. Measured on
+/// the 2-core Zen 4 machine (`conv_probe`, docs/cpu-kernels.md): 256 tiles already win 1.3-1.7x
+/// at 256 channels and break even at 512; 64 tiles lose ~1.5x.
+const MIN_TILES: usize = 192;
+
+/// Whether the convolution of geometry `d` is computed here.
+pub(super) fn applies(d: &Dims) -> bool {
+    if d.g.kernel != (3, 3) || d.g.stride != (1, 1) || d.g.padding != (1, 1) {
+        return false;
+    }
+    match algorithm() {
+        Algorithm::Direct => false,
+        Algorithm::Winograd => true,
+        Algorithm::Auto => {
+            crate::ops::isa::avx512() && d.b * d.h.div_ceil(2) * d.w.div_ceil(2) >= MIN_TILES
+        }
+    }
+}
+
+/// How the [O, C, 3, 3] weights are read.
+#[derive(Clone, Copy)]
+pub(super) enum Weights<'a> {
+    /// As they are: y = x ⋆ w.
+    Forward(&'a [f32]),
+    /// Flipped in space and transposed in channels: the input gradient of a 3x3 stride-1
+    /// padding-1 convolution is the output gradient correlated with them, again 3x3 padding 1.
+    InputGradient(&'a [f32]),
+}
+
+/// Tiles per chunk: the chunk's transformed input (16 x C x TILES floats: 1 MB at C = 128) and
+/// products stay in L2-ish caches, and the 16 GEMMs of a chunk are each at least TILES wide.
+const TILES: usize = 128;
+
+/// Tiles transformed per call, at most: the row buffers stay small (and cheap to zero).
+const GROUP: usize = 16;
+
+/// `x` [B, C, H, W] correlated with the 3x3 weights, plus `bias` [O]: [B, O, H, W]. `o` is the
+/// number of output channels, `d.c` of input channels (both after any transposition).
+pub(super) fn conv3x3(x: &[f32], w: Weights, bias: Option<&[f32]>, o: usize, d: &Dims) -> Vec<f32> {
+    let (b, c, h, wd) = (d.b, d.c, d.h, d.w);
+    let (th, tw) = (h.div_ceil(2), wd.div_ceil(2));
+    let tiles = b * th * tw;
+    let mut u = take_scratch(o * 16 * c);
+    transform_weights(w, o, c, &mut u[..o * 16 * c]);
+    // Each U_k is packed for the GEMM once, not once per chunk.
+    let len = PackedA::len(o, c);
+    let mut packed = take_scratch(16 * len);
+    let u_k: Vec<PackedA> = packed[..16 * len]
+        .par_chunks_mut(len)
+        .enumerate()
+        .map(|(k, dst)| {
+            let a = MatRef {
+                data: &u[k * c..],
+                rs: 16 * c,
+                cs: 1,
+            };
+            PackedA::pack(a, o, c, dst)
+        })
+        .collect();
+    let mut y = vec![0f32; b * o * h * wd];
+    // At least two chunks per thread where the map allows, so small maps still use every core.
+    let threads = rayon::current_num_threads();
+    let per_chunk = tiles
+        .div_ceil(2 * threads)
+        .next_multiple_of(16)
+        .clamp(16, TILES);
+    let chunks = tiles.div_ceil(per_chunk);
+    let y_ptr = SendPtr(y.as_mut_ptr());
+    let geom = Geometry {
+        c,
+        h,
+        w: wd,
+        th,
+        tw,
+    };
+    let padded_len = b * c * geom.padded_plane();
+    let mut padded = take_scratch(padded_len);
+    pad_input(x, &geom, &mut padded[..padded_len]);
+    let xp = &padded[..padded_len];
+    (0..chunks).into_par_iter().for_each(|ci| {
+        let (t0, t1) = (ci * per_chunk, ((ci + 1) * per_chunk).min(tiles));
+        let n = t1 - t0;
+        // V [C][16][n], then M [O][16][n].
+        let mut v = take_scratch(c * 16 * n);
+        input_transform(xp, &geom, t0, t1, &mut v[..c * 16 * n]);
+        let mut m = take_scratch(o * 16 * n);
+        for k in 0..16 {
+            sgemm_serial(
+                o,
+                n,
+                c,
+                AOperand::Prepacked(u_k[k]),
+                MatRef {
+                    data: &v[k * n..],
+                    rs: 16 * n,
+                    cs: 1,
+                },
+                &mut m[k * n..],
+                16 * n,
+            );
+        }
+        give_scratch(v);
+        // SAFETY: chunks hold disjoint tile ranges, and a tile's outputs (the 2x2 block of every
+        // output channel) belong to that tile alone, so no two tasks write one value of y, whose
+        // length is b * o * h * wd (`output_transform` stays inside it).
+        unsafe { output_transform(&m[..o * 16 * n], bias, o, &geom, t0, t1, y_ptr) };
+        give_scratch(m);
+    });
+    drop(u_k);
+    give_scratch(padded);
+    give_scratch(packed);
+    give_scratch(u);
+    y
+}
+
+/// Channels, map size and tiles per column and row of one convolution.
+#[derive(Clone, Copy)]
+struct Geometry {
+    c: usize,
+    h: usize,
+    w: usize,
+    th: usize,
+    tw: usize,
+}
+
+impl Geometry {
+    /// Rows and row length of a padded input plane: one zero row or column before the map, and
+    /// after it as many as the last tile's 4x4 patch needs (one, or two for an odd side). Each row
+    /// is stored split, its even columns then its odd ones, so that the patches of a run of tiles
+    /// read contiguous values.
+    fn padded(&self) -> (usize, usize) {
+        (2 * self.th + 2, 2 * self.tw + 2)
+    }
+
+    fn padded_plane(&self) -> usize {
+        let (hp, wp) = self.padded();
+        hp * wp
+    }
+
+    /// Sample, tile row and tile column of tile t.
+    #[inline(always)]
+    fn tile(&self, t: usize) -> (usize, usize, usize) {
+        let per_sample = self.th * self.tw;
+        let (b, rem) = (t / per_sample, t % per_sample);
+        (b, rem / self.tw, rem % self.tw)
+    }
+
+    /// Splits tiles t0..t1 into runs along one tile row, at most GROUP long:
+    /// `f(offset from t0, sample, tile row, first tile column, run)`.
+    #[inline(always)]
+    fn for_each_run(
+        &self,
+        t0: usize,
+        t1: usize,
+        mut f: impl FnMut(usize, usize, usize, usize, usize),
+    ) {
+        let (mut b, mut ty, mut tx) = self.tile(t0);
+        let mut t = t0;
+        while t < t1 {
+            let run = (self.tw - tx).min(t1 - t).min(GROUP);
+            f(t - t0, b, ty, tx, run);
+            t += run;
+            tx += run;
+            if tx == self.tw {
+                tx = 0;
+                ty += 1;
+                if ty == self.th {
+                    ty = 0;
+                    b += 1;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: used only to write disjoint parts of one buffer from rayon tasks (see `conv3x3`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// U = G g Gᵀ per (output, input) channel pair into `u` [O][16][C] (16 matrices [O, C] whose rows
+/// are 16 C apart): G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]].
+fn transform_weights(w: Weights, o: usize, c: usize, u: &mut [f32]) {
+    u.par_chunks_mut(16 * c).enumerate().for_each(|(i, ui)| {
+        for j in 0..c {
+            let g: [f32; 9] = match w {
+                Weights::Forward(w) => w[(i * c + j) * 9..][..9].try_into().expect("9 taps"),
+                // Output channel i of the gradient convolution is input channel i of the
+                // weights, its input channel j their output channel j; taps reversed.
+                Weights::InputGradient(w) => {
+                    let mut g: [f32; 9] = w[(j * o + i) * 9..][..9].try_into().expect("9 taps");
+                    g.reverse();
+                    g
+                }
+            };
+            let gv = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+            // Columns first (G g), then rows ((G g) Gᵀ).
+            let cols: [[f32; 4]; 3] = [0, 1, 2].map(|kx| gv(g[kx], g[3 + kx], g[6 + kx]));
+            for r in 0..4 {
+                let row = gv(cols[0][r], cols[1][r], cols[2][r]);
+                for (q, v) in row.into_iter().enumerate() {
+                    ui[(r * 4 + q) * c + j] = v;
+                }
+            }
+        }
+    });
+}
+
+/// `x` [B, C, H, W] into `xp` [B, C, Hp, Wp] with the zero border and split rows of
+/// `Geometry::padded`: padded column s (input column s - 1) is at s / 2, or at Wp / 2 + s / 2 when
+/// s is odd.
+fn pad_input(x: &[f32], g: &Geometry, xp: &mut [f32]) {
+    let (_, wp) = g.padded();
+    let half = wp / 2;
+    xp.par_chunks_mut(g.padded_plane())
+        .zip(x.par_chunks(g.h * g.w))
+        .for_each(|(dst, src)| {
+            for (r, row) in dst.chunks_exact_mut(wp).enumerate() {
+                row.fill(0.0);
+                if !(1..=g.h).contains(&r) {
+                    continue;
+                }
+                let src = &src[(r - 1) * g.w..][..g.w];
+                let (even, odd) = row.split_at_mut(half);
+                // Input column x is padded column x + 1: odd x goes to even[(x + 1) / 2], even x
+                // to odd[x / 2].
+                for (j, v) in src.chunks(2).enumerate() {
+                    odd[j] = v[0];
+                    if let Some(&v1) = v.get(1) {
+                        even[j + 1] = v1;
+                    }
+                }
+            }
+        });
+}
+
+/// V = Bᵀ d B for tiles t0..t1 of every input channel into `v` [C][16][t1 - t0], d the 4x4 patch
+/// of the padded input whose inner 2x2 is the tile:
+/// Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
+fn input_transform(xp: &[f32], g: &Geometry, t0: usize, t1: usize, v: &mut [f32]) {
+    let n = t1 - t0;
+    let plane = g.padded_plane();
+    for (ci, vc) in v.chunks_exact_mut(16 * n).enumerate() {
+        g.for_each_run(t0, t1, |at, bi, ty, tx0, run| {
+            let xc = &xp[(bi * g.c + ci) * plane..][..plane];
+            tile_row(xc, g, ty, tx0, run, vc, at, n);
+        });
+    }
+}
+
+/// Input transform of tiles tx0..tx0 + run (at most GROUP) of tile row ty of one padded channel
+/// plane `xc`, into columns at..at + run of the channel's 16 rows `vc` (each n long).
+#[allow(clippy::too_many_arguments)]
+fn tile_row(
+    xc: &[f32],
+    g: &Geometry,
+    ty: usize,
+    tx0: usize,
+    run: usize,
+    vc: &mut [f32],
+    at: usize,
+    n: usize,
+) {
+    let (_, wp) = g.padded();
+    let half = wp / 2;
+    // Patch row r's even and odd columns start at these offsets; the values for tile tx are at
+    // + tx (its columns 0 and 1) and + tx + 1 (its columns 2 and 3).
+    let start = |r: usize, odd: bool| (2 * ty + r) * wp + if odd { half } else { 0 } + tx0;
+    assert!(run <= GROUP && start(3, true) + run < xc.len() && 15 * n + at + run <= vc.len());
+    #[cfg(target_arch = "x86_64")]
+    if crate::ops::isa::avx512() {
+        let offsets: [usize; 8] = std::array::from_fn(|i| start(i / 2, i % 2 == 1));
+        // SAFETY: AVX-512 is present; the assert keeps every read (offset + tx + 1, tx < run)
+        // inside xc and every write inside vc.
+        unsafe { avx512::tile_row(xc.as_ptr(), offsets, run, vc.as_mut_ptr().add(at), n) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::ops::isa::avx2() {
+        let offsets: [usize; 8] = std::array::from_fn(|i| start(i / 2, i % 2 == 1));
+        // SAFETY: AVX2 is present; reads and writes as for the AVX-512 version.
+        unsafe { avx2::tile_row(xc.as_ptr(), offsets, run, vc.as_mut_ptr().add(at), n) };
+        return;
+    }
+    for tx in 0..run {
+        // d[r][c]: column c of patch row r.
+        let d: [[f32; 4]; 4] = std::array::from_fn(|r| {
+            let (e, o) = (start(r, false) + tx, start(r, true) + tx);
+            [xc[e], xc[o], xc[e + 1], xc[o + 1]]
+        });
+        // Bᵀ down the columns, then B along the rows.
+        let e: [[f32; 4]; 4] = [
+            std::array::from_fn(|c| d[0][c] - d[2][c]),
+            std::array::from_fn(|c| d[1][c] + d[2][c]),
+            std::array::from_fn(|c| d[2][c] - d[1][c]),
+            std::array::from_fn(|c| d[1][c] - d[3][c]),
+        ];
+        for (i, ei) in e.iter().enumerate() {
+            let vals = [ei[0] - ei[2], ei[1] + ei[2], ei[2] - ei[1], ei[1] - ei[3]];
+            for (q, v) in vals.into_iter().enumerate() {
+                vc[(4 * i + q) * n + at + tx] = v;
+            }
+        }
+    }
+}
+
+/// Y = Aᵀ M A (+ bias) for tiles t0..t1 from `m` [O][16][t1 - t0] into y [B, O, H, W] at `y`,
+/// dropping the outputs of edge tiles that fall outside the map: Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]].
+///
+/// # Safety
+/// `y` points to b * o * h * w values, and no other thread writes the outputs of these tiles.
+unsafe fn output_transform(
+    m: &[f32],
+    bias: Option<&[f32]>,
+    o: usize,
+    g: &Geometry,
+    t0: usize,
+    t1: usize,
+    y: SendPtr,
+) {
+    let n = t1 - t0;
+    for (oc, mo) in m.chunks_exact(16 * n).enumerate().take(o) {
+        let bias = bias.map_or(0.0, |b| b[oc]);
+        g.for_each_run(t0, t1, |at, bi, ty, tx0, run| {
+            // Output rows 2 ty and 2 ty + 1 from column 2 tx0, inside the map.
+            let (y0, x0) = (2 * ty, 2 * tx0);
+            let width = (2 * run).min(g.w - x0);
+            let rows = 2.min(g.h - y0);
+            let at_y = (bi * o + oc) * g.h * g.w + y0 * g.w + x0;
+            // SAFETY: (caller) rows y0..y0 + rows, columns x0..x0 + width of this plane are
+            // inside y and belong to this task's tiles.
+            unsafe { untile(mo, n, at, run, bias, y.0.add(at_y), g.w, rows, width) };
+        });
+    }
+}
+
+/// The 2x2 outputs (+ bias) of tiles at..at + run (at most GROUP) of one output channel's 16
+/// rows `mo` (each n long), written to `rows` rows of `width` values at `dst` (stride `ldy`):
+/// output (r, c) of tile q is dst[r * ldy + 2 q + c].
+///
+/// # Safety
+/// Those rows and columns of dst are valid and written by no one else; width <= 2 run.
+#[allow(clippy::too_many_arguments)]
+unsafe fn untile(
+    mo: &[f32],
+    n: usize,
+    at: usize,
+    run: usize,
+    bias: f32,
+    dst: *mut f32,
+    ldy: usize,
+    rows: usize,
+    width: usize,
+) {
+    assert!(run <= GROUP && 15 * n + at + run <= mo.len() && width <= 2 * run && rows <= 2);
+    #[cfg(target_arch = "x86_64")]
+    if crate::ops::isa::avx512() {
+        // SAFETY: AVX-512 is present; reads stay inside mo (assert), writes inside dst (caller).
+        unsafe { avx512::untile(mo.as_ptr().add(at), n, run, bias, dst, ldy, rows, width) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if crate::ops::isa::avx2() {
+        // SAFETY: AVX2 is present; reads and writes as for the AVX-512 version.
+        unsafe { avx2::untile(mo.as_ptr().add(at), n, run, bias, dst, ldy, rows, width) };
+        return;
+    }
+    for q in 0..run {
+        let m: [f32; 16] = std::array::from_fn(|k| mo[k * n + at + q]);
+        // Aᵀ down the columns of the 4x4 products, then A along the two resulting rows.
+        let s: [[f32; 4]; 2] = [
+            std::array::from_fn(|j| m[j] + m[4 + j] + m[8 + j]),
+            std::array::from_fn(|j| m[4 + j] - m[8 + j] - m[12 + j]),
+        ];
+        for (r, sr) in s.iter().enumerate().take(rows) {
+            let vals = [sr[0] + sr[1] + sr[2] + bias, sr[1] - sr[2] - sr[3] + bias];
+            for (c, v) in vals.into_iter().enumerate() {
+                if 2 * q + c < width {
+                    // SAFETY: (caller) inside dst.
+                    unsafe { *dst.add(r * ldy + 2 * q + c) = v };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// `tile_row` for up to 16 tiles as 16-lane vectors: `offsets[2 r + p]` is where patch row
+    /// r's even (p = 0) or odd (p = 1) columns start in `xc`; the 16 results go to `vc + k * n`.
+    /// Same operations in the same order as the portable loop, so the same results.
+    ///
+    /// # Safety
+    /// AVX-512 F is present; `xc + offset + tx + 1` is readable for tx < run <= 16, and
+    /// `vc + k * n + tx` writable for k < 16, tx < run.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+    pub unsafe fn tile_row(
+        xc: *const f32,
+        offsets: [usize; 8],
+        run: usize,
+        vc: *mut f32,
+        n: usize,
+    ) {
+        let mask: __mmask16 = ((1u32 << run) - 1) as __mmask16;
+        // d[s][p][r]: patch row r, parity p, shifted by s tiles (columns 0, 1 then 2, 3).
+        let load = |s: usize, p: usize, r: usize| unsafe {
+            _mm512_maskz_loadu_ps(mask, xc.add(offsets[2 * r + p] + s))
+        };
+        let mut cols = [[_mm512_setzero_ps(); 4]; 4]; // cols[c][i]: column c of row i of Bᵀ d
+        for (c, col) in cols.iter_mut().enumerate() {
+            let (s, p) = (c / 2, c % 2);
+            let d = [load(s, p, 0), load(s, p, 1), load(s, p, 2), load(s, p, 3)];
+            *col = [
+                _mm512_sub_ps(d[0], d[2]),
+                _mm512_add_ps(d[1], d[2]),
+                _mm512_sub_ps(d[2], d[1]),
+                _mm512_sub_ps(d[1], d[3]),
+            ];
+        }
+        for i in 0..4 {
+            let e = [cols[0][i], cols[1][i], cols[2][i], cols[3][i]];
+            let vals = [
+                _mm512_sub_ps(e[0], e[2]),
+                _mm512_add_ps(e[1], e[2]),
+                _mm512_sub_ps(e[2], e[1]),
+                _mm512_sub_ps(e[1], e[3]),
+            ];
+            for (q, v) in vals.into_iter().enumerate() {
+                unsafe { _mm512_mask_storeu_ps(vc.add((4 * i + q) * n), mask, v) };
+            }
+        }
+    }
+
+    /// `untile` for up to 16 tiles as 16-lane vectors, the two columns of each tile interleaved
+    /// by a permute. Same operations in the same order as the portable loop.
+    ///
+    /// # Safety
+    /// AVX-512 F is present; `mo + k * n + q` is readable for k < 16, q < run <= 16; `dst` as in
+    /// `super::untile`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+    pub unsafe fn untile(
+        mo: *const f32,
+        n: usize,
+        run: usize,
+        bias: f32,
+        dst: *mut f32,
+        ldy: usize,
+        rows: usize,
+        width: usize,
+    ) {
+        let mask: __mmask16 = ((1u32 << run) - 1) as __mmask16;
+        let m: [__m512; 16] =
+            std::array::from_fn(|k| unsafe { _mm512_maskz_loadu_ps(mask, mo.add(k * n)) });
+        let b = _mm512_set1_ps(bias);
+        // Lanes 0..15 of (a, b) interleaved: a0 b0 a1 b1 ... (low) and a8 b8 ... (high).
+        let lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+        let hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+        let (w_lo, w_hi) = (width.min(16), width.saturating_sub(16));
+        let mask_lo = ((1u32 << w_lo) - 1) as __mmask16;
+        let mask_hi = ((1u32 << w_hi) - 1) as __mmask16;
+        for r in 0..rows {
+            let s: [__m512; 4] = std::array::from_fn(|j| {
+                if r == 0 {
+                    _mm512_add_ps(_mm512_add_ps(m[j], m[4 + j]), m[8 + j])
+                } else {
+                    _mm512_sub_ps(_mm512_sub_ps(m[4 + j], m[8 + j]), m[12 + j])
+                }
+            });
+            let c0 = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(s[0], s[1]), s[2]), b);
+            let c1 = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(s[1], s[2]), s[3]), b);
+            let row = unsafe { dst.add(r * ldy) };
+            unsafe {
+                _mm512_mask_storeu_ps(row, mask_lo, _mm512_permutex2var_ps(c0, lo, c1));
+                _mm512_mask_storeu_ps(row.add(16), mask_hi, _mm512_permutex2var_ps(c0, hi, c1));
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// Lanes i < count set (all bits), the others clear: a mask for `_mm256_mask*`.
+    #[target_feature(enable = "avx2")]
+    fn lanes(count: usize) -> __m256i {
+        let idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(count.min(8) as i32), idx)
+    }
+
+    /// `super::avx512::tile_row` in two 8-lane halves (tiles 0..8 and 8..16).
+    ///
+    /// # Safety
+    /// AVX2 is present; as for the AVX-512 version.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn tile_row(
+        xc: *const f32,
+        offsets: [usize; 8],
+        run: usize,
+        vc: *mut f32,
+        n: usize,
+    ) {
+        for h in (0..run).step_by(8) {
+            let mask = lanes(run - h);
+            let load = |s: usize, p: usize, r: usize| unsafe {
+                _mm256_maskload_ps(xc.add(offsets[2 * r + p] + s + h), mask)
+            };
+            let mut cols = [[_mm256_setzero_ps(); 4]; 4];
+            for (c, col) in cols.iter_mut().enumerate() {
+                let (s, p) = (c / 2, c % 2);
+                let d = [load(s, p, 0), load(s, p, 1), load(s, p, 2), load(s, p, 3)];
+                *col = [
+                    _mm256_sub_ps(d[0], d[2]),
+                    _mm256_add_ps(d[1], d[2]),
+                    _mm256_sub_ps(d[2], d[1]),
+                    _mm256_sub_ps(d[1], d[3]),
+                ];
+            }
+            for i in 0..4 {
+                let e = [cols[0][i], cols[1][i], cols[2][i], cols[3][i]];
+                let vals = [
+                    _mm256_sub_ps(e[0], e[2]),
+                    _mm256_add_ps(e[1], e[2]),
+                    _mm256_sub_ps(e[2], e[1]),
+                    _mm256_sub_ps(e[1], e[3]),
+                ];
+                for (q, v) in vals.into_iter().enumerate() {
+                    unsafe { _mm256_maskstore_ps(vc.add((4 * i + q) * n + h), mask, v) };
+                }
+            }
+        }
+    }
+
+    /// `super::avx512::untile` in two 8-lane halves, interleaved by unpack + lane permute.
+    ///
+    /// # Safety
+    /// AVX2 is present; as for the AVX-512 version.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn untile(
+        mo: *const f32,
+        n: usize,
+        run: usize,
+        bias: f32,
+        dst: *mut f32,
+        ldy: usize,
+        rows: usize,
+        width: usize,
+    ) {
+        let b = _mm256_set1_ps(bias);
+        for h in (0..run).step_by(8) {
+            let mask = lanes(run - h);
+            let m: [__m256; 16] =
+                std::array::from_fn(|k| unsafe { _mm256_maskload_ps(mo.add(k * n + h), mask) });
+            // Output columns 2 h .. 2 h + 16 of each row, the first 8 and the next 8.
+            let w = width.saturating_sub(2 * h);
+            let (mask_lo, mask_hi) = (lanes(w), lanes(w.saturating_sub(8)));
+            for r in 0..rows {
+                let s: [__m256; 4] = std::array::from_fn(|j| {
+                    if r == 0 {
+                        _mm256_add_ps(_mm256_add_ps(m[j], m[4 + j]), m[8 + j])
+                    } else {
+                        _mm256_sub_ps(_mm256_sub_ps(m[4 + j], m[8 + j]), m[12 + j])
+                    }
+                });
+                let c0 = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(s[0], s[1]), s[2]), b);
+                let c1 = _mm256_add_ps(_mm256_sub_ps(_mm256_sub_ps(s[1], s[2]), s[3]), b);
+                // unpacklo: c0[0] c1[0] c0[1] c1[1] | c0[4] c1[4] c0[5] c1[5]; unpackhi likewise
+                // with 2, 3 | 6, 7; the lane permutes put tiles 0..4 and 4..8 in order.
+                let (lo, hi) = (_mm256_unpacklo_ps(c0, c1), _mm256_unpackhi_ps(c0, c1));
+                let first = _mm256_permute2f128_ps::<0x20>(lo, hi);
+                let second = _mm256_permute2f128_ps::<0x31>(lo, hi);
+                let row = unsafe { dst.add(r * ldy + 2 * h) };
+                unsafe {
+                    _mm256_maskstore_ps(row, mask_lo, first);
+                    _mm256_maskstore_ps(row.add(8), mask_hi, second);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::conv::ConvGeometry;
+
+    /// Deterministic values in [-1, 1).
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn dims(b: usize, c: usize, h: usize, w: usize) -> Dims {
+        let g = ConvGeometry::new((3, 3), (1, 1), (1, 1));
+        Dims {
+            b,
+            c,
+            h,
+            w,
+            oh: h,
+            ow: w,
+            g,
+        }
+    }
+
+    /// The 3x3 padding-1 correlation in f64, straight from its definition: y[b, o, p, q] =
+    /// bias[o] + sum over c, ky, kx of x[b, c, p + ky - 1, q + kx - 1] * tap(o, c, ky, kx).
+    fn reference(
+        x: &[f32],
+        (b, c, h, w): (usize, usize, usize, usize),
+        o: usize,
+        tap: impl Fn(usize, usize, usize, usize) -> f32,
+        bias: Option<&[f32]>,
+    ) -> Vec<f64> {
+        let mut y = vec![0f64; b * o * h * w];
+        for bi in 0..b {
+            for oc in 0..o {
+                for p in 0..h {
+                    for q in 0..w {
+                        let mut sum = bias.map_or(0.0, |bs| bs[oc] as f64);
+                        for ci in 0..c {
+                            for ky in 0..3 {
+                                for kx in 0..3 {
+                                    let (yy, xx) = (p + ky, q + kx);
+                                    if yy == 0 || xx == 0 || yy > h || xx > w {
+                                        continue;
+                                    }
+                                    let v = x[((bi * c + ci) * h + yy - 1) * w + xx - 1];
+                                    sum += v as f64 * tap(oc, ci, ky, kx) as f64;
+                                }
+                            }
+                        }
+                        y[((bi * o + oc) * h + p) * w + q] = sum;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn worst(got: &[f32], want: &[f64]) -> f64 {
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+        let diff = got
+            .iter()
+            .zip(want)
+            .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
+        diff / scale
+    }
+
+    /// (batch, input channels, output channels, height, width): odd and even sides, a 1x1 map,
+    /// a tile row longer than GROUP, several chunks split mid-row, more than one 256-deep block.
+    const CASES: [(usize, usize, usize, usize, usize); 6] = [
+        (2, 5, 7, 9, 6),
+        (3, 70, 13, 7, 5),
+        (2, 3, 4, 40, 37),
+        (1, 1, 1, 1, 1),
+        (1, 2, 3, 2, 2),
+        (4, 300, 9, 5, 4),
+    ];
+
+    #[test]
+    fn forward_matches_the_definition() {
+        for (i, &(b, c, o, h, w)) in CASES.iter().enumerate() {
+            let x = values(b * c * h * w, 1 + i as u64);
+            let wt = values(o * c * 9, 100 + i as u64);
+            let bias = values(o, 200 + i as u64);
+            let got = conv3x3(&x, Weights::Forward(&wt), Some(&bias), o, &dims(b, c, h, w));
+            let tap =
+                |oc: usize, ci: usize, ky: usize, kx: usize| wt[(oc * c + ci) * 9 + ky * 3 + kx];
+            let want = reference(&x, (b, c, h, w), o, tap, Some(&bias));
+            let err = worst(&got, &want);
+            assert!(
+                err < 2e-6,
+                "case {i} {:?}: relative error {err:e}",
+                CASES[i]
+            );
+        }
+    }
+
+    #[test]
+    fn input_gradient_matches_the_transposed_correlation() {
+        for (i, &(b, c, o, h, w)) in CASES.iter().enumerate() {
+            // The forward maps c -> o channels; its input gradient maps the output gradient's o
+            // channels back to c, with the weights flipped in space and transposed.
+            let dy = values(b * o * h * w, 300 + i as u64);
+            let wt = values(o * c * 9, 400 + i as u64);
+            let got = conv3x3(&dy, Weights::InputGradient(&wt), None, c, &dims(b, o, h, w));
+            let tap = |ci: usize, oc: usize, ky: usize, kx: usize| {
+                wt[(oc * c + ci) * 9 + (2 - ky) * 3 + (2 - kx)]
+            };
+            let want = reference(&dy, (b, o, h, w), c, tap, None);
+            let err = worst(&got, &want);
+            assert!(
+                err < 2e-6,
+                "case {i} {:?}: relative error {err:e}",
+                CASES[i]
+            );
+        }
+    }
+
+    #[test]
+    fn a_misspelt_algorithm_is_refused_by_name() {
+        assert_eq!(parse(None), Ok(Algorithm::Auto));
+        assert_eq!(parse(Some(" direct")), Ok(Algorithm::Direct));
+        assert_eq!(parse(Some("winograd")), Ok(Algorithm::Winograd));
+        let err = parse(Some("winogard")).unwrap_err();
+        assert!(
+            err.contains("FER_CONV=\"winogard\"") && err.contains("auto, winograd or direct"),
+            "{err}"
+        );
+    }
+}
