@@ -96,6 +96,25 @@ impl<'a> PackedA<'a> {
         PackedA { data: dst, m, k }
     }
 
+    /// Where element (i, j) of an m x k matrix lies in its packed form (rows m.. of the last
+    /// panel are zeros the packer writes too).
+    #[inline(always)]
+    pub fn index(m: usize, k: usize, i: usize, j: usize) -> usize {
+        let (panels, pc) = (m.div_ceil(MR), j - j % KC);
+        let kc = KC.min(k - pc);
+        panels * MR * pc + (i / MR) * MR * kc + (j - pc) * MR + i % MR
+    }
+
+    /// `data` read as an m x k matrix packed by `index`.
+    pub fn from_packed(data: &'a [f32], m: usize, k: usize) -> Self {
+        assert!(
+            data.len() >= Self::len(m, k),
+            "PackedA: {} values for {m}x{k}",
+            data.len()
+        );
+        PackedA { data, m, k }
+    }
+
     /// The packed depth range k0..k1 (a super-block: it starts on a depth block).
     fn depth(&self, k0: usize, k1: usize) -> &'a [f32] {
         let panels = self.m.div_ceil(MR);
@@ -264,8 +283,8 @@ pub fn sgemm_with(
     );
 }
 
-/// `c[m x n] = a[m x k] * b[k x n]` (c row-major, leading dimension `ldc`) on this thread only:
-/// for callers that already run one task per thread, each with its own small product.
+/// `c[m x n] (=|+=) a[m x k] * b[k x n]` (c row-major, leading dimension `ldc`) on this thread
+/// only: for callers that already run one task per thread, each with its own small product.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sgemm_serial(
     m: usize,
@@ -275,6 +294,7 @@ pub(crate) fn sgemm_serial(
     b: MatRef,
     c: &mut [f32],
     ldc: usize,
+    accumulate: bool,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -282,13 +302,26 @@ pub(crate) fn sgemm_serial(
     let cl = CLayout::rows(ldc);
     cl.check(m, n, c.len());
     if k == 0 {
-        for i in 0..m {
-            c[i * ldc..][..n].fill(0.0);
+        if !accumulate {
+            for i in 0..m {
+                c[i * ldc..][..n].fill(0.0);
+            }
         }
         return;
     }
     let b = BOperand::Mat(b);
-    gemm_blocks(m, n, 0, k, a, b, SendPtr(c.as_mut_ptr()), cl, false, false);
+    gemm_blocks(
+        m,
+        n,
+        0,
+        k,
+        a,
+        b,
+        SendPtr(c.as_mut_ptr()),
+        cl,
+        accumulate,
+        false,
+    );
 }
 
 /// Largest m x n (values) for which a deep product is split by depth between threads.

@@ -277,22 +277,28 @@ impl FusedConv {
         // gathered from x, both while packing.
         let mut dw = vec![0f32; o * k];
         let cols = ColsOf::new(xv, d);
-        timed(Slot::ConvGemmWeightGradient, || {
-            sgemm_with(
-                o,
-                k,
-                n,
-                AOperand::Packed(&BlockRows {
-                    data: g,
-                    rows: o,
-                    g: p,
-                }),
-                BOperand::Packed(&ColsOfT(&cols)),
-                &mut dw,
-                CLayout::rows(k),
-                false,
-            )
-        });
+        if winograd::applies_to_weight_gradient(d) {
+            dw = timed(Slot::ConvGemmWeightGradient, || {
+                winograd::weight_gradient(xv, g, o, d)
+            });
+        } else {
+            timed(Slot::ConvGemmWeightGradient, || {
+                sgemm_with(
+                    o,
+                    k,
+                    n,
+                    AOperand::Packed(&BlockRows {
+                        data: g,
+                        rows: o,
+                        g: p,
+                    }),
+                    BOperand::Packed(&ColsOfT(&cols)),
+                    &mut dw,
+                    CLayout::rows(k),
+                    false,
+                )
+            });
+        }
         // The network's input needs no gradient.
         let stride1 =
             d.g.stride == (1, 1) && d.g.padding.0 < d.g.kernel.0 && d.g.padding.1 < d.g.kernel.1;

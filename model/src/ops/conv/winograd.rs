@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use super::Dims;
-use crate::ops::gemm::{sgemm_serial, AOperand, MatRef, PackedA};
+use crate::ops::gemm::{sgemm, sgemm_serial, AOperand, MatRef, PackedA, MR};
 use crate::ops::{give_scratch, take_scratch};
 
 /// Which algorithm computes the 3x3 stride-1 padding-1 convolutions (`FER_CONV`).
@@ -64,9 +64,22 @@ fn algorithm() -> Algorithm {
 /// at 256 channels and break even at 512; 64 tiles lose ~1.5x.
 const MIN_TILES: usize = 192;
 
-/// Whether the convolution of geometry `d` is computed here.
+/// Whether the weight gradient of geometry `d` is computed here: only when `FER_CONV=winograd`
+/// forces it. With `auto` the direct GEMM computes it: `weight_gradient` measured no faster in a
+/// 112 px training step (`FER_OP_TIMES=1`: 0.245 / 0.240 s against 0.227 / 0.217 direct), the
+/// transposed operand packing and the 16 deep products eating the 2.25x fewer multiplies.
+pub(super) fn applies_to_weight_gradient(d: &Dims) -> bool {
+    geometry_fits(d) && algorithm() == Algorithm::Winograd
+}
+
+/// 3x3 kernel, stride 1, padding 1: the geometry Winograd F(2x2, 3x3) computes here.
+fn geometry_fits(d: &Dims) -> bool {
+    d.g.kernel == (3, 3) && d.g.stride == (1, 1) && d.g.padding == (1, 1)
+}
+
+/// Whether the convolution of geometry `d` (forward, or the input gradient's) is computed here.
 pub(super) fn applies(d: &Dims) -> bool {
-    if d.g.kernel != (3, 3) || d.g.stride != (1, 1) || d.g.padding != (1, 1) {
+    if !geometry_fits(d) {
         return false;
     }
     match algorithm() {
@@ -101,22 +114,13 @@ pub(super) fn conv3x3(x: &[f32], w: Weights, bias: Option<&[f32]>, o: usize, d: 
     let (b, c, h, wd) = (d.b, d.c, d.h, d.w);
     let (th, tw) = (h.div_ceil(2), wd.div_ceil(2));
     let tiles = b * th * tw;
-    let mut u = take_scratch(o * 16 * c);
-    transform_weights(w, o, c, &mut u[..o * 16 * c]);
-    // Each U_k is packed for the GEMM once, not once per chunk.
+    // The 16 transformed weight matrices U_k [O, C], each straight in the GEMM's packed layout.
     let len = PackedA::len(o, c);
     let mut packed = take_scratch(16 * len);
+    transform_weights(w, o, c, &mut packed[..16 * len]);
     let u_k: Vec<PackedA> = packed[..16 * len]
-        .par_chunks_mut(len)
-        .enumerate()
-        .map(|(k, dst)| {
-            let a = MatRef {
-                data: &u[k * c..],
-                rs: 16 * c,
-                cs: 1,
-            };
-            PackedA::pack(a, o, c, dst)
-        })
+        .chunks_exact(len)
+        .map(|u| PackedA::from_packed(u, o, c))
         .collect();
     let mut y = vec![0f32; b * o * h * wd];
     // At least two chunks per thread where the map allows, so small maps still use every core.
@@ -158,6 +162,7 @@ pub(super) fn conv3x3(x: &[f32], w: Weights, bias: Option<&[f32]>, o: usize, d: 
                 },
                 &mut m[k * n..],
                 16 * n,
+                false,
             );
         }
         give_scratch(v);
@@ -170,8 +175,116 @@ pub(super) fn conv3x3(x: &[f32], w: Weights, bias: Option<&[f32]>, o: usize, d: 
     drop(u_k);
     give_scratch(padded);
     give_scratch(packed);
-    give_scratch(u);
     y
+}
+
+/// The weight gradient [O, C, 3, 3] of y = x ⋆ w (3x3, stride 1, padding 1) from x [B, C, H, W]
+/// and the output gradient dy [B, O, H, W]. The forward is Y = Aᵀ (Σ_c U ⊙ V) A per tile, so
+/// dU[o, c] = Σ over tiles of (A dY Aᵀ)[o] ⊙ V[c] (16 GEMMs [O, tiles] x [tiles, C], 16 multiplies
+/// per tile and channel pair instead of 36) and dw = Gᵀ dU G.
+pub(super) fn weight_gradient(x: &[f32], dy: &[f32], o: usize, d: &Dims) -> Vec<f32> {
+    let (b, c, h, wd) = (d.b, d.c, d.h, d.w);
+    let (th, tw) = (h.div_ceil(2), wd.div_ceil(2));
+    let tiles = b * th * tw;
+    let gx = Geometry {
+        c,
+        h,
+        w: wd,
+        th,
+        tw,
+    };
+    let gy = Geometry { c: o, ..gx };
+    let (xp_len, yp_len) = (b * c * gx.padded_plane(), b * o * gy.padded_plane());
+    let mut xp = take_scratch(xp_len);
+    pad_input(x, &gx, &mut xp[..xp_len]);
+    let mut yp = take_scratch(yp_len);
+    pad_input(dy, &gy, &mut yp[..yp_len]);
+    let (xp_s, yp_s) = (&xp[..xp_len], &yp[..yp_len]);
+    // All tiles at once (V [C][16][T], dM [O][16][T]): each of the 16 products is then one deep
+    // GEMM, which splits its depth (the tiles) between the threads and keeps its small result
+    // in cache, instead of re-reading 16 partial results per chunk of tiles.
+    let t = tiles;
+    let mut v = take_scratch(c * 16 * t);
+    v[..c * 16 * t]
+        .par_chunks_mut(16 * t)
+        .enumerate()
+        .for_each(|(ci, vc)| input_transform_channel(xp_s, &gx, ci, 0, t, vc));
+    let mut dm = take_scratch(o * 16 * t);
+    dm[..o * 16 * t]
+        .par_chunks_mut(16 * t)
+        .enumerate()
+        .for_each(|(oc, mo)| gradient_transform_channel(yp_s, &gy, oc, t, mo));
+    give_scratch(xp);
+    give_scratch(yp);
+    let du_len = 16 * o * c;
+    let mut du = take_scratch(du_len);
+    for k in 0..16 {
+        // dU_k [O, C] = dM_k [O, T] x V_kᵀ [T, C].
+        let a = MatRef {
+            data: &dm[k * t..],
+            rs: 16 * t,
+            cs: 1,
+        };
+        let vt = MatRef {
+            data: &v[k * t..],
+            rs: 1,
+            cs: 16 * t,
+        };
+        sgemm(o, c, t, a, vt, &mut du[k * o * c..][..o * c], c, false);
+    }
+    give_scratch(v);
+    give_scratch(dm);
+    let mut dw = vec![0f32; o * c * 9];
+    dw.par_chunks_mut(c * 9).enumerate().for_each(|(oc, row)| {
+        for (ci, g) in row.chunks_exact_mut(9).enumerate() {
+            let u: [f32; 16] = std::array::from_fn(|k| du[(k * o + oc) * c + ci]);
+            g.copy_from_slice(&untransform_weights(&u));
+        }
+    });
+    give_scratch(du);
+    dw
+}
+
+/// Gᵀ dU G: the gradient of the 3x3 taps from the gradient of their 16 transformed values.
+fn untransform_weights(u: &[f32; 16]) -> [f32; 9] {
+    // Gᵀ = [[1, ½, ½, 0], [0, ½, -½, 0], [0, ½, ½, 1]] applied to a 4-vector.
+    let gt = |a: f32, b: f32, c: f32, d: f32| [a + 0.5 * (b + c), 0.5 * (b - c), 0.5 * (b + c) + d];
+    // Down the columns, then along the rows.
+    let cols: [[f32; 3]; 4] = std::array::from_fn(|j| gt(u[j], u[4 + j], u[8 + j], u[12 + j]));
+    let mut g = [0f32; 9];
+    for r in 0..3 {
+        g[r * 3..][..3].copy_from_slice(&gt(cols[0][r], cols[1][r], cols[2][r], cols[3][r]));
+    }
+    g
+}
+
+/// dM = A dY Aᵀ for every tile of output-gradient channel oc into its 16 rows `mo` (each `tiles`
+/// long), dY the tile's 2x2 gradient read from the padded `yp` (zero past the map's edge):
+/// A = [[1, 0], [1, 1], [1, -1], [0, -1]].
+fn gradient_transform_channel(yp: &[f32], g: &Geometry, oc: usize, tiles: usize, mo: &mut [f32]) {
+    let (n, plane) = (tiles, g.padded_plane());
+    let (_, wp) = g.padded();
+    let half = wp / 2;
+    g.for_each_run(0, tiles, |at, bi, ty, tx0, run| {
+        let yc = &yp[(bi * g.c + oc) * plane..][..plane];
+        // Tile column 0 is padded column 2 tx + 1 (odd: odd[tx]), column 1 is 2 tx + 2
+        // (even[tx + 1]); rows are padded rows 2 ty + 1 and 2 ty + 2.
+        for tx in tx0..tx0 + run {
+            let row = |r: usize| (2 * ty + 1 + r) * wp;
+            let d = [
+                [yc[row(0) + half + tx], yc[row(0) + tx + 1]],
+                [yc[row(1) + half + tx], yc[row(1) + tx + 1]],
+            ];
+            // A down the columns, then Aᵀ along the rows.
+            let a = |v0: f32, v1: f32| [v0, v0 + v1, v0 - v1, -v1];
+            let cols = [a(d[0][0], d[1][0]), a(d[0][1], d[1][1])];
+            for i in 0..4 {
+                for (j, v) in a(cols[0][i], cols[1][i]).into_iter().enumerate() {
+                    mo[(4 * i + j) * n + at + tx - tx0] = v;
+                }
+            }
+        }
+    });
 }
 
 /// Channels, map size and tiles per column and row of one convolution.
@@ -240,32 +353,62 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// U = G g Gᵀ per (output, input) channel pair into `u` [O][16][C] (16 matrices [O, C] whose rows
-/// are 16 C apart): G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]].
+impl SendPtr {
+    /// The pointer (a method, so closures capture the Sync wrapper and not the raw field).
+    fn get(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// U = G g Gᵀ per (output, input) channel pair into `u`: 16 matrices [O, C], each in the
+/// GEMM's packed layout (`PackedA::index`, zeros past row O), one after the other.
+/// G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]].
 fn transform_weights(w: Weights, o: usize, c: usize, u: &mut [f32]) {
-    u.par_chunks_mut(16 * c).enumerate().for_each(|(i, ui)| {
+    let len = PackedA::len(o, c);
+    assert_eq!(u.len(), 16 * len);
+    let u_ptr = SendPtr(u.as_mut_ptr());
+    (0..o.div_ceil(MR)).into_par_iter().for_each(|panel| {
+        let i0 = panel * MR;
         for j in 0..c {
-            let g: [f32; 9] = match w {
-                Weights::Forward(w) => w[(i * c + j) * 9..][..9].try_into().expect("9 taps"),
-                // Output channel i of the gradient convolution is input channel i of the
-                // weights, its input channel j their output channel j; taps reversed.
-                Weights::InputGradient(w) => {
-                    let mut g: [f32; 9] = w[(j * o + i) * 9..][..9].try_into().expect("9 taps");
-                    g.reverse();
-                    g
-                }
-            };
-            let gv = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
-            // Columns first (G g), then rows ((G g) Gᵀ).
-            let cols: [[f32; 4]; 3] = [0, 1, 2].map(|kx| gv(g[kx], g[3 + kx], g[6 + kx]));
-            for r in 0..4 {
-                let row = gv(cols[0][r], cols[1][r], cols[2][r]);
-                for (q, v) in row.into_iter().enumerate() {
-                    ui[(r * 4 + q) * c + j] = v;
+            // Rows i0..i0 + MR of column j are MR consecutive values of each packed matrix.
+            let at = PackedA::index(o, c, i0, j);
+            for r in 0..MR {
+                let vals = if i0 + r < o {
+                    transform(w, o, c, i0 + r, j)
+                } else {
+                    [0.0; 16]
+                };
+                for (k, v) in vals.into_iter().enumerate() {
+                    // SAFETY: `index` is one-to-one over (i, j) and stays inside `len`, so the
+                    // 16 x MR x C values of this panel are in bounds and written by this task only.
+                    unsafe { *u_ptr.get().add(k * len + at + r) = v };
                 }
             }
         }
     });
+}
+
+/// G g Gᵀ of the 3x3 weights of output channel i and input channel j, as 16 values (row-major).
+#[inline(always)]
+fn transform(w: Weights, o: usize, c: usize, i: usize, j: usize) -> [f32; 16] {
+    let g: [f32; 9] = match w {
+        Weights::Forward(w) => w[(i * c + j) * 9..][..9].try_into().expect("9 taps"),
+        // Output channel i of the gradient convolution is input channel i of the weights, its
+        // input channel j their output channel j; taps reversed.
+        Weights::InputGradient(w) => {
+            let mut g: [f32; 9] = w[(j * o + i) * 9..][..9].try_into().expect("9 taps");
+            g.reverse();
+            g
+        }
+    };
+    let gv = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
+    // Columns first (G g), then rows ((G g) Gᵀ).
+    let cols: [[f32; 4]; 3] = [0, 1, 2].map(|kx| gv(g[kx], g[3 + kx], g[6 + kx]));
+    let mut out = [0f32; 16];
+    for r in 0..4 {
+        out[r * 4..][..4].copy_from_slice(&gv(cols[0][r], cols[1][r], cols[2][r]));
+    }
+    out
 }
 
 /// `x` [B, C, H, W] into `xp` [B, C, Hp, Wp] with the zero border and split rows of
@@ -300,14 +443,25 @@ fn pad_input(x: &[f32], g: &Geometry, xp: &mut [f32]) {
 /// of the padded input whose inner 2x2 is the tile:
 /// Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
 fn input_transform(xp: &[f32], g: &Geometry, t0: usize, t1: usize, v: &mut [f32]) {
-    let n = t1 - t0;
-    let plane = g.padded_plane();
-    for (ci, vc) in v.chunks_exact_mut(16 * n).enumerate() {
-        g.for_each_run(t0, t1, |at, bi, ty, tx0, run| {
-            let xc = &xp[(bi * g.c + ci) * plane..][..plane];
-            tile_row(xc, g, ty, tx0, run, vc, at, n);
-        });
+    for (ci, vc) in v.chunks_exact_mut(16 * (t1 - t0)).enumerate() {
+        input_transform_channel(xp, g, ci, t0, t1, vc);
     }
+}
+
+/// `input_transform` of channel ci alone, into its 16 rows `vc`.
+fn input_transform_channel(
+    xp: &[f32],
+    g: &Geometry,
+    ci: usize,
+    t0: usize,
+    t1: usize,
+    vc: &mut [f32],
+) {
+    let (n, plane) = (t1 - t0, g.padded_plane());
+    g.for_each_run(t0, t1, |at, bi, ty, tx0, run| {
+        let xc = &xp[(bi * g.c + ci) * plane..][..plane];
+        tile_row(xc, g, ty, tx0, run, vc, at, n);
+    });
 }
 
 /// Input transform of tiles tx0..tx0 + run (at most GROUP) of tile row ty of one padded channel
@@ -766,6 +920,38 @@ mod tests {
             let err = worst(&got, &want);
             assert!(
                 err < 2e-6,
+                "case {i} {:?}: relative error {err:e}",
+                CASES[i]
+            );
+        }
+    }
+
+    #[test]
+    fn weight_gradient_matches_the_definition() {
+        for (i, &(b, c, o, h, w)) in CASES.iter().enumerate() {
+            let x = values(b * c * h * w, 500 + i as u64);
+            let dy = values(b * o * h * w, 600 + i as u64);
+            let got = weight_gradient(&x, &dy, o, &dims(b, c, h, w));
+            // dw[o, c, ky, kx] = sum over b, p, q of dy[b, o, p, q] x[b, c, p + ky - 1, q + kx - 1].
+            let mut want = vec![0f64; o * c * 9];
+            for (idx, dst) in want.iter_mut().enumerate() {
+                let (oc, ci, ky, kx) = (idx / (c * 9), idx / 9 % c, idx / 3 % 3, idx % 3);
+                for bi in 0..b {
+                    for p in 0..h {
+                        for q in 0..w {
+                            let (yy, xx) = (p + ky, q + kx);
+                            if yy == 0 || xx == 0 || yy > h || xx > w {
+                                continue;
+                            }
+                            let xv = x[((bi * c + ci) * h + yy - 1) * w + xx - 1] as f64;
+                            *dst += dy[((bi * o + oc) * h + p) * w + q] as f64 * xv;
+                        }
+                    }
+                }
+            }
+            let err = worst(&got, &want);
+            assert!(
+                err < 5e-6,
                 "case {i} {:?}: relative error {err:e}",
                 CASES[i]
             );
