@@ -4,7 +4,7 @@
 use candle_core::{DType, Result, Tensor, Var, D};
 
 use crate::ops::batch_norm::{batch_norm, BatchStats};
-use crate::ops::{conv2d, ConvGeometry};
+use crate::ops::{conv2d, conv2d_inference, ConvGeometry, PreparedWeights};
 use crate::store::{Init, ParamStore};
 
 pub const BN_EPS: f64 = 1e-5;
@@ -76,6 +76,8 @@ pub struct FoldedConv {
     pub weight: Tensor,
     pub bias: Tensor,
     pub geometry: ConvGeometry,
+    /// The weights' transformed forms, made on first use (the weights never change).
+    prepared: PreparedWeights,
 }
 
 /// Rows of `weight` (axis 0) scaled by `scale`, `bias` (zeros when None) mapped to
@@ -120,11 +122,12 @@ impl FoldedConv {
             weight,
             bias,
             geometry: conv.geometry,
+            prepared: PreparedWeights::default(),
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        conv2d(x, &self.weight, Some(&self.bias), self.geometry)
+        conv2d_inference(x, &self.weight, &self.bias, self.geometry, &self.prepared)
     }
 }
 

@@ -2,11 +2,14 @@
 //! over the packed column matrix, backward by GEMMs for the weight gradient and for the input
 //! gradient (stride 1: a convolution with the flipped weights; strided: GEMM + col2im).
 
+use std::sync::OnceLock;
+
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::im2col::col2im_slice;
 use super::packing::{channel_major, BlockRows, ColsOf, ColsOfT};
+use super::small_map;
 use super::winograd::{self, Weights};
 use super::{ConvGeometry, Dims};
 use crate::ops::gemm::{sgemm, sgemm_with, AOperand, BOperand, CLayout, MatRef, NR};
@@ -32,7 +35,9 @@ impl CustomOp2 for FusedConv {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        timed(Slot::ConvForward, || self.forward(xs, xl, ws, wl, None))
+        timed(Slot::ConvForward, || {
+            self.forward(xs, xl, ws, wl, None, None)
+        })
     }
 
     fn bwd(
@@ -183,7 +188,7 @@ impl CustomOp3 for FusedConvBias {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         timed(Slot::ConvForward, || {
-            FusedConv(self.0).forward(xs, xl, ws, wl, Some((bs, bl)))
+            FusedConv(self.0).forward(xs, xl, ws, wl, Some((bs, bl)), None)
         })
     }
 
@@ -218,6 +223,53 @@ impl CustomOp3 for FusedConvBias {
     }
 }
 
+/// What the forward makes from a fixed weight tensor before multiplying (Winograd's transformed
+/// weights, the small-map product's tap-major weights), made on first use and kept for the next
+/// calls. Only for weights that never change: the inference form's folded convolutions, whose
+/// tensors are detached and never updated (`conv2d_inference`).
+#[derive(Default)]
+pub struct PreparedWeights {
+    winograd: OnceLock<Vec<f32>>,
+    small_map: OnceLock<Vec<f32>>,
+}
+
+impl std::fmt::Debug for PreparedWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedWeights")
+            .field("winograd", &self.winograd.get().map(Vec::len))
+            .field("small_map", &self.small_map.get().map(Vec::len))
+            .finish()
+    }
+}
+
+/// `FusedConvBias`'s forward with the weights' prepared forms kept in `prepared`; no backward
+/// (applied with `apply_op3_no_bwd`).
+pub(super) struct FusedConvPrepared<'a> {
+    pub(super) d: Dims,
+    pub(super) prepared: &'a PreparedWeights,
+}
+
+impl CustomOp3 for FusedConvPrepared<'_> {
+    fn name(&self) -> &'static str {
+        "conv2d-prepared"
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        timed(Slot::ConvForward, || {
+            FusedConv(self.d).forward(xs, xl, ws, wl, Some((bs, bl)), Some(self.prepared))
+        })
+    }
+}
+
 impl FusedConv {
     fn forward(
         &self,
@@ -226,6 +278,7 @@ impl FusedConv {
         ws: &CpuStorage,
         wl: &Layout,
         bias: Option<(&CpuStorage, &Layout)>,
+        prepared: Option<&PreparedWeights>,
     ) -> Result<(CpuStorage, Shape)> {
         let d = &self.0;
         let x = f32_contiguous(xs, xl, "conv2d")?;
@@ -234,9 +287,26 @@ impl FusedConv {
         let bias = bias
             .map(|(bs, bl)| f32_contiguous(bs, bl, "conv2d bias"))
             .transpose()?;
+        let shape = Shape::from((d.b, o, d.oh, d.ow));
+        if small_map::applies(d) {
+            let y = timed(Slot::ConvGemmForward, || match prepared {
+                Some(p) => {
+                    let wt = p.small_map.get_or_init(|| small_map::prepare(w, o, d));
+                    small_map::forward_prepared(x, wt, bias, o, d)
+                }
+                None => small_map::forward(x, w, bias, o, d),
+            });
+            return Ok((CpuStorage::F32(y), shape));
+        }
         if winograd::applies(d) {
-            let y = winograd::conv3x3(x, Weights::Forward(w), bias, o, d);
-            return Ok((CpuStorage::F32(y), Shape::from((d.b, o, d.oh, d.ow))));
+            let y = match prepared {
+                Some(p) => {
+                    let u = p.winograd.get_or_init(|| winograd::prepare(w, o, d.c));
+                    winograd::conv3x3_prepared(x, u, bias, o, d)
+                }
+                None => winograd::conv3x3(x, Weights::Forward(w), bias, o, d),
+            };
+            return Ok((CpuStorage::F32(y), shape));
         }
         let k = d.rows();
         let w = AOperand::Mat(MatRef {
@@ -245,7 +315,7 @@ impl FusedConv {
             cs: 1,
         });
         let y = conv_forward(ColsOf::new(x, d), w, bias, o, d, Slot::ConvGemmForward);
-        Ok((CpuStorage::F32(y), Shape::from((d.b, o, d.oh, d.ow))))
+        Ok((CpuStorage::F32(y), shape))
     }
 
     fn backward(
@@ -273,15 +343,20 @@ impl FusedConv {
         let g = contiguous(gv, gl, "conv2d")?;
         let xv = contiguous(xv, xl, "conv2d")?;
         let wv = contiguous(wv, wl, "conv2d")?;
-        // dW [O, K] = dY [O, N] x cols^T [N, K], dY read in its NCHW layout and the columns
-        // gathered from x, both while packing.
-        let mut dw = vec![0f32; o * k];
-        let cols = ColsOf::new(xv, d);
-        if winograd::applies_to_weight_gradient(d) {
-            dw = timed(Slot::ConvGemmWeightGradient, || {
+        let small = small_map::applies(d);
+        let dw = if small {
+            timed(Slot::ConvGemmWeightGradient, || {
+                small_map::weight_gradient(xv, g, o, d)
+            })
+        } else if winograd::applies_to_weight_gradient(d) {
+            timed(Slot::ConvGemmWeightGradient, || {
                 winograd::weight_gradient(xv, g, o, d)
-            });
+            })
         } else {
+            // dW [O, K] = dY [O, N] x cols^T [N, K], dY read in its NCHW layout and the columns
+            // gathered from x, both while packing.
+            let mut dw = vec![0f32; o * k];
+            let cols = ColsOf::new(xv, d);
             timed(Slot::ConvGemmWeightGradient, || {
                 sgemm_with(
                     o,
@@ -298,12 +373,18 @@ impl FusedConv {
                     false,
                 )
             });
-        }
+            dw
+        };
         // The network's input needs no gradient.
         let stride1 =
             d.g.stride == (1, 1) && d.g.padding.0 < d.g.kernel.0 && d.g.padding.1 < d.g.kernel.1;
         let dx = if !x.track_op() {
             None
+        } else if small {
+            let dx = timed(Slot::ConvGemmInputGradient, || {
+                small_map::input_gradient(g, wv, o, d)
+            });
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
         } else if stride1 {
             let dx = stride1_input_gradient(g, wv, o, d);
             Some(Tensor::from_vec(dx, x.shape(), x.device())?)

@@ -16,13 +16,15 @@
 mod fused;
 mod im2col;
 mod packing;
+mod small_map;
 mod winograd;
 
 pub use winograd::{requested as winograd_requested, Algorithm as WinogradUse};
 
 use candle_core::{Result, Tensor};
 
-use fused::{FusedConv, FusedConvBias};
+pub use fused::PreparedWeights;
+use fused::{FusedConv, FusedConvBias, FusedConvPrepared};
 use im2col::Im2Col;
 
 /// Geometry of one convolution: kernel, stride and zero padding per axis (height, width).
@@ -111,6 +113,37 @@ impl Dims {
         let pos = (o * stride + tap) as isize - pad as isize;
         (pos >= 0 && (pos as usize) < len).then_some(pos as usize)
     }
+}
+
+/// `conv2d` with a bias for weights that never change (the inference form's folded layers): on
+/// the f32 CPU path the weights' prepared forms are made once and kept in `prepared`, and no
+/// autograd graph is recorded. Elsewhere it is `conv2d`.
+pub fn conv2d_inference(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    g: ConvGeometry,
+    prepared: &PreparedWeights,
+) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let o = weight.dim(0)?;
+    let f32_cpu = x.device().is_cpu()
+        && [x.dtype(), weight.dtype(), bias.dtype()] == [candle_core::DType::F32; 3];
+    if !f32_cpu || weight.dims4()? != (o, c, g.kernel.0, g.kernel.1) || bias.dims() != [o] {
+        return conv2d(x, weight, Some(bias), g);
+    }
+    let (oh, ow) = g.output_size(h, w)?;
+    let d = Dims {
+        b,
+        c,
+        h,
+        w,
+        oh,
+        ow,
+        g,
+    };
+    let (x, weight, bias) = (x.contiguous()?, weight.contiguous()?, bias.contiguous()?);
+    x.apply_op3_no_bwd(&weight, &bias, &FusedConvPrepared { d, prepared })
 }
 
 /// Cross-correlation of `x` [B, C, H, W] with `weight` [O, C, kh, kw] (PyTorch's Conv2d),

@@ -54,7 +54,7 @@ fn parse(value: Option<&str>) -> Result<Algorithm, String> {
 }
 
 /// `requested`, decided once. A misspelt value stops the process (`fer` checks it at start).
-fn algorithm() -> Algorithm {
+pub(super) fn algorithm() -> Algorithm {
     static ALGO: OnceLock<Algorithm> = OnceLock::new();
     *ALGO.get_or_init(|| requested().unwrap_or_else(|why| panic!("{why}")))
 }
@@ -111,13 +111,33 @@ const GROUP: usize = 16;
 /// `x` [B, C, H, W] correlated with the 3x3 weights, plus `bias` [O]: [B, O, H, W]. `o` is the
 /// number of output channels, `d.c` of input channels (both after any transposition).
 pub(super) fn conv3x3(x: &[f32], w: Weights, bias: Option<&[f32]>, o: usize, d: &Dims) -> Vec<f32> {
+    let mut packed = take_scratch(16 * PackedA::len(o, d.c));
+    transform_weights(w, o, d.c, &mut packed[..16 * PackedA::len(o, d.c)]);
+    let y = conv3x3_prepared(x, &packed, bias, o, d);
+    give_scratch(packed);
+    y
+}
+
+/// The forward weights [O, C, 3, 3] transformed for `conv3x3_prepared`: 16 packed matrices.
+pub(super) fn prepare(w: &[f32], o: usize, c: usize) -> Vec<f32> {
+    let mut u = vec![0f32; 16 * PackedA::len(o, c)];
+    transform_weights(Weights::Forward(w), o, c, &mut u);
+    u
+}
+
+/// `conv3x3` with the weights already transformed (`prepare`, or `transform_weights`).
+pub(super) fn conv3x3_prepared(
+    x: &[f32],
+    packed: &[f32],
+    bias: Option<&[f32]>,
+    o: usize,
+    d: &Dims,
+) -> Vec<f32> {
     let (b, c, h, wd) = (d.b, d.c, d.h, d.w);
     let (th, tw) = (h.div_ceil(2), wd.div_ceil(2));
     let tiles = b * th * tw;
-    // The 16 transformed weight matrices U_k [O, C], each straight in the GEMM's packed layout.
+    // The 16 transformed weight matrices U_k [O, C], each in the GEMM's packed layout.
     let len = PackedA::len(o, c);
-    let mut packed = take_scratch(16 * len);
-    transform_weights(w, o, c, &mut packed[..16 * len]);
     let u_k: Vec<PackedA> = packed[..16 * len]
         .chunks_exact(len)
         .map(|u| PackedA::from_packed(u, o, c))
@@ -172,9 +192,7 @@ pub(super) fn conv3x3(x: &[f32], w: Weights, bias: Option<&[f32]>, o: usize, d: 
         unsafe { output_transform(&m[..o * 16 * n], bias, o, &geom, t0, t1, y_ptr) };
         give_scratch(m);
     });
-    drop(u_k);
     give_scratch(padded);
-    give_scratch(packed);
     y
 }
 

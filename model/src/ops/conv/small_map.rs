@@ -1,0 +1,461 @@
+//! Stride-1 "same" convolutions on maps of at most 2 pixels along each axis the kernel spans
+//! (the 2x2 maps of layer4 and the DAN heads at 64 px): there every output pixel reaches every
+//! input pixel through exactly one tap, and the taps that fall into the zero padding (5 of 9 for
+//! a 3x3 kernel on 2x2) are never multiplied. The convolution is then one dense product over
+//! pixels: y[(p, o), (b, e)] = sum over (q, c) of w[o, c, tap(p, q)] x[(q, c), (b, e)], with p, q
+//! the pixels along the kernel's axes and e those along a 1-wide axis (a 1x3 kernel's rows),
+//! which act as more samples. A 3x3 kernel on a 2x2 map takes 16 multiplies per channel pair
+//! and sample instead of the direct GEMM's 36; a 1x3 on two columns 8 instead of 12. Same terms
+//! as the direct sums (zeros dropped), in another order. The weight and input gradients are the
+//! same product transposed.
+
+use rayon::prelude::*;
+
+use super::Dims;
+use crate::ops::gemm::{sgemm, sgemm_with, AOperand, BOperand, CLayout, MatRef, PanelSource, NR};
+use crate::ops::{give_scratch, take_scratch};
+
+/// The pixels of a map split into those along the kernel's axes (`p`, `q`) and along its 1-wide
+/// axes (`e`), and the tap joining each pair.
+#[derive(Debug, Clone)]
+struct Plan {
+    /// Pixels along the kernel's axes, and along the others.
+    pixels: usize,
+    rest: usize,
+    /// Map offset (y * W + x) of pixel p combined with rest position e: at[p * rest + e].
+    at: Vec<usize>,
+    /// Tap index (ky * kw + kx) joining output pixel p to input pixel q: tap[p * pixels + q].
+    tap: Vec<usize>,
+    taps: usize,
+}
+
+/// Whether `d` is a convolution this module computes: stride 1, each axis either 1-wide
+/// (kernel 1, padding 0) or 3-wide with padding 1 on a side of at most 2, and some axis 3-wide;
+/// unless `FER_CONV=direct` asks for the direct GEMM everywhere.
+pub(super) fn applies(d: &Dims) -> bool {
+    fits(d) && super::winograd::algorithm() != super::winograd::Algorithm::Direct
+}
+
+/// The geometry test of `applies`.
+fn fits(d: &Dims) -> bool {
+    let axis =
+        |k: usize, p: usize, side: usize| (k == 1 && p == 0) || (k == 3 && p == 1 && side <= 2);
+    let ((kh, kw), (ph, pw)) = (d.g.kernel, d.g.padding);
+    d.g.stride == (1, 1) && axis(kh, ph, d.h) && axis(kw, pw, d.w) && (kh == 3 || kw == 3)
+}
+
+impl Plan {
+    fn new(d: &Dims) -> Plan {
+        let (kh, kw) = d.g.kernel;
+        // Per axis: (positions along the kernel, positions as samples).
+        let (ny, ey) = if kh == 3 { (d.h, 1) } else { (1, d.h) };
+        let (nx, ex) = if kw == 3 { (d.w, 1) } else { (1, d.w) };
+        let (pixels, rest) = (ny * nx, ey * ex);
+        let mut at = Vec::with_capacity(pixels * rest);
+        for p in 0..pixels {
+            let (py, px) = (p / nx, p % nx);
+            for e in 0..rest {
+                let (ry, rx) = (e / ex, e % ex);
+                // One of py, ry is 0 (the axis is either the kernel's or a sample axis).
+                at.push((py + ry) * d.w + px + rx);
+            }
+        }
+        let mut tap = Vec::with_capacity(pixels * pixels);
+        for p in 0..pixels {
+            for q in 0..pixels {
+                let (ty, tx) = (q / nx + 1 - p / nx, q % nx + 1 - p % nx);
+                // A 1-wide axis has one tap (index 0); a 3-wide one the offset + 1.
+                let (ty, tx) = (if kh == 3 { ty } else { 0 }, if kw == 3 { tx } else { 0 });
+                tap.push(ty * kw + tx);
+            }
+        }
+        Plan {
+            pixels,
+            rest,
+            at,
+            tap,
+            taps: kh * kw,
+        }
+    }
+}
+
+/// x [B, C, H, W] as the matrix [(b, e), (q, c)] (row-major, pixels * C columns).
+fn gather(x: &[f32], c: usize, d: &Dims, plan: &Plan) -> Vec<f32> {
+    let (cols, hw) = (plan.pixels * c, d.h * d.w);
+    let mut out = take_scratch(d.b * plan.rest * cols);
+    out.truncate(d.b * plan.rest * cols);
+    out.par_chunks_mut(cols).enumerate().for_each(|(row, dst)| {
+        let (b, e) = (row / plan.rest, row % plan.rest);
+        for (q, dq) in dst.chunks_exact_mut(c).enumerate() {
+            let at = plan.at[q * plan.rest + e];
+            for (ci, v) in dq.iter_mut().enumerate() {
+                *v = x[(b * c + ci) * hw + at];
+            }
+        }
+    });
+    out
+}
+
+/// The matrix [(b, e), (p, o)] back to [B, O, H, W] (+ bias).
+fn scatter(m: &[f32], o: usize, bias: Option<&[f32]>, d: &Dims, plan: &Plan) -> Vec<f32> {
+    let (cols, hw) = (plan.pixels * o, d.h * d.w);
+    let mut y = vec![0f32; d.b * o * hw];
+    y.par_chunks_mut(o * hw).enumerate().for_each(|(b, yb)| {
+        for e in 0..plan.rest {
+            let src = &m[(b * plan.rest + e) * cols..][..cols];
+            for (p, sp) in src.chunks_exact(o).enumerate() {
+                let at = plan.at[p * plan.rest + e];
+                for (oc, v) in sp.iter().enumerate() {
+                    yb[oc * hw + at] = v + bias.map_or(0.0, |bs| bs[oc]);
+                }
+            }
+        }
+    });
+    y
+}
+
+/// The weights tap by tap, w [O, C, kh, kw] as [taps][depth][cols]: (depth, cols) = (C, O) for the
+/// forward's product, (O, C) for the input gradient's. A row of either dense product's right
+/// operand is then a run of contiguous pieces.
+fn tap_major(w: &[f32], o: usize, c: usize, taps: usize, forward: bool) -> Vec<f32> {
+    let mut wt = take_scratch(taps * o * c);
+    wt.truncate(taps * o * c);
+    let (depth, cols) = if forward { (c, o) } else { (o, c) };
+    wt.par_chunks_mut(depth * cols)
+        .enumerate()
+        .for_each(|(tap, dst)| {
+            for (k, row) in dst.chunks_exact_mut(cols).enumerate() {
+                for (j, v) in row.iter_mut().enumerate() {
+                    let (oc, ci) = if forward { (j, k) } else { (k, j) };
+                    *v = w[(oc * c + ci) * taps + tap];
+                }
+            }
+        });
+    wt
+}
+
+/// The dense weight matrix as the right operand, packed from the tap-major `wt`: depth (q, k),
+/// columns (p, j), element wt[tap][k][j]. Forward: depth is the input pixel and channel, columns
+/// the output's, tap joining output pixel p to input pixel q; input gradient: depth is the output
+/// pixel and channel, columns the input's.
+struct DenseWeights<'a> {
+    wt: &'a [f32],
+    depth: usize,
+    cols: usize,
+    plan: &'a Plan,
+    forward: bool,
+}
+
+impl DenseWeights<'_> {
+    /// The tap joining depth pixel q and column pixel p.
+    #[inline(always)]
+    fn tap(&self, q: usize, p: usize) -> usize {
+        let px = self.plan.pixels;
+        if self.forward {
+            self.plan.tap[p * px + q]
+        } else {
+            self.plan.tap[q * px + p]
+        }
+    }
+}
+
+impl PanelSource for DenseWeights<'_> {
+    fn pack(&self, j0: usize, j1: usize, pc: usize, kc: usize, strip: &mut [f32]) {
+        for (panel, jp) in (j0..j1).step_by(NR).enumerate() {
+            let dst = &mut strip[panel * NR * kc..][..NR * kc];
+            let width = NR.min(j1 - jp);
+            let (p, r0) = (jp / self.cols, jp % self.cols);
+            // The panel's columns are one pixel's consecutive channels: one run per depth row.
+            let run = width == NR && r0 + NR <= self.cols;
+            for (u, row) in dst.chunks_exact_mut(NR).enumerate() {
+                let (q, k) = ((pc + u) / self.depth, (pc + u) % self.depth);
+                if run {
+                    let at = (self.tap(q, p) * self.depth + k) * self.cols + r0;
+                    row.copy_from_slice(&self.wt[at..][..NR]);
+                } else {
+                    for (t, v) in row.iter_mut().enumerate() {
+                        let j = jp + t;
+                        *v = if j < j1 {
+                            let (p, r) = (j / self.cols, j % self.cols);
+                            self.wt[(self.tap(q, p) * self.depth + k) * self.cols + r]
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `input` [B, depth, H, W] through the dense product with the weights: [B, cols, H, W] (+ bias).
+/// `wt`: the weights as `tap_major` lays them out for this direction.
+fn dense_product(
+    input: &[f32],
+    wt: &[f32],
+    (o, c): (usize, usize),
+    forward: bool,
+    bias: Option<&[f32]>,
+    d: &Dims,
+) -> Vec<f32> {
+    let plan = Plan::new(d);
+    let (depth, cols) = if forward { (c, o) } else { (o, c) };
+    let a = gather(input, depth, d, &plan);
+    let (m, n, k) = (d.b * plan.rest, plan.pixels * cols, plan.pixels * depth);
+    let b = DenseWeights {
+        wt: &wt,
+        depth,
+        cols,
+        plan: &plan,
+        forward,
+    };
+    let mut out = take_scratch(m * n);
+    let a_op = AOperand::Mat(MatRef {
+        data: &a,
+        rs: k,
+        cs: 1,
+    });
+    sgemm_with(
+        m,
+        n,
+        k,
+        a_op,
+        BOperand::Packed(&b),
+        &mut out,
+        CLayout::rows(n),
+        false,
+    );
+    give_scratch(a);
+    let y = scatter(&out[..m * n], cols, bias, d, &plan);
+    give_scratch(out);
+    y
+}
+
+/// y = x ⋆ w (+ bias): [B, O, H, W].
+pub(super) fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, o: usize, d: &Dims) -> Vec<f32> {
+    let wt = prepare(w, o, d);
+    let y = forward_prepared(x, &wt, bias, o, d);
+    give_scratch(wt);
+    y
+}
+
+/// The forward weights [O, C, kh, kw] laid out for `forward_prepared`.
+pub(super) fn prepare(w: &[f32], o: usize, d: &Dims) -> Vec<f32> {
+    tap_major(w, o, d.c, d.g.kernel.0 * d.g.kernel.1, true)
+}
+
+/// `forward` with the weights already laid out by `prepare`.
+pub(super) fn forward_prepared(
+    x: &[f32],
+    wt: &[f32],
+    bias: Option<&[f32]>,
+    o: usize,
+    d: &Dims,
+) -> Vec<f32> {
+    dense_product(x, wt, (o, d.c), true, bias, d)
+}
+
+/// dx [B, C, H, W] from dy [B, O, H, W]: the dense product transposed.
+pub(super) fn input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) -> Vec<f32> {
+    let wt = tap_major(w, o, d.c, d.g.kernel.0 * d.g.kernel.1, false);
+    let dx = dense_product(dy, &wt, (o, d.c), false, None, d);
+    give_scratch(wt);
+    dx
+}
+
+/// dw [O, C, kh, kw] from x and dy: the dense gradient [(p, o), (q, c)] = dyᵀ x over the
+/// [(b, e), pixel-channel] matrices, each pair's entry added to the tap joining it.
+pub(super) fn weight_gradient(x: &[f32], dy: &[f32], o: usize, d: &Dims) -> Vec<f32> {
+    let plan = Plan::new(d);
+    let (xm, dym) = (gather(x, d.c, d, &plan), gather(dy, o, d, &plan));
+    let (m, n, k) = (plan.pixels * o, plan.pixels * d.c, d.b * plan.rest);
+    let mut dense = take_scratch(m * n);
+    let dyt = MatRef {
+        data: &dym,
+        rs: 1,
+        cs: m,
+    };
+    let x_op = MatRef {
+        data: &xm,
+        rs: n,
+        cs: 1,
+    };
+    sgemm(m, n, k, dyt, x_op, &mut dense, n, false);
+    let (c, px, taps) = (d.c, plan.pixels, plan.taps);
+    let mut dw = vec![0f32; o * c * taps];
+    dw.par_chunks_mut(c * taps)
+        .enumerate()
+        .for_each(|(oc, row)| {
+            for p in 0..px {
+                for q in 0..px {
+                    let tap = plan.tap[p * px + q];
+                    let src = &dense[(p * o + oc) * n + q * c..][..c];
+                    for (ci, v) in src.iter().enumerate() {
+                        row[ci * taps + tap] += v;
+                    }
+                }
+            }
+        });
+    give_scratch(xm);
+    give_scratch(dym);
+    give_scratch(dense);
+    dw
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::conv::ConvGeometry;
+
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// (batch, in, out, h, w, kernel, padding): 3x3 on 2x2, 2x1, 1x2 and 1x1 maps, 1x3 and 3x1
+    /// on 2x2 and on wider sample axes, channels past a packed panel and a depth block.
+    const CASES: [(
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        (usize, usize),
+        (usize, usize),
+    ); 7] = [
+        (3, 5, 7, 2, 2, (3, 3), (1, 1)),
+        (2, 70, 13, 2, 1, (3, 3), (1, 1)),
+        (2, 3, 4, 1, 2, (3, 3), (1, 1)),
+        (4, 9, 8, 1, 1, (3, 3), (1, 1)),
+        (3, 6, 5, 2, 2, (1, 3), (0, 1)),
+        (2, 4, 7, 2, 5, (3, 1), (1, 0)),
+        (2, 300, 11, 2, 2, (3, 3), (1, 1)),
+    ];
+
+    /// y[b, o, p, q] = bias + sum x[b, c, p + ky - ph, q + kx - pw] w[o, c, ky, kx], in f64;
+    /// and the two gradients of sum(y * dy).
+    #[allow(clippy::type_complexity)]
+    fn reference(
+        x: &[f32],
+        w: &[f32],
+        dy: &[f32],
+        (b, c, o, h, wd, (kh, kw), (ph, pw)): (
+            usize,
+            usize,
+            usize,
+            usize,
+            usize,
+            (usize, usize),
+            (usize, usize),
+        ),
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (mut y, mut dx, mut dw) = (
+            vec![0f64; b * o * h * wd],
+            vec![0f64; b * c * h * wd],
+            vec![0f64; o * c * kh * kw],
+        );
+        for bi in 0..b {
+            for oc in 0..o {
+                for p in 0..h {
+                    for q in 0..wd {
+                        let yi = ((bi * o + oc) * h + p) * wd + q;
+                        for ci in 0..c {
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let (yy, xx) = (
+                                        (p + ky) as isize - ph as isize,
+                                        (q + kx) as isize - pw as isize,
+                                    );
+                                    if yy < 0 || xx < 0 || yy >= h as isize || xx >= wd as isize {
+                                        continue;
+                                    }
+                                    let xi = ((bi * c + ci) * h + yy as usize) * wd + xx as usize;
+                                    let wi = ((oc * c + ci) * kh + ky) * kw + kx;
+                                    y[yi] += x[xi] as f64 * w[wi] as f64;
+                                    dx[xi] += dy[yi] as f64 * w[wi] as f64;
+                                    dw[wi] += dy[yi] as f64 * x[xi] as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        (y, dx, dw)
+    }
+
+    fn worst(got: &[f32], want: &[f64]) -> f64 {
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+        got.iter()
+            .zip(want)
+            .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()))
+            / scale
+    }
+
+    #[test]
+    fn forward_and_gradients_match_the_definition() {
+        for (i, &case) in CASES.iter().enumerate() {
+            let (b, c, o, h, w, k, p) = case;
+            let d = Dims {
+                b,
+                c,
+                h,
+                w,
+                oh: h,
+                ow: w,
+                g: ConvGeometry::new(k, (1, 1), p),
+            };
+            assert!(fits(&d), "case {i} {case:?} should be a small map");
+            let x = values(b * c * h * w, 1 + i as u64);
+            let wt = values(o * c * k.0 * k.1, 100 + i as u64);
+            let dy = values(b * o * h * w, 200 + i as u64);
+            let (y, dx, dw) = reference(&x, &wt, &dy, case);
+            let checks = [
+                ("forward", worst(&forward(&x, &wt, None, o, &d), &y)),
+                (
+                    "input gradient",
+                    worst(&input_gradient(&dy, &wt, o, &d), &dx),
+                ),
+                (
+                    "weight gradient",
+                    worst(&weight_gradient(&x, &dy, o, &d), &dw),
+                ),
+            ];
+            for (what, err) in checks {
+                assert!(
+                    err < 2e-6,
+                    "case {i} {case:?}: {what} relative error {err:e}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn larger_maps_and_strides_are_left_to_the_gemm() {
+        let d = |h: usize, w: usize, k, s, p| Dims {
+            b: 1,
+            c: 1,
+            h,
+            w,
+            oh: h,
+            ow: w,
+            g: ConvGeometry::new(k, s, p),
+        };
+        assert!(!fits(&d(3, 2, (3, 3), (1, 1), (1, 1))), "3 rows");
+        assert!(!fits(&d(2, 2, (3, 3), (2, 2), (1, 1))), "stride 2");
+        assert!(
+            !fits(&d(2, 2, (1, 1), (1, 1), (0, 0))),
+            "1x1: nothing to skip"
+        );
+        assert!(!fits(&d(2, 2, (3, 3), (1, 1), (0, 0))), "no padding");
+        assert!(fits(&d(4, 2, (1, 3), (1, 1), (0, 1))), "1x3 on rows of 2");
+    }
+}
