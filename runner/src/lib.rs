@@ -95,7 +95,7 @@ pub enum Command {
 pub fn run(command: Command) -> anyhow::Result<()> {
     // Checked before any kernel runs (the kernels would stop the process on it).
     fer_model::ops::isa::requested().map_err(anyhow::Error::msg)?;
-    fer_model::ops::conv::winograd_requested().map_err(anyhow::Error::msg)?;
+    fer_model::ops::conv::conv_algorithm_requested().map_err(anyhow::Error::msg)?;
     match command {
         Command::Train(args) => train_cmd::run(args),
         Command::Inspect { path } => inspect_cmd::inspect(&path),

@@ -136,6 +136,18 @@ fn bad_arguments_and_files_are_clear_errors() {
         err.contains("FER_ISA=\"avx\"") && err.contains("baseline, avx2 or avx512"),
         "{err}"
     );
+    // So is a misspelt convolution algorithm.
+    let o = fer()
+        .args(["runs", "--db", "/nonexistent/fer.db"])
+        .env("FER_CONV", "winogard")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("FER_CONV=\"winogard\"") && err.contains("auto, winograd or direct"),
+        "{err}"
+    );
 }
 
 #[test]

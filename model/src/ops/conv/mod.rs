@@ -19,7 +19,7 @@ mod packing;
 mod small_map;
 mod winograd;
 
-pub use winograd::{requested as winograd_requested, Algorithm as WinogradUse};
+pub use winograd::{requested as conv_algorithm_requested, Algorithm as ConvAlgorithm};
 
 use candle_core::{Result, Tensor};
 
