@@ -1,8 +1,9 @@
 //! Forward-convolution throughput per ResNet-18 layer and DAN head convolution (inference shapes), to see which layers
 //! fall short of the GEMM's rate: `cargo run --release -p fer-model --example conv_probe -- [SIZE
-//! BATCH [LAYER]]` (default 64 px, batch 64; LAYER: only the layers whose name contains it).
+//! BATCH [LAYER [prepared]]]` (default 64 px, batch 64; LAYER: only the layers whose name contains
+//! it, "" for all; `prepared`: the inference form's convolution, weights' transformed forms kept).
 use candle_core::{Device, Tensor};
-use fer_model::ops::{conv2d, ConvGeometry};
+use fer_model::ops::{conv2d, conv2d_inference, ConvGeometry, PreparedWeights};
 use std::time::Instant;
 
 fn main() -> candle_core::Result<()> {
@@ -32,8 +33,10 @@ fn main() -> candle_core::Result<()> {
         ("head 1x3", 256, 512, (1, 3), 1, (0, 1), f),
         ("head 3x1", 256, 512, (3, 1), 1, (1, 0), f),
     ];
-    // A third argument keeps only the layers whose name contains it (for a profiler).
-    let only = std::env::args().nth(3);
+    // A third argument keeps only the layers whose name contains it (for a profiler); a fourth,
+    // `prepared`, runs the inference form's convolution (weights' transformed forms kept).
+    let only = std::env::args().nth(3).filter(|f| !f.is_empty());
+    let prepared = std::env::args().nth(4).is_some_and(|a| a == "prepared");
     let dev = Device::Cpu;
     for (name, c, o, (kh, kw), st, pad, side) in layers {
         if only.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
@@ -42,14 +45,23 @@ fn main() -> candle_core::Result<()> {
         let x = Tensor::randn(0f32, 1.0, (batch, c, side, side), &dev)?;
         let w = Tensor::randn(0f32, 0.1, (o, c, kh, kw), &dev)?;
         let g = ConvGeometry::new((kh, kw), (st, st), pad);
-        let out = conv2d(&x, &w, None, g)?;
+        let bias = Tensor::zeros(o, candle_core::DType::F32, &dev)?;
+        let kept = PreparedWeights::default();
+        let conv = |x: &Tensor| {
+            if prepared {
+                conv2d_inference(x, &w, &bias, g, &kept)
+            } else {
+                conv2d(x, &w, None, g)
+            }
+        };
+        let out = conv(&x)?;
         let (oh, ow) = (out.dim(2)?, out.dim(3)?);
         let flops = 2.0 * (batch * o * oh * ow * c * kh * kw) as f64;
         let best = (0..5)
             .map(|_| {
                 let t = Instant::now();
                 for _ in 0..3 {
-                    std::hint::black_box(conv2d(&x, &w, None, g).unwrap());
+                    std::hint::black_box(conv(&x).unwrap());
                 }
                 t.elapsed().as_secs_f64() / 3.0
             })

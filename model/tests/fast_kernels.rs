@@ -99,6 +99,34 @@ fn winograd_sized_conv_matches_the_float64_reference() {
 }
 
 #[test]
+fn the_inference_convolution_keeps_its_weights_forms_and_matches_conv2d() {
+    use fer_model::ops::{conv2d_inference, PreparedWeights};
+    // A 3x3 on 4x4 maps (Winograd with kept weights on AVX-512: 2 x 4 tiles), a 3x3 and a 1x3 on
+    // 2x2 maps (the dense small-map product), a strided 3x3 (the direct GEMM).
+    let cases = [
+        ([2, 24, 4, 4], (3, 3), (1, 1), (1, 1)),
+        ([3, 16, 2, 2], (3, 3), (1, 1), (1, 1)),
+        ([3, 16, 2, 2], (1, 3), (1, 1), (0, 1)),
+        ([2, 8, 7, 6], (3, 3), (2, 2), (1, 1)),
+    ];
+    for (i, (shape, k, s, p)) in cases.into_iter().enumerate() {
+        let f32 = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+        let x = f32(rand_tensor(&shape, 80 + i as u64));
+        let w = f32(rand_tensor(&[20, shape[1], k.0, k.1], 90 + i as u64));
+        let b = f32(rand_tensor(&[20], 100 + i as u64));
+        let g = ConvGeometry::new(k, s, p);
+        let want = flat(&conv2d(&x, &w, Some(&b), g).unwrap());
+        let kept = PreparedWeights::default();
+        let first = flat(&conv2d_inference(&x, &w, &b, g, &kept).unwrap());
+        let again = flat(&conv2d_inference(&x, &w, &b, g, &kept).unwrap());
+        assert_eq!(first, again, "case {i}: the kept forms changed the result");
+        let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+        let diff = first.iter().zip(&want).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        assert!(diff / scale < 1e-5, "case {i}: {:e}", diff / scale);
+    }
+}
+
+#[test]
 fn fused_conv_gives_no_gradient_to_an_input_that_does_not_need_one() {
     let x = rand_tensor(&[2, 3, 8, 8], 1).to_dtype(DType::F32).unwrap(); // a plain tensor
     let w = Var::from_tensor(&rand_tensor(&[4, 3, 3, 3], 2).to_dtype(DType::F32).unwrap()).unwrap();

@@ -140,7 +140,7 @@ pub(super) fn stride1_input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) 
         ow: d.w,
         g: ConvGeometry::new(d.g.kernel, (1, 1), (kh - 1 - ph, kw - 1 - pw)),
     };
-    if winograd::applies(&back) {
+    if winograd::applies(&back, false) {
         let wt = winograd::Weights::InputGradient(w);
         return timed(Slot::ConvGemmInputGradient, || {
             winograd::conv3x3(dy, wt, None, d.c, &back)
@@ -298,7 +298,7 @@ impl FusedConv {
             });
             return Ok((CpuStorage::F32(y), shape));
         }
-        if winograd::applies(d) {
+        if winograd::applies(d, prepared.is_some()) {
             let y = match prepared {
                 Some(p) => {
                     let u = p.winograd.get_or_init(|| winograd::prepare(w, o, d.c));

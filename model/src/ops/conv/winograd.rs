@@ -24,8 +24,8 @@ use crate::ops::{give_scratch, take_scratch};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Algorithm {
     /// Winograd where it was measured faster (`auto`, the default): with the AVX-512 transforms,
-    /// and at least MIN_TILES tiles (smaller maps: the transformed weights, 16/9 the size of the
-    /// weights and rebuilt per call, cost more than the multiplies saved).
+    /// and at least MIN_TILES tiles, or MIN_TILES_PREPARED when the transformed weights are kept
+    /// (with fewer tiles, transforming the weights at every call costs more than it saves).
     Auto,
     /// Winograd for every such convolution (`winograd`).
     Winograd,
@@ -59,10 +59,15 @@ pub(super) fn algorithm() -> Algorithm {
     *ALGO.get_or_init(|| requested().unwrap_or_else(|why| panic!("{why}")))
 }
 
-/// Fewest tiles (2x2 output blocks over the batch) for which `Auto` picks Winograd. Measured on
-/// the 2-core Zen 4 machine (`conv_probe`, docs/cpu-kernels.md): 256 tiles already win 1.3-1.7x
-/// at 256 channels and break even at 512; 64 tiles lose ~1.5x.
+/// Fewest tiles (2x2 output blocks over the batch) for which `Auto` picks Winograd when the
+/// weights are transformed at every call. Measured on the 2-core Zen 4 machine (`conv_probe`,
+/// docs/cpu-kernels.md): 256 tiles already win 1.3-1.7x at 256 channels and break even at 512;
+/// 64 tiles lose ~1.5x.
 const MIN_TILES: usize = 192;
+
+/// The same when the transformed weights are kept (`PreparedWeights`, the inference form): then
+/// even 8 tiles win (`conv_probe -- 128 2 "" prepared`: layer4 3x3 1.19 / 1.42 -> 0.98 / 1.16 ms).
+const MIN_TILES_PREPARED: usize = 8;
 
 /// Whether the weight gradient of geometry `d` is computed here: only when `FER_CONV=winograd`
 /// forces it. With `auto` the direct GEMM computes it: `weight_gradient` measured no faster in a
@@ -77,16 +82,22 @@ fn geometry_fits(d: &Dims) -> bool {
     d.g.kernel == (3, 3) && d.g.stride == (1, 1) && d.g.padding == (1, 1)
 }
 
-/// Whether the convolution of geometry `d` (forward, or the input gradient's) is computed here.
-pub(super) fn applies(d: &Dims) -> bool {
+/// Whether the convolution of geometry `d` (forward, or the input gradient's) is computed here;
+/// `prepared`: its transformed weights are kept from call to call.
+pub(super) fn applies(d: &Dims, prepared: bool) -> bool {
     if !geometry_fits(d) {
         return false;
     }
+    let min_tiles = if prepared {
+        MIN_TILES_PREPARED
+    } else {
+        MIN_TILES
+    };
     match algorithm() {
         Algorithm::Direct => false,
         Algorithm::Winograd => true,
         Algorithm::Auto => {
-            crate::ops::isa::avx512() && d.b * d.h.div_ceil(2) * d.w.div_ceil(2) >= MIN_TILES
+            crate::ops::isa::avx512() && d.b * d.h.div_ceil(2) * d.w.div_ceil(2) >= min_tiles
         }
     }
 }
@@ -136,6 +147,9 @@ pub(super) fn conv3x3_prepared(
     let (b, c, h, wd) = (d.b, d.c, d.h, d.w);
     let (th, tw) = (h.div_ceil(2), wd.div_ceil(2));
     let tiles = b * th * tw;
+    if tiles < FEW_TILES {
+        return conv3x3_few_tiles(x, packed, bias, o, d);
+    }
     // The 16 transformed weight matrices U_k [O, C], each in the GEMM's packed layout.
     let len = PackedA::len(o, c);
     let u_k: Vec<PackedA> = packed[..16 * len]
@@ -303,6 +317,89 @@ fn gradient_transform_channel(yp: &[f32], g: &Geometry, oc: usize, tiles: usize,
             }
         }
     });
+}
+
+/// Below this many tiles `conv3x3_prepared` splits the 16 products between the threads instead of
+/// the tiles: chunks of a few tiles would each stream all 16 transformed weight matrices.
+const FEW_TILES: usize = 256;
+
+/// `conv3x3_prepared` for few tiles: the input transform of every tile first, then one thread per
+/// product M_k = U_k V_k (each U_k read once), then the output transform per output channel.
+fn conv3x3_few_tiles(
+    x: &[f32],
+    packed: &[f32],
+    bias: Option<&[f32]>,
+    o: usize,
+    d: &Dims,
+) -> Vec<f32> {
+    let (b, c, h, wd) = (d.b, d.c, d.h, d.w);
+    let (th, tw) = (h.div_ceil(2), wd.div_ceil(2));
+    let t = b * th * tw;
+    let geom = Geometry {
+        c,
+        h,
+        w: wd,
+        th,
+        tw,
+    };
+    let padded_len = b * c * geom.padded_plane();
+    let mut padded = take_scratch(padded_len);
+    pad_input(x, &geom, &mut padded[..padded_len]);
+    let xp = &padded[..padded_len];
+    // V [C][16][T].
+    let mut v = take_scratch(c * 16 * t);
+    v[..c * 16 * t]
+        .par_chunks_mut(16 * t)
+        .enumerate()
+        .for_each(|(ci, vc)| input_transform_channel(xp, &geom, ci, 0, t, vc));
+    // M [16][O][T]: product k is one task's contiguous block.
+    let len = PackedA::len(o, c);
+    let mut m = take_scratch(16 * o * t);
+    m[..16 * o * t]
+        .par_chunks_mut(o * t)
+        .enumerate()
+        .for_each(|(k, mk)| {
+            let u = PackedA::from_packed(&packed[k * len..][..len], o, c);
+            let vk = MatRef {
+                data: &v[k * t..],
+                rs: 16 * t,
+                cs: 1,
+            };
+            sgemm_serial(o, t, c, AOperand::Prepacked(u), vk, mk, t, false);
+        });
+    give_scratch(v);
+    give_scratch(padded);
+    let mut y = vec![0f32; b * o * h * wd];
+    let y_ptr = SendPtr(y.as_mut_ptr());
+    let m_all = &m[..16 * o * t];
+    (0..o).into_par_iter().for_each(|oc| {
+        // Channel oc's 16 rows lie o * T apart.
+        let mo = &m_all[oc * t..];
+        let bias = bias.map_or(0.0, |bs| bs[oc]);
+        geom.for_each_run(0, t, |at, bi, ty, tx0, run| {
+            let (y0, x0) = (2 * ty, 2 * tx0);
+            let width = (2 * run).min(wd - x0);
+            let rows = 2.min(h - y0);
+            let at_y = (bi * o + oc) * h * wd + y0 * wd + x0;
+            // SAFETY: plane (bi, oc) is written by this task only (one task per output channel)
+            // and these rows and columns are inside it.
+            unsafe {
+                untile(
+                    mo,
+                    o * t,
+                    at,
+                    run,
+                    bias,
+                    y_ptr.get().add(at_y),
+                    wd,
+                    rows,
+                    width,
+                )
+            };
+        });
+    });
+    give_scratch(m);
+    y
 }
 
 /// Channels, map size and tiles per column and row of one convolution.
