@@ -121,7 +121,10 @@ fn the_inference_convolution_keeps_its_weights_forms_and_matches_conv2d() {
         let again = flat(&conv2d_inference(&x, &w, &b, g, &kept).unwrap());
         assert_eq!(first, again, "case {i}: the kept forms changed the result");
         let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
-        let diff = first.iter().zip(&want).fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+        let diff = first
+            .iter()
+            .zip(&want)
+            .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
         assert!(diff / scale < 1e-5, "case {i}: {:e}", diff / scale);
     }
 }

@@ -203,7 +203,7 @@ fn dense_product(
     let a = gather(input, depth, d, &plan);
     let (m, n, k) = (d.b * plan.rest, plan.pixels * cols, plan.pixels * depth);
     let b = DenseWeights {
-        wt: &wt,
+        wt,
         depth,
         cols,
         plan: &plan,
@@ -319,17 +319,20 @@ mod tests {
             .collect()
     }
 
-    /// (batch, in, out, h, w, kernel, padding): 3x3 on 2x2, 2x1, 1x2 and 1x1 maps, 1x3 and 3x1
+    /// Batch, input and output channels, height, width, kernel, padding.
+    type Case = (
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        (usize, usize),
+        (usize, usize),
+    );
+
+    /// 3x3 on 2x2, 2x1, 1x2 and 1x1 maps, 1x3 and 3x1
     /// on 2x2 and on wider sample axes, channels past a packed panel and a depth block.
-    const CASES: [(
-        usize,
-        usize,
-        usize,
-        usize,
-        usize,
-        (usize, usize),
-        (usize, usize),
-    ); 7] = [
+    const CASES: [Case; 7] = [
         (3, 5, 7, 2, 2, (3, 3), (1, 1)),
         (2, 70, 13, 2, 1, (3, 3), (1, 1)),
         (2, 3, 4, 1, 2, (3, 3), (1, 1)),
@@ -339,22 +342,14 @@ mod tests {
         (2, 300, 11, 2, 2, (3, 3), (1, 1)),
     ];
 
-    /// y[b, o, p, q] = bias + sum x[b, c, p + ky - ph, q + kx - pw] w[o, c, ky, kx], in f64;
-    /// and the two gradients of sum(y * dy).
+    /// y[b, o, p, q] = sum x[b, c, p + ky - ph, q + kx - pw] w[o, c, ky, kx], in f64; and the
+    /// two gradients of sum(y * dy).
     #[allow(clippy::type_complexity)]
     fn reference(
         x: &[f32],
         w: &[f32],
         dy: &[f32],
-        (b, c, o, h, wd, (kh, kw), (ph, pw)): (
-            usize,
-            usize,
-            usize,
-            usize,
-            usize,
-            (usize, usize),
-            (usize, usize),
-        ),
+        (b, c, o, h, wd, (kh, kw), (ph, pw)): Case,
     ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
         let (mut y, mut dx, mut dw) = (
             vec![0f64; b * o * h * wd],
