@@ -6,11 +6,12 @@
 //! channels by 16 GEMMs, and the result transformed back (Y = Aᵀ M A). Same sums, rounded
 //! differently (the transforms add and subtract a few values first); the fixtures still pass at
 //! float32 tolerance. PyTorch's CPU backend (oneDNN) computes these convolutions directly.
-//! `FER_CONV=direct` turns this off (ARCHITECTURE.md, "Winograd convolutions").
+//! `FER_CONV` picks where it is used (ARCHITECTURE.md, "Winograd and small-map convolutions").
 //!
 //! Work is done in chunks of tiles, one thread each: the chunk's transformed input, its 16
 //! products and their transform back stay in the thread's L2 instead of streaming ~4x the input
-//! and ~4x the output through memory between passes.
+//! and ~4x the output through memory between passes. With few tiles the 16 products are split
+//! between the threads instead, so each transformed weight matrix is read once.
 
 use std::sync::OnceLock;
 
