@@ -341,6 +341,8 @@ fn train_setting(
         "threads": rayon::current_num_threads(),
         "device": format!("{device:?}"),
         "isa": fer_model::ops::isa::active().name(),
+        // `fer` refused a misspelt FER_CONV at start, so this is the algorithm in force.
+        "conv": fer_model::ops::conv::conv_algorithm_requested().map_or("?", |a| a.name()),
         "cpu": machine.cpu,
     });
     if let Some(r) = reference {

@@ -34,6 +34,17 @@ pub enum Algorithm {
     Direct,
 }
 
+impl Algorithm {
+    /// Its `FER_CONV` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Auto => "auto",
+            Algorithm::Winograd => "winograd",
+            Algorithm::Direct => "direct",
+        }
+    }
+}
+
 /// The algorithm `FER_CONV` asks for (unset: `Auto`), or why its value is not one.
 pub fn requested() -> Result<Algorithm, String> {
     parse(std::env::var("FER_CONV").ok().as_deref())
