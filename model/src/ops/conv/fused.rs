@@ -343,12 +343,11 @@ impl FusedConv {
         let g = contiguous(gv, gl, "conv2d")?;
         let xv = contiguous(xv, xl, "conv2d")?;
         let wv = contiguous(wv, wl, "conv2d")?;
+        // The small-map product computes the input gradient but not the weight gradient: written
+        // as the dense [pixels x O, pixels x C] product from a batch-deep sum, that was slower than
+        // the direct GEMM (docs/cpu-kernels.md, "Small maps").
         let small = small_map::applies(d);
-        let dw = if small {
-            timed(Slot::ConvGemmWeightGradient, || {
-                small_map::weight_gradient(xv, g, o, d)
-            })
-        } else if winograd::applies_to_weight_gradient(d) {
+        let dw = if winograd::applies_to_weight_gradient(d) {
             timed(Slot::ConvGemmWeightGradient, || {
                 winograd::weight_gradient(xv, g, o, d)
             })

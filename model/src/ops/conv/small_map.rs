@@ -6,13 +6,13 @@
 //! the pixels along the kernel's axes and e those along a 1-wide axis (a 1x3 kernel's rows),
 //! which act as more samples. A 3x3 kernel on a 2x2 map takes 16 multiplies per channel pair
 //! and sample instead of the direct GEMM's 36; a 1x3 on two columns 8 instead of 12. Same terms
-//! as the direct sums (zeros dropped), in another order. The weight and input gradients are the
-//! same product transposed.
+//! as the direct sums (zeros dropped), in another order. The input gradient is the same product
+//! transposed; the weight gradient is left to the direct GEMM (faster there, see fused.rs).
 
 use rayon::prelude::*;
 
 use super::Dims;
-use crate::ops::gemm::{sgemm, sgemm_with, AOperand, BOperand, CLayout, MatRef, PanelSource, NR};
+use crate::ops::gemm::{sgemm_with, AOperand, BOperand, CLayout, MatRef, PanelSource, NR};
 use crate::ops::{give_scratch, take_scratch};
 
 /// The pixels of a map split into those along the kernel's axes (`p`, `q`) and along its 1-wide
@@ -26,7 +26,6 @@ struct Plan {
     at: Vec<usize>,
     /// Tap index (ky * kw + kx) joining output pixel p to input pixel q: tap[p * pixels + q].
     tap: Vec<usize>,
-    taps: usize,
 }
 
 /// Whether `d` is a convolution this module computes: stride 1, each axis either 1-wide
@@ -74,7 +73,6 @@ impl Plan {
             rest,
             at,
             tap,
-            taps: kh * kw,
         }
     }
 }
@@ -263,45 +261,6 @@ pub(super) fn input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) -> Vec<f
     dx
 }
 
-/// dw [O, C, kh, kw] from x and dy: the dense gradient [(p, o), (q, c)] = dyᵀ x over the
-/// [(b, e), pixel-channel] matrices, each pair's entry added to the tap joining it.
-pub(super) fn weight_gradient(x: &[f32], dy: &[f32], o: usize, d: &Dims) -> Vec<f32> {
-    let plan = Plan::new(d);
-    let (xm, dym) = (gather(x, d.c, d, &plan), gather(dy, o, d, &plan));
-    let (m, n, k) = (plan.pixels * o, plan.pixels * d.c, d.b * plan.rest);
-    let mut dense = take_scratch(m * n);
-    let dyt = MatRef {
-        data: &dym,
-        rs: 1,
-        cs: m,
-    };
-    let x_op = MatRef {
-        data: &xm,
-        rs: n,
-        cs: 1,
-    };
-    sgemm(m, n, k, dyt, x_op, &mut dense, n, false);
-    let (c, px, taps) = (d.c, plan.pixels, plan.taps);
-    let mut dw = vec![0f32; o * c * taps];
-    dw.par_chunks_mut(c * taps)
-        .enumerate()
-        .for_each(|(oc, row)| {
-            for p in 0..px {
-                for q in 0..px {
-                    let tap = plan.tap[p * px + q];
-                    let src = &dense[(p * o + oc) * n + q * c..][..c];
-                    for (ci, v) in src.iter().enumerate() {
-                        row[ci * taps + tap] += v;
-                    }
-                }
-            }
-        });
-    give_scratch(xm);
-    give_scratch(dym);
-    give_scratch(dense);
-    dw
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -343,19 +302,14 @@ mod tests {
     ];
 
     /// y[b, o, p, q] = sum x[b, c, p + ky - ph, q + kx - pw] w[o, c, ky, kx], in f64; and the
-    /// two gradients of sum(y * dy).
-    #[allow(clippy::type_complexity)]
+    /// input gradient of sum(y * dy).
     fn reference(
         x: &[f32],
         w: &[f32],
         dy: &[f32],
         (b, c, o, h, wd, (kh, kw), (ph, pw)): Case,
-    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-        let (mut y, mut dx, mut dw) = (
-            vec![0f64; b * o * h * wd],
-            vec![0f64; b * c * h * wd],
-            vec![0f64; o * c * kh * kw],
-        );
+    ) -> (Vec<f64>, Vec<f64>) {
+        let (mut y, mut dx) = (vec![0f64; b * o * h * wd], vec![0f64; b * c * h * wd]);
         for bi in 0..b {
             for oc in 0..o {
                 for p in 0..h {
@@ -375,7 +329,6 @@ mod tests {
                                     let wi = ((oc * c + ci) * kh + ky) * kw + kx;
                                     y[yi] += x[xi] as f64 * w[wi] as f64;
                                     dx[xi] += dy[yi] as f64 * w[wi] as f64;
-                                    dw[wi] += dy[yi] as f64 * x[xi] as f64;
                                 }
                             }
                         }
@@ -383,7 +336,7 @@ mod tests {
                 }
             }
         }
-        (y, dx, dw)
+        (y, dx)
     }
 
     fn worst(got: &[f32], want: &[f64]) -> f64 {
@@ -396,7 +349,7 @@ mod tests {
     }
 
     #[test]
-    fn forward_and_gradients_match_the_definition() {
+    fn forward_and_input_gradient_match_the_definition() {
         for (i, &case) in CASES.iter().enumerate() {
             let (b, c, o, h, w, k, p) = case;
             let d = Dims {
@@ -412,16 +365,12 @@ mod tests {
             let x = values(b * c * h * w, 1 + i as u64);
             let wt = values(o * c * k.0 * k.1, 100 + i as u64);
             let dy = values(b * o * h * w, 200 + i as u64);
-            let (y, dx, dw) = reference(&x, &wt, &dy, case);
+            let (y, dx) = reference(&x, &wt, &dy, case);
             let checks = [
                 ("forward", worst(&forward(&x, &wt, None, o, &d), &y)),
                 (
                     "input gradient",
                     worst(&input_gradient(&dy, &wt, o, &d), &dx),
-                ),
-                (
-                    "weight gradient",
-                    worst(&weight_gradient(&x, &dy, o, &d), &dw),
                 ),
             ];
             for (what, err) in checks {
