@@ -202,3 +202,31 @@ pub fn conv2d(
         None => Ok(y),
     }
 }
+
+/// Helpers of the convolution modules' unit tests.
+#[cfg(test)]
+pub(crate) mod test_values {
+    /// Deterministic values in [-1, 1) (xorshift).
+    pub(crate) fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// Largest |got - want| relative to the largest |want|.
+    pub(crate) fn worst(got: &[f32], want: &[f64]) -> f64 {
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
+        let diff = got
+            .iter()
+            .zip(want)
+            .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
+        diff / scale
+    }
+}

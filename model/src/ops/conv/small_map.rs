@@ -264,19 +264,8 @@ pub(super) fn input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) -> Vec<f
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::conv::test_values::{values, worst};
     use crate::ops::conv::ConvGeometry;
-
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
 
     /// Batch, input and output channels, height, width, kernel, padding.
     type Case = (
@@ -337,15 +326,6 @@ mod tests {
             }
         }
         (y, dx)
-    }
-
-    fn worst(got: &[f32], want: &[f64]) -> f64 {
-        assert_eq!(got.len(), want.len());
-        let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
-        got.iter()
-            .zip(want)
-            .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()))
-            / scale
     }
 
     #[test]

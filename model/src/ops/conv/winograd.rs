@@ -929,20 +929,8 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::conv::test_values::{values, worst};
     use crate::ops::conv::ConvGeometry;
-
-    /// Deterministic values in [-1, 1).
-    fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
 
     fn dims(b: usize, c: usize, h: usize, w: usize) -> Dims {
         let g = ConvGeometry::new((3, 3), (1, 1), (1, 1));
@@ -990,16 +978,6 @@ mod tests {
             }
         }
         y
-    }
-
-    fn worst(got: &[f32], want: &[f64]) -> f64 {
-        assert_eq!(got.len(), want.len());
-        let scale = want.iter().fold(1e-6f64, |m, v| m.max(v.abs()));
-        let diff = got
-            .iter()
-            .zip(want)
-            .fold(0f64, |m, (g, w)| m.max((*g as f64 - w).abs()));
-        diff / scale
     }
 
     /// (batch, input channels, output channels, height, width): odd and even sides, a 1x1 map,
