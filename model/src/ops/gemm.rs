@@ -83,21 +83,8 @@ impl<'a> PackedA<'a> {
         m.div_ceil(MR) * MR * k
     }
 
-    /// Packs `a` [m, k] into the first `len(m, k)` values of `dst`.
-    pub fn pack(a: MatRef, m: usize, k: usize, dst: &'a mut [f32]) -> Self {
-        let panels = m.div_ceil(MR);
-        let dst = &mut dst[..Self::len(m, k)];
-        for (bi, block) in dst.chunks_mut(panels * MR * KC).enumerate() {
-            let (pc, kc) = (bi * KC, KC.min(k - bi * KC));
-            for (p, panel) in block.chunks_mut(MR * kc).enumerate() {
-                pack_a(a, p * MR, m, pc, kc, panel);
-            }
-        }
-        PackedA { data: dst, m, k }
-    }
-
-    /// Where element (i, j) of an m x k matrix lies in its packed form (rows m.. of the last
-    /// panel are zeros the packer writes too).
+    /// Where element (i, j) of an m x k matrix lies in its packed form (a writer fills rows m..
+    /// of the last panel with zeros).
     #[inline(always)]
     pub fn index(m: usize, k: usize, i: usize, j: usize) -> usize {
         let (panels, pc) = (m.div_ceil(MR), j - j % KC);
@@ -211,6 +198,39 @@ pub fn sgemm_with(
     cl: CLayout,
     accumulate: bool,
 ) {
+    sgemm_on(m, n, k, a, b, c, cl, accumulate, true)
+}
+
+/// `c[m x n] (=|+=) a[m x k] * b[k x n]` (c row-major, leading dimension `ldc`) on this thread
+/// only: for callers that already run one task per thread, each with its own small product.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm_serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: AOperand,
+    b: MatRef,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    let (b, cl) = (BOperand::Mat(b), CLayout::rows(ldc));
+    sgemm_on(m, n, k, a, b, c, cl, accumulate, false)
+}
+
+/// `sgemm_with` on the rayon pool when `parallel`, else on this thread.
+#[allow(clippy::too_many_arguments)]
+fn sgemm_on(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: AOperand,
+    b: BOperand,
+    c: &mut [f32],
+    cl: CLayout,
+    accumulate: bool,
+    parallel: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
@@ -226,7 +246,7 @@ pub fn sgemm_with(
         return;
     }
     let threads = rayon::current_num_threads();
-    if threads > 1 && k >= 8 * KC && m * n <= SPLIT_K_MAX_OUTPUT {
+    if parallel && threads > 1 && k >= 8 * KC && m * n <= SPLIT_K_MAX_OUTPUT {
         // A deep product with a small result (a weight gradient: k = batch x pixels): split the
         // depth between the threads, each running the serial GEMM into its own copy of C, then
         // sum. Parallelising inside every 256-deep block instead pays two thread hand-offs per
@@ -279,48 +299,7 @@ pub fn sgemm_with(
         SendPtr(c.as_mut_ptr()),
         cl,
         accumulate,
-        true,
-    );
-}
-
-/// `c[m x n] (=|+=) a[m x k] * b[k x n]` (c row-major, leading dimension `ldc`) on this thread
-/// only: for callers that already run one task per thread, each with its own small product.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn sgemm_serial(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: AOperand,
-    b: MatRef,
-    c: &mut [f32],
-    ldc: usize,
-    accumulate: bool,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let cl = CLayout::rows(ldc);
-    cl.check(m, n, c.len());
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                c[i * ldc..][..n].fill(0.0);
-            }
-        }
-        return;
-    }
-    let b = BOperand::Mat(b);
-    gemm_blocks(
-        m,
-        n,
-        0,
-        k,
-        a,
-        b,
-        SendPtr(c.as_mut_ptr()),
-        cl,
-        accumulate,
-        false,
+        parallel,
     );
 }
 

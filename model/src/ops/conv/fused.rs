@@ -343,10 +343,6 @@ impl FusedConv {
         let g = contiguous(gv, gl, "conv2d")?;
         let xv = contiguous(xv, xl, "conv2d")?;
         let wv = contiguous(wv, wl, "conv2d")?;
-        // The small-map product computes the input gradient but not the weight gradient: written
-        // as the dense [pixels x O, pixels x C] product from a batch-deep sum, that was slower than
-        // the direct GEMM (docs/cpu-kernels.md, "Small maps").
-        let small = small_map::applies(d);
         let dw = if winograd::applies_to_weight_gradient(d) {
             timed(Slot::ConvGemmWeightGradient, || {
                 winograd::weight_gradient(xv, g, o, d)
@@ -377,9 +373,12 @@ impl FusedConv {
         // The network's input needs no gradient.
         let stride1 =
             d.g.stride == (1, 1) && d.g.padding.0 < d.g.kernel.0 && d.g.padding.1 < d.g.kernel.1;
+        // The small-map product computes the input gradient but not the weight gradient (above):
+        // as the dense [pixels x O, pixels x C] product from a batch-deep sum, that was slower than
+        // the direct GEMM (docs/cpu-kernels.md, "Small maps").
         let dx = if !x.track_op() {
             None
-        } else if small {
+        } else if small_map::applies(d) {
             let dx = timed(Slot::ConvGemmInputGradient, || {
                 small_map::input_gradient(g, wv, o, d)
             });

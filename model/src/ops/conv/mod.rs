@@ -13,13 +13,14 @@
 //!
 //! Padding is per axis, so 1x3 and 3x1 kernels need no manual padding.
 
+mod algorithm;
 mod fused;
 mod im2col;
 mod packing;
 mod small_map;
 mod winograd;
 
-pub use winograd::{requested as conv_algorithm_requested, Algorithm as ConvAlgorithm};
+pub use algorithm::{requested as conv_algorithm_requested, Algorithm as ConvAlgorithm};
 
 use candle_core::{Result, Tensor};
 
@@ -73,6 +74,30 @@ struct Dims {
 }
 
 impl Dims {
+    /// The shapes of `x` [B, C, H, W] correlated with `weight` [O, C, kh, kw] by geometry `g`, or
+    /// an error when the weight does not fit the input or the kernel the input.
+    fn of(x: &Tensor, weight: &Tensor, g: ConvGeometry) -> Result<Dims> {
+        let (b, c, h, w) = x.dims4()?;
+        let (_, wc, kh, kw) = weight.dims4()?;
+        if wc != c || (kh, kw) != g.kernel {
+            candle_core::bail!(
+                "conv2d: weight {:?} does not fit input channels {c} and kernel {:?}",
+                weight.dims(),
+                g.kernel
+            );
+        }
+        let (oh, ow) = g.output_size(h, w)?;
+        Ok(Dims {
+            b,
+            c,
+            h,
+            w,
+            oh,
+            ow,
+            g,
+        })
+    }
+
     /// Rows of the column matrix: one per (channel, kernel tap).
     fn rows(&self) -> usize {
         self.c * self.g.kernel.0 * self.g.kernel.1
@@ -125,23 +150,12 @@ pub fn conv2d_inference(
     g: ConvGeometry,
     prepared: &PreparedWeights,
 ) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let o = weight.dim(0)?;
+    let d = Dims::of(x, weight, g)?;
     let f32_cpu = x.device().is_cpu()
         && [x.dtype(), weight.dtype(), bias.dtype()] == [candle_core::DType::F32; 3];
-    if !f32_cpu || weight.dims4()? != (o, c, g.kernel.0, g.kernel.1) || bias.dims() != [o] {
+    if !f32_cpu || bias.dims() != [weight.dim(0)?] {
         return conv2d(x, weight, Some(bias), g);
     }
-    let (oh, ow) = g.output_size(h, w)?;
-    let d = Dims {
-        b,
-        c,
-        h,
-        w,
-        oh,
-        ow,
-        g,
-    };
     let (x, weight, bias) = (x.contiguous()?, weight.contiguous()?, bias.contiguous()?);
     x.apply_op3_no_bwd(&weight, &bias, &FusedConvPrepared { d, prepared })
 }
@@ -154,26 +168,10 @@ pub fn conv2d(
     bias: Option<&Tensor>,
     g: ConvGeometry,
 ) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let (o, wc, kh, kw) = weight.dims4()?;
-    if wc != c || (kh, kw) != g.kernel {
-        candle_core::bail!(
-            "conv2d: weight {:?} does not fit input channels {c} and kernel {:?}",
-            weight.dims(),
-            g.kernel
-        );
-    }
-    let (oh, ow) = g.output_size(h, w)?;
+    let d = Dims::of(x, weight, g)?;
+    let Dims { b, c, oh, ow, .. } = d;
+    let (o, _, kh, kw) = weight.dims4()?;
     let y = if x.device().is_cpu() {
-        let d = Dims {
-            b,
-            c,
-            h,
-            w,
-            oh,
-            ow,
-            g,
-        };
         let f32_bias = bias.is_none_or(|b| b.dtype() == x.dtype() && b.dims() == [o]);
         if x.dtype() == candle_core::DType::F32 && weight.dtype() == x.dtype() && f32_bias {
             let (x, weight) = (x.contiguous()?, weight.contiguous()?);

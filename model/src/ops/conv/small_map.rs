@@ -11,6 +11,7 @@
 
 use rayon::prelude::*;
 
+use super::algorithm::{algorithm, Algorithm};
 use super::Dims;
 use crate::ops::gemm::{sgemm_with, AOperand, BOperand, CLayout, MatRef, PanelSource, NR};
 use crate::ops::{give_scratch, take_scratch};
@@ -32,7 +33,7 @@ struct Plan {
 /// (kernel 1, padding 0) or 3-wide with padding 1 on a side of at most 2, and some axis 3-wide;
 /// unless `FER_CONV=direct` asks for the direct GEMM everywhere.
 pub(super) fn applies(d: &Dims) -> bool {
-    fits(d) && super::winograd::algorithm() != super::winograd::Algorithm::Direct
+    fits(d) && algorithm() != Algorithm::Direct
 }
 
 /// The geometry test of `applies`.

@@ -13,63 +13,12 @@
 //! and ~4x the output through memory between passes. With few tiles the 16 products are split
 //! between the threads instead, so each transformed weight matrix is read once.
 
-use std::sync::OnceLock;
-
 use rayon::prelude::*;
 
+use super::algorithm::{algorithm, Algorithm};
 use super::Dims;
 use crate::ops::gemm::{sgemm, sgemm_serial, AOperand, MatRef, PackedA, MR};
 use crate::ops::{give_scratch, take_scratch};
-
-/// Which algorithm computes the 3x3 stride-1 padding-1 convolutions (`FER_CONV`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Algorithm {
-    /// Winograd where it was measured faster (`auto`, the default): with the AVX-512 transforms,
-    /// and at least MIN_TILES tiles, or MIN_TILES_PREPARED when the transformed weights are kept
-    /// (with fewer tiles, transforming the weights at every call costs more than it saves).
-    Auto,
-    /// Winograd for every such convolution (`winograd`).
-    Winograd,
-    /// The packed-column GEMM, as for every other geometry (`direct`).
-    Direct,
-}
-
-impl Algorithm {
-    /// Its `FER_CONV` value.
-    pub fn name(self) -> &'static str {
-        match self {
-            Algorithm::Auto => "auto",
-            Algorithm::Winograd => "winograd",
-            Algorithm::Direct => "direct",
-        }
-    }
-}
-
-/// The algorithm `FER_CONV` asks for (unset: `Auto`), or why its value is not one.
-pub fn requested() -> Result<Algorithm, String> {
-    parse(std::env::var("FER_CONV").ok().as_deref())
-}
-
-/// `FER_CONV`'s value (None: unset) as an algorithm.
-fn parse(value: Option<&str>) -> Result<Algorithm, String> {
-    match value {
-        None => Ok(Algorithm::Auto),
-        Some(v) => match v.trim() {
-            "auto" => Ok(Algorithm::Auto),
-            "winograd" => Ok(Algorithm::Winograd),
-            "direct" => Ok(Algorithm::Direct),
-            _ => Err(format!(
-                "FER_CONV={v:?}: expected auto, winograd or direct (the algorithm for 3x3 stride-1 convolutions)"
-            )),
-        },
-    }
-}
-
-/// `requested`, decided once. A misspelt value stops the process (`fer` checks it at start).
-pub(super) fn algorithm() -> Algorithm {
-    static ALGO: OnceLock<Algorithm> = OnceLock::new();
-    *ALGO.get_or_init(|| requested().unwrap_or_else(|why| panic!("{why}")))
-}
 
 /// Fewest tiles (2x2 output blocks over the batch) for which `Auto` picks Winograd when the
 /// weights are transformed at every call. Measured on the 2-core Zen 4 machine (`conv_probe`,
@@ -156,9 +105,9 @@ pub(super) fn conv3x3_prepared(
     o: usize,
     d: &Dims,
 ) -> Vec<f32> {
-    let (b, c, h, wd) = (d.b, d.c, d.h, d.w);
-    let (th, tw) = (h.div_ceil(2), wd.div_ceil(2));
-    let tiles = b * th * tw;
+    let geom = Geometry::of(d.c, d);
+    let (b, c) = (d.b, d.c);
+    let tiles = geom.tiles(b);
     if tiles < FEW_TILES {
         return conv3x3_few_tiles(x, packed, bias, o, d);
     }
@@ -168,7 +117,7 @@ pub(super) fn conv3x3_prepared(
         .chunks_exact(len)
         .map(|u| PackedA::from_packed(u, o, c))
         .collect();
-    let mut y = vec![0f32; b * o * h * wd];
+    let mut y = vec![0f32; b * o * d.h * d.w];
     // At least two chunks per thread where the map allows, so small maps still use every core.
     let threads = rayon::current_num_threads();
     let per_chunk = tiles
@@ -177,17 +126,8 @@ pub(super) fn conv3x3_prepared(
         .clamp(16, TILES);
     let chunks = tiles.div_ceil(per_chunk);
     let y_ptr = SendPtr(y.as_mut_ptr());
-    let geom = Geometry {
-        c,
-        h,
-        w: wd,
-        th,
-        tw,
-    };
-    let padded_len = b * c * geom.padded_plane();
-    let mut padded = take_scratch(padded_len);
-    pad_input(x, &geom, &mut padded[..padded_len]);
-    let xp = &padded[..padded_len];
+    let padded = pad_input(x, b, &geom);
+    let xp = &padded[..b * geom.padded_sample()];
     (0..chunks).into_par_iter().for_each(|ci| {
         let (t0, t1) = (ci * per_chunk, ((ci + 1) * per_chunk).min(tiles));
         let n = t1 - t0;
@@ -212,10 +152,13 @@ pub(super) fn conv3x3_prepared(
             );
         }
         give_scratch(v);
-        // SAFETY: chunks hold disjoint tile ranges, and a tile's outputs (the 2x2 block of every
-        // output channel) belong to that tile alone, so no two tasks write one value of y, whose
-        // length is b * o * h * wd (`output_transform` stays inside it).
-        unsafe { output_transform(&m[..o * 16 * n], bias, o, &geom, t0, t1, y_ptr) };
+        for (oc, mo) in m[..o * 16 * n].chunks_exact(16 * n).enumerate() {
+            let bias = bias.map_or(0.0, |bs| bs[oc]);
+            // SAFETY: chunks hold disjoint tile ranges, and a tile's outputs (the 2x2 block of
+            // every output channel) belong to that tile alone, so no two tasks write one value of
+            // y, whose length is b * o * h * wd.
+            unsafe { output_transform_channel(mo, n, bias, oc, o, &geom, (t0, t1), &y_ptr) };
+        }
         give_scratch(m);
     });
     give_scratch(padded);
@@ -227,23 +170,11 @@ pub(super) fn conv3x3_prepared(
 /// dU[o, c] = Σ over tiles of (A dY Aᵀ)[o] ⊙ V[c] (16 GEMMs [O, tiles] x [tiles, C], 16 multiplies
 /// per tile and channel pair instead of 36) and dw = Gᵀ dU G.
 pub(super) fn weight_gradient(x: &[f32], dy: &[f32], o: usize, d: &Dims) -> Vec<f32> {
-    let (b, c, h, wd) = (d.b, d.c, d.h, d.w);
-    let (th, tw) = (h.div_ceil(2), wd.div_ceil(2));
-    let tiles = b * th * tw;
-    let gx = Geometry {
-        c,
-        h,
-        w: wd,
-        th,
-        tw,
-    };
-    let gy = Geometry { c: o, ..gx };
-    let (xp_len, yp_len) = (b * c * gx.padded_plane(), b * o * gy.padded_plane());
-    let mut xp = take_scratch(xp_len);
-    pad_input(x, &gx, &mut xp[..xp_len]);
-    let mut yp = take_scratch(yp_len);
-    pad_input(dy, &gy, &mut yp[..yp_len]);
-    let (xp_s, yp_s) = (&xp[..xp_len], &yp[..yp_len]);
+    let (b, c) = (d.b, d.c);
+    let (gx, gy) = (Geometry::of(c, d), Geometry::of(o, d));
+    let tiles = gx.tiles(b);
+    let (xp, yp) = (pad_input(x, b, &gx), pad_input(dy, b, &gy));
+    let (xp_s, yp_s) = (&xp[..b * gx.padded_sample()], &yp[..b * gy.padded_sample()]);
     // All tiles at once (V [C][16][T], dM [O][16][T]): each of the 16 products is then one deep
     // GEMM, which splits its depth (the tiles) between the threads and keeps its small result
     // in cache, instead of re-reading 16 partial results per chunk of tiles.
@@ -344,20 +275,11 @@ fn conv3x3_few_tiles(
     o: usize,
     d: &Dims,
 ) -> Vec<f32> {
-    let (b, c, h, wd) = (d.b, d.c, d.h, d.w);
-    let (th, tw) = (h.div_ceil(2), wd.div_ceil(2));
-    let t = b * th * tw;
-    let geom = Geometry {
-        c,
-        h,
-        w: wd,
-        th,
-        tw,
-    };
-    let padded_len = b * c * geom.padded_plane();
-    let mut padded = take_scratch(padded_len);
-    pad_input(x, &geom, &mut padded[..padded_len]);
-    let xp = &padded[..padded_len];
+    let (b, c) = (d.b, d.c);
+    let geom = Geometry::of(c, d);
+    let t = geom.tiles(b);
+    let padded = pad_input(x, b, &geom);
+    let xp = &padded[..b * geom.padded_sample()];
     // V [C][16][T].
     let mut v = take_scratch(c * 16 * t);
     v[..c * 16 * t]
@@ -381,34 +303,16 @@ fn conv3x3_few_tiles(
         });
     give_scratch(v);
     give_scratch(padded);
-    let mut y = vec![0f32; b * o * h * wd];
+    let mut y = vec![0f32; b * o * d.h * d.w];
     let y_ptr = SendPtr(y.as_mut_ptr());
     let m_all = &m[..16 * o * t];
     (0..o).into_par_iter().for_each(|oc| {
         // Channel oc's 16 rows lie o * T apart.
-        let mo = &m_all[oc * t..];
         let bias = bias.map_or(0.0, |bs| bs[oc]);
-        geom.for_each_run(0, t, |at, bi, ty, tx0, run| {
-            let (y0, x0) = (2 * ty, 2 * tx0);
-            let width = (2 * run).min(wd - x0);
-            let rows = 2.min(h - y0);
-            let at_y = (bi * o + oc) * h * wd + y0 * wd + x0;
-            // SAFETY: plane (bi, oc) is written by this task only (one task per output channel)
-            // and these rows and columns are inside it.
-            unsafe {
-                untile(
-                    mo,
-                    o * t,
-                    at,
-                    run,
-                    bias,
-                    y_ptr.get().add(at_y),
-                    wd,
-                    rows,
-                    width,
-                )
-            };
-        });
+        // SAFETY: one task per output channel, and y holds b * o * h * wd values.
+        unsafe {
+            output_transform_channel(&m_all[oc * t..], o * t, bias, oc, o, &geom, (0, t), &y_ptr)
+        };
     });
     give_scratch(m);
     y
@@ -425,6 +329,23 @@ struct Geometry {
 }
 
 impl Geometry {
+    /// The tiling of `d`'s maps, for a tensor of `c` channels.
+    fn of(c: usize, d: &Dims) -> Geometry {
+        let (h, w) = (d.h, d.w);
+        Geometry {
+            c,
+            h,
+            w,
+            th: h.div_ceil(2),
+            tw: w.div_ceil(2),
+        }
+    }
+
+    /// Tiles over the batch.
+    fn tiles(&self, batch: usize) -> usize {
+        batch * self.th * self.tw
+    }
+
     /// Rows and row length of a padded input plane: one zero row or column before the map, and
     /// after it as many as the last tile's 4x4 patch needs (one, or two for an odd side). Each row
     /// is stored split, its even columns then its odd ones, so that the patches of a run of tiles
@@ -436,6 +357,11 @@ impl Geometry {
     fn padded_plane(&self) -> usize {
         let (hp, wp) = self.padded();
         hp * wp
+    }
+
+    /// The padded planes of one sample.
+    fn padded_sample(&self) -> usize {
+        self.c * self.padded_plane()
     }
 
     /// Sample, tile row and tile column of tile t.
@@ -538,13 +464,15 @@ fn transform(w: Weights, o: usize, c: usize, i: usize, j: usize) -> [f32; 16] {
     out
 }
 
-/// `x` [B, C, H, W] into `xp` [B, C, Hp, Wp] with the zero border and split rows of
-/// `Geometry::padded`: padded column s (input column s - 1) is at s / 2, or at Wp / 2 + s / 2 when
-/// s is odd.
-fn pad_input(x: &[f32], g: &Geometry, xp: &mut [f32]) {
+/// `x` [B, C, H, W] copied into a scratch buffer [B, C, Hp, Wp] (its first `b` x
+/// `padded_sample` values) with the zero border and split rows of `Geometry::padded`: padded
+/// column s (input column s - 1) is at s / 2, or at Wp / 2 + s / 2 when s is odd.
+fn pad_input(x: &[f32], b: usize, g: &Geometry) -> Vec<f32> {
     let (_, wp) = g.padded();
     let half = wp / 2;
-    xp.par_chunks_mut(g.padded_plane())
+    let mut xp = take_scratch(b * g.padded_sample());
+    xp[..b * g.padded_sample()]
+        .par_chunks_mut(g.padded_plane())
         .zip(x.par_chunks(g.h * g.w))
         .for_each(|(dst, src)| {
             for (r, row) in dst.chunks_exact_mut(wp).enumerate() {
@@ -564,6 +492,7 @@ fn pad_input(x: &[f32], g: &Geometry, xp: &mut [f32]) {
                 }
             }
         });
+    xp
 }
 
 /// V = Bᵀ d B for tiles t0..t1 of every input channel into `v` [C][16][t1 - t0], d the 4x4 patch
@@ -647,34 +576,46 @@ fn tile_row(
     }
 }
 
-/// Y = Aᵀ M A (+ bias) for tiles t0..t1 from `m` [O][16][t1 - t0] into y [B, O, H, W] at `y`,
-/// dropping the outputs of edge tiles that fall outside the map: Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]].
+/// Y = Aᵀ M A (+ bias) for tiles t0..t1 of output channel oc (of o) from its 16 rows `mo`, row k
+/// at `mo[k * stride..]`, into y [B, O, H, W] at `y`, dropping the outputs of edge tiles that
+/// fall outside the map: Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]].
 ///
 /// # Safety
-/// `y` points to b * o * h * w values, and no other thread writes the outputs of these tiles.
-unsafe fn output_transform(
-    m: &[f32],
-    bias: Option<&[f32]>,
+/// `y` points to b * o * h * w values, and no other thread writes channel oc's outputs of these
+/// tiles.
+#[allow(clippy::too_many_arguments)]
+unsafe fn output_transform_channel(
+    mo: &[f32],
+    stride: usize,
+    bias: f32,
+    oc: usize,
     o: usize,
     g: &Geometry,
-    t0: usize,
-    t1: usize,
-    y: SendPtr,
+    (t0, t1): (usize, usize),
+    y: &SendPtr,
 ) {
-    let n = t1 - t0;
-    for (oc, mo) in m.chunks_exact(16 * n).enumerate().take(o) {
-        let bias = bias.map_or(0.0, |b| b[oc]);
-        g.for_each_run(t0, t1, |at, bi, ty, tx0, run| {
-            // Output rows 2 ty and 2 ty + 1 from column 2 tx0, inside the map.
-            let (y0, x0) = (2 * ty, 2 * tx0);
-            let width = (2 * run).min(g.w - x0);
-            let rows = 2.min(g.h - y0);
-            let at_y = (bi * o + oc) * g.h * g.w + y0 * g.w + x0;
-            // SAFETY: (caller) rows y0..y0 + rows, columns x0..x0 + width of this plane are
-            // inside y and belong to this task's tiles.
-            unsafe { untile(mo, n, at, run, bias, y.0.add(at_y), g.w, rows, width) };
-        });
-    }
+    g.for_each_run(t0, t1, |at, bi, ty, tx0, run| {
+        // Output rows 2 ty and 2 ty + 1 from column 2 tx0, inside the map.
+        let (y0, x0) = (2 * ty, 2 * tx0);
+        let width = (2 * run).min(g.w - x0);
+        let rows = 2.min(g.h - y0);
+        let at_y = (bi * o + oc) * g.h * g.w + y0 * g.w + x0;
+        // SAFETY: (caller) rows y0..y0 + rows, columns x0..x0 + width of this plane are inside y
+        // and this task's to write.
+        unsafe {
+            untile(
+                mo,
+                stride,
+                at,
+                run,
+                bias,
+                y.get().add(at_y),
+                g.w,
+                rows,
+                width,
+            )
+        };
+    });
 }
 
 /// The 2x2 outputs (+ bias) of tiles at..at + run (at most GROUP) of one output channel's 16
@@ -1061,17 +1002,5 @@ mod tests {
                 CASES[i]
             );
         }
-    }
-
-    #[test]
-    fn a_misspelt_algorithm_is_refused_by_name() {
-        assert_eq!(parse(None), Ok(Algorithm::Auto));
-        assert_eq!(parse(Some(" direct")), Ok(Algorithm::Direct));
-        assert_eq!(parse(Some("winograd")), Ok(Algorithm::Winograd));
-        let err = parse(Some("winogard")).unwrap_err();
-        assert!(
-            err.contains("FER_CONV=\"winogard\"") && err.contains("auto, winograd or direct"),
-            "{err}"
-        );
     }
 }
