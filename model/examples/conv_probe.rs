@@ -16,8 +16,8 @@ fn main() -> candle_core::Result<()> {
         args.get(1).copied().unwrap_or(64),
     );
     let s = size / 4; // after the stem's stride 2 and the max pool
-    let f = (s / 8).max(1); // the trunk's last map, which the DAN heads see
-                            // (name, input channels, output channels, kernel, stride, padding, input side)
+    let f = s.div_ceil(8); // the trunk's last map, which the DAN heads see (3x3/2 convs round up)
+                           // (name, input channels, output channels, kernel, stride, padding, input side)
     let layers = [
         ("stem 7x7/2", 3, 64, (7, 7), 2, (3, 3), size),
         ("layer1 3x3", 64, 64, (3, 3), 1, (1, 1), s),

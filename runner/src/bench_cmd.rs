@@ -309,7 +309,11 @@ fn train_setting(
             LossWeights::default(),
         )?;
         if i > 0 {
-            times.push(t.elapsed().as_secs_f64()); // the first step is warm-up
+            times.push(t.elapsed().as_secs_f64());
+        } else {
+            // The first step is warm-up (first-touch page faults, lazily made state): neither
+            // timed nor counted in the per-kernel times.
+            fer_model::ops::timing::take();
         }
     }
     let train_rate = batch as f64 / median(times);
@@ -327,6 +331,8 @@ fn train_setting(
         })?;
         if i > 0 {
             times.push(t.elapsed().as_secs_f64());
+        } else {
+            fer_model::ops::timing::take();
         }
     }
     let infer_rate = batch as f64 / median(times);
@@ -356,13 +362,13 @@ fn train_setting(
     }
     println!("{line}");
     if std::env::var_os("FER_OP_TIMES").is_some() {
-        // Per-step seconds by kernel (warm-up step included), to stderr so the JSON stays clean.
+        // Mean seconds per timed step by kernel (warm-up excluded), to stderr so the JSON stays clean.
         for (name, secs) in op_times {
-            eprintln!("  {name:<26} {:>8.3} s/step", secs / (steps + 1) as f64);
+            eprintln!("  {name:<26} {:>8.3} s/step", secs / steps as f64);
         }
         eprintln!("  inference:");
         for (name, secs) in infer_op_times {
-            eprintln!("  {name:<26} {:>8.3} s/batch", secs / (steps + 1) as f64);
+            eprintln!("  {name:<26} {:>8.3} s/batch", secs / steps as f64);
         }
     }
     Ok(line)

@@ -21,9 +21,10 @@ pub enum Slot {
     ConvCol2Im,
     ConvGemmWeightGradient,
     ConvGemmInputGradient,
+    ConvWinogradForward,
 }
 
-const SLOTS: usize = 13;
+const SLOTS: usize = 14;
 
 pub const NAMES: [&str; SLOTS] = [
     "conv forward",
@@ -39,6 +40,7 @@ pub const NAMES: [&str; SLOTS] = [
     "  conv: col2im",
     "  conv: gemm, weight gradient",
     "  conv: gemm, input gradient",
+    "  conv: winograd, forward",
 ];
 static TOTALS: [AtomicU64; SLOTS] = [const { AtomicU64::new(0) }; SLOTS];
 

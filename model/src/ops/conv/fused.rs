@@ -299,13 +299,13 @@ impl FusedConv {
             return Ok((CpuStorage::F32(y), shape));
         }
         if winograd::applies(d, prepared.is_some()) {
-            let y = match prepared {
+            let y = timed(Slot::ConvWinogradForward, || match prepared {
                 Some(p) => {
                     let u = p.winograd.get_or_init(|| winograd::prepare(w, o, d.c));
                     winograd::conv3x3_prepared(x, u, bias, o, d)
                 }
                 None => winograd::conv3x3(x, Weights::Forward(w), bias, o, d),
-            };
+            });
             return Ok((CpuStorage::F32(y), shape));
         }
         let k = d.rows();

@@ -17,14 +17,14 @@ use rayon::prelude::*;
 
 use super::algorithm::{algorithm, Algorithm};
 use super::Dims;
-use crate::ops::gemm::{sgemm, sgemm_serial, AOperand, MatRef, PackedA, MR};
+use crate::ops::gemm::{sgemm, sgemm_serial, AOperand, MatRef, PackedA, KC, MR};
 use crate::ops::{give_scratch, take_scratch};
 
 /// Fewest tiles (2x2 output blocks over the batch) for which `Auto` picks Winograd when the
 /// weights are transformed at every call. Measured on the 2-core Zen 4 machine (`conv_probe`,
-/// docs/cpu-kernels.md): 256 tiles already win 1.3-1.7x at 256 channels and break even at 512;
-/// 64 tiles lose ~1.5x.
-const MIN_TILES: usize = 192;
+/// docs/cpu-kernels.md): 64 tiles win 1.1-1.3x (a 512-channel layer4 at 112 px, batch 16) or
+/// break even (at 224 px, batch 4); 32 tiles lose at 512 channels.
+const MIN_TILES: usize = 64;
 
 /// The same when the transformed weights are kept (`PreparedWeights`, the inference form): then
 /// even 8 tiles win (`conv_probe -- 128 2 "" prepared`: layer4 3x3 1.19 / 1.42 -> 0.98 / 1.16 ms).
@@ -416,35 +416,97 @@ impl SendPtr {
 /// U = G g Gᵀ per (output, input) channel pair into `u`: 16 matrices [O, C], each in the
 /// GEMM's packed layout (`PackedA::index`, zeros past row O), one after the other.
 /// G = [[1, 0, 0], [½, ½, ½], [½, -½, ½], [0, 0, 1]].
+///
+/// One task per (row panel, depth block): in the packed layout its MR rows x kc columns are one
+/// contiguous run in each of the 16 matrices, written in order, 16 pairs at a time
+/// (`transform_run`). Written pair by pair into the 16 scattered places instead, the transform
+/// took ~6 ms for a 512 x 512 layer, more than the Winograd product it feeds.
 fn transform_weights(w: Weights, o: usize, c: usize, u: &mut [f32]) {
     let len = PackedA::len(o, c);
     assert_eq!(u.len(), 16 * len);
+    let panels = o.div_ceil(MR);
     let u_ptr = SendPtr(u.as_mut_ptr());
-    (0..o.div_ceil(MR)).into_par_iter().for_each(|panel| {
-        let i0 = panel * MR;
-        for j in 0..c {
-            // Rows i0..i0 + MR of column j are MR consecutive values of each packed matrix.
-            let at = PackedA::index(o, c, i0, j);
-            for r in 0..MR {
-                let vals = if i0 + r < o {
-                    transform(w, o, c, i0 + r, j)
-                } else {
-                    [0.0; 16]
-                };
-                for (k, v) in vals.into_iter().enumerate() {
-                    // SAFETY: `index` is one-to-one over (i, j) and stays inside `len`, so the
-                    // 16 x MR x C values of this panel are in bounds and written by this task only.
-                    unsafe { *u_ptr.get().add(k * len + at + r) = v };
-                }
-            }
-        }
-    });
+    (0..panels * c.div_ceil(KC))
+        .into_par_iter()
+        .for_each(|task| {
+            let (panel, pc) = (task % panels, task / panels * KC);
+            let kc = KC.min(c - pc);
+            let start = PackedA::index(o, c, panel * MR, pc);
+            // SAFETY: `PackedA::index` is one-to-one over (row, column) pairs, and panel `panel`'s
+            // depth block at `pc` is the run start..start + MR * kc of each packed matrix (rows
+            // past O included), inside `len`; tasks have distinct (panel, block) pairs, so the 16
+            // runs of one task are disjoint from each other and from every other task's.
+            let mut runs: [&mut [f32]; 16] = std::array::from_fn(|k| unsafe {
+                std::slice::from_raw_parts_mut(u_ptr.get().add(k * len + start), MR * kc)
+            });
+            transform_run(w, o, c, panel * MR, pc, &mut runs);
+        });
 }
 
-/// G g Gᵀ of the 3x3 weights of output channel i and input channel j, as 16 values (row-major).
+simd_dispatch!(
+    /// The 16 packed runs of row panel i0.. and depth block pc.. (`transform_weights`): value f
+    /// of each run is row i0 + f % MR, column pc + f / MR. Sixteen pairs at a time, so the sums
+    /// are 16-lane vector operations and each run is written in 16-value stores.
+    fn transform_run(w: Weights, o: usize, c: usize, i0: usize, pc: usize, runs: &mut [&mut [f32]; 16]) -> () = transform_run_body
+);
+
 #[inline(always)]
-fn transform(w: Weights, o: usize, c: usize, i: usize, j: usize) -> [f32; 16] {
-    let g: [f32; 9] = match w {
+fn transform_run_body(
+    w: Weights,
+    o: usize,
+    c: usize,
+    i0: usize,
+    pc: usize,
+    runs: &mut [&mut [f32]; 16],
+) {
+    let run = runs[0].len();
+    let (mut r, mut j) = (0, pc);
+    for f0 in (0..run).step_by(16) {
+        let n = 16.min(run - f0);
+        // g[tap][lane]: the 9 taps of 16 consecutive (row, column) pairs; zeros past row O.
+        let mut g = [[0f32; 16]; 9];
+        for l in 0..n {
+            if i0 + r < o {
+                let taps = weight_taps(w, o, c, i0 + r, j);
+                for t in 0..9 {
+                    g[t][l] = taps[t];
+                }
+            }
+            r += 1;
+            if r == MR {
+                (r, j) = (0, j + 1);
+            }
+        }
+        // The operations of `transform`, lane by lane: columns first (G g), then rows.
+        let mut cols = [[[0f32; 16]; 4]; 3];
+        for kx in 0..3 {
+            gv16(&g[kx], &g[3 + kx], &g[6 + kx], &mut cols[kx]);
+        }
+        let mut vals = [[0f32; 16]; 4];
+        for row in 0..4 {
+            gv16(&cols[0][row], &cols[1][row], &cols[2][row], &mut vals);
+            for (col, v) in vals.iter().enumerate() {
+                runs[row * 4 + col][f0..f0 + n].copy_from_slice(&v[..n]);
+            }
+        }
+    }
+}
+
+/// G applied to 16 triples (a, b, c) at once: (a, ½(a + b + c), ½(a - b + c), c).
+#[inline(always)]
+fn gv16(a: &[f32; 16], b: &[f32; 16], c: &[f32; 16], out: &mut [[f32; 16]; 4]) {
+    for l in 0..16 {
+        out[0][l] = a[l];
+        out[1][l] = 0.5 * (a[l] + b[l] + c[l]);
+        out[2][l] = 0.5 * (a[l] - b[l] + c[l]);
+        out[3][l] = c[l];
+    }
+}
+
+/// The 3x3 taps g of output channel i and input channel j, as `w` is read.
+#[inline(always)]
+fn weight_taps(w: Weights, o: usize, c: usize, i: usize, j: usize) -> [f32; 9] {
+    match w {
         Weights::Forward(w) => w[(i * c + j) * 9..][..9].try_into().expect("9 taps"),
         // Output channel i of the gradient convolution is input channel i of the weights, its
         // input channel j their output channel j; taps reversed.
@@ -453,7 +515,14 @@ fn transform(w: Weights, o: usize, c: usize, i: usize, j: usize) -> [f32; 16] {
             g.reverse();
             g
         }
-    };
+    }
+}
+
+/// G g Gᵀ of the 3x3 weights of output channel i and input channel j, as 16 values (row-major):
+/// the definition `transform_run` vectorises (tests compare the two).
+#[cfg(test)]
+fn transform(w: Weights, o: usize, c: usize, i: usize, j: usize) -> [f32; 16] {
+    let g = weight_taps(w, o, c, i, j);
     let gv = |a: f32, b: f32, c: f32| [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c];
     // Columns first (G g), then rows ((G g) Gᵀ).
     let cols: [[f32; 4]; 3] = [0, 1, 2].map(|kx| gv(g[kx], g[3 + kx], g[6 + kx]));
@@ -931,6 +1000,37 @@ mod tests {
         (1, 2, 3, 2, 2),
         (4, 300, 9, 5, 4),
     ];
+
+    #[test]
+    fn packed_weight_transform_is_the_pairwise_one() {
+        // Rows not a multiple of MR (zero rows in the last panel), a depth past one block.
+        for (o, c) in [(13, 300), (6, 1), (1, 17), (64, 64)] {
+            let wt = values(o * c * 9, (o * 1000 + c) as u64);
+            for form in [Weights::Forward(&wt), Weights::InputGradient(&wt)] {
+                // The input gradient's channels are the weights' transposed.
+                let (rows, cols) = match form {
+                    Weights::Forward(_) => (o, c),
+                    Weights::InputGradient(_) => (c, o),
+                };
+                let len = PackedA::len(rows, cols);
+                let mut u = vec![f32::NAN; 16 * len];
+                transform_weights(form, rows, cols, &mut u);
+                for i in 0..rows.next_multiple_of(MR) {
+                    for j in 0..cols {
+                        let want = if i < rows {
+                            transform(form, rows, cols, i, j)
+                        } else {
+                            [0.0; 16]
+                        };
+                        for (k, want) in want.into_iter().enumerate() {
+                            let got = u[k * len + PackedA::index(rows, cols, i, j)];
+                            assert_eq!(got.to_bits(), want.to_bits(), "{o}x{c} ({i}, {j}) k {k}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn forward_matches_the_definition() {
