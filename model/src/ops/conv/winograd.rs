@@ -439,6 +439,19 @@ fn transform_weights(w: Weights, o: usize, c: usize, u: &mut [f32]) {
             let mut runs: [&mut [f32]; 16] = std::array::from_fn(|k| unsafe {
                 std::slice::from_raw_parts_mut(u_ptr.get().add(k * len + start), MR * kc)
             });
+            #[cfg(target_arch = "x86_64")]
+            if crate::ops::isa::avx512() {
+                if let Some((base, strides)) = w.tap_layout(o, c, panel * MR, pc) {
+                    // SAFETY: AVX-512 is present; `tap_layout` checked that every tap of rows
+                    // panel * MR.. < o and columns pc..pc + kc lies inside the weights at an
+                    // offset below 2^31 from `base`.
+                    unsafe {
+                        let rows = o - panel * MR;
+                        avx512::transform_run(base, strides, rows.min(MR), &mut runs)
+                    };
+                    return;
+                }
+            }
             transform_run(w, o, c, panel * MR, pc, &mut runs);
         });
 }
@@ -500,6 +513,30 @@ fn gv16(a: &[f32; 16], b: &[f32; 16], c: &[f32; 16], out: &mut [[f32; 16]; 4]) {
         out[1][l] = 0.5 * (a[l] + b[l] + c[l]);
         out[2][l] = 0.5 * (a[l] - b[l] + c[l]);
         out[3][l] = c[l];
+    }
+}
+
+impl Weights<'_> {
+    /// Where the taps of (row i0 + r, column j0 + jl) of the transformed matrix [o, c] lie: at
+    /// `base + r * si + jl * sj + t` for tap t (8 - t when `reversed`), as (base, (si, sj,
+    /// reversed)). None when some offset of the matrix would not fit a 32-bit gather index.
+    fn tap_layout(
+        &self,
+        o: usize,
+        c: usize,
+        i0: usize,
+        j0: usize,
+    ) -> Option<(*const f32, (usize, usize, bool))> {
+        let (w, start, strides) = match *self {
+            Weights::Forward(w) => (w, (i0 * c + j0) * 9, (c * 9, 9, false)),
+            Weights::InputGradient(w) => (w, (j0 * o + i0) * 9, (9, o * 9, true)),
+        };
+        assert!(
+            w.len() >= o * c * 9,
+            "3x3 weights: {} values for {o}x{c}",
+            w.len()
+        );
+        (w.len() < i32::MAX as usize).then(|| (w[start..].as_ptr(), strides))
     }
 }
 
@@ -740,6 +777,75 @@ unsafe fn untile(
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
+
+    /// `super::transform_run` for one run with 16-lane gathers: lane l of vector f0 / 16 is pair
+    /// f0 + l of the run (row r = f % MR, column jl = f / MR), whose tap t lies at
+    /// `w + r * si + jl * sj + tap(t)` (tap(t) = 8 - t when `reversed`). The (r, jl) pattern
+    /// repeats every 48 pairs (8 columns), so three index vectors serve the whole run. Rows at or
+    /// past `rows` are gathered as zeros (the zero rows of the last panel). Same operations in
+    /// the same order as the portable loop, so the same results.
+    ///
+    /// # Safety
+    /// AVX-512 F is present; for r < rows, jl < runs[k].len() / MR and t < 9 the value at
+    /// `w + r * si + jl * sj + t` is readable, and every such offset is below 2^31.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+    pub unsafe fn transform_run(
+        w: *const f32,
+        (si, sj, reversed): (usize, usize, bool),
+        rows: usize,
+        runs: &mut [&mut [f32]; 16],
+    ) {
+        use super::MR;
+        let run = runs[0].len();
+        let mut idx = [_mm512_setzero_si512(); 3];
+        let mut row_mask = [0 as __mmask16; 3];
+        for s in 0..3 {
+            let mut lanes = [0i32; 16];
+            for (l, lane) in lanes.iter_mut().enumerate() {
+                let f = 16 * s + l;
+                *lane = ((f / MR) * sj + (f % MR) * si) as i32;
+                if f % MR < rows {
+                    row_mask[s] |= 1 << l;
+                }
+            }
+            idx[s] = unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
+        }
+        let half = _mm512_set1_ps(0.5);
+        let gv = |a: __m512, b: __m512, c: __m512| {
+            [
+                a,
+                _mm512_mul_ps(half, _mm512_add_ps(_mm512_add_ps(a, b), c)),
+                _mm512_mul_ps(half, _mm512_add_ps(_mm512_sub_ps(a, b), c)),
+                c,
+            ]
+        };
+        for f0 in (0..run).step_by(16) {
+            let n = 16.min(run - f0);
+            let tail = ((1u32 << n) - 1) as __mmask16;
+            let s = f0 / 16 % 3;
+            // Columns 8 (f0 / 48) on from the run's first.
+            let base = unsafe { w.add(f0 / 48 * 8 * sj) };
+            let g: [__m512; 9] = std::array::from_fn(|t| {
+                let tap = if reversed { 8 - t } else { t };
+                unsafe {
+                    _mm512_mask_i32gather_ps::<4>(
+                        _mm512_setzero_ps(),
+                        row_mask[s] & tail,
+                        idx[s],
+                        base.add(tap),
+                    )
+                }
+            });
+            let cols: [[__m512; 4]; 3] = std::array::from_fn(|kx| gv(g[kx], g[3 + kx], g[6 + kx]));
+            for row in 0..4 {
+                let vals = gv(cols[0][row], cols[1][row], cols[2][row]);
+                for (col, v) in vals.into_iter().enumerate() {
+                    let dst = &mut runs[row * 4 + col][f0..f0 + n];
+                    unsafe { _mm512_mask_storeu_ps(dst.as_mut_ptr(), tail, v) };
+                }
+            }
+        }
+    }
 
     /// `tile_row` for up to 16 tiles as 16-lane vectors: `offsets[2 r + p]` is where patch row
     /// r's even (p = 0) or odd (p = 1) columns start in `xc`; the 16 results go to `vc + k * n`.
