@@ -109,11 +109,48 @@ impl<'a> PackedA<'a> {
     }
 }
 
+/// A matrix B [k, n] packed once, in the layout the GEMM packs its column strips into (depth
+/// block after depth block, each `n.div_ceil(NR)` panels of kc x NR, zeros past column n): the
+/// products then read it in place, for a B used by many products (an inference form's weights).
+/// Owned, its first value on a 64-byte boundary like the GEMM's own strips.
+pub struct PackedB {
+    buf: Vec<f32>,
+    start: usize,
+    k: usize,
+    n: usize,
+}
+
+impl PackedB {
+    /// B as `src` packs it: every depth block of all n columns, in order.
+    pub fn pack(src: &dyn PanelSource, k: usize, n: usize) -> PackedB {
+        let panels = n.div_ceil(NR);
+        let len = panels * NR * k;
+        // NR values of slack for the last block (a PanelSource may write them); ALIGN to align.
+        let mut buf = vec![0f32; len + NR + ALIGN];
+        let start = buf.as_ptr().align_offset(64).min(ALIGN);
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            // In order: a block's slack is overwritten by the next block's first values.
+            src.pack(0, n, pc, kc, &mut buf[start + panels * NR * pc..]);
+        }
+        PackedB { buf, start, k, n }
+    }
+
+    /// Panels j0 / NR.. of columns j0..j1 (j0 a multiple of NR) of depth block pc..pc + kc.
+    fn strip(&self, j0: usize, j1: usize, pc: usize, kc: usize) -> &[f32] {
+        let panels = self.n.div_ceil(NR);
+        let at = self.start + panels * NR * pc + (j0 / NR) * NR * kc;
+        &self.buf[at..][..(j1 - j0).div_ceil(NR) * NR * kc]
+    }
+}
+
 /// The right-hand operand of `sgemm_with`.
 #[derive(Clone, Copy)]
 pub enum BOperand<'a> {
     Mat(MatRef<'a>),
     Packed(&'a dyn PanelSource),
+    /// Already in the packed layout: nothing to pack.
+    Prepacked(&'a PackedB),
 }
 
 /// Where element (i, j) of C lives: `c[(j / group) * group_stride + i * ldc + j % group]`. A
@@ -235,6 +272,14 @@ fn sgemm_on(
         return;
     }
     cl.check(m, n, c.len());
+    if let BOperand::Prepacked(pb) = b {
+        assert!(
+            pb.k == k && pb.n == n,
+            "sgemm: prepacked B is {}x{}",
+            pb.k,
+            pb.n
+        );
+    }
     if k == 0 {
         if !accumulate {
             for i in 0..m {
@@ -418,15 +463,22 @@ fn super_block(
                 let a_block = &a_pack[m_panels * MR * (pc - k0)..][..m_panels * MR * kc];
                 let add = accumulate || pc > k0;
                 let panels = (j1 - j0).div_ceil(NR);
-                // NR values of slack for a PanelSource.
-                if strip.len() < panels * NR * kc + NR + ALIGN {
-                    strip.resize(panels * NR * kc + NR + ALIGN, 0.0);
-                }
-                let strip = aligned(&mut strip[..], panels * NR * kc + NR);
-                match b {
-                    BOperand::Mat(b) => pack_b_strip(b, j0, j1, pc, kc, strip),
-                    BOperand::Packed(src) => src.pack(j0, j1, pc, kc, strip),
-                }
+                let strip: &[f32] = match b {
+                    BOperand::Prepacked(pb) => pb.strip(j0, j1, pc, kc),
+                    BOperand::Mat(_) | BOperand::Packed(_) => {
+                        // NR values of slack for a PanelSource.
+                        if strip.len() < panels * NR * kc + NR + ALIGN {
+                            strip.resize(panels * NR * kc + NR + ALIGN, 0.0);
+                        }
+                        let strip = aligned(&mut strip[..], panels * NR * kc + NR);
+                        match b {
+                            BOperand::Mat(b) => pack_b_strip(b, j0, j1, pc, kc, strip),
+                            BOperand::Packed(src) => src.pack(j0, j1, pc, kc, strip),
+                            BOperand::Prepacked(_) => unreachable!("handled above"),
+                        }
+                        strip
+                    }
+                };
                 for i0 in (0..m).step_by(MC) {
                     let i1 = (i0 + MC).min(m);
                     let mut j = j0;
@@ -982,6 +1034,43 @@ mod tests {
                     "{m}x{n}x{k}: overwriting wrote past column n"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn a_prepacked_b_gives_the_same_product() {
+        /// B packed from a plain matrix, as the GEMM packs its strips.
+        struct FromMat<'a>(MatRef<'a>);
+        impl PanelSource for FromMat<'_> {
+            fn pack(&self, j0: usize, j1: usize, pc: usize, kc: usize, strip: &mut [f32]) {
+                pack_b_strip(self.0, j0, j1, pc, kc, strip)
+            }
+        }
+        // Columns past a panel, several depth blocks, the depth split between threads.
+        for &(m, n, k) in &[(7, 17, 3), (13, 33, 300), (7, 33, 2600), (100, 300, 520)] {
+            let (a, b) = (values(m * k, 3), values(k * n, 4));
+            let av = MatRef {
+                data: &a,
+                rs: k,
+                cs: 1,
+            };
+            let bv = MatRef {
+                data: &b,
+                rs: n,
+                cs: 1,
+            };
+            let mut want = vec![0f32; m * n];
+            sgemm(m, n, k, av, bv, &mut want, n, false);
+            let packed = PackedB::pack(&FromMat(bv), k, n);
+            let mut got = vec![1f32; m * n];
+            let (a_op, b_op) = (AOperand::Mat(av), BOperand::Prepacked(&packed));
+            sgemm_with(m, n, k, a_op, b_op, &mut got, CLayout::rows(n), false);
+            assert!(
+                got.iter()
+                    .zip(&want)
+                    .all(|(g, w)| g.to_bits() == w.to_bits()),
+                "{m}x{n}x{k}: the prepacked product differs"
+            );
         }
     }
 

@@ -224,20 +224,20 @@ impl CustomOp3 for FusedConvBias {
 }
 
 /// What the forward makes from a fixed weight tensor before multiplying (Winograd's transformed
-/// weights, the small-map product's tap-major weights), made on first use and kept for the next
+/// weights, the small-map product's packed dense matrix), made on first use and kept for the next
 /// calls. Only for weights that never change: the inference form's folded convolutions, whose
 /// tensors are detached and never updated (`conv2d_inference`).
 #[derive(Default)]
 pub struct PreparedWeights {
     winograd: OnceLock<Vec<f32>>,
-    small_map: OnceLock<Vec<f32>>,
+    small_map: OnceLock<small_map::Prepared>,
 }
 
 impl std::fmt::Debug for PreparedWeights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PreparedWeights")
             .field("winograd", &self.winograd.get().map(Vec::len))
-            .field("small_map", &self.small_map.get().map(Vec::len))
+            .field("small_map", &self.small_map.get().is_some())
             .finish()
     }
 }
@@ -292,7 +292,7 @@ impl FusedConv {
             let y = timed(Slot::ConvGemmForward, || match prepared {
                 Some(p) => {
                     let wt = p.small_map.get_or_init(|| small_map::prepare(w, o, d));
-                    small_map::forward_prepared(x, wt, bias, o, d)
+                    small_map::forward_prepared(x, w, wt, bias, o, d)
                 }
                 None => small_map::forward(x, w, bias, o, d),
             });

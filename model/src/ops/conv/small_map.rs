@@ -13,7 +13,7 @@ use rayon::prelude::*;
 
 use super::algorithm::{algorithm, Algorithm};
 use super::Dims;
-use crate::ops::gemm::{sgemm_with, AOperand, BOperand, CLayout, MatRef, PanelSource, NR};
+use crate::ops::gemm::{sgemm_with, AOperand, BOperand, CLayout, MatRef, PackedB, PanelSource, NR};
 use crate::ops::{give_scratch, take_scratch};
 
 /// The pixels of a map split into those along the kernel's axes (`p`, `q`) and along its 1-wide
@@ -188,78 +188,107 @@ impl PanelSource for DenseWeights<'_> {
 }
 
 /// `input` [B, depth, H, W] through the dense product with the weights: [B, cols, H, W] (+ bias).
-/// `wt`: the weights as `tap_major` lays them out for this direction.
+/// `weights`: the dense weight matrix as the right operand (`dense_weights`, or packed once).
 fn dense_product(
     input: &[f32],
-    wt: &[f32],
-    (o, c): (usize, usize),
-    forward: bool,
+    weights: BOperand,
+    (depth, cols): (usize, usize),
     bias: Option<&[f32]>,
     d: &Dims,
+    plan: &Plan,
 ) -> Vec<f32> {
-    let plan = Plan::new(d);
-    let (depth, cols) = if forward { (c, o) } else { (o, c) };
-    let a = gather(input, depth, d, &plan);
+    let a = gather(input, depth, d, plan);
     let (m, n, k) = (d.b * plan.rest, plan.pixels * cols, plan.pixels * depth);
-    let b = DenseWeights {
-        wt,
-        depth,
-        cols,
-        plan: &plan,
-        forward,
-    };
     let mut out = take_scratch(m * n);
     let a_op = AOperand::Mat(MatRef {
         data: &a,
         rs: k,
         cs: 1,
     });
-    sgemm_with(
-        m,
-        n,
-        k,
-        a_op,
-        BOperand::Packed(&b),
-        &mut out,
-        CLayout::rows(n),
-        false,
-    );
+    sgemm_with(m, n, k, a_op, weights, &mut out, CLayout::rows(n), false);
     give_scratch(a);
-    let y = scatter(&out[..m * n], cols, bias, d, &plan);
+    let y = scatter(&out[..m * n], cols, bias, d, plan);
     give_scratch(out);
+    y
+}
+
+/// The dense product in direction `forward` (else the input gradient's) with the weights laid
+/// out tap by tap at this call.
+fn dense(
+    input: &[f32],
+    w: &[f32],
+    o: usize,
+    forward: bool,
+    bias: Option<&[f32]>,
+    d: &Dims,
+) -> Vec<f32> {
+    let plan = Plan::new(d);
+    let taps = d.g.kernel.0 * d.g.kernel.1;
+    let wt = tap_major(w, o, d.c, taps, forward);
+    let (depth, cols) = if forward { (d.c, o) } else { (o, d.c) };
+    let b = DenseWeights {
+        wt: &wt,
+        depth,
+        cols,
+        plan: &plan,
+        forward,
+    };
+    let y = dense_product(input, BOperand::Packed(&b), (depth, cols), bias, d, &plan);
+    give_scratch(wt);
     y
 }
 
 /// y = x ⋆ w (+ bias): [B, O, H, W].
 pub(super) fn forward(x: &[f32], w: &[f32], bias: Option<&[f32]>, o: usize, d: &Dims) -> Vec<f32> {
-    let wt = prepare(w, o, d);
-    let y = forward_prepared(x, &wt, bias, o, d);
+    dense(x, w, o, true, bias, d)
+}
+
+/// The forward's dense weight matrix packed once, for maps of one size (the inference form:
+/// its weights never change, so each call only gathers the input and multiplies).
+pub(super) struct Prepared {
+    map: (usize, usize),
+    packed: PackedB,
+}
+
+/// The forward weights [O, C, kh, kw] as `forward_prepared` reads them on maps of `d`'s size.
+pub(super) fn prepare(w: &[f32], o: usize, d: &Dims) -> Prepared {
+    let plan = Plan::new(d);
+    let wt = tap_major(w, o, d.c, d.g.kernel.0 * d.g.kernel.1, true);
+    let b = DenseWeights {
+        wt: &wt,
+        depth: d.c,
+        cols: o,
+        plan: &plan,
+        forward: true,
+    };
+    let packed = PackedB::pack(&b, plan.pixels * d.c, plan.pixels * o);
     give_scratch(wt);
-    y
+    Prepared {
+        map: (d.h, d.w),
+        packed,
+    }
 }
 
-/// The forward weights [O, C, kh, kw] laid out for `forward_prepared`.
-pub(super) fn prepare(w: &[f32], o: usize, d: &Dims) -> Vec<f32> {
-    tap_major(w, o, d.c, d.g.kernel.0 * d.g.kernel.1, true)
-}
-
-/// `forward` with the weights already laid out by `prepare`.
+/// `forward` with the weights `prepare`d; on a map of another size than they were prepared for,
+/// laid out again at this call.
 pub(super) fn forward_prepared(
     x: &[f32],
-    wt: &[f32],
+    w: &[f32],
+    prepared: &Prepared,
     bias: Option<&[f32]>,
     o: usize,
     d: &Dims,
 ) -> Vec<f32> {
-    dense_product(x, wt, (o, d.c), true, bias, d)
+    if prepared.map != (d.h, d.w) {
+        return forward(x, w, bias, o, d);
+    }
+    let b = BOperand::Prepacked(&prepared.packed);
+    dense_product(x, b, (d.c, o), bias, d, &Plan::new(d))
 }
 
 /// dx [B, C, H, W] from dy [B, O, H, W]: the dense product transposed.
 pub(super) fn input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) -> Vec<f32> {
-    let wt = tap_major(w, o, d.c, d.g.kernel.0 * d.g.kernel.1, false);
-    let dx = dense_product(dy, &wt, (o, d.c), false, None, d);
-    give_scratch(wt);
-    dx
+    dense(dy, w, o, false, None, d)
 }
 
 #[cfg(test)]
@@ -347,8 +376,19 @@ mod tests {
             let wt = values(o * c * k.0 * k.1, 100 + i as u64);
             let dy = values(b * o * h * w, 200 + i as u64);
             let (y, dx) = reference(&x, &wt, &dy, case);
+            // Prepared for this map, and for another size (then laid out again per call).
+            let prepared = prepare(&wt, o, &d);
+            let other = prepare(&wt, o, &Dims { h: 1, w: 1, ..d });
             let checks = [
                 ("forward", worst(&forward(&x, &wt, None, o, &d), &y)),
+                (
+                    "prepared forward",
+                    worst(&forward_prepared(&x, &wt, &prepared, None, o, &d), &y),
+                ),
+                (
+                    "forward prepared for another map",
+                    worst(&forward_prepared(&x, &wt, &other, None, o, &d), &y),
+                ),
                 (
                     "input gradient",
                     worst(&input_gradient(&dy, &wt, o, &d), &dx),
