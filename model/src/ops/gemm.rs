@@ -591,13 +591,32 @@ fn pack_b_strip_body(b: MatRef, j0: usize, j1: usize, pc: usize, kc: usize, stri
             }
         }
     } else if b.rs == 1 {
-        // Column-major B (a transposed view): each column is a contiguous run.
+        // Column-major B (a transposed view): each column is a contiguous run, turned into the
+        // panel's rows by 8x8 transposes (with AVX), else value by value.
         for q in 0..full {
             let panel = &mut strip[q * NR * kc..][..NR * kc];
-            for r in 0..NR {
-                let col = &b.data[(j0 + q * NR + r) * b.cs + pc..][..kc];
-                for (p, &v) in col.iter().enumerate() {
-                    panel[p * NR + r] = v;
+            let cols: [&[f32]; NR] =
+                std::array::from_fn(|r| &b.data[(j0 + q * NR + r) * b.cs + pc..][..kc]);
+            let mut done = 0;
+            #[cfg(target_arch = "x86_64")]
+            if super::isa::avx2() {
+                done = kc / 8 * 8;
+                for p0 in (0..done).step_by(8) {
+                    for r0 in [0, 8] {
+                        // SAFETY: AVX is present; the source pointer comes from the rest of
+                        // b.data, where columns r0..r0 + 8 lie b.cs apart and each holds values
+                        // p0..p0 + 8 (`cols` checked every column's kc values, p0 + 8 <= kc);
+                        // panel rows p0..p0 + 8 hold lanes r0..r0 + 8 (r0 + 8 <= NR).
+                        let src = &b.data[(j0 + q * NR + r0) * b.cs + pc + p0..];
+                        unsafe {
+                            transpose8x8(src.as_ptr(), b.cs, panel[p0 * NR + r0..].as_mut_ptr(), NR)
+                        };
+                    }
+                }
+            }
+            for (r, col) in cols.iter().enumerate() {
+                for p in done..kc {
+                    panel[p * NR + r] = col[p];
                 }
             }
         }
@@ -624,6 +643,54 @@ fn pack_b_strip_body(b: MatRef, j0: usize, j1: usize, pc: usize, kc: usize, stri
                 };
             }
         }
+    }
+}
+
+/// `dst[p * dst_stride + l] = src[l * src_stride + p]` for an 8 x 8 block: unpacks, shuffles and
+/// lane swaps instead of 64 scalar moves.
+///
+/// # Safety
+/// AVX must be present; `src` must hold 8 rows of 8 values at `src_stride`, `dst` 8 rows of 8
+/// at `dst_stride`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+pub(crate) unsafe fn transpose8x8(
+    src: *const f32,
+    src_stride: usize,
+    dst: *mut f32,
+    dst_stride: usize,
+) {
+    use std::arch::x86_64::*;
+    let r: [__m256; 8] = std::array::from_fn(|l| _mm256_loadu_ps(src.add(l * src_stride)));
+    // Pairs of rows interleaved, then pairs of pairs, then the 128-bit halves exchanged.
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    let out = [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ];
+    for (p, v) in out.into_iter().enumerate() {
+        _mm256_storeu_ps(dst.add(p * dst_stride), v);
     }
 }
 

@@ -3,6 +3,8 @@
 //! (output gradients, weights) read in place as A.
 
 use super::Dims;
+#[cfg(target_arch = "x86_64")]
+use crate::ops::gemm::transpose8x8;
 use crate::ops::gemm::{APanelSource, PanelSource, KC, MR, NR};
 use crate::ops::timing::{timed, Slot};
 use crate::ops::{give_scratch, take_scratch};
@@ -246,54 +248,6 @@ pub(super) fn transpose_block(block: &[f32], kc: usize, panel: &mut [f32]) {
     for (p, dst) in panel.chunks_exact_mut(NR).take(kc).enumerate().skip(done) {
         let dst: &mut [f32; NR] = dst.try_into().expect("NR values");
         *dst = std::array::from_fn(|l| rows[l][p]);
-    }
-}
-
-/// `dst[p * dst_stride + l] = src[l * src_stride + p]` for an 8 x 8 block: unpacks, shuffles and
-/// lane swaps instead of 64 scalar moves.
-///
-/// # Safety
-/// AVX must be present; `src` must hold 8 rows of 8 values at `src_stride`, `dst` 8 rows of 8
-/// at `dst_stride`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-pub(super) unsafe fn transpose8x8(
-    src: *const f32,
-    src_stride: usize,
-    dst: *mut f32,
-    dst_stride: usize,
-) {
-    use std::arch::x86_64::*;
-    let r: [__m256; 8] = std::array::from_fn(|l| _mm256_loadu_ps(src.add(l * src_stride)));
-    // Pairs of rows interleaved, then pairs of pairs, then the 128-bit halves exchanged.
-    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
-    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
-    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
-    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
-    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
-    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
-    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
-    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
-    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
-    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
-    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
-    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
-    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
-    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
-    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
-    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
-    let out = [
-        _mm256_permute2f128_ps::<0x20>(u0, u4),
-        _mm256_permute2f128_ps::<0x20>(u1, u5),
-        _mm256_permute2f128_ps::<0x20>(u2, u6),
-        _mm256_permute2f128_ps::<0x20>(u3, u7),
-        _mm256_permute2f128_ps::<0x31>(u0, u4),
-        _mm256_permute2f128_ps::<0x31>(u1, u5),
-        _mm256_permute2f128_ps::<0x31>(u2, u6),
-        _mm256_permute2f128_ps::<0x31>(u3, u7),
-    ];
-    for (p, v) in out.into_iter().enumerate() {
-        _mm256_storeu_ps(dst.add(p * dst_stride), v);
     }
 }
 
