@@ -145,7 +145,20 @@ struct DenseWeights<'a> {
     forward: bool,
 }
 
-impl DenseWeights<'_> {
+impl<'a> DenseWeights<'a> {
+    /// The operand of direction `forward` (else the input gradient's) for weights [O, C, ...]
+    /// laid out by `tap_major` in that direction.
+    fn of(wt: &'a [f32], plan: &'a Plan, (o, c): (usize, usize), forward: bool) -> Self {
+        let (depth, cols) = if forward { (c, o) } else { (o, c) };
+        DenseWeights {
+            wt,
+            depth,
+            cols,
+            plan,
+            forward,
+        }
+    }
+
     /// The tap joining depth pixel q and column pixel p.
     #[inline(always)]
     fn tap(&self, q: usize, p: usize) -> usize {
@@ -188,7 +201,8 @@ impl PanelSource for DenseWeights<'_> {
 }
 
 /// `input` [B, depth, H, W] through the dense product with the weights: [B, cols, H, W] (+ bias).
-/// `weights`: the dense weight matrix as the right operand (`dense_weights`, or packed once).
+/// `weights`: the dense weight matrix as the right operand (`DenseWeights`, packed at this call,
+/// or a `PackedB` packed once).
 fn dense_product(
     input: &[f32],
     weights: BOperand,
@@ -223,17 +237,16 @@ fn dense(
     d: &Dims,
 ) -> Vec<f32> {
     let plan = Plan::new(d);
-    let taps = d.g.kernel.0 * d.g.kernel.1;
-    let wt = tap_major(w, o, d.c, taps, forward);
-    let (depth, cols) = if forward { (d.c, o) } else { (o, d.c) };
-    let b = DenseWeights {
-        wt: &wt,
-        depth,
-        cols,
-        plan: &plan,
-        forward,
-    };
-    let y = dense_product(input, BOperand::Packed(&b), (depth, cols), bias, d, &plan);
+    let wt = tap_major(w, o, d.c, d.g.kernel.0 * d.g.kernel.1, forward);
+    let b = DenseWeights::of(&wt, &plan, (o, d.c), forward);
+    let y = dense_product(
+        input,
+        BOperand::Packed(&b),
+        (b.depth, b.cols),
+        bias,
+        d,
+        &plan,
+    );
     give_scratch(wt);
     y
 }
@@ -254,13 +267,7 @@ pub(super) struct Prepared {
 pub(super) fn prepare(w: &[f32], o: usize, d: &Dims) -> Prepared {
     let plan = Plan::new(d);
     let wt = tap_major(w, o, d.c, d.g.kernel.0 * d.g.kernel.1, true);
-    let b = DenseWeights {
-        wt: &wt,
-        depth: d.c,
-        cols: o,
-        plan: &plan,
-        forward: true,
-    };
+    let b = DenseWeights::of(&wt, &plan, (o, d.c), true);
     let packed = PackedB::pack(&b, plan.pixels * d.c, plan.pixels * o);
     give_scratch(wt);
     Prepared {
