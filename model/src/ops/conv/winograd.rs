@@ -825,10 +825,10 @@ mod avx512 {
             let s = f0 / 16 % 3;
             // Columns 8 (f0 / 48) on from the run's first.
             let base = unsafe { w.add(f0 / 48 * 8 * sj) };
-            if s == 0 && si == 9 {
-                // The input-gradient form: a column's taps are one short run, columns lie far
-                // apart, which the hardware prefetcher does not follow; fetch the 8 columns
-                // 16 ahead (a hint: no access, so any address is allowed).
+            if s == 0 && reversed {
+                // The input-gradient form: a column's taps are one short run, columns lie o x 9
+                // values apart, a stride the hardware prefetcher does not follow; fetch the 8
+                // columns 16 ahead (a hint: no access, so any address is allowed).
                 for jl in 16..24 {
                     let col = base.wrapping_add(jl * sj);
                     for line in (0..rows * 9).step_by(16) {
