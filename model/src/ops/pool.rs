@@ -110,6 +110,225 @@ fn winner<T: Copy + PartialOrd>(plane: &[T], d: &PoolDims, oy: usize, ox: usize,
     last_nan
 }
 
+/// One kernel tap along the width as a contiguous run of a row's phases (`deinterleave`): the
+/// window of output column `ox` in `lo..hi` reads input column `s * ox + shift`, which is
+/// `phases[src + ox - lo]`. Outputs outside `lo..hi` have that tap in the padding.
+#[derive(Debug, Clone, Copy)]
+struct TapRun {
+    src: usize,
+    lo: usize,
+    hi: usize,
+    shift: isize,
+}
+
+impl PoolDims {
+    /// Length of each phase of a row: ceil(w / s).
+    fn phase_len(&self) -> usize {
+        self.w.div_ceil(self.s)
+    }
+
+    /// The taps along the width as runs over the phases, in tap order (left to right).
+    fn tap_runs(&self) -> Vec<TapRun> {
+        let (s, plen) = (self.s as isize, self.phase_len() as isize);
+        (0..self.k)
+            .filter_map(|t| {
+                let shift = t as isize - self.p as isize;
+                let (q, r) = (shift.div_euclid(s), shift.rem_euclid(s));
+                // Phase r holds columns r, r + s, ...: ceil((w - r) / s) of them.
+                let len_r = (self.w as isize - r + s - 1).div_euclid(s).max(0);
+                let lo = (-q).max(0);
+                let hi = (self.ow as isize).min(len_r - q);
+                (hi > lo).then(|| TapRun {
+                    src: (r * plen + lo + q) as usize,
+                    lo: lo as usize,
+                    hi: hi as usize,
+                    shift,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Splits each row of `plane` (rows of `d.w`) into its `d.s` phases, so that a strided tap is a
+/// contiguous run: `phases[(row * s + r) * len + j] = plane[row * w + s * j + r]`.
+fn deinterleave(plane: &[f32], d: &PoolDims, phases: &mut [f32]) {
+    let (s, plen) = (d.s, d.phase_len());
+    for (row, ph) in plane
+        .chunks_exact(d.w)
+        .zip(phases.chunks_exact_mut(s * plen))
+    {
+        match s {
+            1 => ph.copy_from_slice(row),
+            2 => {
+                let (even, odd) = ph.split_at_mut(plen);
+                split_even_odd(row, even, odd);
+            }
+            _ => {
+                for (j, col) in row.chunks(s).enumerate() {
+                    for (r, &v) in col.iter().enumerate() {
+                        ph[r * plen + j] = v;
+                    }
+                }
+            }
+        }
+    }
+}
+
+simd_dispatch!(
+/// `even[j] = row[2j]`, `odd[j] = row[2j + 1]` (an odd-length row's last value goes to `even`).
+fn split_even_odd(row: &[f32], even: &mut [f32], odd: &mut [f32]) -> () = split_even_odd_body);
+
+#[inline(always)]
+fn split_even_odd_body(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    let pairs = row.chunks_exact(2);
+    if let [last] = pairs.remainder() {
+        even[row.len() / 2] = *last;
+    }
+    for ((pair, e), o) in pairs.zip(even.iter_mut()).zip(odd.iter_mut()) {
+        *e = pair[0];
+        *o = pair[1];
+    }
+}
+
+simd_dispatch!(
+/// The maxima of one input row's windows (`running_max` over the taps in order, from -inf, which
+/// any value or NaN replaces as the first cell would).
+fn row_maxima(phases: &[f32], runs: &[TapRun], out: &mut [f32]) -> () = row_maxima_body);
+
+#[inline(always)]
+fn row_maxima_body(phases: &[f32], runs: &[TapRun], out: &mut [f32]) {
+    out.fill(f32::NEG_INFINITY);
+    for run in runs {
+        let src = &phases[run.src..][..run.hi - run.lo];
+        for (m, &v) in out[run.lo..run.hi].iter_mut().zip(src) {
+            *m = running_max(*m, v);
+        }
+    }
+}
+
+simd_dispatch!(
+/// `dst = running_max(dst, src)` elementwise (the column pass).
+fn max_into(dst: &mut [f32], src: &[f32]) -> () = max_into_body);
+
+#[inline(always)]
+fn max_into_body(dst: &mut [f32], src: &[f32]) {
+    for (b, &v) in dst.iter_mut().zip(src) {
+        *b = running_max(*b, v);
+    }
+}
+
+/// `pool_fwd` for f32, vectorised: each row is split into its stride phases, so every tap of
+/// the row pass is one contiguous run. Bit-identical to `pool_fwd`.
+fn pool_fwd_f32(x: &[f32], d: &PoolDims) -> Vec<f32> {
+    let runs = d.tap_runs();
+    let plen = d.phase_len();
+    let mut out = vec![0f32; d.planes * d.oh * d.ow];
+    out.par_chunks_mut(d.oh * d.ow).enumerate().for_each_init(
+        || (vec![0f32; d.h * d.s * plen], vec![0f32; d.h * d.ow]),
+        |(phases, row_max), (p, dst)| {
+            let plane = &x[p * d.h * d.w..][..d.h * d.w];
+            deinterleave(plane, d, phases);
+            for (ph, maxima) in phases
+                .chunks_exact(d.s * plen)
+                .zip(row_max.chunks_exact_mut(d.ow))
+            {
+                row_maxima(ph, &runs, maxima);
+            }
+            for (oy, dst) in dst.chunks_exact_mut(d.ow).enumerate() {
+                let (ys, ye) = d.window(oy, d.h);
+                dst.copy_from_slice(&row_max[ys * d.ow..][..d.ow]);
+                for iy in ys + 1..ye {
+                    max_into(dst, &row_max[iy * d.ow..][..d.ow]);
+                }
+            }
+        },
+    );
+    out
+}
+
+simd_dispatch!(
+/// One tap of one window row in the winner search, for a run of outputs: `cell` is the input
+/// index (in its plane) of the first output's cell, `step` the distance between outputs' cells.
+/// A non-NaN output takes the first cell equal to it (`found` marks it taken); a NaN output the
+/// last NaN.
+fn winner_step(v: &[f32], y: &[f32], idx: &mut [u32], found: &mut [u32], cell: u32, step: u32) -> () = winner_step_body);
+
+#[inline(always)]
+fn winner_step_body(
+    v: &[f32],
+    y: &[f32],
+    idx: &mut [u32],
+    found: &mut [u32],
+    cell: u32,
+    step: u32,
+) {
+    for (i, (((&v, &y), ix), f)) in v
+        .iter()
+        .zip(y)
+        .zip(idx.iter_mut())
+        .zip(found.iter_mut())
+        .enumerate()
+    {
+        #[allow(clippy::eq_op)]
+        let hit = if y != y { v != v } else { *f == 0 && v == y };
+        *ix = if hit { cell + step * i as u32 } else { *ix };
+        *f |= hit as u32;
+    }
+}
+
+/// `pool_bwd` for f32: the winners of a row of windows are found together (`winner_step`, over
+/// the taps in row-major window order), then each gradient is added to its winner in the same
+/// order as `pool_bwd`, so the sums are bit-identical.
+fn pool_bwd_f32(x: &[f32], y: &[f32], grad: &[f32], d: &PoolDims) -> Vec<f32> {
+    let runs = d.tap_runs();
+    let plen = d.phase_len();
+    // The first cell of each window along the width: the winner when no cell is a NaN of a NaN
+    // output (as in `winner`).
+    let first: Vec<u32> = (0..d.ow).map(|ox| d.window(ox, d.w).0 as u32).collect();
+    let mut out = vec![0f32; d.planes * d.h * d.w];
+    out.par_chunks_mut(d.h * d.w).enumerate().for_each_init(
+        || {
+            (
+                vec![0f32; d.h * d.s * plen],
+                vec![0u32; d.ow],
+                vec![0u32; d.ow],
+            )
+        },
+        |(phases, idx, found), (p, dst)| {
+            let plane = &x[p * d.h * d.w..][..d.h * d.w];
+            deinterleave(plane, d, phases);
+            let g = &grad[p * d.oh * d.ow..][..d.oh * d.ow];
+            let y = &y[p * d.oh * d.ow..][..d.oh * d.ow];
+            for ((oy, yr), gr) in y.chunks_exact(d.ow).enumerate().zip(g.chunks_exact(d.ow)) {
+                let (ys, ye) = d.window(oy, d.h);
+                for (ix, &xs) in idx.iter_mut().zip(&first) {
+                    *ix = (ys * d.w) as u32 + xs;
+                }
+                found.fill(0);
+                for iy in ys..ye {
+                    let ph = &phases[iy * d.s * plen..][..d.s * plen];
+                    for run in &runs {
+                        let (lo, hi) = (run.lo, run.hi);
+                        let cell = (iy * d.w) as isize + (d.s * lo) as isize + run.shift;
+                        winner_step(
+                            &ph[run.src..][..hi - lo],
+                            &yr[lo..hi],
+                            &mut idx[lo..hi],
+                            &mut found[lo..hi],
+                            cell as u32,
+                            d.s as u32,
+                        );
+                    }
+                }
+                for (&i, &gv) in idx.iter().zip(gr) {
+                    dst[i as usize] += gv;
+                }
+            }
+        },
+    );
+    out
+}
+
 /// Routes each output's gradient to its window's winner; `y` is the forward's output.
 fn pool_bwd<T>(x: &[T], y: &[T], grad: &[T], d: &PoolDims) -> Vec<T>
 where
@@ -142,7 +361,7 @@ impl CustomOp1 for MaxPool {
         let dims = l.dims();
         let shape = Shape::from((dims[0], dims[1], d.oh, d.ow));
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(pool_fwd(contiguous(v, l, "max_pool2d")?, d)),
+            CpuStorage::F32(v) => CpuStorage::F32(pool_fwd_f32(contiguous(v, l, "max_pool2d")?, d)),
             CpuStorage::F64(v) => CpuStorage::F64(pool_fwd(contiguous(v, l, "max_pool2d")?, d)),
             other => candle_core::bail!("max_pool2d: unsupported dtype {:?}", other.dtype()),
         };
@@ -176,7 +395,7 @@ impl CustomOp3 for MaxPoolBackward {
         let d = &self.0;
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(y), CpuStorage::F32(g)) => {
-                CpuStorage::F32(pool_bwd(
+                CpuStorage::F32(pool_bwd_f32(
                     contiguous(x, l1, "max_pool2d")?,
                     contiguous(y, l2, "max_pool2d")?,
                     contiguous(g, l3, "max_pool2d")?,
@@ -302,6 +521,11 @@ mod tests {
             // Ceil mode: the last window hangs over the end (8 -> 4, 7 -> 3 at p0; 6 -> 4 at p1).
             (8, 7, 3, 2, 0, true),
             (6, 9, 3, 2, 1, true),
+            // Stride 1 and 3, and the 112 px stem's 56 -> 28.
+            (6, 5, 3, 1, 1, false),
+            (10, 11, 3, 3, 1, false),
+            (11, 10, 5, 3, 2, true),
+            (56, 56, 3, 2, 1, false),
         ] {
             let d = PoolDims {
                 planes: 3,
@@ -319,6 +543,18 @@ mod tests {
                 .collect();
             let y = pool_fwd(&x, &d);
             let dx = pool_bwd(&x, &y, &g, &d);
+            // The vectorised f32 paths (the ones training uses) give the same bits.
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&pool_fwd_f32(&x, &d)),
+                bits(&y),
+                "{h}x{w} k{k} s{s} p{p}: f32 forward"
+            );
+            assert_eq!(
+                bits(&pool_bwd_f32(&x, &y, &g, &d)),
+                bits(&dx),
+                "{h}x{w} k{k} s{s} p{p}: f32 backward"
+            );
             let mut want_dx = vec![0f32; x.len()];
             for pl in 0..d.planes {
                 let plane = &x[pl * h * w..][..h * w];
