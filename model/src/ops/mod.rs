@@ -123,6 +123,22 @@ macro_rules! simd_dispatch {
     };
 }
 
+simd_dispatch!(
+/// `even[j] = row[2j]`, `odd[j] = row[2j + 1]` (an odd-length row's last value goes to `even`).
+pub(crate) fn split_even_odd(row: &[f32], even: &mut [f32], odd: &mut [f32]) -> () = split_even_odd_body);
+
+#[inline(always)]
+fn split_even_odd_body(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
+    let pairs = row.chunks_exact(2);
+    if let [last] = pairs.remainder() {
+        even[row.len() / 2] = *last;
+    }
+    for ((pair, e), o) in pairs.zip(even.iter_mut()).zip(odd.iter_mut()) {
+        *e = pair[0];
+        *o = pair[1];
+    }
+}
+
 pub(crate) mod adam;
 pub mod add_relu;
 pub mod batch_norm;

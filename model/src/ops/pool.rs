@@ -9,7 +9,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::contiguous;
+use super::{contiguous, split_even_odd};
 
 #[derive(Debug, Clone, Copy)]
 struct PoolDims {
@@ -171,22 +171,6 @@ fn deinterleave(plane: &[f32], d: &PoolDims, phases: &mut [f32]) {
                 }
             }
         }
-    }
-}
-
-simd_dispatch!(
-/// `even[j] = row[2j]`, `odd[j] = row[2j + 1]` (an odd-length row's last value goes to `even`).
-fn split_even_odd(row: &[f32], even: &mut [f32], odd: &mut [f32]) -> () = split_even_odd_body);
-
-#[inline(always)]
-fn split_even_odd_body(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
-    let pairs = row.chunks_exact(2);
-    if let [last] = pairs.remainder() {
-        even[row.len() / 2] = *last;
-    }
-    for ((pair, e), o) in pairs.zip(even.iter_mut()).zip(odd.iter_mut()) {
-        *e = pair[0];
-        *o = pair[1];
     }
 }
 

@@ -18,7 +18,7 @@ use rayon::prelude::*;
 use super::algorithm::{algorithm, Algorithm};
 use super::Dims;
 use crate::ops::gemm::{sgemm, sgemm_serial, AOperand, MatRef, PackedA, KC, MR};
-use crate::ops::{give_scratch, take_scratch};
+use crate::ops::{give_scratch, split_even_odd, take_scratch};
 
 /// Fewest tiles (2x2 output blocks over the batch) for which `Auto` picks Winograd when the
 /// weights are transformed at every call. Measured on the 2-core Zen 4 machine (`conv_probe`,
@@ -590,12 +590,7 @@ fn pad_input(x: &[f32], b: usize, g: &Geometry) -> Vec<f32> {
                 let (even, odd) = row.split_at_mut(half);
                 // Input column x is padded column x + 1: odd x goes to even[(x + 1) / 2], even x
                 // to odd[x / 2].
-                for (j, v) in src.chunks(2).enumerate() {
-                    odd[j] = v[0];
-                    if let Some(&v1) = v.get(1) {
-                        even[j + 1] = v1;
-                    }
-                }
+                split_even_odd(src, odd, &mut even[1..]);
             }
         });
     xp
