@@ -280,6 +280,37 @@ fn add_relu_matches_its_composition() {
     assert!(err < 1e-6, "add_relu: {err:e}");
 }
 
+/// Candle's backward as patched (vendor/README.md) adds a gradient's later terms in place, but only
+/// into a sum no other gradient shares. add+ReLU hands one tensor to both of its inputs; `a` then
+/// gets two more terms (`3a` and `a²`), which must not leak into `b`'s gradient (in this order of
+/// the loss's terms Candle reaches add+ReLU first: with the sharing check removed, this fails).
+/// Large enough that the in-place add is split between threads.
+#[test]
+fn gradient_terms_are_summed_without_touching_a_shared_gradient() {
+    let shape = [4, 8, 32, 32];
+    let a = Var::from_tensor(&rand_tensor(&shape, 80).to_dtype(DType::F32).unwrap()).unwrap();
+    let b = Var::from_tensor(&rand_tensor(&shape, 81).to_dtype(DType::F32).unwrap()).unwrap();
+    let y = add_relu(a.as_tensor(), b.as_tensor()).unwrap();
+    let three_a = (a.as_tensor() * 3.0).unwrap();
+    let a_sq = a.as_tensor().sqr().unwrap();
+    let loss =
+        (three_a.sum_all().unwrap() + a_sq.sum_all().unwrap() + y.sum_all().unwrap()).unwrap();
+    let grads = loss.backward().unwrap();
+    let (av, bv) = (flat(a.as_tensor()), flat(b.as_tensor()));
+    let ga = flat(grads.get(a.as_tensor()).unwrap());
+    let gb = flat(grads.get(b.as_tensor()).unwrap());
+    for i in 0..av.len() {
+        let mask = if av[i] + bv[i] > 0.0 { 1.0 } else { 0.0 };
+        assert_eq!(gb[i], mask, "b's gradient at {i}: add+ReLU's term alone");
+        let want = mask + 3.0 + 2.0 * av[i];
+        assert!(
+            (ga[i] - want).abs() <= 1e-6 * want.abs().max(1.0),
+            "a's gradient at {i}: {} vs {want}",
+            ga[i]
+        );
+    }
+}
+
 #[test]
 fn gemm_matmul_and_its_gradients_match_the_float64_product() {
     // Shapes around the microkernel's 6 x 16 tile and 256-deep blocks, with transposed views.

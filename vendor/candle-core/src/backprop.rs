@@ -728,15 +728,16 @@ impl GradStore {
         self.0.insert(id, grad)
     }
 
-    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
-    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     /// Adds `grad` into the gradient of `tensor`; the first term is stored as it is (contiguous)
-    /// instead of being added into a fresh zero tensor. (fer's patch: vendor/README.md.)
+    /// instead of being added into a fresh zero tensor, and later terms are added in place where
+    /// the stored sum is nobody else's (fer's patch: vendor/README.md).
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
         match self.0.entry(tensor.id()) {
             Entry::Occupied(mut entry) => {
                 let sum = entry.get_mut();
-                *sum = sum.add(grad)?;
+                if !add_in_place(sum, grad) {
+                    *sum = sum.add(grad)?;
+                }
             }
             Entry::Vacant(entry) => {
                 entry.insert(grad.contiguous()?);
@@ -745,6 +746,8 @@ impl GradStore {
         Ok(())
     }
 
+    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
+    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {
         let grad = match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => entry.into_mut(),
@@ -785,5 +788,37 @@ impl GradStore {
     /// Get the tensor ids of the stored gradient tensors
     pub fn get_ids(&self) -> impl Iterator<Item = &TensorId> {
         self.0.keys()
+    }
+}
+
+/// fer's patch (vendor/README.md): `sum += grad` in place, split between rayon's threads, when
+/// `sum` is an f32 CPU tensor that no other handle or view shares (so no one can see it change)
+/// and both are contiguous with one shape. Returns false, having done nothing, otherwise. The
+/// same f32 additions as `sum.add(grad)`, so the same bits.
+fn add_in_place(sum: &Tensor, grad: &Tensor) -> bool {
+    use crate::{CpuStorage, Storage};
+    use rayon::prelude::*;
+    if !sum.is_sole_owner() || sum.shape() != grad.shape() {
+        return false;
+    }
+    let (Some((s0, s1)), Some((g0, g1))) = (
+        sum.layout().contiguous_offsets(),
+        grad.layout().contiguous_offsets(),
+    ) else {
+        return false;
+    };
+    // Sole ownership means `grad` holds another storage, so the two locks are distinct.
+    let (grad_storage, _) = grad.storage_and_layout();
+    let mut sum_storage = sum.storage_mut();
+    match (&mut *sum_storage, &*grad_storage) {
+        (Storage::Cpu(CpuStorage::F32(s)), Storage::Cpu(CpuStorage::F32(g))) => {
+            const CHUNK: usize = 1 << 14;
+            s[s0..s1]
+                .par_chunks_mut(CHUNK)
+                .zip(g[g0..g1].par_chunks(CHUNK))
+                .for_each(|(s, g)| s.iter_mut().zip(g).for_each(|(s, g)| *s += *g));
+            true
+        }
+        _ => false,
     }
 }

@@ -2764,6 +2764,15 @@ impl Tensor {
     }
 
     /// Acquire write lock on storage and returns guard.
+    /// fer's patch (vendor/README.md): whether this handle is the only one on its storage (no
+    /// clone of the tensor and no view of its storage exists), so it may be updated in place.
+    pub(crate) fn is_sole_owner(&self) -> bool {
+        Arc::strong_count(&self.0) == 1
+            && Arc::weak_count(&self.0) == 0
+            && Arc::strong_count(&self.storage) == 1
+            && Arc::weak_count(&self.storage) == 0
+    }
+
     pub(crate) fn storage_mut(&self) -> StorageMutRef<'_> {
         self.storage.write()
     }
