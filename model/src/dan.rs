@@ -135,7 +135,16 @@ fn attend(
     amap: Tensor,
     channel: impl FnOnce(&Tensor) -> Result<Tensor>,
 ) -> Result<(Tensor, Tensor)> {
-    let g = feat.broadcast_mul(&amap)?.mean((2, 3))?;
+    // g = the mean over pixels of F ⊙ a, as one batched product [B, C, P] x [B, P, 1]: Candle's
+    // reduction over the two small trailing axes took ~2.5x as long, forward and backward (at
+    // [64, 512, 2, 2]: 4.6 against 1.8 ms per head).
+    let (b, c, h, w) = feat.dims4()?;
+    let p = h * w;
+    let g = (feat
+        .reshape((b, c, p))?
+        .matmul(&amap.reshape((b, p, 1))?)?
+        .squeeze(2)?
+        / p as f64)?;
     let gate = candle_nn::ops::sigmoid(&channel(&g)?)?;
     Ok(((g * gate)?, amap.squeeze(1)?))
 }
