@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backbone::{Backbone, BackboneConfig, TrunkNames};
 use crate::layers::{join, BatchNorm, Conv2d, FoldedConv, FoldedLinear, Linear};
-use crate::ops::{in_place, ConvGeometry};
+use crate::ops::{in_place, second_axis, ConvGeometry};
 use crate::store::{Init, ParamStore};
 
 /// The architecture of one model: everything needed to rebuild it from a checkpoint.
@@ -111,7 +111,7 @@ impl CrossAttentionHead {
                 Some(s) => (s + z)?,
             });
         }
-        sum.expect("three branches").relu()?.sum_keepdim(1)
+        second_axis::sum_axis1(&sum.expect("three branches").relu()?, true)
     }
 
     /// Head output [B, C] and its spatial map [B, h, w].
@@ -165,10 +165,10 @@ fn combine_heads(
     }
     let mut heads = Tensor::stack(&outs, 1)?; // [B, K, C]
     if k > 1 {
-        heads = candle_nn::ops::log_softmax(&heads, 1)?; // over the head axis
+        heads = second_axis::log_softmax_axis1(&heads)?; // over the head axis
     }
     Ok(DanOutput {
-        logits: classify(&heads.sum(1)?)?,
+        logits: classify(&second_axis::sum_axis1(&heads, false)?)?,
         feat,
         heads,
         spatial_maps: Tensor::stack(&maps, 1)?,
@@ -200,7 +200,7 @@ impl FoldedHead {
         let y = self.conv1x1.forward(feat)?;
         let [a, b, c] = &self.branches;
         let z = ((a.forward(&y)? + b.forward(&y)?)? + c.forward(&y)?)?;
-        let amap = in_place::relu(z)?.sum_keepdim(1)?;
+        let amap = second_axis::sum_axis1(&in_place::relu(z)?, true)?;
         attend(feat, amap, |g| {
             self.fc2.forward(&in_place::relu(self.fc1.forward(g)?)?)
         })

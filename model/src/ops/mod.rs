@@ -146,6 +146,7 @@ pub mod conv;
 pub mod gemm;
 pub mod in_place;
 pub mod pool;
+pub mod second_axis;
 pub mod timing;
 
 use candle_core::backend::BackendStorage;
