@@ -143,6 +143,7 @@ pub(crate) mod adam;
 pub mod add_relu;
 pub mod batch_norm;
 pub mod conv;
+pub mod flip;
 pub mod gemm;
 pub mod in_place;
 pub mod pool;
