@@ -123,12 +123,10 @@ macro_rules! simd_dispatch {
     };
 }
 
-simd_dispatch!(
 /// `even[j] = row[2j]`, `odd[j] = row[2j + 1]` (an odd-length row's last value goes to `even`).
-pub(crate) fn split_even_odd(row: &[f32], even: &mut [f32], odd: &mut [f32]) -> () = split_even_odd_body);
-
+/// Inlined into the callers' `simd_dispatch!` bodies (one dispatch per plane, not per row).
 #[inline(always)]
-fn split_even_odd_body(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
+pub(crate) fn split_even_odd(row: &[f32], even: &mut [f32], odd: &mut [f32]) {
     let pairs = row.chunks_exact(2);
     if let [last] = pairs.remainder() {
         even[row.len() / 2] = *last;

@@ -149,9 +149,13 @@ impl PoolDims {
     }
 }
 
+simd_dispatch!(
 /// Splits each row of `plane` (rows of `d.w`) into its `d.s` phases, so that a strided tap is a
 /// contiguous run: `phases[(row * s + r) * len + j] = plane[row * w + s * j + r]`.
-fn deinterleave(plane: &[f32], d: &PoolDims, phases: &mut [f32]) {
+fn deinterleave(plane: &[f32], d: &PoolDims, phases: &mut [f32]) -> () = deinterleave_body);
+
+#[inline(always)]
+fn deinterleave_body(plane: &[f32], d: &PoolDims, phases: &mut [f32]) {
     let (s, plen) = (d.s, d.phase_len());
     for (row, ph) in plane
         .chunks_exact(d.w)

@@ -574,26 +574,33 @@ fn transform(w: Weights, o: usize, c: usize, i: usize, j: usize) -> [f32; 16] {
 /// `padded_sample` values) with the zero border and split rows of `Geometry::padded`: padded
 /// column s (input column s - 1) is at s / 2, or at Wp / 2 + s / 2 when s is odd.
 fn pad_input(x: &[f32], b: usize, g: &Geometry) -> Vec<f32> {
-    let (_, wp) = g.padded();
-    let half = wp / 2;
     let mut xp = take_scratch(b * g.padded_sample());
     xp[..b * g.padded_sample()]
         .par_chunks_mut(g.padded_plane())
         .zip(x.par_chunks(g.h * g.w))
-        .for_each(|(dst, src)| {
-            for (r, row) in dst.chunks_exact_mut(wp).enumerate() {
-                row.fill(0.0);
-                if !(1..=g.h).contains(&r) {
-                    continue;
-                }
-                let src = &src[(r - 1) * g.w..][..g.w];
-                let (even, odd) = row.split_at_mut(half);
-                // Input column x is padded column x + 1: odd x goes to even[(x + 1) / 2], even x
-                // to odd[x / 2].
-                split_even_odd(src, odd, &mut even[1..]);
-            }
-        });
+        .for_each(|(dst, src)| pad_plane(dst, src, g));
     xp
+}
+
+simd_dispatch!(
+/// One plane of `pad_input`: a zero border, and each row's columns split into even and odd.
+fn pad_plane(dst: &mut [f32], src: &[f32], g: &Geometry) -> () = pad_plane_body);
+
+#[inline(always)]
+fn pad_plane_body(dst: &mut [f32], src: &[f32], g: &Geometry) {
+    let (_, wp) = g.padded();
+    let half = wp / 2;
+    for (r, row) in dst.chunks_exact_mut(wp).enumerate() {
+        row.fill(0.0);
+        if !(1..=g.h).contains(&r) {
+            continue;
+        }
+        let src = &src[(r - 1) * g.w..][..g.w];
+        let (even, odd) = row.split_at_mut(half);
+        // Input column x is padded column x + 1: odd x goes to even[(x + 1) / 2], even x
+        // to odd[x / 2].
+        split_even_odd(src, odd, &mut even[1..]);
+    }
 }
 
 /// V = Bᵀ d B for tiles t0..t1 of every input channel into `v` [C][16][t1 - t0], d the 4x4 patch
