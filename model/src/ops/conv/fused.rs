@@ -343,7 +343,7 @@ impl FusedConv {
         let g = contiguous(gv, gl, "conv2d")?;
         let xv = contiguous(xv, xl, "conv2d")?;
         let wv = contiguous(wv, wl, "conv2d")?;
-        let dw = if winograd::applies_to_weight_gradient(d) {
+        let dw = if winograd::applies_to_weight_gradient(d, o) {
             timed(Slot::ConvGemmWeightGradient, || {
                 winograd::weight_gradient(xv, g, o, d)
             })

@@ -30,12 +30,24 @@ const MIN_TILES: usize = 64;
 /// even 8 tiles win (`conv_probe -- 128 2 "" prepared`: layer4 3x3 1.19 / 1.42 -> 0.98 / 1.16 ms).
 const MIN_TILES_PREPARED: usize = 8;
 
-/// Whether the weight gradient of geometry `d` is computed here: only when `FER_CONV=winograd`
-/// forces it. With `auto` the direct GEMM computes it: `weight_gradient` measured no faster in a
-/// 112 px training step (`FER_OP_TIMES=1`: 0.245 / 0.240 s against 0.227 / 0.217 direct), the
-/// transposed operand packing and the 16 deep products eating the 2.25x fewer multiplies.
-pub(super) fn applies_to_weight_gradient(d: &Dims) -> bool {
-    geometry_fits(d) && algorithm() == Algorithm::Winograd
+/// Whether the weight gradient of geometry `d` with `o` output channels is computed here. With
+/// `auto` (AVX-512 only, as the forward): at least 128 input and output channels and side x
+/// channels of at least 3584 (224 px layer2, 28x28 x 128, and layer3, 14x14 x 256), where
+/// `weight_gradient` beat the direct GEMM on the 2-core Zen 4 machine (2 threads, best of 5, three
+/// alternating runs, ms: 19.6 -> 16.0 and 20.9 -> 13.4). It lost or tied on every smaller shape
+/// measured (docs/cpu-kernels.md, "Winograd F(2x2, 3x3)"): there the transposed operand's packing
+/// and the 16 deep products eat the 2.25x fewer multiplies.
+pub(super) fn applies_to_weight_gradient(d: &Dims, o: usize) -> bool {
+    if !geometry_fits(d) {
+        return false;
+    }
+    match algorithm() {
+        Algorithm::Direct => false,
+        Algorithm::Winograd => true,
+        Algorithm::Auto => {
+            crate::ops::isa::avx512() && d.c.min(o) >= 128 && d.h.min(d.w) * d.c >= 3584
+        }
+    }
 }
 
 /// 3x3 kernel, stride 1, padding 1: the geometry Winograd F(2x2, 3x3) computes here.
