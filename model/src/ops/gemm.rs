@@ -646,6 +646,50 @@ fn pack_b_strip_body(b: MatRef, j0: usize, j1: usize, pc: usize, kc: usize, stri
     }
 }
 
+/// `dst[c * rows + r] = src[r * cols + c]`: the row-major [rows, cols] matrix `src` transposed
+/// into `dst`, by 8 x 8 blocks (`transpose8x8`, where AVX is present) and split between threads
+/// by blocks of 8 output rows (each one contiguous piece of `dst`).
+pub(crate) fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    let n = rows * cols;
+    assert!(
+        src.len() >= n && dst.len() >= n,
+        "transpose: buffers below {rows} x {cols}"
+    );
+    if n == 0 {
+        return;
+    }
+    dst[..n]
+        .par_chunks_mut(8 * rows)
+        .enumerate()
+        .for_each(|(cb, block)| {
+            let c0 = cb * 8;
+            let width = (cols - c0).min(8);
+            let mut r = 0;
+            #[cfg(target_arch = "x86_64")]
+            if width == 8 && crate::ops::isa::avx2() {
+                while r + 8 <= rows {
+                    // SAFETY: AVX is present (`isa::avx2` implies it); rows r..r + 8 of src hold
+                    // columns c0..c0 + 8 (c0 + 8 <= cols) at stride cols, within src's n values;
+                    // block's rows 0..8 (8 x rows values) hold columns r..r + 8 at stride rows.
+                    unsafe {
+                        transpose8x8(
+                            src.as_ptr().add(r * cols + c0),
+                            cols,
+                            block.as_mut_ptr().add(r),
+                            rows,
+                        )
+                    };
+                    r += 8;
+                }
+            }
+            for rr in r..rows {
+                for cc in 0..width {
+                    block[cc * rows + rr] = src[rr * cols + c0 + cc];
+                }
+            }
+        });
+}
+
 /// `dst[p * dst_stride + l] = src[l * src_stride + p]` for an 8 x 8 block: unpacks, shuffles and
 /// lane swaps instead of 64 scalar moves.
 ///
@@ -1022,6 +1066,25 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transpose_matches_the_definition() {
+        // Multiples of 8 and not, one row, one column (the 8 x 8 blocks and the scalar edges).
+        for (rows, cols) in [(16, 24), (13, 29), (8, 8), (1, 9), (9, 1), (512, 72)] {
+            let src: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let mut dst = vec![f32::NAN; rows * cols];
+            transpose(&src, rows, cols, &mut dst);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(
+                        dst[c * rows + r],
+                        src[r * cols + c],
+                        "{rows}x{cols} at ({r}, {c})"
+                    );
+                }
+            }
+        }
+    }
 
     fn naive(m: usize, n: usize, k: usize, a: MatRef, b: MatRef) -> Vec<f64> {
         let mut c = vec![0f64; m * n];
