@@ -652,9 +652,11 @@ fn two_runners_never_run_the_same_trial_at_once() {
 
 #[test]
 fn ctrl_c_stops_children_marks_attempts_interrupted_and_the_next_run_resumes() {
+    // 60 epochs: with 6 both trials could finish between the first epoch and the signal (they
+    // did once the training step got faster), and the sweep would rightly exit 0.
     let (d, f) = setup(
         "sigint",
-        "base: base.yaml\noverrides: {epochs: 6, data.train: 56}\ngrid:\n  model.heads: [1, 2]\n",
+        "base: base.yaml\noverrides: {epochs: 60, data.train: 56}\ngrid:\n  model.heads: [1, 2]\n",
     );
     let mut child = spawn_sweep(&d, &f);
     wait_for_first_epoch(&d);
@@ -696,7 +698,7 @@ fn ctrl_c_stops_children_marks_attempts_interrupted_and_the_next_run_resumes() {
             &d,
             "SELECT COUNT(*) FROM trial_metrics WHERE split='test' AND name='accuracy'"
         ),
-        "12"
+        "120"
     );
 }
 
