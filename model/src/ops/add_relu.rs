@@ -54,7 +54,7 @@ fn add_relu_fwd(
                 l2.shape()
             );
         }
-        let mut y = vec![0f32; a.len()];
+        let mut y = crate::ops::zeroed(a.len());
         y.par_chunks_mut(4096)
             .zip(a.par_chunks(4096).zip(b.par_chunks(4096)))
             .for_each(|(y, (a, b))| add_relu_chunk(y, a, b));
@@ -80,7 +80,7 @@ fn add_relu_bwd(
                 f32_contiguous(ys, yl, "add_relu output")?,
                 f32_contiguous(gs, gl, "add_relu gradient")?,
             );
-            let mut out = vec![0f32; g.len()];
+            let mut out = crate::ops::zeroed(g.len());
             out.par_chunks_mut(4096)
                 .zip(y.par_chunks(4096).zip(g.par_chunks(4096)))
                 .for_each(|(o, (y, g))| relu_grad_chunk(o, y, g));

@@ -225,7 +225,7 @@ impl FusedBatchNorm {
             .map(|v| (1.0 / (v + self.eps).sqrt()) as f32)
             .collect();
         let mean32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
-        let mut y = vec![0f32; x.len()];
+        let mut y = crate::ops::zeroed(x.len());
         y.par_chunks_mut(hw)
             .zip(x.par_chunks(hw))
             .enumerate()
@@ -286,7 +286,7 @@ impl FusedBatchNorm {
             .unzip();
         let n = (b * hw) as f32;
         let batch = matches!(self.stats, BatchStats::Batch);
-        let mut dx = vec![0f32; xv.len()];
+        let mut dx = crate::ops::zeroed(xv.len());
         dx.par_chunks_mut(hw)
             .zip(
                 xv.par_chunks(hw)

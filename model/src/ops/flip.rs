@@ -26,7 +26,7 @@ impl CustomOp1 for FlipLast {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_contiguous(s, l, "flip_last")?;
         let w = l.dims().last().copied().unwrap_or(1).max(1);
-        let mut y = vec![0f32; x.len()];
+        let mut y = crate::ops::zeroed(x.len());
         // Rows in groups, so a task is not one short row.
         let rows_per_task = (4096 / w).max(1) * w;
         y.par_chunks_mut(rows_per_task)

@@ -1,5 +1,5 @@
 //! Single-precision matrix multiply for the CPU: packed panels and an AVX2 + FMA 6x16 microkernel
-//! (6x32 over two panels, edges masked, where the CPU has AVX-512).
+//! (up to 12x32 over two A and two B panels, edges masked, where the CPU has AVX-512).
 //!
 //! Candle's GEMM (the `gemm` crate) and `matrixmultiply` both reach ~25-35 GFLOP/s per core on the
 //! 2-core AVX2 development machine, whose FMA peak is ~90 GFLOP/s; the convolutions of a ResNet
@@ -486,12 +486,17 @@ fn super_block(
                         // With AVX-512, tiles are two panels wide where two are left.
                         let panels = if wide && j + NR < j1 { 2 } else { 1 };
                         let bp = &strip[((j - j0) / NR) * NR * kc..][..panels * NR * kc];
-                        for i in (i0..i1).step_by(MR) {
-                            let ap = &a_block[(i / MR) * MR * kc..][..MR * kc];
-                            let (rows, cols) = (MR.min(m - i), (panels * NR).min(n - j));
+                        let mut i = i0;
+                        while i < i1 {
+                            // And two A panels high (12 x 32: 24 accumulators, each B value
+                            // loaded once per 12 FMAs instead of 6) where two are left.
+                            let high = if wide && i + MR < i1 { 2 } else { 1 };
+                            let ap = &a_block[(i / MR) * MR * kc..][..high * MR * kc];
+                            let (rows, cols) = ((high * MR).min(m - i), (panels * NR).min(n - j));
                             // SAFETY: strips are disjoint, so no two tasks write the same element
                             // of c, and the caller guarantees c's extent.
                             unsafe { c_tile(kc, ap, bp, c_ptr, cl, i, j, rows, cols, add) };
+                            i += high * MR;
                         }
                         j += panels * NR;
                     }
@@ -738,11 +743,12 @@ pub(crate) unsafe fn transpose8x8(
     }
 }
 
-/// The block of C at (i, j), `rows` x `cols` (at most MR x NR, or MR x 2NR when `b` holds two
-/// panels, which only the AVX-512 kernel is given), from packed panels. A block whose columns
-/// straddle groups of the layout (a tile that spans two samples of a convolution's output) is
-/// taken panel by panel: a panel inside one group is written directly, one that straddles is
-/// computed into a buffer and stored in runs that each stay inside one group.
+/// The block of C at (i, j), `rows` x `cols` (at most MR x NR, or up to 2MR x 2NR when `a` and
+/// `b` hold two panels each, which only the AVX-512 kernel is given), from packed panels. A block
+/// whose columns straddle groups of the layout (a tile that spans two samples of a convolution's
+/// output) is taken A panel by A panel and B panel by B panel: a panel inside one group is
+/// written directly, one that straddles is computed into a buffer and stored in runs that each
+/// stay inside one group.
 ///
 /// # Safety
 /// c must hold (i..i + rows, j..j + cols) in layout `cl`.
@@ -763,6 +769,30 @@ unsafe fn c_tile(
     if j % cl.group + cols <= cl.group {
         return micro_tile(kc, a, b, c.get().add(cl.at(i, j)), cl.ldc, rows, cols, add);
     }
+    for (h, a) in a.chunks_exact(MR * kc).enumerate() {
+        let (i, rows) = (i + h * MR, (rows - h * MR).min(MR));
+        straddling_tile(kc, a, b, c, cl, i, j, rows, cols, add);
+    }
+}
+
+/// `c_tile` for one A panel whose block straddles groups of the layout.
+///
+/// # Safety
+/// As `c_tile`'s.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn straddling_tile(
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+    c: SendPtr,
+    cl: CLayout,
+    i: usize,
+    j: usize,
+    rows: usize,
+    cols: usize,
+    add: bool,
+) {
     for (q, b) in b.chunks_exact(NR * kc).enumerate() {
         let j = j + q * NR;
         let cols = NR.min(cols.saturating_sub(q * NR));
@@ -808,13 +838,14 @@ unsafe fn micro_tile(
 ) {
     #[cfg(target_arch = "x86_64")]
     if super::isa::avx512() {
-        // SAFETY: AVX-512 is present; the panels hold kc * MR and b.len() = kc * NR * panels
-        // values; the caller guarantees c.
+        // SAFETY: AVX-512 is present; a.len() = kc * MR * (A panels) and b.len() = kc * NR *
+        // (B panels); the caller guarantees c for rows x cols.
         let (ap, bp) = (a.as_ptr(), b.as_ptr());
-        return if b.len() == 2 * NR * kc {
-            avx512::kernel::<2>(kc, ap, bp, c, ldc, rows, cols, add)
-        } else {
-            avx512::kernel::<1>(kc, ap, bp, c, ldc, rows, cols, add)
+        return match (a.len() == 2 * MR * kc, b.len() == 2 * NR * kc) {
+            (true, true) => avx512::kernel::<2, 2>(kc, ap, bp, c, ldc, rows, cols, add),
+            (true, false) => avx512::kernel::<2, 1>(kc, ap, bp, c, ldc, rows, cols, add),
+            (false, true) => avx512::kernel::<1, 2>(kc, ap, bp, c, ldc, rows, cols, add),
+            (false, false) => avx512::kernel::<1, 1>(kc, ap, bp, c, ldc, rows, cols, add),
         };
     }
     if rows == MR && cols == NR {
@@ -927,17 +958,19 @@ mod avx512 {
     use super::{MR, NR};
     use std::arch::x86_64::*;
 
-    /// The AVX-512 microkernel: an MR x (P * NR) block of C from P = 1 or 2 adjacent 16-wide B
-    /// panels (6 or 12 16-lane accumulators) over the kc-deep panels. Only `rows` x `cols` of it
-    /// are stored, a partial last panel's columns under a mask, so edge blocks need no buffer.
+    /// The AVX-512 microkernel: an (H * MR) x (P * NR) block of C from H = 1 or 2 adjacent
+    /// MR-high A panels and P = 1 or 2 adjacent 16-wide B panels (up to 24 16-lane accumulators)
+    /// over the kc-deep panels. Only `rows` x `cols` of it are stored, a partial last panel's
+    /// columns under a mask, so edge blocks need no buffer.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F; `a` holds kc * MR readable values and `b` P * kc * NR (panel q at
-    /// `b + q * kc * NR`); `c` is valid for `rows` rows of `cols` values at stride `ldc`, written
-    /// by no one else during the call; 0 < rows <= MR, 0 < cols <= P * NR.
+    /// The CPU has AVX-512 F; `a` holds H * kc * MR readable values (panel h at `a + h * kc *
+    /// MR`) and `b` P * kc * NR (panel q at `b + q * kc * NR`); `c` is valid for `rows` rows of
+    /// `cols` values at stride `ldc`, written by no one else during the call; 0 < rows <= H * MR,
+    /// 0 < cols <= P * NR.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-    pub unsafe fn kernel<const P: usize>(
+    pub unsafe fn kernel<const H: usize, const P: usize>(
         kc: usize,
         a: *const f32,
         b: *const f32,
@@ -951,15 +984,17 @@ mod avx512 {
             _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc) as *const i8);
             _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc + cols - 1) as *const i8);
         }
-        let mut acc = [[_mm512_setzero_ps(); P]; MR];
+        let mut acc = [[[_mm512_setzero_ps(); P]; MR]; H];
         for p in 0..kc {
             let bv: [__m512; P] =
                 std::array::from_fn(|q| _mm512_loadu_ps(b.add((q * kc + p) * NR)));
-            let a = a.add(p * MR);
-            for (r, cr) in acc.iter_mut().enumerate() {
-                let av = _mm512_set1_ps(*a.add(r));
-                for q in 0..P {
-                    cr[q] = _mm512_fmadd_ps(av, bv[q], cr[q]);
+            for (h, acc) in acc.iter_mut().enumerate() {
+                let a = a.add((h * kc + p) * MR);
+                for (r, cr) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*a.add(r));
+                    for q in 0..P {
+                        cr[q] = _mm512_fmadd_ps(av, bv[q], cr[q]);
+                    }
                 }
             }
         }
@@ -969,7 +1004,7 @@ mod avx512 {
             ((1u32 << n) - 1) as __mmask16
         });
         let full = cols == P * NR;
-        for (r, cr) in acc.iter().enumerate().take(rows) {
+        for (r, cr) in acc.iter().flatten().enumerate().take(rows) {
             for q in 0..P {
                 let p = c.add(r * ldc + q * NR);
                 if full {

@@ -210,7 +210,7 @@ fn max_into_body(dst: &mut [f32], src: &[f32]) {
 fn pool_fwd_f32(x: &[f32], d: &PoolDims) -> Vec<f32> {
     let runs = d.tap_runs();
     let plen = d.phase_len();
-    let mut out = vec![0f32; d.planes * d.oh * d.ow];
+    let mut out = crate::ops::zeroed(d.planes * d.oh * d.ow);
     out.par_chunks_mut(d.oh * d.ow).enumerate().for_each_init(
         || (vec![0f32; d.h * d.s * plen], vec![0f32; d.h * d.ow]),
         |(phases, row_max), (p, dst)| {
@@ -273,7 +273,7 @@ fn pool_bwd_f32(x: &[f32], y: &[f32], grad: &[f32], d: &PoolDims) -> Vec<f32> {
     // The first cell of each window along the width: the winner when no cell is a NaN of a NaN
     // output (as in `winner`).
     let first: Vec<u32> = (0..d.ow).map(|ox| d.window(ox, d.w).0 as u32).collect();
-    let mut out = vec![0f32; d.planes * d.h * d.w];
+    let mut out = crate::ops::zeroed(d.planes * d.h * d.w);
     out.par_chunks_mut(d.h * d.w).enumerate().for_each_init(
         || {
             (

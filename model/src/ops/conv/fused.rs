@@ -74,7 +74,7 @@ pub(super) fn conv_forward(
             }
             y
         }
-        None => vec![0f32; o * n],
+        None => crate::ops::zeroed(o * n),
     };
     if p < NR {
         // Maps smaller than a tile (2x2, 3x3): every 16-column tile would span several samples
@@ -350,7 +350,7 @@ impl FusedConv {
         } else {
             // dW [O, K] = dY [O, N] x cols^T [N, K], dY read in its NCHW layout and the columns
             // gathered from x, both while packing.
-            let mut dw = vec![0f32; o * k];
+            let mut dw = crate::ops::zeroed(o * k);
             let cols = ColsOf::new(xv, d);
             timed(Slot::ConvGemmWeightGradient, || {
                 sgemm_with(

@@ -89,7 +89,7 @@ where
     let (sh, sw) = d.g.stride;
     let (ph, pw) = d.g.padding;
     let n = d.cols();
-    let mut out = vec![T::default(); d.b * d.c * d.h * d.w];
+    let mut out = crate::ops::zeroed(d.b * d.c * d.h * d.w);
     out.par_chunks_mut(d.h * d.w)
         .enumerate()
         .for_each(|(plane_idx, plane)| {

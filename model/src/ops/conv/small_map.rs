@@ -100,7 +100,7 @@ fn gather(x: &[f32], c: usize, d: &Dims, plan: &Plan) -> Vec<f32> {
 /// The matrix [(b, e), (p, o)] back to [B, O, H, W] (+ bias).
 fn scatter(m: &[f32], o: usize, bias: Option<&[f32]>, d: &Dims, plan: &Plan) -> Vec<f32> {
     let (cols, hw) = (plan.pixels * o, d.h * d.w);
-    let mut y = vec![0f32; d.b * o * hw];
+    let mut y = crate::ops::zeroed(d.b * o * hw);
     y.par_chunks_mut(o * hw).enumerate().for_each(|(b, yb)| {
         for e in 0..plan.rest {
             let src = &m[(b * plan.rest + e) * cols..][..cols];

@@ -129,7 +129,7 @@ pub(super) fn conv3x3_prepared(
         .chunks_exact(len)
         .map(|u| PackedA::from_packed(u, o, c))
         .collect();
-    let mut y = vec![0f32; b * o * d.h * d.w];
+    let mut y = crate::ops::zeroed(b * o * d.h * d.w);
     // At least two chunks per thread where the map allows, so small maps still use every core.
     let threads = rayon::current_num_threads();
     let per_chunk = tiles
@@ -315,7 +315,7 @@ fn conv3x3_few_tiles(
         });
     give_scratch(v);
     give_scratch(padded);
-    let mut y = vec![0f32; b * o * d.h * d.w];
+    let mut y = crate::ops::zeroed(b * o * d.h * d.w);
     let y_ptr = SendPtr(y.as_mut_ptr());
     let m_all = &m[..16 * o * t];
     (0..o).into_par_iter().for_each(|oc| {
