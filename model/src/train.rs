@@ -314,5 +314,32 @@ where
 /// until it is done (a futex wake and wait per op, costly for small tensors); called from a pool
 /// thread, the caller works on its share itself and the other threads steal the rest.
 pub fn on_compute_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
-    rayon::scope(|_| work())
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let done = AtomicBool::new(false);
+    rayon::scope(|s| {
+        let home = rayon::current_thread_index();
+        let done = &done;
+        for _ in 1..rayon::current_num_threads() {
+            s.spawn(move |_| keep_awake(done, home));
+        }
+        let r = work();
+        done.store(true, Ordering::Release);
+        r
+    })
+}
+
+/// Runs the pool's pending work on this thread until `done`, instead of letting the thread go
+/// to sleep between parallel regions: waking a sleeping thread (a futex wake, in a VM an
+/// inter-processor interrupt) took longer than many of a step's regions.
+fn keep_awake(done: &std::sync::atomic::AtomicBool, home: Option<usize>) {
+    // On the thread that runs `work` (it took this job while waiting inside it) spinning here
+    // would never let `work` finish.
+    if rayon::current_thread_index() == home {
+        return;
+    }
+    while !done.load(std::sync::atomic::Ordering::Acquire) {
+        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+            std::hint::spin_loop();
+        }
+    }
 }
