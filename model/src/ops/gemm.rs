@@ -92,6 +92,20 @@ impl<'a> PackedA<'a> {
         panels * MR * pc + (i / MR) * MR * kc + (j - pc) * MR + i % MR
     }
 
+    /// `a` [m, k] in the packed layout (for `from_packed`): weights packed once for many products.
+    pub fn pack(a: MatRef, m: usize, k: usize) -> Vec<f32> {
+        let panels = m.div_ceil(MR);
+        let mut buf = vec![0f32; Self::len(m, k)];
+        for pc in (0..k).step_by(KC) {
+            let kc = KC.min(k - pc);
+            let block = &mut buf[panels * MR * pc..][..panels * MR * kc];
+            for (p, panel) in block.chunks_exact_mut(MR * kc).enumerate() {
+                pack_a(a, p * MR, m, pc, kc, panel);
+            }
+        }
+        buf
+    }
+
     /// `data` read as an m x k matrix packed by `index`.
     pub fn from_packed(data: &'a [f32], m: usize, k: usize) -> Self {
         assert!(

@@ -12,7 +12,7 @@ use super::packing::{channel_major, BlockRows, ColsOf, ColsOfT};
 use super::small_map;
 use super::winograd::{self, Weights};
 use super::{ConvGeometry, Dims};
-use crate::ops::gemm::{sgemm, sgemm_with, AOperand, BOperand, CLayout, MatRef, NR};
+use crate::ops::gemm::{sgemm, sgemm_with, AOperand, BOperand, CLayout, MatRef, PackedA, NR};
 use crate::ops::timing::{timed, Slot};
 use crate::ops::{contiguous, f32_contiguous, give_scratch, take_scratch};
 
@@ -229,6 +229,8 @@ impl CustomOp3 for FusedConvBias {
 /// tensors are detached and never updated (`conv2d_inference`).
 #[derive(Default)]
 pub struct PreparedWeights {
+    /// The weights [O, C*KH*KW] packed for the direct GEMM (`PackedA`), not packed again per call.
+    direct: OnceLock<Vec<f32>>,
     winograd: OnceLock<Vec<f32>>,
     small_map: OnceLock<small_map::Prepared>,
 }
@@ -236,6 +238,7 @@ pub struct PreparedWeights {
 impl std::fmt::Debug for PreparedWeights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PreparedWeights")
+            .field("direct", &self.direct.get().map(Vec::len))
             .field("winograd", &self.winograd.get().map(Vec::len))
             .field("small_map", &self.small_map.get().is_some())
             .finish()
@@ -309,11 +312,18 @@ impl FusedConv {
             return Ok((CpuStorage::F32(y), shape));
         }
         let k = d.rows();
-        let w = AOperand::Mat(MatRef {
+        let w = MatRef {
             data: w,
             rs: k,
             cs: 1,
-        });
+        };
+        let w = match prepared {
+            Some(p) => {
+                let packed = p.direct.get_or_init(|| PackedA::pack(w, o, k));
+                AOperand::Prepacked(PackedA::from_packed(packed, o, k))
+            }
+            None => AOperand::Mat(w),
+        };
         let y = conv_forward(ColsOf::new(x, d), w, bias, o, d, Slot::ConvGemmForward);
         Ok((CpuStorage::F32(y), shape))
     }
