@@ -199,6 +199,9 @@ fn fused_batch_norm_matches_the_reference_and_finite_differences() {
         (vec![4, 3, 5, 7], true),
         (vec![6, 5], false), // BatchNorm1d, as in DAN's heads
         (vec![3, 2, 33], true),
+        // Planes under 32 values (per-sample paths), more samples than one task's 8.
+        (vec![10, 3, 2, 2], true),
+        (vec![9, 4, 4, 4], false),
     ] {
         let c = dims[1];
         let x = rand_tensor(&dims, 50).affine(2.0, 0.5).unwrap();

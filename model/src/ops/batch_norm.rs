@@ -137,6 +137,188 @@ fn input_grad_plane_body(dx: &mut [f32], x: &[f32], y: &[f32], g: &[f32], relu: 
     }
 }
 
+/// Planes smaller than this (the 4x4 and 2x2 maps of layer3-4 and the DAN heads at 64 px) take
+/// the per-sample paths below: one call per plane of a few values cost more in calls and
+/// horizontal sums than in arithmetic.
+const SMALL_PLANE: usize = 32;
+
+simd_dispatch!(
+/// `grad_sums`' terms over one sample's [C * HW] values, kept per value: `s += g'`,
+/// `sx += g' * (x - mean)` (`mean` per value).
+fn grad_terms(s: &mut [f32], sx: &mut [f32], x: &[f32], y: &[f32], g: &[f32], mean: &[f32], relu: bool) -> () = grad_terms_body);
+
+#[inline(always)]
+fn grad_terms_body(
+    s: &mut [f32],
+    sx: &mut [f32],
+    x: &[f32],
+    y: &[f32],
+    g: &[f32],
+    mean: &[f32],
+    relu: bool,
+) {
+    let n = s.len();
+    let (sx, x, y, g, mean) = (&mut sx[..n], &x[..n], &y[..n], &g[..n], &mean[..n]);
+    for i in 0..n {
+        let gi = if relu && y[i] <= 0.0 { 0.0 } else { g[i] };
+        s[i] += gi;
+        sx[i] += gi * (x[i] - mean[i]);
+    }
+}
+
+/// The backward's per-channel (sum g', sum g' * (x - mean) * inv_std) for small planes: summed
+/// per value over up to 8 samples per task (whole samples, contiguous), then per channel in f64.
+#[allow(clippy::too_many_arguments)]
+fn small_plane_grad_sums(
+    x: &[f32],
+    y: &[f32],
+    g: &[f32],
+    (b, c, hw): (usize, usize, usize),
+    mean: &[f32],
+    inv_std: &[f32],
+    relu: bool,
+) -> (Vec<f64>, Vec<f64>) {
+    const SAMPLES: usize = 8;
+    let e = c * hw;
+    let mean_e: Vec<f32> = (0..e).map(|i| mean[i / hw]).collect();
+    let per_channel = |v: &[f32]| -> Vec<f64> {
+        v.chunks_exact(hw)
+            .map(|p| p.iter().map(|&v| v as f64).sum())
+            .collect()
+    };
+    let add = |mut a: Vec<f64>, b: Vec<f64>| {
+        a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+        a
+    };
+    let (s, sx) = (0..b.div_ceil(SAMPLES))
+        .into_par_iter()
+        .map(|t| {
+            let (mut s, mut sx) = (vec![0f32; e], vec![0f32; e]);
+            for bi in t * SAMPLES..b.min((t + 1) * SAMPLES) {
+                let r = bi * e..(bi + 1) * e;
+                grad_terms(
+                    &mut s,
+                    &mut sx,
+                    &x[r.clone()],
+                    &y[r.clone()],
+                    &g[r],
+                    &mean_e,
+                    relu,
+                );
+            }
+            (per_channel(&s), per_channel(&sx))
+        })
+        .reduce(
+            || (vec![0.0; c], vec![0.0; c]),
+            |(s1, sx1), (s2, sx2)| (add(s1, s2), add(sx1, sx2)),
+        );
+    let dw = sx
+        .iter()
+        .zip(inv_std)
+        .map(|(v, &is)| v * is as f64)
+        .collect();
+    (s, dw)
+}
+
+simd_dispatch!(
+/// `s += (x - mean)^2` per value when `mean` is given, else `s += x`, over one sample's values.
+fn moment_terms(s: &mut [f32], x: &[f32], mean: Option<&[f32]>) -> () = moment_terms_body);
+
+#[inline(always)]
+fn moment_terms_body(s: &mut [f32], x: &[f32], mean: Option<&[f32]>) {
+    let n = s.len();
+    let x = &x[..n];
+    match mean {
+        Some(m) => {
+            let m = &m[..n];
+            for i in 0..n {
+                s[i] += (x[i] - m[i]) * (x[i] - m[i]);
+            }
+        }
+        None => {
+            for i in 0..n {
+                s[i] += x[i];
+            }
+        }
+    }
+}
+
+/// The forward's per-channel (mean, biased variance) for small planes, two passes as for large
+/// ones (mean, then centred squares), each summed per value over up to 8 samples per task, then
+/// per channel in f64.
+fn small_plane_moments(x: &[f32], (b, c, hw): (usize, usize, usize)) -> (Vec<f64>, Vec<f64>) {
+    const SAMPLES: usize = 8;
+    let e = c * hw;
+    let n = (b * hw) as f64;
+    let sums = |mean: Option<&[f32]>| -> Vec<f64> {
+        (0..b.div_ceil(SAMPLES))
+            .into_par_iter()
+            .map(|t| {
+                let mut s = vec![0f32; e];
+                for bi in t * SAMPLES..b.min((t + 1) * SAMPLES) {
+                    moment_terms(&mut s, &x[bi * e..(bi + 1) * e], mean);
+                }
+                s.chunks_exact(hw)
+                    .map(|p| p.iter().map(|&v| v as f64).sum())
+                    .collect::<Vec<f64>>()
+            })
+            .reduce(
+                || vec![0.0; c],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                    a
+                },
+            )
+    };
+    let mean: Vec<f64> = sums(None).into_iter().map(|s| s / n).collect();
+    let mean_e: Vec<f32> = (0..e).map(|i| mean[i / hw] as f32).collect();
+    let var = sums(Some(&mean_e)).into_iter().map(|s| s / n).collect();
+    (mean, var)
+}
+
+simd_dispatch!(
+/// `affine_plane` over one sample's [C * HW] values, scale and shift given per value: the same
+/// operations, so the same results.
+fn affine_values(y: &mut [f32], x: &[f32], scale: &[f32], shift: &[f32], relu: bool) -> () = affine_values_body);
+
+#[inline(always)]
+fn affine_values_body(y: &mut [f32], x: &[f32], scale: &[f32], shift: &[f32], relu: bool) {
+    let n = y.len();
+    let (x, scale, shift) = (&x[..n], &scale[..n], &shift[..n]);
+    if relu {
+        for i in 0..n {
+            y[i] = (x[i] * scale[i] + shift[i]).max(0.0);
+        }
+    } else {
+        for i in 0..n {
+            y[i] = x[i] * scale[i] + shift[i];
+        }
+    }
+}
+
+simd_dispatch!(
+/// `input_grad_plane` over one sample's [C * HW] values, its constants given per value
+/// (`c[k][i]`): the same operations in the same order, so the same results.
+fn input_grad_values(dx: &mut [f32], x: &[f32], y: &[f32], g: &[f32], relu: bool, c: &[Vec<f32>; 5]) -> () = input_grad_values_body);
+
+#[inline(always)]
+fn input_grad_values_body(
+    dx: &mut [f32],
+    x: &[f32],
+    y: &[f32],
+    g: &[f32],
+    relu: bool,
+    c: &[Vec<f32>; 5],
+) {
+    let n = dx.len();
+    let (x, y, g) = (&x[..n], &y[..n], &g[..n]);
+    let [k, mg, m, is, mgx] = c.each_ref().map(|v| &v[..n]);
+    for i in 0..n {
+        let gi = if relu && y[i] <= 0.0 { 0.0 } else { g[i] };
+        dx[i] = k[i] * (gi - mg[i] - (x[i] - m[i]) * is[i] * mgx[i]);
+    }
+}
+
 /// The planes (length `hw`) of channel `c` in a [B, C, HW] buffer.
 fn planes(x: &[f32], b: usize, c: usize, ch: usize, hw: usize) -> impl Iterator<Item = &[f32]> {
     (0..b).map(move |bi| &x[(bi * c + ch) * hw..][..hw])
@@ -200,6 +382,7 @@ impl FusedBatchNorm {
         }
         let n = (b * hw) as f64;
         let (mean, var): (Vec<f64>, Vec<f64>) = match &self.stats {
+            BatchStats::Batch if hw < SMALL_PLANE => small_plane_moments(x, (b, c, hw)),
             BatchStats::Batch => (0..c)
                 .into_par_iter()
                 .map(|ch| {
@@ -226,15 +409,22 @@ impl FusedBatchNorm {
             .collect();
         let mean32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
         let mut y = crate::ops::zeroed(x.len());
-        y.par_chunks_mut(hw)
-            .zip(x.par_chunks(hw))
-            .enumerate()
-            .for_each(|(i, (yp, xp))| {
-                let ch = i % c;
-                let scale = inv_std[ch] * w[ch];
-                let shift = bias[ch] - mean32[ch] * scale;
-                affine_plane(yp, xp, scale, shift, self.relu);
-            });
+        let scale = |ch: usize| inv_std[ch] * w[ch];
+        let shift = |ch: usize| bias[ch] - mean32[ch] * scale(ch);
+        if hw < SMALL_PLANE {
+            let scale: Vec<f32> = (0..c * hw).map(|i| scale(i / hw)).collect();
+            let shift: Vec<f32> = (0..c * hw).map(|i| shift(i / hw)).collect();
+            y.par_chunks_mut(c * hw)
+                .zip(x.par_chunks(c * hw))
+                .for_each(|(ys, xs)| affine_values(ys, xs, &scale, &shift, self.relu));
+        } else {
+            y.par_chunks_mut(hw)
+                .zip(x.par_chunks(hw))
+                .enumerate()
+                .for_each(|(i, (yp, xp))| {
+                    affine_plane(yp, xp, scale(i % c), shift(i % c), self.relu);
+                });
+        }
         *self.saved.lock().expect("batch_norm stats") = (mean32, inv_std, Moments { mean, var });
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
@@ -270,41 +460,62 @@ impl FusedBatchNorm {
         let relu = self.relu;
         // Per channel: sum of g (bias gradient) and of g * (x - mean) (weight gradient / inv_std),
         // where g is the gradient reaching the affine output (ReLU passes it where y > 0).
-        let (db, dw): (Vec<f64>, Vec<f64>) = (0..c)
-            .into_par_iter()
-            .map(|ch| {
-                let (mut s, mut sx) = (0f64, 0f64);
-                for bi in 0..b {
-                    let start = (bi * c + ch) * hw;
-                    let (xp, yp, gp) = (&xv[start..][..hw], &yv[start..][..hw], &gv[start..][..hw]);
-                    let (ps, psx) = grad_sums(xp, yp, gp, mean[ch], relu);
-                    s += ps as f64;
-                    sx += psx as f64;
-                }
-                (s, sx * inv_std[ch] as f64)
-            })
-            .unzip();
+        let (db, dw): (Vec<f64>, Vec<f64>) = if hw < SMALL_PLANE {
+            small_plane_grad_sums(xv, yv, gv, (b, c, hw), &mean, &inv_std, relu)
+        } else {
+            (0..c)
+                .into_par_iter()
+                .map(|ch| {
+                    let (mut s, mut sx) = (0f64, 0f64);
+                    for bi in 0..b {
+                        let start = (bi * c + ch) * hw;
+                        let (xp, yp, gp) =
+                            (&xv[start..][..hw], &yv[start..][..hw], &gv[start..][..hw]);
+                        let (ps, psx) = grad_sums(xp, yp, gp, mean[ch], relu);
+                        s += ps as f64;
+                        sx += psx as f64;
+                    }
+                    (s, sx * inv_std[ch] as f64)
+                })
+                .unzip()
+        };
         let n = (b * hw) as f32;
         let batch = matches!(self.stats, BatchStats::Batch);
         let mut dx = crate::ops::zeroed(xv.len());
-        dx.par_chunks_mut(hw)
-            .zip(
-                xv.par_chunks(hw)
-                    .zip(yv.par_chunks(hw).zip(gv.par_chunks(hw))),
-            )
-            .enumerate()
-            .for_each(|(p, (dxp, (xp, (yp, gp))))| {
-                let ch = p % c;
-                let k = wv[ch] * inv_std[ch];
-                // dx = w * inv_std * (g - mean(g) - xhat * mean(g * xhat)) in train mode; the
-                // statistics are constants in eval mode, so there dx = w * inv_std * g.
-                let (mg, mgx) = if batch {
-                    ((db[ch] as f32) / n, (dw[ch] as f32) / n)
-                } else {
-                    (0.0, 0.0)
-                };
-                input_grad_plane(dxp, xp, yp, gp, relu, [k, mg, mean[ch], inv_std[ch], mgx]);
-            });
+        // Per channel: [k, mg, mean, inv_std, mgx] of `input_grad_plane`.
+        let constants = |ch: usize| -> [f32; 5] {
+            let k = wv[ch] * inv_std[ch];
+            // dx = w * inv_std * (g - mean(g) - xhat * mean(g * xhat)) in train mode; the
+            // statistics are constants in eval mode, so there dx = w * inv_std * g.
+            let (mg, mgx) = if batch {
+                ((db[ch] as f32) / n, (dw[ch] as f32) / n)
+            } else {
+                (0.0, 0.0)
+            };
+            [k, mg, mean[ch], inv_std[ch], mgx]
+        };
+        if hw < SMALL_PLANE {
+            let per_value: [Vec<f32>; 5] =
+                std::array::from_fn(|q| (0..c * hw).map(|i| constants(i / hw)[q]).collect());
+            dx.par_chunks_mut(c * hw)
+                .zip(
+                    xv.par_chunks(c * hw)
+                        .zip(yv.par_chunks(c * hw).zip(gv.par_chunks(c * hw))),
+                )
+                .for_each(|(dxs, (xs, (ys, gs)))| {
+                    input_grad_values(dxs, xs, ys, gs, relu, &per_value)
+                });
+        } else {
+            dx.par_chunks_mut(hw)
+                .zip(
+                    xv.par_chunks(hw)
+                        .zip(yv.par_chunks(hw).zip(gv.par_chunks(hw))),
+                )
+                .enumerate()
+                .for_each(|(p, (dxp, (xp, (yp, gp))))| {
+                    input_grad_plane(dxp, xp, yp, gp, relu, constants(p % c));
+                });
+        }
         let dev = x.device();
         let to32 = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
         Ok((
