@@ -783,23 +783,41 @@ unsafe fn c_tile(
     if j % cl.group + cols <= cl.group {
         return micro_tile(kc, a, b, c.get().add(cl.at(i, j)), cl.ldc, rows, cols, add);
     }
-    // A two-panel tile (AVX-512) whose panels each lie inside one group, as on a 4x4 map (one
-    // sample per panel: the DAN heads and layer4 at 112 px), is still one kernel call, each
-    // panel stored at its own place; panel by panel it ran 6x16 blocks at about half the rate.
     #[cfg(target_arch = "x86_64")]
-    if b.len() == 2 * NR * kc && super::isa::avx512() {
+    if super::isa::avx512() {
+        let panels = b.len() / (NR * kc);
         let j1 = j + NR;
-        if j % cl.group + NR <= cl.group && j1 % cl.group + (cols - NR) <= cl.group {
+        // A two-panel tile whose panels each lie inside one group, as on a 4x4 map (one sample
+        // per panel: the DAN heads and layer4 at 112 px), is still one kernel call, each panel
+        // stored at its own place; panel by panel it ran 6x16 blocks at about half the rate.
+        if panels == 2 && j % cl.group + NR <= cl.group && j1 % cl.group + (cols - NR) <= cl.group {
             let to = [c.get().add(cl.at(i, j)), c.get().add(cl.at(i, j1))];
-            let (ap, bp, ldc) = (a.as_ptr(), b.as_ptr(), cl.ldc);
-            // SAFETY: AVX-512 is present; a holds one or two A panels, b two B panels; panel q's
-            // rows x its columns lie inside one group of c, which the caller guarantees.
-            return if a.len() == 2 * MR * kc {
-                avx512::kernel::<2, 2>(kc, ap, bp, to, ldc, rows, cols, add)
-            } else {
-                avx512::kernel::<1, 2>(kc, ap, bp, to, ldc, rows, cols, add)
-            };
+            // SAFETY: AVX-512 is present; panel q's rows x its columns lie inside one group of
+            // c, which the caller guarantees.
+            return avx512_tile(kc, a, b, to, cl.ldc, rows, cols, add);
         }
+        // Otherwise (a group boundary inside a panel: 7x7 and 14x14 maps) the whole tile goes
+        // through a buffer, computed by the same kernel, and is stored in runs that each stay
+        // inside one group.
+        let mut acc = [0f32; 4 * MR * NR];
+        let width = panels * NR;
+        let to = [acc.as_mut_ptr(), acc.as_mut_ptr().add(NR)];
+        // SAFETY: AVX-512 is present; acc holds rows <= 2 MR rows of width values.
+        avx512_tile(kc, a, b, to, width, rows, cols, false);
+        let mut t = 0;
+        while t < cols {
+            let run = (cl.group - (j + t) % cl.group).min(cols - t);
+            for r in 0..rows {
+                let dst = c.get().add(cl.at(i + r, j + t));
+                store(
+                    std::slice::from_raw_parts_mut(dst, run),
+                    &acc[r * width + t..][..run],
+                    add,
+                );
+            }
+            t += run;
+        }
+        return;
     }
     for (h, a) in a.chunks_exact(MR * kc).enumerate() {
         let (i, rows) = (i + h * MR, (rows - h * MR).min(MR));
@@ -870,16 +888,9 @@ unsafe fn micro_tile(
 ) {
     #[cfg(target_arch = "x86_64")]
     if super::isa::avx512() {
-        // SAFETY: AVX-512 is present; a.len() = kc * MR * (A panels) and b.len() = kc * NR *
-        // (B panels); the caller guarantees c for rows x cols.
-        let (ap, bp) = (a.as_ptr(), b.as_ptr());
-        let (c1, c2) = ([c], [c, c.add(NR)]);
-        return match (a.len() == 2 * MR * kc, b.len() == 2 * NR * kc) {
-            (true, true) => avx512::kernel::<2, 2>(kc, ap, bp, c2, ldc, rows, cols, add),
-            (true, false) => avx512::kernel::<2, 1>(kc, ap, bp, c1, ldc, rows, cols, add),
-            (false, true) => avx512::kernel::<1, 2>(kc, ap, bp, c2, ldc, rows, cols, add),
-            (false, false) => avx512::kernel::<1, 1>(kc, ap, bp, c1, ldc, rows, cols, add),
-        };
+        // SAFETY: AVX-512 is present; the caller guarantees c for rows x cols (the second
+        // pointer, c + NR, is only written through when b holds two panels).
+        return avx512_tile(kc, a, b, [c, c.wrapping_add(NR)], ldc, rows, cols, add);
     }
     if rows == MR && cols == NR {
         return kernel(kc, a, b, c, ldc, add);
@@ -892,6 +903,34 @@ unsafe fn micro_tile(
             &acc[r * NR..][..cols],
             add,
         );
+    }
+}
+
+/// The AVX-512 kernel for one or two A panels (`a`) and one or two B panels (`b`), B panel q's
+/// columns stored at `c[q]` (`c[1]` unused for one panel).
+///
+/// # Safety
+/// AVX-512 is present; a.len() = kc * MR * (A panels) and b.len() = kc * NR * (B panels); each
+/// `c[q]` is valid for `rows` rows of panel q's columns at stride `ldc`.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn avx512_tile(
+    kc: usize,
+    a: &[f32],
+    b: &[f32],
+    c: [*mut f32; 2],
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+    add: bool,
+) {
+    let (ap, bp) = (a.as_ptr(), b.as_ptr());
+    match (a.len() == 2 * MR * kc, b.len() == 2 * NR * kc) {
+        (true, true) => avx512::kernel::<2, 2>(kc, ap, bp, c, ldc, rows, cols, add),
+        (true, false) => avx512::kernel::<2, 1>(kc, ap, bp, [c[0]], ldc, rows, cols, add),
+        (false, true) => avx512::kernel::<1, 2>(kc, ap, bp, c, ldc, rows, cols, add),
+        (false, false) => avx512::kernel::<1, 1>(kc, ap, bp, [c[0]], ldc, rows, cols, add),
     }
 }
 
