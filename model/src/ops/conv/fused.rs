@@ -140,7 +140,7 @@ pub(super) fn stride1_input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) 
         ow: d.w,
         g: ConvGeometry::new(d.g.kernel, (1, 1), (kh - 1 - ph, kw - 1 - pw)),
     };
-    if winograd::applies(&back, false) {
+    if winograd::applies_to_input_gradient(&back) {
         let wt = winograd::Weights::InputGradient(w);
         return timed(Slot::ConvGemmInputGradient, || {
             winograd::conv3x3(dy, wt, None, d.c, &back)

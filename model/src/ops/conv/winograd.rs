@@ -26,6 +26,14 @@ use crate::ops::{give_scratch, split_even_odd, take_scratch};
 /// break even (at 224 px, batch 4); 32 tiles lose at 512 channels.
 const MIN_TILES: usize = 64;
 
+/// The same for an input gradient (the weights flipped and transposed, their transform read with
+/// a stride). On the 2-core Xeon (`FER_OP_TIMES=1`, 112 px batch 16, four alternating rounds)
+/// the direct GEMM for the 64-tile layers (layer4 and the heads' 3x3) took the step's input
+/// gradient from 0.108-0.117 to 0.103-0.113 s, while their forward stays faster by Winograd;
+/// 256 tiles and more (every other layer measured) keep Winograd. Any value in 65..=256 fits
+/// these measurements.
+const MIN_TILES_INPUT_GRADIENT: usize = 128;
+
 /// The same when the transformed weights are kept (`PreparedWeights`, the inference form): then
 /// even 8 tiles win (`conv_probe -- 128 2 "" prepared`: layer4 3x3 1.19 / 1.42 -> 0.98 / 1.16 ms).
 const MIN_TILES_PREPARED: usize = 8;
@@ -58,14 +66,27 @@ fn geometry_fits(d: &Dims) -> bool {
 /// Whether the convolution of geometry `d` (forward, or the input gradient's) is computed here;
 /// `prepared`: its transformed weights are kept from call to call.
 pub(super) fn applies(d: &Dims, prepared: bool) -> bool {
+    applies_with(
+        d,
+        if prepared {
+            MIN_TILES_PREPARED
+        } else {
+            MIN_TILES
+        },
+    )
+}
+
+/// `applies` for the input gradient of a convolution, `d` its geometry as a forward convolution
+/// of the output gradient.
+pub(super) fn applies_to_input_gradient(d: &Dims) -> bool {
+    applies_with(d, MIN_TILES_INPUT_GRADIENT)
+}
+
+/// `applies` with `Auto`'s threshold given.
+fn applies_with(d: &Dims, min_tiles: usize) -> bool {
     if !geometry_fits(d) {
         return false;
     }
-    let min_tiles = if prepared {
-        MIN_TILES_PREPARED
-    } else {
-        MIN_TILES
-    };
     match algorithm() {
         Algorithm::Direct => false,
         Algorithm::Winograd => true,
