@@ -315,26 +315,52 @@ where
 /// thread, the caller works on its share itself and the other threads steal the rest.
 pub fn on_compute_pool<R: Send>(work: impl FnOnce() -> R + Send) -> R {
     use std::sync::atomic::{AtomicBool, Ordering};
+    /// Marks the work finished however it ends (a panic too: the scope waits for its keepers).
+    struct Finish<'a>(&'a AtomicBool);
+    impl Drop for Finish<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    /// Counts this thread's `work` in progress while it runs.
+    struct Running;
+    impl Running {
+        fn enter() -> Running {
+            RUNNING_WORK.with(|n| n.set(n.get() + 1));
+            Running
+        }
+    }
+    impl Drop for Running {
+        fn drop(&mut self) {
+            RUNNING_WORK.with(|n| n.set(n.get() - 1));
+        }
+    }
     let done = AtomicBool::new(false);
     rayon::scope(|s| {
-        let home = rayon::current_thread_index();
         let done = &done;
         for _ in 1..rayon::current_num_threads() {
-            s.spawn(move |_| keep_awake(done, home));
+            s.spawn(move |_| keep_awake(done));
         }
-        let r = work();
-        done.store(true, Ordering::Release);
-        r
+        let _finish = Finish(done);
+        let _running = Running::enter();
+        work()
     })
+}
+
+thread_local! {
+    /// `on_compute_pool` works in progress on this thread (running, or suspended beneath the
+    /// pool work this thread took while waiting inside one).
+    static RUNNING_WORK: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Runs the pool's pending work on this thread until `done`, instead of letting the thread go
 /// to sleep between parallel regions: waking a sleeping thread (a futex wake, in a VM an
 /// inter-processor interrupt) took longer than many of a step's regions.
-fn keep_awake(done: &std::sync::atomic::AtomicBool, home: Option<usize>) {
-    // On the thread that runs `work` (it took this job while waiting inside it) spinning here
-    // would never let `work` finish.
-    if rayon::current_thread_index() == home {
+fn keep_awake(done: &std::sync::atomic::AtomicBool) {
+    // Not on a thread with a work of its own beneath (this work's thread, which took this job
+    // while waiting inside it, or another caller's): spinning here until `done` would keep that
+    // work from finishing, and two such keepers over each other's work would never end.
+    if RUNNING_WORK.with(|n| n.get()) > 0 {
         return;
     }
     while !done.load(std::sync::atomic::Ordering::Acquire) {

@@ -396,3 +396,60 @@ fn consistency_rampup_grows_lambda3_linearly_and_never_drops_the_term() {
     // Left out of the serialised config when 0 (old trial keys stay valid).
     assert!(!serde_json::to_string(&plain).unwrap().contains("rampup"));
 }
+
+/// Steps on the compute pool from several threads at once (a library user's threads, or tests run
+/// in parallel) finish, whichever thread's pending work each pool thread takes while it waits,
+/// and a panicking step reaches its caller instead of leaving the pool spinning.
+#[test]
+fn concurrent_compute_pool_work_finishes_and_a_panic_propagates() {
+    use rayon::prelude::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+    let (tx, rx) = mpsc::channel();
+    for caller in 0..3u64 {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let mut total = 0u64;
+            for round in 0..200u64 {
+                total += train::on_compute_pool(|| {
+                    // Nested parallel regions, as a training step's kernels make.
+                    (0..64u64)
+                        .into_par_iter()
+                        .map(|i| {
+                            (0..256u64)
+                                .into_par_iter()
+                                .map(|j| i ^ j ^ round)
+                                .sum::<u64>()
+                        })
+                        .sum::<u64>()
+                });
+            }
+            tx.send((caller, total)).unwrap();
+        });
+    }
+    drop(tx);
+    let expected: u64 = (0..200u64)
+        .map(|round| {
+            (0..64u64)
+                .map(|i| (0..256u64).map(|j| i ^ j ^ round).sum::<u64>())
+                .sum::<u64>()
+        })
+        .sum();
+    for _ in 0..3 {
+        let (caller, total) = rx
+            .recv_timeout(Duration::from_secs(120))
+            .expect("concurrent work on the compute pool did not finish in 120 s (deadlock)");
+        assert_eq!(total, expected, "caller {caller}");
+    }
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let caught = std::panic::catch_unwind(|| {
+            train::on_compute_pool(|| -> u32 { panic!("a failing step") })
+        });
+        tx.send(caught.is_err()).unwrap();
+    });
+    let panicked = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("a panicking step did not return in 60 s");
+    assert!(panicked, "the step's panic reaches its caller");
+}
