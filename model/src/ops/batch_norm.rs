@@ -166,9 +166,39 @@ fn grad_terms_body(
     }
 }
 
-/// The backward's per-channel (sum g', sum g' * (x - mean) * inv_std) for small planes: summed
-/// per value over up to 8 samples per task (whole samples, contiguous), then per channel in f64.
-#[allow(clippy::too_many_arguments)]
+/// Sums over the batch for small planes: `accumulate(sums, sample)` adds one sample's [C * HW]
+/// terms into K per-value f32 arrays. Each task takes up to 8 whole samples (contiguous, and f32
+/// sums of at most 8 terms), then sums its values per channel in f64; the tasks' sums are added.
+fn small_plane_sums<const K: usize>(
+    (b, c, hw): (usize, usize, usize),
+    accumulate: impl Fn(&mut [Vec<f32>; K], usize) + Sync,
+) -> [Vec<f64>; K] {
+    const SAMPLES: usize = 8;
+    (0..b.div_ceil(SAMPLES))
+        .into_par_iter()
+        .map(|t| {
+            let mut sums: [Vec<f32>; K] = std::array::from_fn(|_| vec![0f32; c * hw]);
+            for bi in t * SAMPLES..b.min((t + 1) * SAMPLES) {
+                accumulate(&mut sums, bi);
+            }
+            sums.map(|v| {
+                v.chunks_exact(hw)
+                    .map(|p| p.iter().map(|&v| v as f64).sum())
+                    .collect::<Vec<f64>>()
+            })
+        })
+        .reduce(
+            || std::array::from_fn(|_| vec![0.0; c]),
+            |mut a, b| {
+                for (a, b) in a.iter_mut().zip(b) {
+                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
+                }
+                a
+            },
+        )
+}
+
+/// The backward's per-channel (sum g', sum g' * (x - mean) * inv_std) for small planes.
 fn small_plane_grad_sums(
     x: &[f32],
     y: &[f32],
@@ -178,40 +208,12 @@ fn small_plane_grad_sums(
     inv_std: &[f32],
     relu: bool,
 ) -> (Vec<f64>, Vec<f64>) {
-    const SAMPLES: usize = 8;
     let e = c * hw;
     let mean_e: Vec<f32> = (0..e).map(|i| mean[i / hw]).collect();
-    let per_channel = |v: &[f32]| -> Vec<f64> {
-        v.chunks_exact(hw)
-            .map(|p| p.iter().map(|&v| v as f64).sum())
-            .collect()
-    };
-    let add = |mut a: Vec<f64>, b: Vec<f64>| {
-        a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-        a
-    };
-    let (s, sx) = (0..b.div_ceil(SAMPLES))
-        .into_par_iter()
-        .map(|t| {
-            let (mut s, mut sx) = (vec![0f32; e], vec![0f32; e]);
-            for bi in t * SAMPLES..b.min((t + 1) * SAMPLES) {
-                let r = bi * e..(bi + 1) * e;
-                grad_terms(
-                    &mut s,
-                    &mut sx,
-                    &x[r.clone()],
-                    &y[r.clone()],
-                    &g[r],
-                    &mean_e,
-                    relu,
-                );
-            }
-            (per_channel(&s), per_channel(&sx))
-        })
-        .reduce(
-            || (vec![0.0; c], vec![0.0; c]),
-            |(s1, sx1), (s2, sx2)| (add(s1, s2), add(sx1, sx2)),
-        );
+    let [s, sx] = small_plane_sums((b, c, hw), |[s, sx], bi| {
+        let r = bi * e..(bi + 1) * e;
+        grad_terms(s, sx, &x[r.clone()], &y[r.clone()], &g[r], &mean_e, relu);
+    });
     let dw = sx
         .iter()
         .zip(inv_std)
@@ -244,35 +246,19 @@ fn moment_terms_body(s: &mut [f32], x: &[f32], mean: Option<&[f32]>) {
 }
 
 /// The forward's per-channel (mean, biased variance) for small planes, two passes as for large
-/// ones (mean, then centred squares), each summed per value over up to 8 samples per task, then
-/// per channel in f64.
+/// ones (mean, then centred squares).
 fn small_plane_moments(x: &[f32], (b, c, hw): (usize, usize, usize)) -> (Vec<f64>, Vec<f64>) {
-    const SAMPLES: usize = 8;
     let e = c * hw;
     let n = (b * hw) as f64;
-    let sums = |mean: Option<&[f32]>| -> Vec<f64> {
-        (0..b.div_ceil(SAMPLES))
-            .into_par_iter()
-            .map(|t| {
-                let mut s = vec![0f32; e];
-                for bi in t * SAMPLES..b.min((t + 1) * SAMPLES) {
-                    moment_terms(&mut s, &x[bi * e..(bi + 1) * e], mean);
-                }
-                s.chunks_exact(hw)
-                    .map(|p| p.iter().map(|&v| v as f64).sum())
-                    .collect::<Vec<f64>>()
-            })
-            .reduce(
-                || vec![0.0; c],
-                |mut a, b| {
-                    a.iter_mut().zip(b).for_each(|(a, b)| *a += b);
-                    a
-                },
-            )
+    let sums = |mean: Option<&[f32]>| {
+        let [s] = small_plane_sums((b, c, hw), |[s], bi| {
+            moment_terms(s, &x[bi * e..(bi + 1) * e], mean)
+        });
+        s.into_iter().map(|s| s / n).collect::<Vec<f64>>()
     };
-    let mean: Vec<f64> = sums(None).into_iter().map(|s| s / n).collect();
+    let mean = sums(None);
     let mean_e: Vec<f32> = (0..e).map(|i| mean[i / hw] as f32).collect();
-    let var = sums(Some(&mean_e)).into_iter().map(|s| s / n).collect();
+    let var = sums(Some(&mean_e));
     (mean, var)
 }
 

@@ -760,9 +760,8 @@ pub(crate) unsafe fn transpose8x8(
 /// The block of C at (i, j), `rows` x `cols` (at most MR x NR, or up to 2MR x 2NR when `a` and
 /// `b` hold two panels each, which only the AVX-512 kernel is given), from packed panels. A block
 /// whose columns straddle groups of the layout (a tile that spans two samples of a convolution's
-/// output) is taken A panel by A panel and B panel by B panel: a panel inside one group is
-/// written directly, one that straddles is computed into a buffer and stored in runs that each
-/// stay inside one group.
+/// output) is written panel by panel when each B panel lies inside one group (AVX-512), else
+/// computed into a buffer and stored in runs that each stay inside one group.
 ///
 /// # Safety
 /// c must hold (i..i + rows, j..j + cols) in layout `cl`.
@@ -797,44 +796,31 @@ unsafe fn c_tile(
             return avx512_tile(kc, a, b, to, cl.ldc, rows, cols, add);
         }
         // Otherwise (a group boundary inside a panel: 7x7 and 14x14 maps) the whole tile goes
-        // through a buffer, computed by the same kernel, and is stored in runs that each stay
-        // inside one group.
+        // through a buffer, computed by the same kernel.
         let mut acc = [0f32; 4 * MR * NR];
         let width = panels * NR;
         let to = [acc.as_mut_ptr(), acc.as_mut_ptr().add(NR)];
         // SAFETY: AVX-512 is present; acc holds rows <= 2 MR rows of width values.
         avx512_tile(kc, a, b, to, width, rows, cols, false);
-        let mut t = 0;
-        while t < cols {
-            let run = (cl.group - (j + t) % cl.group).min(cols - t);
-            for r in 0..rows {
-                let dst = c.get().add(cl.at(i + r, j + t));
-                store(
-                    std::slice::from_raw_parts_mut(dst, run),
-                    &acc[r * width + t..][..run],
-                    add,
-                );
-            }
-            t += run;
-        }
-        return;
+        return store_runs(&acc, width, c, cl, i, j, rows, cols, add);
     }
-    for (h, a) in a.chunks_exact(MR * kc).enumerate() {
-        let (i, rows) = (i + h * MR, (rows - h * MR).min(MR));
-        straddling_tile(kc, a, b, c, cl, i, j, rows, cols, add);
-    }
+    // Without AVX-512 a tile is one A and one B panel: the MR x NR kernel into a buffer.
+    debug_assert!(a.len() == MR * kc && b.len() == NR * kc);
+    let mut acc = [0f32; MR * NR];
+    kernel(kc, a, b, acc.as_mut_ptr(), NR, false);
+    store_runs(&acc, NR, c, cl, i, j, rows, cols, add);
 }
 
-/// `c_tile` for one A panel whose block straddles groups of the layout.
+/// Stores a tile computed into `acc` (rows `width` apart) at (i, j) of c in runs that each stay
+/// inside one group of the layout.
 ///
 /// # Safety
 /// As `c_tile`'s.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn straddling_tile(
-    kc: usize,
-    a: &[f32],
-    b: &[f32],
+unsafe fn store_runs(
+    acc: &[f32],
+    width: usize,
     c: SendPtr,
     cl: CLayout,
     i: usize,
@@ -843,28 +829,18 @@ unsafe fn straddling_tile(
     cols: usize,
     add: bool,
 ) {
-    for (q, b) in b.chunks_exact(NR * kc).enumerate() {
-        let j = j + q * NR;
-        let cols = NR.min(cols.saturating_sub(q * NR));
-        if cols == 0 {
-            break;
+    let mut t = 0;
+    while t < cols {
+        let run = (cl.group - (j + t) % cl.group).min(cols - t);
+        for r in 0..rows {
+            let dst = c.get().add(cl.at(i + r, j + t));
+            store(
+                std::slice::from_raw_parts_mut(dst, run),
+                &acc[r * width + t..][..run],
+                add,
+            );
         }
-        if j % cl.group + cols <= cl.group {
-            micro_tile(kc, a, b, c.get().add(cl.at(i, j)), cl.ldc, rows, cols, add);
-            continue;
-        }
-        let mut acc = [0f32; MR * NR];
-        kernel(kc, a, b, acc.as_mut_ptr(), NR, false);
-        let mut t = 0;
-        while t < cols {
-            let run = (cl.group - (j + t) % cl.group).min(cols - t);
-            let dst = c.get().add(cl.at(i, j + t));
-            for r in 0..rows {
-                let dst = std::slice::from_raw_parts_mut(dst.add(r * cl.ldc), run);
-                store(dst, &acc[r * NR + t..][..run], add);
-            }
-            t += run;
-        }
+        t += run;
     }
 }
 

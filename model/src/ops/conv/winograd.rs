@@ -46,15 +46,19 @@ const MIN_TILES_PREPARED: usize = 8;
 /// measured (docs/cpu-kernels.md, "Winograd F(2x2, 3x3)"): there the transposed operand's packing
 /// and the 16 deep products eat the 2.25x fewer multiplies.
 pub(super) fn applies_to_weight_gradient(d: &Dims, o: usize) -> bool {
+    chosen(d, || d.c.min(o) >= 128 && d.h.min(d.w) * d.c >= 3584)
+}
+
+/// Whether Winograd computes a convolution of geometry `d`: never unless the geometry fits, then
+/// as `FER_CONV` says, and under `auto` on AVX-512 machines where `auto_picks` (the measured rule).
+fn chosen(d: &Dims, auto_picks: impl FnOnce() -> bool) -> bool {
     if !geometry_fits(d) {
         return false;
     }
     match algorithm() {
         Algorithm::Direct => false,
         Algorithm::Winograd => true,
-        Algorithm::Auto => {
-            crate::ops::isa::avx512() && d.c.min(o) >= 128 && d.h.min(d.w) * d.c >= 3584
-        }
+        Algorithm::Auto => crate::ops::isa::avx512() && auto_picks(),
     }
 }
 
@@ -84,16 +88,7 @@ pub(super) fn applies_to_input_gradient(d: &Dims) -> bool {
 
 /// `applies` with `Auto`'s threshold given.
 fn applies_with(d: &Dims, min_tiles: usize) -> bool {
-    if !geometry_fits(d) {
-        return false;
-    }
-    match algorithm() {
-        Algorithm::Direct => false,
-        Algorithm::Winograd => true,
-        Algorithm::Auto => {
-            crate::ops::isa::avx512() && d.b * d.h.div_ceil(2) * d.w.div_ceil(2) >= min_tiles
-        }
-    }
+    chosen(d, || d.b * d.h.div_ceil(2) * d.w.div_ceil(2) >= min_tiles)
 }
 
 /// How the [O, C, 3, 3] weights are read.
