@@ -37,6 +37,7 @@ fn main() -> candle_core::Result<()> {
     // `prepared`, runs the inference form's convolution (weights' transformed forms kept).
     let only = std::env::args().nth(3).filter(|f| !f.is_empty());
     let prepared = std::env::args().nth(4).is_some_and(|a| a == "prepared");
+    let backward = std::env::args().nth(4).is_some_and(|a| a == "backward");
     let dev = Device::Cpu;
     for (name, c, o, (kh, kw), st, pad, side) in layers {
         if only.as_ref().is_some_and(|f| !name.contains(f.as_str())) {
@@ -54,6 +55,10 @@ fn main() -> candle_core::Result<()> {
                 conv2d(x, &w, None, g)
             }
         };
+        if backward {
+            backward_rates(name, &x, &w, g)?;
+            continue;
+        }
         let out = conv(&x)?;
         let (oh, ow) = (out.dim(2)?, out.dim(3)?);
         let flops = 2.0 * (batch * o * oh * ow * c * kh * kw) as f64;
@@ -72,5 +77,45 @@ fn main() -> candle_core::Result<()> {
             best * 1e3
         );
     }
+    Ok(())
+}
+
+/// The backward's two products for one layer, each timed by its `FER_OP_TIMES` slot (best of five
+/// backward passes of `sum(conv(x, w) * r)`), in GFLOP/s of the direct convolution's arithmetic.
+fn backward_rates(name: &str, x: &Tensor, w: &Tensor, g: ConvGeometry) -> candle_core::Result<()> {
+    use fer_model::ops::timing;
+    if std::env::var_os("FER_OP_TIMES").is_none() {
+        candle_core::bail!("the backward rates need FER_OP_TIMES=1");
+    }
+    let (x, w) = (
+        candle_core::Var::from_tensor(x)?,
+        candle_core::Var::from_tensor(w)?,
+    );
+    let y = conv2d(&x, &w, None, g)?;
+    let r = y.randn_like(0.0, 1.0)?;
+    let flops = 2.0 * (y.elem_count() * w.dim(1)? * w.dim(2)? * w.dim(3)?) as f64;
+    let slot = |times: &[(&str, f64)], s: &str| {
+        times
+            .iter()
+            .find(|(n, _)| n.trim() == s)
+            .map_or(0.0, |t| t.1)
+    };
+    let (mut wg, mut ig) = (f64::MAX, f64::MAX);
+    for _ in 0..6 {
+        timing::take();
+        let grads = (conv2d(&x, &w, None, g)? * &r)?.sum_all()?.backward()?;
+        std::hint::black_box(grads);
+        let times = timing::take();
+        wg = wg.min(slot(&times, "conv: gemm, weight gradient"));
+        ig = ig.min(slot(&times, "conv: gemm, input gradient") + slot(&times, "conv: col2im"));
+    }
+    println!(
+        "{name:<14} {:?}: weight gradient {:6.1} GFLOP/s {:7.2} ms, input gradient {:6.1} GFLOP/s {:7.2} ms",
+        x.dims(),
+        flops / wg / 1e9,
+        wg * 1e3,
+        flops / ig / 1e9,
+        ig * 1e3
+    );
     Ok(())
 }

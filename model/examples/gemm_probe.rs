@@ -10,6 +10,9 @@ fn main() {
         (576, 64, 16384, false),
         (256, 2304, 1024, false),
         (512, 4608, 256, false),
+        // One of Winograd's 16 products per chunk of 128 tiles (layer1, layer4).
+        (64, 64, 128, false),
+        (512, 512, 128, false),
     ] {
         let a = vec![1.0f32; m * k];
         let b = vec![0.5f32; k * n];

@@ -11,7 +11,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::ops::adam::{MomentUpdate, ParamUpdate};
+use crate::ops::adam::{adam_in_place, AdamStep};
 
 /// Which rule and its hyper-parameters. `lr` is the base rate; schedules scale it per epoch.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -368,31 +368,28 @@ impl FusedAdam {
         let (b1, b2) = self.betas;
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
-        let wd = self.coupled_decay as f32;
-        for (slot, beta, square) in [("exp_avg", b1, false), ("exp_avg_sq", b2, true)] {
-            let first = !state.contains_key(slot);
-            let moment = match state.get(slot) {
-                Some(m) => m.clone(),
-                None => theta.zeros_like()?,
-            };
-            // The constants exactly as Candle's affine ops round them.
-            let op = MomentUpdate {
-                first,
-                beta: beta as f32,
-                keep: (1.0 - beta) as f32,
-                square,
-                wd,
-            };
-            moment.inplace_op3(grad, theta, &op)?;
-            state.insert(slot, moment);
-        }
-        let op = ParamUpdate {
+        let (m, v) = match (state.get("exp_avg"), state.get("exp_avg_sq")) {
+            (Some(m), Some(v)) => (m.clone(), v.clone()),
+            (None, None) => (theta.zeros_like()?, theta.zeros_like()?),
+            // One moment without the other (a hand-edited checkpoint): the composed path.
+            _ => return Ok(false),
+        };
+        // The constants exactly as Candle's affine ops round them.
+        let k = AdamStep {
+            first: !state.contains_key("exp_avg"),
+            b1: b1 as f32,
+            keep1: (1.0 - b1) as f32,
+            b2: b2 as f32,
+            keep2: (1.0 - b2) as f32,
+            wd: self.coupled_decay as f32,
             inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
             eps: self.eps as f32,
             step: (self.lr / bc1) as f32,
             decay: self.decoupled_factor.map(|f| f as f32),
         };
-        theta.inplace_op3(&state["exp_avg"], &state["exp_avg_sq"], &op)?;
+        adam_in_place(theta, grad, &m, &v, &k)?;
+        state.insert("exp_avg", m);
+        state.insert("exp_avg_sq", v);
         Ok(true)
     }
 }
