@@ -13,10 +13,14 @@ use fer_model::ops::{add_relu, conv2d, matmul, ConvGeometry};
 use fer_model::store::ParamStore;
 
 /// Worst relative difference (max |a - b| / max |b|) between the f32 fast path and the f64
-/// reference path, over the value and every input's gradient.
+/// reference path, over the value and every input's gradient; infinite where the fast path gave
+/// a NaN or an infinity (which `f64::max` would otherwise drop).
 fn fast_vs_reference(inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Tensor) -> f64 {
     let (v32, g32) = value_and_grads(inputs, DType::F32, f);
     let (v64, g64) = value_and_grads(inputs, DType::F64, f);
+    if !v32.is_finite() || g32.iter().flatten().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
     let mut worst = (v32 - v64).abs() / v64.abs().max(1e-6);
     for (a, b) in g32.iter().zip(&g64) {
         let scale = b.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-6);
@@ -54,6 +58,7 @@ const CONV_CASES: [ConvCase; 8] = [
 
 #[test]
 fn fused_conv_matches_the_float64_reference_and_finite_differences() {
+    fer_model::ops::poison_unfilled();
     for (i, &(h, w, k, s, p)) in CONV_CASES.iter().enumerate() {
         // 40 input channels x 9 taps = 360 rows: more than one 256-deep GEMM block.
         let x = rand_tensor(&[3, 40, h, w], 10 + i as u64);
@@ -75,6 +80,7 @@ fn fused_conv_matches_the_float64_reference_and_finite_differences() {
 
 #[test]
 fn stride1_input_gradient_over_several_depth_blocks_matches_the_float64_reference() {
+    fer_model::ops::poison_unfilled();
     // 40 output channels x 9 taps = 360: the input gradient's depth (o, tap) crosses a 256-deep
     // block boundary inside a channel's taps, with 7 input channels (a partial 6-row panel).
     let x = rand_tensor(&[2, 7, 6, 5], 60);
@@ -87,6 +93,7 @@ fn stride1_input_gradient_over_several_depth_blocks_matches_the_float64_referenc
 
 #[test]
 fn winograd_sized_conv_matches_the_float64_reference() {
+    fer_model::ops::poison_unfilled();
     // 4 x 7 x 7 = 196 output tiles: enough for `FER_CONV=auto` to take Winograd F(2x2, 3x3) on an
     // AVX-512 machine, in the forward and in the input gradient (the direct GEMM elsewhere).
     let x = rand_tensor(&[4, 16, 14, 13], 70);
@@ -100,6 +107,7 @@ fn winograd_sized_conv_matches_the_float64_reference() {
 
 #[test]
 fn the_inference_convolution_keeps_its_weights_forms_and_matches_conv2d() {
+    fer_model::ops::poison_unfilled();
     use fer_model::ops::{conv2d_inference, PreparedWeights};
     // A 3x3 on 4x4 maps (Winograd with kept weights on AVX-512: 2 x 4 tiles), a 3x3 and a 1x3 on
     // 2x2 maps (the dense small-map product), a strided 3x3 (the direct GEMM).

@@ -249,7 +249,32 @@ pub fn sgemm_with(
     cl: CLayout,
     accumulate: bool,
 ) {
-    sgemm_on(m, n, k, a, b, c, cl, accumulate, true)
+    sgemm_on(m, n, k, a, b, c.as_mut_ptr(), c.len(), cl, accumulate, true)
+}
+
+/// `sgemm_with` into an unfilled C, every element of which it writes (no accumulation): an op's
+/// output then needs no zero fill first (`ops::unfilled`).
+pub(crate) fn sgemm_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: AOperand,
+    b: BOperand,
+    c: &mut [std::mem::MaybeUninit<f32>],
+    cl: CLayout,
+) {
+    sgemm_on(
+        m,
+        n,
+        k,
+        a,
+        b,
+        c.as_mut_ptr().cast(),
+        c.len(),
+        cl,
+        false,
+        true,
+    )
 }
 
 /// `c[m x n] (=|+=) a[m x k] * b[k x n]` (c row-major, leading dimension `ldc`) on this thread
@@ -266,10 +291,23 @@ pub(crate) fn sgemm_serial(
     accumulate: bool,
 ) {
     let (b, cl) = (BOperand::Mat(b), CLayout::rows(ldc));
-    sgemm_on(m, n, k, a, b, c, cl, accumulate, false)
+    sgemm_on(
+        m,
+        n,
+        k,
+        a,
+        b,
+        c.as_mut_ptr(),
+        c.len(),
+        cl,
+        accumulate,
+        false,
+    )
 }
 
-/// `sgemm_with` on the rayon pool when `parallel`, else on this thread.
+/// `sgemm_with` on the rayon pool when `parallel`, else on this thread, into the `c_len` values
+/// at `c`: a writable buffer that nothing else touches during the call. Every (i, j) of `cl` is
+/// written; without `accumulate` none is read first, so those values may be uninitialised.
 #[allow(clippy::too_many_arguments)]
 fn sgemm_on(
     m: usize,
@@ -277,7 +315,8 @@ fn sgemm_on(
     k: usize,
     a: AOperand,
     b: BOperand,
-    c: &mut [f32],
+    c: *mut f32,
+    c_len: usize,
     cl: CLayout,
     accumulate: bool,
     parallel: bool,
@@ -285,7 +324,7 @@ fn sgemm_on(
     if m == 0 || n == 0 {
         return;
     }
-    cl.check(m, n, c.len());
+    cl.check(m, n, c_len);
     if let BOperand::Prepacked(pb) = b {
         assert!(
             pb.k == k && pb.n == n,
@@ -298,7 +337,8 @@ fn sgemm_on(
         if !accumulate {
             for i in 0..m {
                 for j in 0..n {
-                    c[cl.at(i, j)] = 0.0;
+                    // SAFETY: `check` keeps every (i, j) inside the c_len values at c.
+                    unsafe { c.add(cl.at(i, j)).write(0.0) };
                 }
             }
         }
@@ -315,7 +355,7 @@ fn sgemm_on(
         // The first depth chunk goes straight into c; the others into pooled buffers (each
         // fully overwritten), added to c at the end.
         let mut partials: Vec<Vec<f32>> = (1..chunks).map(|_| take_scratch(m * n)).collect();
-        let c_ptr = SendPtr(c.as_mut_ptr());
+        let c_ptr = SendPtr(c);
         let parts: Vec<SendPtr> = partials
             .iter_mut()
             .map(|p| SendPtr(p.as_mut_ptr()))
@@ -348,18 +388,7 @@ fn sgemm_on(
         partials.into_iter().for_each(give_scratch);
         return;
     }
-    gemm_blocks(
-        m,
-        n,
-        0,
-        k,
-        a,
-        b,
-        SendPtr(c.as_mut_ptr()),
-        cl,
-        accumulate,
-        parallel,
-    );
+    gemm_blocks(m, n, 0, k, a, b, SendPtr(c), cl, accumulate, parallel);
 }
 
 /// Largest m x n (values) for which a deep product is split by depth between threads.

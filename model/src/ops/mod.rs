@@ -199,6 +199,38 @@ pub(crate) fn zeroed<T: Copy + Default + Send + Sync>(len: usize) -> Vec<T> {
     v
 }
 
+/// `len` values for an op's output that the op writes in full before anything reads it (a GEMM
+/// without accumulation, Winograd's output transform): no zero fill, which for an
+/// activation-sized output costs a pass over memory that the op's own writes then repeat.
+pub(crate) fn unfilled(len: usize) -> Vec<std::mem::MaybeUninit<f32>> {
+    if POISON.load(std::sync::atomic::Ordering::Relaxed) {
+        return vec![std::mem::MaybeUninit::new(f32::NAN); len];
+    }
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: the capacity is at least len, and MaybeUninit values need no initialisation.
+    unsafe { v.set_len(len) };
+    v
+}
+
+static POISON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// From now on `unfilled` buffers start as NaN, so a test fails if an op leaves any value of
+/// one unwritten (fresh memory is often zero, which would hide it).
+pub fn poison_unfilled() {
+    POISON.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `v` as the f32 values it now holds.
+///
+/// # Safety
+/// Every element of `v` has been written.
+pub(crate) unsafe fn assume_filled(v: Vec<std::mem::MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: MaybeUninit<f32> has f32's size and alignment, the allocation is v's own (not
+    // dropped: ManuallyDrop), and the caller guarantees every value is initialised.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) }
+}
+
 /// Large per-call buffers (packed operands, column matrices, layout copies) are taken from and
 /// returned to this pool: allocating tens of MB afresh per convolution cost page faults and
 /// zero-filling at every call. Buffers come back with stale contents; every user overwrites all

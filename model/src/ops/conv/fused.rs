@@ -12,7 +12,9 @@ use super::packing::{channel_major, BlockRows, ColsOf, ColsOfT};
 use super::small_map;
 use super::winograd::{self, Weights};
 use super::{ConvGeometry, Dims};
-use crate::ops::gemm::{sgemm, sgemm_with, AOperand, BOperand, CLayout, MatRef, PackedA, NR};
+use crate::ops::gemm::{
+    sgemm, sgemm_into, sgemm_with, AOperand, BOperand, CLayout, MatRef, PackedA, NR,
+};
 use crate::ops::timing::{timed, Slot};
 use crate::ops::{contiguous, f32_contiguous, give_scratch, take_scratch};
 
@@ -64,15 +66,31 @@ pub(super) fn conv_forward(
     let (k, n, p) = (d.rows(), d.cols(), d.oh * d.ow);
     // The GEMM writes [B, O, P] directly (column b*P + q of the [O, B*P] product is pixel q of
     // sample b), adding to the bias when there is one.
+    let layout = CLayout {
+        ldc: p,
+        group: p,
+        group_stride: o * p,
+    };
+    let b_cols = BOperand::Packed(&cols);
+    if bias.is_none() && p >= NR {
+        // Every value written by the GEMM: no zero fill first.
+        let mut y = crate::ops::unfilled(o * n);
+        timed(slot, || sgemm_into(o, n, k, w, b_cols, &mut y, layout));
+        // SAFETY: without accumulation the GEMM writes every (i, j) of `layout`, which covers
+        // all o * n values ([B, O, P] with P = ldc = group).
+        return unsafe { crate::ops::assume_filled(y) };
+    }
     let mut y = match bias {
         Some(bias) => {
-            let mut y = Vec::with_capacity(o * n);
-            for _ in 0..d.b {
-                for &v in bias {
-                    y.extend(std::iter::repeat_n(v, p));
+            // Each sample's [O, P] block is the bias broadcast over pixels.
+            let mut y = crate::ops::unfilled(o * n);
+            y.par_chunks_mut(o * p).for_each(|yb| {
+                for (plane, &v) in yb.chunks_exact_mut(p).zip(bias) {
+                    plane.fill(std::mem::MaybeUninit::new(v));
                 }
-            }
-            y
+            });
+            // SAFETY: the chunks cover all o * n values, each plane filled.
+            unsafe { crate::ops::assume_filled(y) }
         }
         None => crate::ops::zeroed(o * n),
     };
@@ -83,16 +101,7 @@ pub(super) fn conv_forward(
         let mut t = take_scratch(o * n);
         timed(slot, || {
             let t = &mut t[..o * n];
-            sgemm_with(
-                o,
-                n,
-                k,
-                w,
-                BOperand::Packed(&cols),
-                t,
-                CLayout::rows(n),
-                false,
-            );
+            sgemm_with(o, n, k, w, b_cols, t, CLayout::rows(n), false);
             y.par_chunks_mut(o * p).enumerate().for_each(|(b, yb)| {
                 for (oc, dst) in yb.chunks_exact_mut(p).enumerate() {
                     let src = &t[oc * n + b * p..][..p];
@@ -103,22 +112,8 @@ pub(super) fn conv_forward(
         give_scratch(t);
         return y;
     }
-    let layout = CLayout {
-        ldc: p,
-        group: p,
-        group_stride: o * p,
-    };
     timed(slot, || {
-        sgemm_with(
-            o,
-            n,
-            k,
-            w,
-            BOperand::Packed(&cols),
-            &mut y,
-            layout,
-            bias.is_some(),
-        )
+        sgemm_with(o, n, k, w, b_cols, &mut y, layout, true)
     });
     y
 }
@@ -360,10 +355,10 @@ impl FusedConv {
         } else {
             // dW [O, K] = dY [O, N] x cols^T [N, K], dY read in its NCHW layout and the columns
             // gathered from x, both while packing.
-            let mut dw = crate::ops::zeroed(o * k);
+            let mut dw = crate::ops::unfilled(o * k);
             let cols = ColsOf::new(xv, d);
             timed(Slot::ConvGemmWeightGradient, || {
-                sgemm_with(
+                sgemm_into(
                     o,
                     k,
                     n,
@@ -375,10 +370,10 @@ impl FusedConv {
                     BOperand::Packed(&ColsOfT(&cols)),
                     &mut dw,
                     CLayout::rows(k),
-                    false,
                 )
             });
-            dw
+            // SAFETY: the GEMM wrote all o x k values (row-major, no accumulation).
+            unsafe { crate::ops::assume_filled(dw) }
         };
         // The network's input needs no gradient.
         let stride1 =

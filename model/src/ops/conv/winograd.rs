@@ -145,7 +145,8 @@ pub(super) fn conv3x3_prepared(
         .chunks_exact(len)
         .map(|u| PackedA::from_packed(u, o, c))
         .collect();
-    let mut y = crate::ops::zeroed(b * o * d.h * d.w);
+    // Unfilled: the output transform writes every value (the tiles cover each map).
+    let mut y = crate::ops::unfilled(b * o * d.h * d.w);
     // At least two chunks per thread where the map allows, so small maps still use every core.
     let threads = rayon::current_num_threads();
     let per_chunk = tiles
@@ -153,7 +154,7 @@ pub(super) fn conv3x3_prepared(
         .next_multiple_of(16)
         .clamp(16, TILES);
     let chunks = tiles.div_ceil(per_chunk);
-    let y_ptr = SendPtr(y.as_mut_ptr());
+    let y_ptr = SendPtr(y.as_mut_ptr().cast());
     let padded = pad_input(x, b, &geom);
     let xp = &padded[..b * geom.padded_sample()];
     (0..chunks).into_par_iter().for_each(|ci| {
@@ -190,7 +191,9 @@ pub(super) fn conv3x3_prepared(
         give_scratch(m);
     });
     give_scratch(padded);
-    y
+    // SAFETY: every chunk's tiles went through the output transform, and the tiles' 2x2 blocks
+    // (clipped to the map) cover every value of every output plane.
+    unsafe { crate::ops::assume_filled(y) }
 }
 
 /// The weight gradient [O, C, 3, 3] of y = x ⋆ w (3x3, stride 1, padding 1) from x [B, C, H, W]
@@ -331,8 +334,9 @@ fn conv3x3_few_tiles(
         });
     give_scratch(v);
     give_scratch(padded);
-    let mut y = crate::ops::zeroed(b * o * d.h * d.w);
-    let y_ptr = SendPtr(y.as_mut_ptr());
+    // Unfilled: the output transform writes every value (the tiles cover each map).
+    let mut y = crate::ops::unfilled(b * o * d.h * d.w);
+    let y_ptr = SendPtr(y.as_mut_ptr().cast());
     let m_all = &m[..16 * o * t];
     (0..o).into_par_iter().for_each(|oc| {
         // Channel oc's 16 rows lie o * T apart.
@@ -343,7 +347,9 @@ fn conv3x3_few_tiles(
         };
     });
     give_scratch(m);
-    y
+    // SAFETY: every output channel's tiles went through the output transform, and the tiles'
+    // 2x2 blocks (clipped to the map) cover every value of its planes.
+    unsafe { crate::ops::assume_filled(y) }
 }
 
 /// Channels, map size and tiles per column and row of one convolution.
