@@ -202,6 +202,7 @@ fn batch_norm_reference(x: &Tensor, w: &Tensor, b: &Tensor, relu: bool) -> Tenso
 
 #[test]
 fn fused_batch_norm_matches_the_reference_and_finite_differences() {
+    fer_model::ops::poison_unfilled();
     for (dims, relu) in [
         (vec![4usize, 3, 5, 7], false),
         (vec![4, 3, 5, 7], true),
@@ -240,6 +241,7 @@ fn fused_batch_norm_matches_the_reference_and_finite_differences() {
 
 #[test]
 fn batch_norm_module_keeps_the_same_running_statistics_and_eval_output_on_both_paths() {
+    fer_model::ops::poison_unfilled();
     let x = rand_tensor(&[8, 3, 4, 5], 60).affine(3.0, 1.0).unwrap();
     let mut outputs = Vec::new();
     for dtype in [DType::F32, DType::F64] {
@@ -277,6 +279,7 @@ fn batch_norm_module_keeps_the_same_running_statistics_and_eval_output_on_both_p
 
 #[test]
 fn add_relu_matches_its_composition() {
+    fer_model::ops::poison_unfilled();
     let a = rand_tensor(&[3, 4, 5, 6], 70);
     let b = rand_tensor(&[3, 4, 5, 6], 71);
     let f = |t: &[Tensor]| {

@@ -3,6 +3,7 @@
 
 use candle_core::{CpuStorage, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use super::f32_contiguous;
 use super::timing::{timed, Slot};
@@ -54,10 +55,12 @@ fn add_relu_fwd(
                 l2.shape()
             );
         }
-        let mut y = crate::ops::zeroed(a.len());
+        let mut y = crate::ops::unfilled(a.len());
         y.par_chunks_mut(4096)
             .zip(a.par_chunks(4096).zip(b.par_chunks(4096)))
             .for_each(|(y, (a, b))| add_relu_chunk(y, a, b));
+        // SAFETY: the chunks cover y (a and b are as long), each value written.
+        let y = unsafe { crate::ops::assume_filled(y) };
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 }
@@ -80,10 +83,19 @@ fn add_relu_bwd(
                 f32_contiguous(ys, yl, "add_relu output")?,
                 f32_contiguous(gs, gl, "add_relu gradient")?,
             );
-            let mut out = crate::ops::zeroed(g.len());
+            if y.len() != g.len() {
+                candle_core::bail!(
+                    "add_relu backward: {} outputs, {} gradients",
+                    y.len(),
+                    g.len()
+                );
+            }
+            let mut out = crate::ops::unfilled(g.len());
             out.par_chunks_mut(4096)
                 .zip(y.par_chunks(4096).zip(g.par_chunks(4096)))
                 .for_each(|(o, (y, g))| relu_grad_chunk(o, y, g));
+            // SAFETY: the chunks cover out (y is as long), each value written.
+            let out = unsafe { crate::ops::assume_filled(out) };
             Tensor::from_vec(out, res.shape(), res.device())?
         };
         Ok((Some(g.clone()), Some(g)))
@@ -101,18 +113,18 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// `y = max(a + b, 0)`.
 #[inline(never)]
-fn add_relu_chunk(y: &mut [f32], a: &[f32], b: &[f32]) {
+fn add_relu_chunk(y: &mut [MaybeUninit<f32>], a: &[f32], b: &[f32]) {
     let (a, b) = (&a[..y.len()], &b[..y.len()]);
     for i in 0..y.len() {
-        y[i] = (a[i] + b[i]).max(0.0);
+        y[i] = MaybeUninit::new((a[i] + b[i]).max(0.0));
     }
 }
 
 /// `out = g where y > 0, else 0`.
 #[inline(never)]
-fn relu_grad_chunk(out: &mut [f32], y: &[f32], g: &[f32]) {
+fn relu_grad_chunk(out: &mut [MaybeUninit<f32>], y: &[f32], g: &[f32]) {
     let (y, g) = (&y[..out.len()], &g[..out.len()]);
     for i in 0..out.len() {
-        out[i] = if y[i] > 0.0 { g[i] } else { 0.0 };
+        out[i] = MaybeUninit::new(if y[i] > 0.0 { g[i] } else { 0.0 });
     }
 }

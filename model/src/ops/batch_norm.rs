@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 
 use super::f32_contiguous;
 use super::timing::{timed, Slot};
@@ -99,18 +100,18 @@ fn grad_sums_body(x: &[f32], y: &[f32], g: &[f32], mean: f32, relu: bool) -> (f3
 
 simd_dispatch!(
 /// `y = relu?(x * scale + shift)` over one plane.
-fn affine_plane(y: &mut [f32], x: &[f32], scale: f32, shift: f32, relu: bool) -> () = affine_plane_body);
+fn affine_plane(y: &mut [MaybeUninit<f32>], x: &[f32], scale: f32, shift: f32, relu: bool) -> () = affine_plane_body);
 
 #[inline(always)]
-fn affine_plane_body(y: &mut [f32], x: &[f32], scale: f32, shift: f32, relu: bool) {
+fn affine_plane_body(y: &mut [MaybeUninit<f32>], x: &[f32], scale: f32, shift: f32, relu: bool) {
     let x = &x[..y.len()];
     if relu {
         for i in 0..y.len() {
-            y[i] = (x[i] * scale + shift).max(0.0);
+            y[i] = MaybeUninit::new((x[i] * scale + shift).max(0.0));
         }
     } else {
         for i in 0..y.len() {
-            y[i] = x[i] * scale + shift;
+            y[i] = MaybeUninit::new(x[i] * scale + shift);
         }
     }
 }
@@ -118,21 +119,28 @@ fn affine_plane_body(y: &mut [f32], x: &[f32], scale: f32, shift: f32, relu: boo
 simd_dispatch!(
 /// `dx = k * (g' - mg - (x - mean) * inv_std * mgx)` over one plane, where g' is g masked by
 /// y > 0 when `relu`; `c = [k, mg, mean, inv_std, mgx]`.
-fn input_grad_plane(dx: &mut [f32], x: &[f32], y: &[f32], g: &[f32], relu: bool, c: [f32; 5]) -> () = input_grad_plane_body);
+fn input_grad_plane(dx: &mut [MaybeUninit<f32>], x: &[f32], y: &[f32], g: &[f32], relu: bool, c: [f32; 5]) -> () = input_grad_plane_body);
 
 #[inline(always)]
-fn input_grad_plane_body(dx: &mut [f32], x: &[f32], y: &[f32], g: &[f32], relu: bool, c: [f32; 5]) {
+fn input_grad_plane_body(
+    dx: &mut [MaybeUninit<f32>],
+    x: &[f32],
+    y: &[f32],
+    g: &[f32],
+    relu: bool,
+    c: [f32; 5],
+) {
     let [k, mg, m, is, mgx] = c;
     let n = dx.len();
     let (x, y, g) = (&x[..n], &y[..n], &g[..n]);
     if relu {
         for i in 0..n {
             let g = if y[i] <= 0.0 { 0.0 } else { g[i] };
-            dx[i] = k * (g - mg - (x[i] - m) * is * mgx);
+            dx[i] = MaybeUninit::new(k * (g - mg - (x[i] - m) * is * mgx));
         }
     } else {
         for i in 0..n {
-            dx[i] = k * (g[i] - mg - (x[i] - m) * is * mgx);
+            dx[i] = MaybeUninit::new(k * (g[i] - mg - (x[i] - m) * is * mgx));
         }
     }
 }
@@ -265,19 +273,25 @@ fn small_plane_moments(x: &[f32], (b, c, hw): (usize, usize, usize)) -> (Vec<f64
 simd_dispatch!(
 /// `affine_plane` over one sample's [C * HW] values, scale and shift given per value: the same
 /// operations, so the same results.
-fn affine_values(y: &mut [f32], x: &[f32], scale: &[f32], shift: &[f32], relu: bool) -> () = affine_values_body);
+fn affine_values(y: &mut [MaybeUninit<f32>], x: &[f32], scale: &[f32], shift: &[f32], relu: bool) -> () = affine_values_body);
 
 #[inline(always)]
-fn affine_values_body(y: &mut [f32], x: &[f32], scale: &[f32], shift: &[f32], relu: bool) {
+fn affine_values_body(
+    y: &mut [MaybeUninit<f32>],
+    x: &[f32],
+    scale: &[f32],
+    shift: &[f32],
+    relu: bool,
+) {
     let n = y.len();
     let (x, scale, shift) = (&x[..n], &scale[..n], &shift[..n]);
     if relu {
         for i in 0..n {
-            y[i] = (x[i] * scale[i] + shift[i]).max(0.0);
+            y[i] = MaybeUninit::new((x[i] * scale[i] + shift[i]).max(0.0));
         }
     } else {
         for i in 0..n {
-            y[i] = x[i] * scale[i] + shift[i];
+            y[i] = MaybeUninit::new(x[i] * scale[i] + shift[i]);
         }
     }
 }
@@ -285,11 +299,11 @@ fn affine_values_body(y: &mut [f32], x: &[f32], scale: &[f32], shift: &[f32], re
 simd_dispatch!(
 /// `input_grad_plane` over one sample's [C * HW] values, its constants given per value
 /// (`c[k][i]`): the same operations in the same order, so the same results.
-fn input_grad_values(dx: &mut [f32], x: &[f32], y: &[f32], g: &[f32], relu: bool, c: &[Vec<f32>; 5]) -> () = input_grad_values_body);
+fn input_grad_values(dx: &mut [MaybeUninit<f32>], x: &[f32], y: &[f32], g: &[f32], relu: bool, c: &[Vec<f32>; 5]) -> () = input_grad_values_body);
 
 #[inline(always)]
 fn input_grad_values_body(
-    dx: &mut [f32],
+    dx: &mut [MaybeUninit<f32>],
     x: &[f32],
     y: &[f32],
     g: &[f32],
@@ -301,7 +315,7 @@ fn input_grad_values_body(
     let [k, mg, m, is, mgx] = c.each_ref().map(|v| &v[..n]);
     for i in 0..n {
         let gi = if relu && y[i] <= 0.0 { 0.0 } else { g[i] };
-        dx[i] = k[i] * (gi - mg[i] - (x[i] - m[i]) * is[i] * mgx[i]);
+        dx[i] = MaybeUninit::new(k[i] * (gi - mg[i] - (x[i] - m[i]) * is[i] * mgx[i]));
     }
 }
 
@@ -394,7 +408,8 @@ impl FusedBatchNorm {
             .map(|v| (1.0 / (v + self.eps).sqrt()) as f32)
             .collect();
         let mean32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
-        let mut y = crate::ops::zeroed(x.len());
+        // Unfilled: the planes (or samples) below cover every value.
+        let mut y = crate::ops::unfilled(x.len());
         let scale = |ch: usize| inv_std[ch] * w[ch];
         let shift = |ch: usize| bias[ch] - mean32[ch] * scale(ch);
         if hw < SMALL_PLANE {
@@ -411,6 +426,8 @@ impl FusedBatchNorm {
                     affine_plane(yp, xp, scale(i % c), shift(i % c), self.relu);
                 });
         }
+        // SAFETY: the chunks (whole samples or planes) cover y, each value written.
+        let y = unsafe { crate::ops::assume_filled(y) };
         *self.saved.lock().expect("batch_norm stats") = (mean32, inv_std, Moments { mean, var });
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
@@ -443,6 +460,14 @@ impl FusedBatchNorm {
             f32_contiguous(ys, yl, "batch_norm output")?,
             f32_contiguous(gs, gl, "batch_norm gradient")?,
         );
+        if [yv.len(), gv.len()] != [xv.len(); 2] || xv.len() != b * c * hw {
+            candle_core::bail!(
+                "batch_norm backward: {} inputs, {} outputs, {} gradients",
+                xv.len(),
+                yv.len(),
+                gv.len()
+            );
+        }
         let relu = self.relu;
         // Per channel: sum of g (bias gradient) and of g * (x - mean) (weight gradient / inv_std),
         // where g is the gradient reaching the affine output (ReLU passes it where y > 0).
@@ -467,7 +492,8 @@ impl FusedBatchNorm {
         };
         let n = (b * hw) as f32;
         let batch = matches!(self.stats, BatchStats::Batch);
-        let mut dx = crate::ops::zeroed(xv.len());
+        // Unfilled: the planes (or samples) below cover every value.
+        let mut dx = crate::ops::unfilled(xv.len());
         // Per channel: [k, mg, mean, inv_std, mgx] of `input_grad_plane`.
         let constants = |ch: usize| -> [f32; 5] {
             let k = wv[ch] * inv_std[ch];
@@ -502,6 +528,8 @@ impl FusedBatchNorm {
                     input_grad_plane(dxp, xp, yp, gp, relu, constants(p % c));
                 });
         }
+        // SAFETY: the chunks (whole samples or planes) cover dx, each value written.
+        let dx = unsafe { crate::ops::assume_filled(dx) };
         let dev = x.device();
         let to32 = |v: Vec<f64>| v.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
         Ok((
