@@ -80,8 +80,9 @@ fn main() -> candle_core::Result<()> {
     Ok(())
 }
 
-/// The backward's two products for one layer, each timed by its `FER_OP_TIMES` slot (best of five
-/// backward passes of `sum(conv(x, w) * r)`), in GFLOP/s of the direct convolution's arithmetic.
+/// The backward's two products for one layer, each timed by its `FER_OP_TIMES` slot (best of six
+/// backward passes of `sum(conv(x, w) * r)`), in GFLOP/s of the direct convolution's arithmetic,
+/// and the convolution's whole backward (products, copies, packing of the weights).
 fn backward_rates(name: &str, x: &Tensor, w: &Tensor, g: ConvGeometry) -> candle_core::Result<()> {
     use fer_model::ops::timing;
     if std::env::var_os("FER_OP_TIMES").is_none() {
@@ -100,7 +101,7 @@ fn backward_rates(name: &str, x: &Tensor, w: &Tensor, g: ConvGeometry) -> candle
             .find(|(n, _)| n.trim() == s)
             .map_or(0.0, |t| t.1)
     };
-    let (mut wg, mut ig) = (f64::MAX, f64::MAX);
+    let (mut wg, mut ig, mut all) = (f64::MAX, f64::MAX, f64::MAX);
     for _ in 0..6 {
         timing::take();
         let grads = (conv2d(&x, &w, None, g)? * &r)?.sum_all()?.backward()?;
@@ -108,14 +109,16 @@ fn backward_rates(name: &str, x: &Tensor, w: &Tensor, g: ConvGeometry) -> candle
         let times = timing::take();
         wg = wg.min(slot(&times, "conv: gemm, weight gradient"));
         ig = ig.min(slot(&times, "conv: gemm, input gradient") + slot(&times, "conv: col2im"));
+        all = all.min(slot(&times, "conv backward"));
     }
     println!(
-        "{name:<14} {:?}: weight gradient {:6.1} GFLOP/s {:7.2} ms, input gradient {:6.1} GFLOP/s {:7.2} ms",
+        "{name:<14} {:?}: weight gradient {:6.1} GFLOP/s {:6.2} ms, input gradient {:6.1} GFLOP/s {:6.2} ms, whole backward {:6.2} ms",
         x.dims(),
         flops / wg / 1e9,
         wg * 1e3,
         flops / ig / 1e9,
-        ig * 1e3
+        ig * 1e3,
+        all * 1e3
     );
     Ok(())
 }

@@ -10,6 +10,7 @@ use rayon::prelude::*;
 use super::im2col::col2im_slice;
 use super::packing::{channel_major, BlockRows, ColsOf, ColsOfT};
 use super::small_map;
+use super::stride2;
 use super::winograd::{self, Weights};
 use super::{ConvGeometry, Dims};
 use crate::ops::gemm::{
@@ -56,7 +57,7 @@ impl CustomOp2 for FusedConv {
 /// The input behind `cols` (geometry `d`) correlated with `w` as the matrix [O, C*kh*kw], plus
 /// `bias` [O]: [B, O, OH, OW] values.
 pub(super) fn conv_forward(
-    cols: ColsOf,
+    cols: &ColsOf,
     w: AOperand,
     bias: Option<&[f32]>,
     o: usize,
@@ -71,7 +72,7 @@ pub(super) fn conv_forward(
         group: p,
         group_stride: o * p,
     };
-    let b_cols = BOperand::Packed(&cols);
+    let b_cols = BOperand::Packed(cols);
     if bias.is_none() && p >= NR {
         // Every value written by the GEMM: no zero fill first.
         let mut y = crate::ops::unfilled(o * n);
@@ -153,7 +154,7 @@ pub(super) fn stride1_input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) 
         g: taps,
     };
     conv_forward(
-        cols,
+        &cols,
         AOperand::Packed(&wt),
         None,
         d.c,
@@ -319,7 +320,7 @@ impl FusedConv {
             }
             None => AOperand::Mat(w),
         };
-        let y = conv_forward(ColsOf::new(x, d), w, bias, o, d, Slot::ConvGemmForward);
+        let y = conv_forward(&ColsOf::new(x, d), w, bias, o, d, Slot::ConvGemmForward);
         Ok((CpuStorage::F32(y), shape))
     }
 
@@ -390,6 +391,9 @@ impl FusedConv {
             Some(Tensor::from_vec(dx, x.shape(), x.device())?)
         } else if stride1 {
             let dx = stride1_input_gradient(g, wv, o, d);
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?)
+        } else if stride2::applies(d) {
+            let dx = stride2::input_gradient(g, wv, o, d);
             Some(Tensor::from_vec(dx, x.shape(), x.device())?)
         } else {
             // dcols [K, N] = W^T [K, O] x dY [O, N], scattered back by col2im.

@@ -18,6 +18,7 @@ mod fused;
 mod im2col;
 mod packing;
 mod small_map;
+mod stride2;
 mod winograd;
 
 pub use algorithm::{requested as conv_algorithm_requested, Algorithm as ConvAlgorithm};

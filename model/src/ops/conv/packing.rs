@@ -82,6 +82,29 @@ impl ColsOf {
         }
     }
 
+    /// The same padded input read as the column matrix of another stride-1 correlation over it:
+    /// `oh x ow` outputs per sample, a `kernel` of taps, row r of the column matrix reading
+    /// `tap_offset[r]` past each output's base (its pixel in the padded copy). Every read must
+    /// stay inside the padded copy: base + offset < the padded sample's size for every output.
+    pub(super) fn retarget(
+        &mut self,
+        (oh, ow): (usize, usize),
+        kernel: (usize, usize),
+        tap_offset: Vec<usize>,
+    ) {
+        self.d.oh = oh;
+        self.d.ow = ow;
+        self.d.g = super::ConvGeometry::new(kernel, (1, 1), self.d.g.padding);
+        assert_eq!(tap_offset.len(), self.d.rows(), "one offset per row");
+        let sample = self.d.c * self.hp * self.wp;
+        let last_base = (oh.max(1) - 1) * self.wp + ow.max(1) - 1;
+        assert!(
+            tap_offset.iter().all(|&t| last_base + t < sample),
+            "a tap reads past the padded input"
+        );
+        self.tap_offset = tap_offset;
+    }
+
     /// Columns `n0..n0 + len` of the column matrix as segments that neither cross an output row
     /// nor (counting from n0) a multiple of NR.
     fn segments(&self, n0: usize, len: usize) -> Vec<Segment> {
