@@ -18,6 +18,14 @@ use super::{ConvGeometry, Dims};
 use crate::ops::gemm::{AOperand, APanelSource, MR};
 use crate::ops::timing::Slot;
 
+/// One parity phase (a, b) of the input gradient: its size (PH, PW) and its values [B, C, PH, PW],
+/// None where no tap reaches it (a 1x1 stride-2 kernel's odd positions: zero).
+struct Phase {
+    at: (usize, usize),
+    size: (usize, usize),
+    grad: Option<Vec<f32>>,
+}
+
 /// Input channels from which the phases are used: their GEMMs are C rows high, and the 3-channel
 /// stem's gradient took 42 ms by phases against 15 ms by col2im (`conv_probe 112 32 / backward`;
 /// the stem's input gradient is not needed in training). ResNet's 64- to 256-channel stride-2
@@ -61,7 +69,7 @@ impl APanelSource for PhaseWeights<'_> {
 /// tap, the offset d of the output position read (input position 2i + a reads output i + d).
 fn phase_taps(a: usize, kernel: usize, pad: usize) -> Vec<(usize, isize)> {
     (0..kernel)
-        .filter(|&k| (a + pad + 2 - k % 2) % 2 == 0)
+        .filter(|&k| (a + pad + 2 - k % 2).is_multiple_of(2))
         .map(|k| (k, (a as isize + pad as isize - k as isize) / 2))
         .collect()
 }
@@ -102,9 +110,7 @@ pub(super) fn input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) -> Vec<f
     };
     let mut padded = ColsOf::new(dy, &back);
     let (hp, wp) = (d.oh + 2 * pad.0, d.ow + 2 * pad.1);
-    // Each phase's gradient [B, C, PH, PW], or None where no tap reaches it (a 1x1 stride-2
-    // kernel's odd positions: zero).
-    let mut phases: Vec<((usize, usize), (usize, usize), Option<Vec<f32>>)> = Vec::new();
+    let mut phases: Vec<Phase> = Vec::new();
     for a in 0..2 {
         for b in 0..2 {
             let (pha, pwb) = (len(h, a), len(wd, b));
@@ -114,7 +120,11 @@ pub(super) fn input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) -> Vec<f
             let (tr, tc) = (&rows[a], &cols[b]);
             let taps = tr.len() * tc.len();
             if taps == 0 {
-                phases.push(((a, b), (pha, pwb), None));
+                phases.push(Phase {
+                    at: (a, b),
+                    size: (pha, pwb),
+                    grad: None,
+                });
                 continue;
             }
             // Row (oc, s) of the columns reads dy[oc] at tap s's offset.
@@ -155,13 +165,17 @@ pub(super) fn input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) -> Vec<f
                 &phase,
                 Slot::ConvGemmInputGradient,
             );
-            phases.push(((a, b), (pha, pwb), Some(grad)));
+            phases.push(Phase {
+                at: (a, b),
+                size: (pha, pwb),
+                grad: Some(grad),
+            });
         }
     }
     // Interleave: row i of phases (a, 0) and (a, 1) of plane (n, ci) alternate along row 2i + a
     // of that plane of dx. The phases cover every position, so dx starts unfilled.
     let zeros = vec![0f32; wd.div_ceil(2)];
-    let phase = |a: usize, b: usize| phases.iter().find(|p| p.0 == (a, b));
+    let phase = |a: usize, b: usize| phases.iter().find(|p| p.at == (a, b));
     let mut dx = crate::ops::unfilled(d.b * c * h * wd);
     dx.par_chunks_mut(h * wd)
         .enumerate()
@@ -169,7 +183,11 @@ pub(super) fn input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) -> Vec<f
             // Row i of phase (a, b) of this plane (zeros where no tap reaches the phase).
             let row_of = |a: usize, b: usize, i: usize| -> &[f32] {
                 match phase(a, b) {
-                    Some((_, (pha, pwb), Some(g))) => &g[(plane * pha + i) * pwb..][..*pwb],
+                    Some(Phase {
+                        size: (pha, pwb),
+                        grad: Some(g),
+                        ..
+                    }) => &g[(plane * pha + i) * pwb..][..*pwb],
                     _ => &zeros[..len(wd, b)],
                 }
             };
