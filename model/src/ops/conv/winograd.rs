@@ -105,6 +105,21 @@ pub(super) enum Weights<'a> {
 /// products stay in L2-ish caches, and the 16 GEMMs of a chunk are each at least TILES wide.
 const TILES: usize = 128;
 
+/// Tiles per chunk for `tiles` tiles on `threads` threads: a multiple of 16 up to TILES, the
+/// largest that makes the number of chunks a multiple of the thread count, at least two per
+/// thread (so each thread gets the same share: 13 chunks of 128 at 1568 tiles left one thread
+/// idle for one chunk's time, 14 of 112 do not); where none does, the largest that gives two
+/// chunks per thread.
+fn chunk_tiles(tiles: usize, threads: usize) -> usize {
+    let units = tiles.div_ceil(16);
+    let chunks = |per: usize| units.div_ceil(per);
+    let most = (TILES / 16).min(units.div_ceil(2 * threads)).max(1);
+    let even = (1..=most)
+        .rev()
+        .find(|&per| chunks(per).is_multiple_of(threads) && chunks(per) >= 2 * threads);
+    16 * even.unwrap_or(most)
+}
+
 /// Tiles transformed per call, at most: the row buffers stay small (and cheap to zero).
 const GROUP: usize = 16;
 
@@ -147,12 +162,7 @@ pub(super) fn conv3x3_prepared(
         .collect();
     // Unfilled: the output transform writes every value (the tiles cover each map).
     let mut y = crate::ops::unfilled(b * o * d.h * d.w);
-    // At least two chunks per thread where the map allows, so small maps still use every core.
-    let threads = rayon::current_num_threads();
-    let per_chunk = tiles
-        .div_ceil(2 * threads)
-        .next_multiple_of(16)
-        .clamp(16, TILES);
+    let per_chunk = chunk_tiles(tiles, rayon::current_num_threads());
     let chunks = tiles.div_ceil(per_chunk);
     let y_ptr = SendPtr(y.as_mut_ptr().cast());
     let padded = pad_input(x, b, &geom);
@@ -1153,6 +1163,20 @@ mod tests {
         (1, 2, 3, 2, 2),
         (4, 300, 9, 5, 4),
     ];
+
+    #[test]
+    fn chunks_share_the_tiles_equally_between_threads() {
+        for (tiles, threads, want) in [(1568, 2, 112), (6272, 2, 112), (512, 2, 128), (256, 2, 64)]
+        {
+            assert_eq!(chunk_tiles(tiles, threads), want, "{tiles} tiles");
+        }
+        for tiles in [256, 300, 1000, 1568, 6272, 25088] {
+            for threads in [1, 2, 3, 4, 16] {
+                let per = chunk_tiles(tiles, threads);
+                assert!(per.is_multiple_of(16) && per <= TILES && per >= 16);
+            }
+        }
+    }
 
     #[test]
     fn packed_weight_transform_is_the_pairwise_one() {
