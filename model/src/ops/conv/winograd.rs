@@ -1173,7 +1173,7 @@ mod tests {
         for tiles in [256, 300, 1000, 1568, 6272, 25088] {
             for threads in [1, 2, 3, 4, 16] {
                 let per = chunk_tiles(tiles, threads);
-                assert!(per.is_multiple_of(16) && per <= TILES && per >= 16);
+                assert!(per.is_multiple_of(16) && (16..=TILES).contains(&per));
             }
         }
     }
