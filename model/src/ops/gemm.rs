@@ -350,8 +350,12 @@ fn sgemm_on(
         // depth between the threads, each running the serial GEMM into its own copy of C, then
         // sum. Parallelising inside every 256-deep block instead pays two thread hand-offs per
         // block for little work each.
-        let chunk = k.div_ceil(threads).next_multiple_of(KC);
-        let chunks = k.div_ceil(chunk);
+        // Whole depth blocks, shared as evenly as they divide: thread t takes blocks
+        // t * blocks / threads.. (k = 6272 on 2 threads: 12 and 12.5 blocks; rounding the
+        // share up to whole blocks gave 13 and 11.5).
+        let blocks = k.div_ceil(KC);
+        let chunks = threads.min(blocks);
+        let bound = |t: usize| (KC * (t * blocks / chunks)).min(k);
         // The first depth chunk goes straight into c; the others into pooled buffers (each
         // fully overwritten), added to c at the end.
         let mut partials: Vec<Vec<f32>> = (1..chunks).map(|_| take_scratch(m * n)).collect();
@@ -361,7 +365,7 @@ fn sgemm_on(
             .map(|p| SendPtr(p.as_mut_ptr()))
             .collect();
         (0..chunks).into_par_iter().for_each(|t| {
-            let (k0, k1) = (t * chunk, ((t + 1) * chunk).min(k));
+            let (k0, k1) = (bound(t), bound(t + 1));
             if t == 0 {
                 gemm_blocks(m, n, k0, k1, a, b, c_ptr, cl, accumulate, false);
             } else {
