@@ -497,12 +497,15 @@ fn super_block(
     } else {
         n.div_ceil(NC_TASK)
     };
-    let nc_task = n.div_ceil(tiles).next_multiple_of(NR);
-    let tiles_n = n.div_ceil(nc_task);
+    // Strip t takes panels t * panels / tiles_n..: widths differ by at most one panel, so each
+    // thread's share is even (at n = 6272, 25 strips of 16 panels gave one thread 13 and the
+    // other 12).
+    let panels = n.div_ceil(NR);
+    let tiles_n = tiles.min(panels);
+    let bound = |t: usize| (NR * (t * panels / tiles_n)).min(n);
     let wide = super::isa::avx512();
     let strip_task = |t: usize| {
-        let j0 = t * nc_task;
-        let j1 = (j0 + nc_task).min(n);
+        let (j0, j1) = (bound(t), bound(t + 1));
         B_STRIP.with(|strip| {
             let mut strip = strip.borrow_mut();
             for pc in (k0..k1).step_by(KC) {
