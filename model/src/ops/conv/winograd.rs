@@ -634,8 +634,9 @@ fn pad_plane(dst: &mut [f32], src: &[f32], g: &Geometry) -> () = pad_plane_body)
 fn pad_plane_body(dst: &mut [f32], src: &[f32], g: &Geometry) {
     let (_, wp) = g.padded();
     let half = wp / 2;
+    // One fill of the plane (a fill per row was a `memset` call per 16 to 60 values).
+    dst.fill(0.0);
     for (r, row) in dst.chunks_exact_mut(wp).enumerate() {
-        row.fill(0.0);
         if !(1..=g.h).contains(&r) {
             continue;
         }
