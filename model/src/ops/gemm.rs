@@ -1086,6 +1086,25 @@ mod avx512 {
                 }
             }
         }
+        if rows == H * MR && cols == P * NR {
+            // A whole tile: every store at a constant index, so the accumulators go straight
+            // from their registers (the general loop below spills them to the stack first, a
+            // cost that shows on shallow products such as Winograd's 64-deep ones).
+            for (h, acc) in acc.iter().enumerate() {
+                for (r, cr) in acc.iter().enumerate() {
+                    for (q, &v) in cr.iter().enumerate() {
+                        let p = c[q].add((h * MR + r) * ldc);
+                        let v = if add {
+                            _mm512_add_ps(_mm512_loadu_ps(p), v)
+                        } else {
+                            v
+                        };
+                        _mm512_storeu_ps(p, v);
+                    }
+                }
+            }
+            return;
+        }
         // Columns of each panel to store: all 16 but in the last one.
         let masks: [__mmask16; P] = std::array::from_fn(|q| {
             let n = cols.saturating_sub(q * NR).min(NR);
