@@ -1105,6 +1105,26 @@ mod avx512 {
             }
             return;
         }
+        store_part(acc, c, ldc, rows, cols, add);
+    }
+
+    /// The `rows` x `cols` part of an edge tile stored from `acc`. A function of its own, taking
+    /// the accumulators by value: indexed by row at run time, they must live in memory, and
+    /// inside `kernel` that made the whole array a stack array zero-filled by a `memset` call at
+    /// every call (whole tiles too).
+    ///
+    /// # Safety
+    /// As for `kernel`.
+    #[inline(never)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+    unsafe fn store_part<const H: usize, const P: usize>(
+        acc: [[[__m512; P]; MR]; H],
+        c: [*mut f32; P],
+        ldc: usize,
+        rows: usize,
+        cols: usize,
+        add: bool,
+    ) {
         // Columns of each panel to store: all 16 but in the last one.
         let masks: [__mmask16; P] = std::array::from_fn(|q| {
             let n = cols.saturating_sub(q * NR).min(NR);
