@@ -121,8 +121,11 @@ fn pass<const FIRST: bool, const L2: bool, const DECOUPLED: bool>(
         .par_chunks_mut(CHUNK)
         .zip(m.par_chunks_mut(CHUNK))
         .zip(v.par_chunks_mut(CHUNK).zip(g.par_chunks(CHUNK)))
-        .for_each(|((th, m), (v, g))| chunk(th, m, v, g, &update));
+        .for_each(|((th, m), (v, g))| chunk((th, m, v, g), &update));
 }
+
+/// One chunk of the parameter, its first and second moments, and its gradient.
+type Chunk<'a> = (&'a mut [f32], &'a mut [f32], &'a mut [f32], &'a [f32]);
 
 /// The loop of `pass` over one chunk. Not inlined: as a function of its own, its slice arguments
 /// are known not to overlap, which lets LLVM vectorise the body (inlined into rayon's iterator
@@ -130,54 +133,30 @@ fn pass<const FIRST: bool, const L2: bool, const DECOUPLED: bool>(
 /// Compiled for AVX-512 or AVX2 where the CPU has it (16- or 8-wide square roots and divisions
 /// instead of 4-wide; the same operations, so the same results).
 #[inline(never)]
-fn chunk<F: Fn(&mut f32, &mut f32, &mut f32, f32)>(
-    th: &mut [f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    g: &[f32],
-    f: &F,
-) {
+fn chunk<F: Fn(&mut f32, &mut f32, &mut f32, f32)>(c: Chunk, f: &F) {
     #[cfg(target_arch = "x86_64")]
     if crate::ops::isa::avx512() {
         #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
-        unsafe fn avx512<F: Fn(&mut f32, &mut f32, &mut f32, f32)>(
-            th: &mut [f32],
-            m: &mut [f32],
-            v: &mut [f32],
-            g: &[f32],
-            f: &F,
-        ) {
-            chunk_body(th, m, v, g, f)
+        unsafe fn avx512<F: Fn(&mut f32, &mut f32, &mut f32, f32)>(c: Chunk, f: &F) {
+            chunk_body(c, f)
         }
         // SAFETY: the features are present (`isa::avx512` detected them).
-        return unsafe { avx512(th, m, v, g, f) };
+        return unsafe { avx512(c, f) };
     }
     #[cfg(target_arch = "x86_64")]
     if crate::ops::isa::avx2() {
         #[target_feature(enable = "avx2")]
-        unsafe fn avx2<F: Fn(&mut f32, &mut f32, &mut f32, f32)>(
-            th: &mut [f32],
-            m: &mut [f32],
-            v: &mut [f32],
-            g: &[f32],
-            f: &F,
-        ) {
-            chunk_body(th, m, v, g, f)
+        unsafe fn avx2<F: Fn(&mut f32, &mut f32, &mut f32, f32)>(c: Chunk, f: &F) {
+            chunk_body(c, f)
         }
         // SAFETY: AVX2 is present (`isa::avx2` detected it).
-        return unsafe { avx2(th, m, v, g, f) };
+        return unsafe { avx2(c, f) };
     }
-    chunk_body(th, m, v, g, f)
+    chunk_body(c, f)
 }
 
 #[inline(always)]
-fn chunk_body<F: Fn(&mut f32, &mut f32, &mut f32, f32)>(
-    th: &mut [f32],
-    m: &mut [f32],
-    v: &mut [f32],
-    g: &[f32],
-    f: &F,
-) {
+fn chunk_body<F: Fn(&mut f32, &mut f32, &mut f32, f32)>((th, m, v, g): Chunk, f: &F) {
     let n = th.len();
     let (m, v, g) = (&mut m[..n], &mut v[..n], &g[..n]);
     for i in 0..n {
