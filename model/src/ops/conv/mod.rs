@@ -6,7 +6,8 @@
 //! * f32 (training, inference): one graph node per convolution (`fused`), whose GEMM packs the
 //!   column matrix straight from a zero-padded copy of the input (`packing`) and writes NCHW;
 //!   3x3 stride-1 padding-1 convolutions (forward and input gradient) by Winograd F(2x2, 3x3)
-//!   (`winograd`) unless `FER_CONV=direct`.
+//!   (`winograd`) unless `FER_CONV=direct`; the input gradient of stride-2 convolutions as four
+//!   stride-1 correlations, one per parity phase of the input (`stride2`).
 //! * f64 (the finite-difference tests): the reference composition im2col (`im2col`, whose
 //!   backward is col2im) + Candle's matmul, every gradient from ops with a correct backward.
 //! * GPU: Candle's native convolution (cuDNN where enabled).
