@@ -460,22 +460,32 @@ fn super_block(
         _ => {
             a_buf = take_scratch(a_len + ALIGN);
             let a_pack = aligned(&mut a_buf, a_len);
+            let pack_panel = |pc: usize, kc: usize, p: usize, panel: &mut [f32]| match a {
+                AOperand::Mat(a) => pack_a(a, p * MR, m, pc, kc, panel),
+                AOperand::Packed(src) => src.pack(p * MR, m, pc, kc, panel),
+                AOperand::Prepacked(_) => unreachable!("handled above"),
+            };
             let pack_block = |(bi, dst): (usize, &mut [f32])| {
                 let pc = k0 + bi * KC;
                 let kc = KC.min(k1 - pc);
                 for (p, panel) in dst.chunks_mut(MR * kc).take(m_panels).enumerate() {
-                    match a {
-                        AOperand::Mat(a) => pack_a(a, p * MR, m, pc, kc, panel),
-                        AOperand::Packed(src) => src.pack(p * MR, m, pc, kc, panel),
-                        AOperand::Prepacked(_) => unreachable!("handled above"),
-                    }
+                    pack_panel(pc, kc, p, panel);
                 }
             };
             if parallel {
+                // Panel by panel: one task per depth block left a thread idle while the other
+                // packed (a 768-deep A is three blocks, a 256-deep one a single block).
                 a_pack
                     .par_chunks_mut(m_panels * MR * KC)
                     .enumerate()
-                    .for_each(pack_block);
+                    .for_each(|(bi, dst)| {
+                        let pc = k0 + bi * KC;
+                        let kc = KC.min(k1 - pc);
+                        dst.par_chunks_mut(MR * kc)
+                            .take(m_panels)
+                            .enumerate()
+                            .for_each(|(p, panel)| pack_panel(pc, kc, p, panel));
+                    });
             } else {
                 a_pack
                     .chunks_mut(m_panels * MR * KC)
