@@ -368,15 +368,15 @@ impl FusedAdam {
         let (b1, b2) = self.betas;
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
-        let (m, v) = match (state.get("exp_avg"), state.get("exp_avg_sq")) {
-            (Some(m), Some(v)) => (m.clone(), v.clone()),
-            (None, None) => (theta.zeros_like()?, theta.zeros_like()?),
+        let (m, v, first) = match (state.get("exp_avg"), state.get("exp_avg_sq")) {
+            (Some(m), Some(v)) => (m.clone(), v.clone(), false),
+            (None, None) => (theta.zeros_like()?, theta.zeros_like()?, true),
             // One moment without the other (a hand-edited checkpoint): the composed path.
             _ => return Ok(false),
         };
         // The constants exactly as Candle's affine ops round them.
         let k = AdamStep {
-            first: !state.contains_key("exp_avg"),
+            first,
             b1: b1 as f32,
             keep1: (1.0 - b1) as f32,
             b2: b2 as f32,

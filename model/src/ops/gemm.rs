@@ -350,12 +350,10 @@ fn sgemm_on(
         // depth between the threads, each running the serial GEMM into its own copy of C, then
         // sum. Parallelising inside every 256-deep block instead pays two thread hand-offs per
         // block for little work each.
-        // Whole depth blocks, shared as evenly as they divide: thread t takes blocks
-        // t * blocks / threads.. (k = 6272 on 2 threads: 12 and 12.5 blocks; rounding the
-        // share up to whole blocks gave 13 and 11.5).
-        let blocks = k.div_ceil(KC);
-        let chunks = threads.min(blocks);
-        let bound = |t: usize| (KC * (t * blocks / chunks)).min(k);
+        // Whole depth blocks, shared as evenly as they divide (k = 6272 on 2 threads: 12 and
+        // 12.5 blocks; rounding the share up to whole blocks gave 13 and 11.5).
+        let chunks = threads.min(k.div_ceil(KC));
+        let bound = |t: usize| share_bound(t, chunks, KC, k);
         // The first depth chunk goes straight into c; the others into pooled buffers (each
         // fully overwritten), added to c at the end.
         let mut partials: Vec<Vec<f32>> = (1..chunks).map(|_| take_scratch(m * n)).collect();
@@ -393,6 +391,13 @@ fn sgemm_on(
         return;
     }
     gemm_blocks(m, n, 0, k, a, b, SendPtr(c), cl, accumulate, parallel);
+}
+
+/// Where part t of `parts` starts when `len` values are cut into parts of whole `unit`s (the
+/// last unit may be short) whose sizes differ by at most one unit: part t takes units
+/// t * units / parts.. (t = parts gives `len`).
+fn share_bound(t: usize, parts: usize, unit: usize, len: usize) -> usize {
+    (unit * (t * len.div_ceil(unit) / parts)).min(len)
 }
 
 /// Largest m x n (values) for which a deep product is split by depth between threads.
@@ -507,12 +512,10 @@ fn super_block(
     } else {
         n.div_ceil(NC_TASK)
     };
-    // Strip t takes panels t * panels / tiles_n..: widths differ by at most one panel, so each
-    // thread's share is even (at n = 6272, 25 strips of 16 panels gave one thread 13 and the
-    // other 12).
-    let panels = n.div_ceil(NR);
-    let tiles_n = tiles.min(panels);
-    let bound = |t: usize| (NR * (t * panels / tiles_n)).min(n);
+    // Strips of whole panels whose widths differ by at most one panel, so each thread's share
+    // is even (at n = 6272, 25 strips of 16 panels gave one thread 13 and the other 12).
+    let tiles_n = tiles.min(n.div_ceil(NR));
+    let bound = |t: usize| share_bound(t, tiles_n, NR, n);
     let wide = super::isa::avx512();
     let strip_task = |t: usize| {
         let (j0, j1) = (bound(t), bound(t + 1));

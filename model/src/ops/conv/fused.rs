@@ -54,16 +54,16 @@ impl CustomOp2 for FusedConv {
     }
 }
 
-/// The input behind `cols` (geometry `d`) correlated with `w` as the matrix [O, C*kh*kw], plus
-/// `bias` [O]: [B, O, OH, OW] values.
+/// The input behind `cols` (in its geometry) correlated with `w` as the matrix [O, C*kh*kw],
+/// plus `bias` [O]: [B, O, OH, OW] values.
 pub(super) fn conv_forward(
     cols: &ColsOf,
     w: AOperand,
     bias: Option<&[f32]>,
     o: usize,
-    d: &Dims,
     slot: Slot,
 ) -> Vec<f32> {
+    let d = cols.dims();
     let (k, n, p) = (d.rows(), d.cols(), d.oh * d.ow);
     // The GEMM writes [B, O, P] directly (column b*P + q of the [O, B*P] product is pixel q of
     // sample b), adding to the bias when there is one.
@@ -158,7 +158,6 @@ pub(super) fn stride1_input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) 
         AOperand::Packed(&wt),
         None,
         d.c,
-        &back,
         Slot::ConvGemmInputGradient,
     )
 }
@@ -320,7 +319,7 @@ impl FusedConv {
             }
             None => AOperand::Mat(w),
         };
-        let y = conv_forward(&ColsOf::new(x, d), w, bias, o, d, Slot::ConvGemmForward);
+        let y = conv_forward(&ColsOf::new(x, d), w, bias, o, Slot::ConvGemmForward);
         Ok((CpuStorage::F32(y), shape))
     }
 

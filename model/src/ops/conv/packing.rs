@@ -80,6 +80,11 @@ impl ColsOf {
         }
     }
 
+    /// The geometry the column matrix is read in (the input's, or the last `retarget`'s).
+    pub(super) fn dims(&self) -> &Dims {
+        &self.d
+    }
+
     /// The same padded input read as the column matrix of another stride-1 correlation over it:
     /// `oh x ow` outputs per sample, a `kernel` of taps, row r of the column matrix reading
     /// `tap_offset[r]` past each output's base (its pixel in the padded copy). Every read must

@@ -142,15 +142,6 @@ pub(super) fn input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) -> Vec<f
                 }
             }
             padded.retarget((pha, pwb), (tr.len(), tc.len()), offsets);
-            let phase = Dims {
-                b: d.b,
-                c: o,
-                h: d.oh,
-                w: d.ow,
-                oh: pha,
-                ow: pwb,
-                g: ConvGeometry::new((tr.len(), tc.len()), (1, 1), pad),
-            };
             let weights = PhaseWeights {
                 w,
                 c,
@@ -162,7 +153,6 @@ pub(super) fn input_gradient(dy: &[f32], w: &[f32], o: usize, d: &Dims) -> Vec<f
                 AOperand::Packed(&weights),
                 None,
                 c,
-                &phase,
                 Slot::ConvGemmInputGradient,
             );
             phases.push(Phase {
