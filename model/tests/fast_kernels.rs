@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use common::{flat, project, rand_tensor, value_and_grads};
 use fer_model::layers::BatchNorm;
 use fer_model::ops::batch_norm::{batch_norm, BatchStats};
-use fer_model::ops::{add_relu, conv2d, matmul, ConvGeometry};
+use fer_model::ops::{add_relu, conv2d, conv2d_native, matmul, ConvGeometry};
 use fer_model::store::ParamStore;
 
 /// Worst relative difference (max |a - b| / max |b|) between the f32 fast path and the f64
@@ -89,6 +89,52 @@ fn stride1_input_gradient_over_several_depth_blocks_matches_the_float64_referenc
     let f = |t: &[Tensor]| project(&conv2d(&t[0], &t[1], None, g).unwrap(), 5);
     let err = fast_vs_reference(&[x, wt], &f);
     assert!(err < 1e-5, "f32 vs f64 {err:e}");
+}
+
+/// The accelerators' convolution (Candle's own, through the vendored backward's input gradient)
+/// run on the CPU in float64 against our composed float64 path: same values and gradients at
+/// every geometry, the mixed-parity stride-2 ones included (Candle's stock backward gave their
+/// input gradient a column too many: `fer parity --device cuda` failed on a 4x5 map). Then
+/// Candle's padding and dilation arguments, which the backward also serves, against finite
+/// differences.
+#[test]
+fn the_accelerator_convolution_has_the_composed_paths_gradients() {
+    for (i, &(h, w, k, s, p)) in CONV_CASES.iter().enumerate() {
+        let x = rand_tensor(&[2, 5, h, w], 40 + i as u64);
+        let wt = rand_tensor(&[3, 5, k.0, k.1], 50 + i as u64);
+        let g = ConvGeometry::new(k, s, p);
+        let native = |t: &[Tensor]| project(&conv2d_native(&t[0], &t[1], g).unwrap(), 7);
+        let composed = |t: &[Tensor]| project(&conv2d(&t[0], &t[1], None, g).unwrap(), 7);
+        let (va, ga) = value_and_grads(&[x.clone(), wt.clone()], DType::F64, &native);
+        let (vb, gb) = value_and_grads(&[x, wt], DType::F64, &composed);
+        assert!(
+            (va - vb).abs() <= 1e-9 * vb.abs().max(1.0),
+            "case {i}: {va} vs {vb}"
+        );
+        for (a, b) in ga.iter().zip(&gb) {
+            assert_eq!(a.len(), b.len(), "case {i}: gradient length");
+            let worst = a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                worst < 1e-9,
+                "case {i} ({h}x{w} k{k:?} s{s:?} p{p:?}): {worst:e}"
+            );
+        }
+    }
+    // (padding, stride, dilation) given to Candle directly: padding beyond the dilated
+    // kernel's reach too, where the gradient's correlation crops instead of padding.
+    for (i, &(p, s, d)) in [(1, 2, 1), (2, 1, 2), (3, 2, 1), (2, 3, 2)]
+        .iter()
+        .enumerate()
+    {
+        let x = rand_tensor(&[2, 3, 7, 10], 60 + i as u64);
+        let wt = rand_tensor(&[4, 3, 3, 2], 70 + i as u64);
+        let f = |t: &[Tensor]| project(&t[0].conv2d(&t[1], p, s, d, 1).unwrap(), 5);
+        let err = common::gradcheck_in(&[x, wt], &f, DType::F64, 1e-6, 40);
+        assert!(
+            err < 1e-6,
+            "padding {p} stride {s} dilation {d}: finite differences {err:e}"
+        );
+    }
 }
 
 #[test]

@@ -20,6 +20,7 @@ pub mod stats;
 pub mod store;
 pub mod sweep;
 pub mod sweep_cmd;
+pub mod threads;
 pub mod train_cmd;
 pub mod worker;
 pub mod yaml;

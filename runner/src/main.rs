@@ -29,6 +29,7 @@ fn main() {
     // SAFETY: sets a process-wide allocator option before any other thread exists.
     unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY as _, -1) };
     single_threaded_candle_elementwise();
+    fer_runner::threads::pin_if_asked();
     // Like other Unix tools, end quietly when the reader of our output goes away (`fer runs |
     // head`), instead of panicking in println!. A trial whose runner died ends the same way.
     // SAFETY: restoring the default disposition of one signal at start-up.

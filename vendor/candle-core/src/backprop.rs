@@ -27,6 +27,66 @@ thread_local! {
     }
 }
 
+/// The gradient with respect to `arg` [B, C, H, W] of `arg.conv2d(kernel, padding, stride,
+/// dilation, 1)`, from its output gradient `grad` [B, O, OH, OW] (fer's patch). Input position i
+/// meets output o through tap t when i = o * stride - padding + t * dilation, so with dy' the
+/// output gradient spread out by the stride (zeros between its values), dx[i] = sum over t of
+/// dy'[i + padding - t * dilation] w[t]: a correlation of dy', padded by (k - 1) * dilation -
+/// padding before, with the flipped kernel.
+fn conv2d_input_grad(
+    grad: &Tensor,
+    kernel: &Tensor,
+    arg: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    let (_, _, h, w) = arg.dims4()?;
+    let (_, _, kh, kw) = kernel.dims4()?;
+    // Spread each spatial dim by the stride: [.., n] -> [.., (n - 1) * stride + 1].
+    let spread = |t: Tensor, dim: usize| -> Result<Tensor> {
+        if stride == 1 {
+            return Ok(t);
+        }
+        let n = t.dim(dim)?;
+        let t = t.unsqueeze(dim + 1)?;
+        let t = t.pad_with_zeros(dim + 1, 0, stride - 1)?;
+        let mut dims = t.dims().to_vec();
+        dims.remove(dim + 1);
+        dims[dim] = n * stride;
+        t.reshape(dims)?.narrow(dim, 0, (n - 1) * stride + 1)
+    };
+    let g = spread(spread(grad.clone(), 2)?, 3)?;
+    // Pad (or crop, where the padding exceeds the kernel's reach) so that the correlation gives
+    // exactly h x w.
+    let fit = |t: Tensor, dim: usize, k: usize, n: usize| -> Result<Tensor> {
+        let reach = (k - 1) * dilation;
+        let (before, t) = if reach >= padding {
+            (reach - padding, t)
+        } else {
+            let cut = padding - reach;
+            let len = t.dim(dim)? - cut;
+            (0, t.narrow(dim, cut, len)?)
+        };
+        // The correlation's output length is the padded length minus reach.
+        let have = before + t.dim(dim)?;
+        let want = n + reach;
+        if want >= have {
+            t.pad_with_zeros(dim, before, want - have)
+        } else {
+            t.pad_with_zeros(dim, before, 0)?.narrow(dim, 0, want)
+        }
+    };
+    let g = fit(fit(g, 2, kh, h)?, 3, kw, w)?;
+    let flip = |t: &Tensor, dim: usize| -> Result<Tensor> {
+        let n = t.dim(dim)? as u32;
+        let rev: Vec<u32> = (0..n).rev().collect();
+        t.index_select(&Tensor::new(rev.as_slice(), t.device())?, dim)
+    };
+    let w_rot = flip(&flip(&kernel.transpose(0, 1)?.contiguous()?, 2)?, 3)?.contiguous()?;
+    g.contiguous()?.conv2d(&w_rot, 0, 1, dilation, 1)
+}
+
 impl Tensor {
     /// Return all the nodes that lead to this value in a topologically sorted vec, the first
     /// elements having dependencies on the latter ones, e.g. the first element if any is the
@@ -271,25 +331,29 @@ impl Tensor {
                         stride,
                         dilation,
                     } => {
-                        // The output height for conv_transpose2d is:
-                        // (i_h - 1) * stride - 2 * padding + dilation * (k_h - 1) + out_padding + 1
-                        let grad_h = grad.dim(2)?;
-                        let k_h = kernel.dim(2)?;
-                        let out_size =
-                            (grad_h - 1) * stride + dilation * (k_h - 1) + 1 - 2 * padding;
-                        let out_padding = arg.dim(2)? - out_size;
-                        let grad_arg = grad.conv_transpose2d(
-                            kernel,
-                            *padding,
-                            out_padding,
-                            *stride,
-                            *dilation,
-                        )?;
+                        // fer's patch: the input gradient as a stride-1 correlation of the
+                        // output gradient (dilated by the stride, padded to the full extent)
+                        // with the kernel flipped in space and transposed in channels. The stock
+                        // conv_transpose2d took its output padding from the height alone (a
+                        // wrong shape when height and width differ in parity) and runs a naive
+                        // kernel on CUDA, where this conv2d goes through cuDNN.
+                        let grad_arg =
+                            conv2d_input_grad(&grad, kernel, arg, *padding, *stride, *dilation)?;
                         grads.accumulate(arg, &grad_arg)?;
 
+                        // fer's patch: both operands contiguous. CUDA's conv2d sends a strided
+                        // kernel to a naive kernel (one thread per weight, looping over the
+                        // whole batch) instead of cuDNN.
                         let grad_kernel = arg
                             .transpose(0, 1)?
-                            .conv2d(&grad.transpose(0, 1)?, *padding, *dilation, *stride, 1)?
+                            .contiguous()?
+                            .conv2d(
+                                &grad.transpose(0, 1)?.contiguous()?,
+                                *padding,
+                                *dilation,
+                                *stride,
+                                1,
+                            )?
                             .transpose(0, 1)?;
                         let sum_grad = grads.or_insert(kernel)?;
                         let (_, _, k0, k1) = kernel.dims4()?;

@@ -188,19 +188,25 @@ pub fn conv2d(
             y.reshape((o, b, oh, ow))?.transpose(0, 1)?.contiguous()?
         }
     } else {
-        // Accelerators use Candle's native convolution (cuDNN where enabled). Its backward
-        // shares the stock parity limitation, documented in ARCHITECTURE.md.
-        let x = x.pad_with_zeros(2, g.padding.0, g.padding.0)?;
-        let x = x.pad_with_zeros(3, g.padding.1, g.padding.1)?;
-        if g.stride.0 != g.stride.1 {
-            candle_core::bail!("conv2d: unequal strides are only supported on the CPU");
-        }
-        x.conv2d(weight, 0, g.stride.0, 1, 1)?
+        conv2d_native(x, weight, g)?
     };
     match bias {
         Some(bias) => y.broadcast_add(&bias.reshape((1, o, 1, 1))?),
         None => Ok(y),
     }
+}
+
+/// `x` correlated with `weight` by Candle's own convolution (cuDNN on CUDA with the `cudnn`
+/// feature), no bias: what accelerators run. The padding is added first (Candle's takes one
+/// value for both sides and both dims). Its input gradient is the vendored backward's
+/// `conv2d_input_grad` (vendor/README.md), also a Candle convolution.
+pub fn conv2d_native(x: &Tensor, weight: &Tensor, g: ConvGeometry) -> Result<Tensor> {
+    if g.stride.0 != g.stride.1 {
+        candle_core::bail!("conv2d: unequal strides are only supported on the CPU");
+    }
+    let x = x.pad_with_zeros(2, g.padding.0, g.padding.0)?;
+    let x = x.pad_with_zeros(3, g.padding.1, g.padding.1)?;
+    x.conv2d(weight, 0, g.stride.0, 1, 1)
 }
 
 /// Helpers of the convolution modules' unit tests.
