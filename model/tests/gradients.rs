@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use common::{gradcheck, project, rand_tensor};
 use fer_model::backbone::{BackboneConfig, ResNetConfig};
 use fer_model::layers::BatchNorm;
-use fer_model::ops::{conv2d, max_pool2d, ConvGeometry};
+use fer_model::ops::{conv2d, max_pool2d, max_pool2d_native, ConvGeometry};
 use fer_model::store::ParamStore;
 use fer_model::{loss, train, DanConfig, DanEac, LossWeights};
 
@@ -123,6 +123,67 @@ fn max_pool_gradient_matches_finite_differences() {
         let f = |t: &[Tensor]| project(&max_pool2d(&t[0], 3, 2, 1).unwrap(), 8);
         let err = gradcheck(&[x], &f, 80);
         assert!(err < TOL, "max_pool {h}x{w}: relative error {err:e}");
+    }
+}
+
+/// The accelerators' max pool (Candle's own ops, run here on the CPU) gives the CPU op's values
+/// and the same one-winner gradient, ties and negative inputs included, in both rounding modes.
+#[test]
+fn the_accelerator_max_pool_matches_the_cpu_op_exactly() {
+    for (case, &(h, w, k, s, p, ceil)) in [
+        (4usize, 4usize, 3usize, 2usize, 1usize, false),
+        (7, 8, 3, 2, 1, false),
+        (5, 3, 3, 2, 1, false),
+        (7, 6, 3, 2, 0, true),
+        (6, 5, 2, 2, 0, false),
+        (5, 5, 3, 1, 1, false),
+    ]
+    .iter()
+    .enumerate()
+    {
+        for dtype in [DType::F64, DType::F32] {
+            // Few distinct values (many ties), negatives too; zeros as after a ReLU.
+            let vals: Vec<f64> = (0..2 * 3 * h * w)
+                .map(|i| [0.0, -1.5, 2.0, 0.0, 2.0, -0.25][(i * 7 + i / 5) % 6])
+                .collect();
+            let x = Tensor::from_vec(vals, (2, 3, h, w), &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let run = |native: bool| {
+                let var = candle_core::Var::from_tensor(&x).unwrap();
+                let y = if native {
+                    max_pool2d_native(var.as_tensor(), k, s, p, ceil).unwrap()
+                } else if ceil {
+                    fer_model::ops::max_pool2d_ceil(var.as_tensor(), k, s, p).unwrap()
+                } else {
+                    max_pool2d(var.as_tensor(), k, s, p).unwrap()
+                };
+                // Distinct weights per output, so each element's gradient names its windows.
+                let n = y.elem_count();
+                let wts = Tensor::arange(1.0, n as f64 + 1.0, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .reshape(y.shape())
+                    .unwrap();
+                let g = (&y * wts).unwrap().sum_all().unwrap().backward().unwrap();
+                let flat = |t: &Tensor| -> Vec<f64> {
+                    t.to_dtype(DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                };
+                (y.dims().to_vec(), flat(&y), flat(g.get(&var).unwrap()))
+            };
+            assert_eq!(
+                run(true),
+                run(false),
+                "case {case} ({h}x{w} k{k} s{s} p{p} ceil {ceil}, {dtype:?})"
+            );
+        }
     }
 }
 

@@ -264,4 +264,4 @@ pub(crate) fn give_scratch(v: Vec<f32>) {
 pub use add_relu::add_relu;
 pub use conv::{conv2d, conv2d_inference, conv2d_native, ConvGeometry, PreparedWeights};
 pub use gemm::matmul;
-pub use pool::{max_pool2d, max_pool2d_ceil};
+pub use pool::{max_pool2d, max_pool2d_ceil, max_pool2d_native};

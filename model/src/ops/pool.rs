@@ -458,13 +458,71 @@ fn pool(x: &Tensor, kernel: usize, stride: usize, padding: usize, ceil: bool) ->
     if x.device().is_cpu() {
         x.contiguous()?.apply_op1(MaxPool(d))
     } else {
-        // Accelerators: pool on the CPU copy and bring the result back; `to_device` is
-        // differentiable, so the gradient is the same exact one.
-        let cpu = x.to_device(&candle_core::Device::Cpu)?;
-        cpu.contiguous()?
-            .apply_op1(MaxPool(d))?
-            .to_device(x.device())
+        max_pool2d_native(x, kernel, stride, padding, ceil)
     }
+}
+
+/// Max pooling from Candle's own tensor ops, for accelerators (it ran on a CPU copy before: a
+/// [64, 64, 112, 112] map to the host and back at every step). The windows' maximum is found
+/// on detached values; the output is the sum over the k x k taps of each tap's strided view of
+/// the input times a mask of where that tap is its window's first maximum in row-major order
+/// (PyTorch's and the CPU op's winner), so the gradient reaches that element alone, as on the
+/// CPU. The input is shifted above zero for the comparisons, so zero padding loses to every
+/// real value. Unlike the CPU op, a NaN in a window is not passed on (an accelerator run whose
+/// activations hold a NaN has diverged; its loss shows it).
+pub fn max_pool2d_native(
+    x: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    ceil: bool,
+) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let (k, s, p) = (kernel, stride, padding);
+    let (oh, ow) = (pooled_len(h, k, s, p, ceil), pooled_len(w, k, s, p, ceil));
+    // Tap (i, j) reads padded rows i, i + s, .. i + (oh - 1) s, taken as oh * s rows from i.
+    let pad = |t: Tensor| -> Result<Tensor> {
+        let t = t.pad_with_zeros(2, p, (k - 1 + oh * s).saturating_sub(p + h))?;
+        t.pad_with_zeros(3, p, (k - 1 + ow * s).saturating_sub(p + w))
+    };
+    let view = |t: &Tensor, i: usize, j: usize| -> Result<Tensor> {
+        let v = t.narrow(2, i, oh * s)?.narrow(3, j, ow * s)?;
+        if s == 1 {
+            return v.contiguous();
+        }
+        let (b, c, _, _) = v.dims4()?;
+        v.contiguous()?
+            .reshape((b, c, oh, s, ow, s))?
+            .narrow(3, 0, 1)?
+            .narrow(5, 0, 1)?
+            .contiguous()?
+            .reshape((b, c, oh, ow))
+    };
+    let detached = x.detach();
+    let above = pad(detached.broadcast_sub(&(detached.min_all()? - 1.0)?)?)?;
+    let taps: Vec<(usize, usize)> = (0..k).flat_map(|i| (0..k).map(move |j| (i, j))).collect();
+    let views = taps
+        .iter()
+        .map(|&(i, j)| view(&above, i, j))
+        .collect::<Result<Vec<_>>>()?;
+    let mut most = views[0].clone();
+    for v in &views[1..] {
+        most = most.maximum(v)?;
+    }
+    let xp = pad(x.clone())?;
+    let mut taken = most.zeros_like()?;
+    let mut y: Option<Tensor> = None;
+    for (&(i, j), v) in taps.iter().zip(&views) {
+        // 1 where this tap holds the maximum and no earlier tap did.
+        let first = (v.eq(&most)?.to_dtype(x.dtype())? * (1.0 - &taken)?)?;
+        taken = (taken + &first)?;
+        let term = (view(&xp, i, j)? * first)?;
+        y = Some(match y {
+            None => term,
+            Some(y) => (y + term)?,
+        });
+    }
+    Ok(y.expect("a window has at least one tap"))
 }
 
 #[cfg(test)]
