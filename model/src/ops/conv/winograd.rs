@@ -304,8 +304,11 @@ fn gradient_transform_channel(yp: &[f32], g: &Geometry, oc: usize, tiles: usize,
 }
 
 /// Below this many tiles `conv3x3_prepared` splits the 16 products between the threads instead of
-/// the tiles: chunks of a few tiles would each stream all 16 transformed weight matrices.
-const FEW_TILES: usize = 256;
+/// the tiles: chunks of a few tiles would each stream all 16 transformed weight matrices. 512
+/// rather than 256 moves the 256-tile layers here (layer3 at 112 px batch 16, layer4 at 224 px,
+/// layer3 at 64 px batch 64): on the 2-core Xeon 112 px inference went from a median of 241.5 to
+/// 250.0 img/s over nine alternating rounds, training level (docs/cpu-kernels.md).
+const FEW_TILES: usize = 512;
 
 /// `conv3x3_prepared` for few tiles: the input transform of every tile first, then one thread per
 /// product M_k = U_k V_k (each U_k read once), then the output transform per output channel.
