@@ -78,12 +78,8 @@ fn conv2d_input_grad(
         }
     };
     let g = fit(fit(g, 2, kh, h)?, 3, kw, w)?;
-    let flip = |t: &Tensor, dim: usize| -> Result<Tensor> {
-        let n = t.dim(dim)? as u32;
-        let rev: Vec<u32> = (0..n).rev().collect();
-        t.index_select(&Tensor::new(rev.as_slice(), t.device())?, dim)
-    };
-    let w_rot = flip(&flip(&kernel.transpose(0, 1)?.contiguous()?, 2)?, 3)?.contiguous()?;
+    // Candle's flip selects indices, which needs a contiguous tensor.
+    let w_rot = kernel.transpose(0, 1)?.contiguous()?.flip(&[2, 3])?;
     g.contiguous()?.conv2d(&w_rot, 0, 1, dilation, 1)
 }
 
