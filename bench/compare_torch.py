@@ -4,6 +4,7 @@
     python3 bench/compare_torch.py --fer target/debug/fer            # 2 rounds, the 4 CPU settings
     python3 bench/compare_torch.py --fer target/debug/fer --rounds 3 --settings r18_112_b16
     python3 bench/compare_torch.py --write bench/pytorch_reference.jsonl   # PyTorch only: refresh
+    python3 bench/compare_torch.py --fer target/debug/fer --isa avx2   # both capped at AVX2
 
 Each round runs, per setting, the reference PyTorch benchmark (`bench_torch.py`; the embedded
 setting through `bench_torch_embedded.py`) and then `fer bench train` at the same setting, so
@@ -11,6 +12,10 @@ both see the same moment of a noisy shared machine. It prints every round's rate
 ratio per setting. With --write it replaces this machine's lines of the reference file (other
 machines' lines are kept) with PyTorch's medians, tagged with the machine (CPU model and the
 instruction-set level, as `fer bench` detects it), which is how `fer bench train` finds them.
+`--isa avx2` (or `baseline`) caps both sides on a machine that has more: ours with `FER_ISA`,
+PyTorch's own kernels with `ATEN_CPU_CAPABILITY`, oneDNN's (its convolutions) with
+`ONEDNN_MAX_CPU_ISA` and MKL's (its matrix products) with `MKL_ENABLE_INSTRUCTIONS`; the
+machine's level is then the cap, for the table and for --write.
 Needs PyTorch (`pip install torch`).
 """
 import argparse
@@ -25,9 +30,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SETTINGS = ["r18_112_b16", "r18_224_b16", "r18_64_b64", "embedded"]
 
 
-def machine() -> dict:
+LEVELS = ["baseline", "avx2", "avx512"]
+# Per level below AVX-512: the caps of PyTorch's three kernel sources (ATen, oneDNN, MKL).
+TORCH_CAPS = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "baseline": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41",
+                 "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+}
+
+
+def machine(cap: str = "avx512") -> dict:
     """CPU model and level, by the rule of fer's `ops::isa::detected` (AVX-512 needs F, BW, DQ
-    and VL; AVX2 needs AVX, AVX2 and FMA)."""
+    and VL; AVX2 needs AVX, AVX2 and FMA), at most `cap`."""
     model, flags = "unknown", set()
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -42,6 +57,7 @@ def machine() -> dict:
         isa = "avx2"
     else:
         isa = "baseline"
+    isa = min(isa, cap, key=LEVELS.index)
     return {"cpu": model, "isa": isa, "cores": os.cpu_count()}
 
 
@@ -79,14 +95,19 @@ def main() -> int:
     ap.add_argument("--reference", default=os.path.join(HERE, "..", "..", "shared", "reference"),
                     help="folder holding bench_torch.py and dan_eac.py")
     ap.add_argument("--write", help="reference file whose lines for this machine are replaced")
+    ap.add_argument("--isa", choices=["avx2", "baseline"],
+                    help="cap both implementations at this instruction-set level")
     args = ap.parse_args()
+    if args.isa:
+        # Inherited by both benchmarks' processes.
+        os.environ.update(TORCH_CAPS[args.isa], FER_ISA=args.isa)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
         ap.error(f"unknown setting(s) {unknown}; known: {', '.join(SETTINGS)}")
     if not os.path.exists(os.path.join(args.reference, "bench_torch.py")):
         ap.error(f"{args.reference}: no bench_torch.py there (give --reference; bench/reference has a copy of dan_eac.py only)")
-    here = machine()
+    here = machine(args.isa or "avx512")
     print(f"machine: {here['cpu']}, {here['isa']}, {here['cores']} cores; {args.threads} threads",
           file=sys.stderr)
 

@@ -155,7 +155,7 @@ fn winograd_sized_conv_matches_the_float64_reference() {
 fn the_inference_convolution_keeps_its_weights_forms_and_matches_conv2d() {
     fer_model::ops::poison_unfilled();
     use fer_model::ops::{conv2d_inference, PreparedWeights};
-    // A 3x3 on 4x4 maps (Winograd with kept weights on AVX-512: 2 x 4 tiles), a 3x3 and a 1x3 on
+    // A 3x3 on 4x4 maps (Winograd with kept weights on AVX2 and AVX-512: 2 x 4 tiles), a 3x3 and a 1x3 on
     // 2x2 maps (the dense small-map product), a strided 3x3 (the direct GEMM).
     let cases = [
         ([2, 24, 4, 4], (3, 3), (1, 1), (1, 1)),

@@ -165,8 +165,9 @@ fn summary_table(
 }
 
 /// The machine a benchmark ran on, as the reference file tags PyTorch's lines: the CPU model
-/// and the highest instruction-set level it has (not `FER_ISA`'s cap: PyTorch's rate on a
-/// machine does not depend on which of our kernels runs).
+/// and the instruction-set level the kernels run at (`FER_ISA`'s cap where set). A capped run is
+/// compared with PyTorch capped the same way (`bench/compare_torch.py --isa`), which stands in
+/// for a machine without the higher level; never with PyTorch at the machine's full level.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Machine {
     pub cpu: String,
@@ -186,7 +187,7 @@ impl Machine {
             .unwrap_or_else(|| "unknown".into());
         Machine {
             cpu,
-            isa: fer_model::ops::isa::detected().name(),
+            isa: fer_model::ops::isa::active().name(),
         }
     }
 }

@@ -39,7 +39,7 @@ const MIN_TILES_INPUT_GRADIENT: usize = 128;
 const MIN_TILES_PREPARED: usize = 8;
 
 /// Whether the weight gradient of geometry `d` with `o` output channels is computed here. With
-/// `auto` (AVX-512 only, as the forward): at least 128 input and output channels and side x
+/// `auto` (AVX2 and up, as the forward): at least 128 input and output channels and side x
 /// channels of at least 3584 (224 px layer2, 28x28 x 128, and layer3, 14x14 x 256), where
 /// `weight_gradient` beat the direct GEMM on the 2-core Zen 4 machine (2 threads, best of 5, three
 /// alternating runs, ms: 19.6 -> 16.0 and 20.9 -> 13.4). It lost or tied on every smaller shape
@@ -50,7 +50,12 @@ pub(super) fn applies_to_weight_gradient(d: &Dims, o: usize) -> bool {
 }
 
 /// Whether Winograd computes a convolution of geometry `d`: never unless the geometry fits, then
-/// as `FER_CONV` says, and under `auto` on AVX-512 machines where `auto_picks` (the measured rule).
+/// as `FER_CONV` says, and under `auto` where `auto_picks` (the measured rule) on machines with
+/// AVX2 + FMA or AVX-512. Without them (the portable kernels) the direct GEMM stays: not measured.
+/// At the AVX2 level it was first left out on a measurement of the first Winograd version on
+/// Zen 4 (small gains, docs/cpu-kernels.md); on the Intel Xeon, whose AVX2 FMA rate is half its
+/// AVX-512 one, it took a training step 1.2x and inference 1.4x faster at 112 and 224 px
+/// (`FER_ISA=avx2`, two alternating rounds, docs/cpu-kernels.md, "A fifth session").
 fn chosen(d: &Dims, auto_picks: impl FnOnce() -> bool) -> bool {
     if !geometry_fits(d) {
         return false;
@@ -58,7 +63,7 @@ fn chosen(d: &Dims, auto_picks: impl FnOnce() -> bool) -> bool {
     match algorithm() {
         Algorithm::Direct => false,
         Algorithm::Winograd => true,
-        Algorithm::Auto => crate::ops::isa::avx512() && auto_picks(),
+        Algorithm::Auto => crate::ops::isa::avx2() && auto_picks(),
     }
 }
 
