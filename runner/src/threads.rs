@@ -2,10 +2,10 @@
 //!
 //! On a machine with more cores than fer's threads (2 threads on a 16-core server, as the speed
 //! comparisons run), the scheduler is free to move a worker to another core, whose caches are
-//! cold. Pinned, 224 px training went from 6.0-6.6 to 8.78 img/s once on a 16-core Xeon KVM guest,
-//! and 64 px did not move (README, "On a 16-core Xeon"): one sample on a noisy machine. Opt-in: two processes that each pinned their
-//! workers to the first CPUs of the same set would share those cores, so it is for a process that
-//! has the CPUs of its affinity mask (`taskset`, a Slurm job's cgroup) to itself.
+//! cold; pinning helped once at 224 px and not at 64 px (README, "On a 16-core Xeon"). Opt-in:
+//! two processes that each pinned their workers to the first CPUs of the same set would share
+//! those cores, so it is for a process that has the CPUs of its affinity mask (`taskset`, a Slurm
+//! job's cgroup) to itself.
 
 /// The CPUs this process may run on (its affinity mask), in order.
 pub fn allowed_cpus() -> Vec<usize> {

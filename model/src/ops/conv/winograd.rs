@@ -51,11 +51,9 @@ pub(super) fn applies_to_weight_gradient(d: &Dims, o: usize) -> bool {
 
 /// Whether Winograd computes a convolution of geometry `d`: never unless the geometry fits, then
 /// as `FER_CONV` says, and under `auto` where `auto_picks` (the measured rule) on machines with
-/// AVX2 + FMA or AVX-512. Without them (the portable kernels) the direct GEMM stays: not measured.
-/// At the AVX2 level it was first left out on a measurement of the first Winograd version on
-/// Zen 4 (small gains, docs/cpu-kernels.md); on the Intel Xeon, whose AVX2 FMA rate is half its
-/// AVX-512 one, it took a training step 1.2x and inference 1.4x faster at 112 and 224 px
-/// (`FER_ISA=avx2`, two alternating rounds, docs/cpu-kernels.md, "A fifth session").
+/// AVX2 + FMA or AVX-512, where the multiplies it saves outweigh its transforms (measured at
+/// both levels: docs/cpu-kernels.md, "A fifth session"); the portable kernels keep the direct
+/// GEMM (not measured).
 fn chosen(d: &Dims, auto_picks: impl FnOnce() -> bool) -> bool {
     if !geometry_fits(d) {
         return false;
@@ -310,9 +308,8 @@ fn gradient_transform_channel(yp: &[f32], g: &Geometry, oc: usize, tiles: usize,
 
 /// Below this many tiles `conv3x3_prepared` splits the 16 products between the threads instead of
 /// the tiles: chunks of a few tiles would each stream all 16 transformed weight matrices. 512
-/// rather than 256 moves the 256-tile layers here (layer3 at 112 px batch 16, layer4 at 224 px,
-/// layer3 at 64 px batch 64): on the 2-core Xeon 112 px inference went from a median of 241.5 to
-/// 250.0 img/s over nine alternating rounds, training level (docs/cpu-kernels.md).
+/// (not 256) puts the 256-tile layers here, which made 112 px inference faster on the Xeon
+/// (docs/cpu-kernels.md, "A fourth session").
 const FEW_TILES: usize = 512;
 
 /// `conv3x3_prepared` for few tiles: the input transform of every tile first, then one thread per
