@@ -1,7 +1,10 @@
 //! Forward-convolution throughput per ResNet-18 layer and DAN head convolution (inference shapes), to see which layers
 //! fall short of the GEMM's rate: `cargo run --release -p fer-model --example conv_probe -- [SIZE
 //! BATCH [LAYER [prepared]]]` (default 64 px, batch 64; LAYER: only the layers whose name contains
-//! it, "" for all; `prepared`: the inference form's convolution, weights' transformed forms kept).
+//! it, "" for all; `prepared`: the inference form's convolution, weights' transformed forms kept;
+//! `backward`: the backward's products, with `FER_OP_TIMES=1`, best of `PROBE_REPS` passes, 6 by
+//! default: more give a profiler something to sample). `bench/compare_conv_layers.py` sets these
+//! numbers beside PyTorch's.
 use candle_core::{Device, Tensor};
 use fer_model::ops::{conv2d, conv2d_inference, ConvGeometry, PreparedWeights};
 use std::time::Instant;
@@ -80,8 +83,8 @@ fn main() -> candle_core::Result<()> {
     Ok(())
 }
 
-/// The backward's two products for one layer, each timed by its `FER_OP_TIMES` slot (best of six
-/// backward passes of `sum(conv(x, w) * r)`), in GFLOP/s of the direct convolution's arithmetic,
+/// The backward's two products for one layer, each timed by its `FER_OP_TIMES` slot (best of
+/// `PROBE_REPS` backward passes of `sum(conv(x, w) * r)`), in GFLOP/s of the direct convolution's arithmetic,
 /// and the convolution's whole backward (products, copies, packing of the weights).
 fn backward_rates(name: &str, x: &Tensor, w: &Tensor, g: ConvGeometry) -> candle_core::Result<()> {
     use fer_model::ops::timing;
@@ -102,7 +105,11 @@ fn backward_rates(name: &str, x: &Tensor, w: &Tensor, g: ConvGeometry) -> candle
             .map_or(0.0, |t| t.1)
     };
     let (mut wg, mut ig, mut all) = (f64::MAX, f64::MAX, f64::MAX);
-    for _ in 0..6 {
+    let reps: usize = std::env::var("PROBE_REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    for _ in 0..reps {
         timing::take();
         let grads = (conv2d(&x, &w, None, g)? * &r)?.sum_all()?.backward()?;
         std::hint::black_box(grads);
